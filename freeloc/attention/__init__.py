@@ -1,0 +1,175 @@
+"""Band-split self-attention, merged exactly by log-sum-exp.
+
+:func:`attend` is the one entry point: give it q, k, v **before** RoPE, the video token grid, a
+method (:class:`~freeloc.VRPR`, :class:`~freeloc.TSA`, :class:`~freeloc.SlidingWindow`, a
+baseline, or ``None`` for plain RoPE attention) and the model's :class:`~freeloc.RotaryLayout`.
+Three backends compute the same numbers:
+
+* ``reference``: dense masked softmax over [N, N] (tests; N <= 8192);
+* ``chunked``: exact, computes only the key frames each band needs, memory bounded by a chunk
+  (default on CPU);
+* ``flex``: ``flex_attention`` with block masks from frame-level tables (default on CUDA).
+
+Example:
+    >>> import torch, freeloc
+    >>> q, k, v = (torch.randn(1, 30 * 6, 2, 24) for _ in range(3))
+    >>> out = freeloc.attention.attend(q, k, v, grid=(30, 2, 3), method=freeloc.VRPR.for_length(30, 13),
+    ...                                rotary=freeloc.RotaryLayout.wan(24))
+    >>> out.shape
+    torch.Size([1, 180, 2, 24])
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from jaxtyping import Float
+from torch import Tensor
+
+from ..bands import BandSet
+from ..methods import Method
+from ..rotary import RotaryLayout
+from .chunked import chunked_band_attention
+from .flex import flex_band_attention
+from .merge import merge_lse
+from .reference import MAX_TOKENS, reference_attention
+
+__all__ = ["attend", "BACKENDS", "MAX_TOKENS", "band_set_for", "merge_lse"]
+
+BACKENDS = ("auto", "reference", "chunked", "flex")
+
+
+@functools.lru_cache(maxsize=128)
+def band_set_for(method: Method | None, num_frames: int, tokens_per_frame: int, rotary: RotaryLayout) -> BandSet:
+    """The (cached) band set of ``method`` at this grid; ``None`` gives plain attention."""
+    if method is None:
+        return BandSet.plain(num_frames)
+    if not isinstance(method, Method):
+        raise TypeError(f"method must be a freeloc method (VRPR, TSA, SlidingWindow, PI, NTK, YaRN, RIFLEx) "
+                        f"or None, got {type(method).__name__}")
+    return method.band_set(num_frames, tokens_per_frame, rotary)
+
+
+def _check_grid(grid: object) -> tuple[int, int, int]:
+    ok = (isinstance(grid, (tuple, list)) and len(grid) == 3
+          and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid))
+    if not ok:
+        raise ValueError(f"grid must be (frames, height, width) of positive ints (video tokens), got {grid!r}")
+    f, h, w = grid  # type: ignore[misc]
+    return int(f), int(h), int(w)
+
+
+@functools.lru_cache(maxsize=64)
+def _spatial_positions(num_frames: int, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per video token (frame-major): frame index, height position, width position (float64)."""
+    f = torch.arange(num_frames, dtype=torch.float64).repeat_interleave(height * width)
+    h = torch.arange(height, dtype=torch.float64).repeat_interleave(width).repeat(num_frames)
+    w = torch.arange(width, dtype=torch.float64).repeat(num_frames * height)
+    return f, h, w
+
+
+def attend(
+    q: Float[Tensor, "batch seq heads dim"],
+    k: Float[Tensor, "batch seq heads dim"],
+    v: Float[Tensor, "batch seq heads dim"],
+    *,
+    grid: tuple[int, int, int],
+    method: Method | None,
+    rotary: RotaryLayout,
+    backend: str = "auto",
+    text_before: int = 0,
+    text_after: int = 0,
+    scale: float | None = None,
+) -> Float[Tensor, "batch seq heads dim"]:
+    """Self-attention with a temporal-position or attention-pattern method, merged exactly by LSE.
+
+    Args:
+        q, k, v: (batch, seq, heads, head_dim) **before** RoPE; seq = text_before + F*H'*W' + text_after.
+        grid: ``(F, H', W')`` of the video tokens (frame-major order ``f*H'*W' + h*W' + w``).
+        method: a method object, or ``None`` for plain RoPE attention over all pairs.
+        rotary: the model's rotary layout (which channels are temporal, pairing, theta).
+        backend: ``"auto"`` (``flex`` on CUDA, ``chunked`` elsewhere), ``"reference"``, ``"chunked"``, ``"flex"``.
+        text_before, text_after: numbers of non-video tokens before / after the video tokens. They are
+            not rotated (their own positions are left as they are), attend every token and are
+            attended by every token, densely, with the original positions of the video tokens.
+        scale: softmax scale, default ``1 / sqrt(head_dim)``.
+
+    Returns:
+        (batch, seq, heads, head_dim) in ``q``'s dtype.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(rotary, RotaryLayout):
+        raise TypeError(f"rotary must be a freeloc.RotaryLayout, got {type(rotary).__name__}")
+    f, hh, ww = _check_grid(grid)
+    s = hh * ww
+    nv = f * s
+    for label, value in (("text_before", text_before), ("text_after", text_after)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{label} must be an int >= 0, got {value!r}")
+    n = text_before + nv + text_after
+    if q.ndim != 4 or q.shape != k.shape or k.shape != v.shape:
+        raise ValueError(f"q, k, v must have the same shape (batch, seq, heads, dim), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] != n:
+        raise ValueError(f"seq length of q is {q.shape[1]}, but text_before + F*H'*W' + text_after = "
+                         f"{text_before} + {f}*{hh}*{ww} + {text_after} = {n}")
+    if q.shape[-1] != rotary.head_dim:
+        raise ValueError(f"head_dim of q is {q.shape[-1]}, the rotary layout has {rotary.head_dim} channels")
+    if backend == "auto":
+        backend = "flex" if q.device.type == "cuda" else "chunked"
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+
+    bands = band_set_for(method, f, s, rotary)
+    t_frame, h_pos, w_pos = _spatial_positions(f, hh, ww)
+    video = slice(text_before, text_before + nv)
+    dev = q.device
+    t_frame_d, h_d, w_d = t_frame.to(dev), h_pos.to(dev), w_pos.to(dev)
+
+    def rot(x: Tensor, frame_pos: Tensor | None) -> Tensor:
+        t = t_frame_d if frame_pos is None else frame_pos.to(dev)[t_frame.long().to(dev)]
+        return rotary.rotate(x, t, h_d, w_d, bands.t_freqs)
+
+    def orig_all(x: Tensor) -> Tensor:
+        xv = rot(x[:, video], None)
+        return torch.cat([x[:, :text_before], xv, x[:, video.stop:]], dim=1) if n != nv else xv
+
+    def bhsd(x: Tensor) -> Tensor:
+        return x.transpose(1, 2)
+
+    if bands.is_plain() and backend != "reference":
+        qo, ko = orig_all(q), orig_all(k)
+        out = F.scaled_dot_product_attention(bhsd(qo), bhsd(ko), bhsd(v), scale=scale)
+        return out.transpose(1, 2)
+
+    qs = [bhsd(rot(q[:, video], b.q_pos)) for b in bands.bands]
+    ks = [bhsd(rot(k[:, video], b.k_pos)) for b in bands.bands]
+    v_all = bhsd(v)
+
+    if backend == "reference":
+        out = reference_attention(bhsd(orig_all(q)), bhsd(orig_all(k)), v_all, qs, ks, bands, s, video, scale)
+        return out.transpose(1, 2)
+
+    v_vid = v_all[:, :, video]
+    run = chunked_band_attention if backend == "chunked" else flex_band_attention
+    out_v, lse_v = run(qs, ks, v_vid, bands, s, scale)
+    if n == nv:
+        return out_v.to(q.dtype).transpose(1, 2)
+
+    # text tokens: dense, original positions
+    qo, ko = bhsd(orig_all(q)), bhsd(orig_all(k))
+    text_keys = torch.cat([ko[:, :, :text_before], ko[:, :, video.stop:]], dim=2)
+    text_vals = torch.cat([v_all[:, :, :text_before], v_all[:, :, video.stop:]], dim=2)
+    from .kernels import attention_with_lse
+
+    out_t, lse_t = attention_with_lse(qo[:, :, video], text_keys, text_vals, None, scale)
+    out_v, _ = merge_lse([out_v, out_t], [lse_v, lse_t])
+    pieces = [out_v.to(q.dtype)]
+    if text_before:
+        pieces.insert(0, F.scaled_dot_product_attention(qo[:, :, :text_before], ko, v_all, scale=scale))
+    if text_after:
+        pieces.append(F.scaled_dot_product_attention(qo[:, :, video.stop:], ko, v_all, scale=scale))
+    return torch.cat(pieces, dim=2).transpose(1, 2)

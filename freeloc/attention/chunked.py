@@ -1,0 +1,188 @@
+"""The ``chunked`` backend: exact band attention that computes only what each band needs.
+
+Queries are processed in chunks of whole frames, chosen per band. For each chunk and band, only the
+key frames that the band pairs with the chunk's frames are gathered; a striped band additionally splits the chunk's
+queries into spatial sub-blocks and gathers, per key frame, only the raster range within the stripe.
+Each pass is one fused attention call with its LSE; passes are merged online, exactly, in float32.
+Memory is bounded by one pass (chunk queries x gathered keys); no [N, N] tensor is ever built, and
+the work is proportional to the band's density (up to the frame/sub-block rounding at the edges).
+The plan of passes depends only on the band set and the grid, and is cached.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..bands import Band, BandSet
+from .kernels import attention_with_lse
+
+__all__ = ["chunked_band_attention", "plan_passes"]
+
+#: Cost of one kernel call, in (query, key, channel) multiply-adds: the planner's overhead model.
+CALL_COST = 400_000
+
+
+@dataclass(frozen=True, eq=False)
+class Pass:
+    """One attention call over video tokens.
+
+    The [rows, keys] mask is kept factored and built only when the pass runs: ``frame_ok``
+    [query frames, key frames] (None: all pairs) and ``near`` [raster rows, raster keys] (the stripe
+    pattern of one frame pair, shared by every frame pair of the pass; None: no stripe).
+    """
+
+    band: int
+    rows: Tensor | slice
+    keys: Tensor | slice
+    frame_ok: Tensor | None
+    near: Tensor | None
+    row_len: int
+    key_len: int
+
+    def mask(self, device: torch.device) -> Tensor | None:
+        m = None
+        if self.frame_ok is not None:
+            m = self.frame_ok.to(device).repeat_interleave(self.row_len, 0).repeat_interleave(self.key_len, 1)
+        if self.near is not None:
+            g = (self.frame_ok.shape[0] if self.frame_ok is not None else
+                 _length(self.rows) // self.row_len)
+            nk = _length(self.keys) // self.key_len
+            stripe = self.near.to(device).repeat(g, nk)
+            m = stripe if m is None else m & stripe
+        return m
+
+
+def _length(index: Tensor | slice) -> int:
+    return index.stop - index.start if isinstance(index, slice) else len(index)
+
+
+def _frames_to_tokens(frames: Tensor, s: int) -> Tensor | slice:
+    """Token indices of whole frames; a slice when the frames are consecutive."""
+    f0, f1 = int(frames[0]), int(frames[-1]) + 1
+    if f1 - f0 == len(frames):
+        return slice(f0 * s, f1 * s)
+    return (frames[:, None] * s + torch.arange(s)[None, :]).flatten()
+
+
+def _plan_band(band_id: int, band: Band, g: int, s: int, sub_block: int) -> list[Pass]:
+    """Passes of one band with query chunks of ``g`` frames (and spatial sub-blocks for a stripe)."""
+    passes = []
+    stripe_blocks = []
+    if band.stripe is not None:
+        ds = band.stripe
+        for s0 in range(0, s, sub_block):
+            s1 = min(s, s0 + sub_block)
+            q_raster = torch.arange(s0, s1)
+            k_raster = torch.arange(max(0, s0 - ds + 1), min(s, s1 + ds - 1))
+            near = (q_raster[:, None] - k_raster[None, :]).abs() < ds
+            stripe_blocks.append((q_raster, k_raster, None if bool(near.all()) else near))
+    for f0 in range(0, band.num_frames, g):
+        f1 = min(band.num_frames, f0 + g)
+        rows_pairs = band.pairs[f0:f1]
+        key_frames = rows_pairs.any(0).nonzero().flatten()
+        if len(key_frames) == 0:
+            continue
+        sub = rows_pairs[:, key_frames]  # [g, kf]
+        frame_ok = None if bool(sub.all()) else sub
+        if band.stripe is None:
+            passes.append(Pass(band_id, slice(f0 * s, f1 * s), _frames_to_tokens(key_frames, s), frame_ok,
+                               None, s, s))
+            continue
+        for q_raster, k_raster, near in stripe_blocks:
+            rows = (torch.arange(f0, f1)[:, None] * s + q_raster[None, :]).flatten()
+            keys = (key_frames[:, None] * s + k_raster[None, :]).flatten()
+            passes.append(Pass(band_id, rows, keys, frame_ok, near, len(q_raster), len(k_raster)))
+    return passes
+
+
+def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
+    """Planner cost of :func:`_plan_band` with these choices, without building its masks."""
+    f = band.num_frames
+    starts = torch.arange(0, f, g)
+    # key frames per chunk: union of the chunk rows
+    padded = torch.zeros(len(starts) * g, f, dtype=torch.bool)
+    padded[:f] = band.pairs
+    key_frames = padded.view(len(starts), g, f).any(1).sum(1)
+    rows = torch.clamp(f - starts, max=g)
+    live = key_frames > 0
+    if band.stripe is None:
+        pairs = int((rows * s * key_frames * s)[live].sum())
+        calls = int(live.sum())
+    else:
+        s0 = torch.arange(0, s, sub_block)
+        s1 = torch.clamp(s0 + sub_block, max=s)
+        k_len = torch.clamp(s1 + band.stripe - 1, max=s) - torch.clamp(s0 - band.stripe + 1, min=0)
+        per_chunk = (s1 - s0) * k_len
+        pairs = int(((rows * key_frames)[live, None] * per_chunk[None, :]).sum())
+        calls = int(live.sum()) * len(s0)
+    return pairs * head_dim + CALL_COST * calls
+
+
+@functools.lru_cache(maxsize=64)
+def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -> tuple[Pass, ...]:
+    """The passes the chunked backend runs for this band set (cached per band-set object).
+
+    Each band gets its own query chunking: the number of frames per chunk (and, for a striped band,
+    the spatial sub-block) that minimises computed pairs x head_dim + :data:`CALL_COST` per call.
+    """
+    s = tokens_per_frame
+    f = band_set.num_frames
+    out: list[Pass] = []
+    for b_id, band in enumerate(band_set.bands):
+        frame_options = sorted({g for g in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64) if g <= f} | {1})
+        frame_options = [g for g in frame_options if g * s <= max(s, 4096)]
+        if band.stripe is None:
+            sub_options = [s]
+        else:
+            sub_options = sorted({max(1, min(s, x)) for x in (band.stripe // 2, band.stripe, 2 * band.stripe,
+                                                              4 * band.stripe, s)})
+        _, g, sb = min((_estimate(band, g, s, sb, head_dim), g, sb) for g in frame_options for sb in sub_options)
+        out.extend(_plan_band(b_id, band, g, s, sb))
+    return tuple(out)
+
+
+def plan_cost(passes: tuple[Pass, ...]) -> int:
+    """Number of (query, key) token pairs the passes compute (including masked-out ones)."""
+    return sum(_length(p.rows) * _length(p.keys) for p in passes)
+
+
+def chunked_band_attention(
+    qs: list[Float[Tensor, "batch heads n dim"]],
+    ks: list[Float[Tensor, "batch heads n dim"]],
+    v: Float[Tensor, "batch heads n dim"],
+    band_set: BandSet,
+    tokens_per_frame: int,
+    scale: float,
+) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
+    """Merged attention of every video query over the bands' video keys.
+
+    ``qs[b]``/``ks[b]`` are the queries/keys rotated with band ``b``'s positions, layout
+    (batch, heads, tokens, dim). Returns the output (float32) and its LSE.
+    """
+    b, h, n, d = v.shape
+    passes = plan_passes(band_set, tokens_per_frame, d)
+    out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
+    lse = torch.full((b, h, n), float("-inf"), dtype=torch.float32, device=v.device)
+    for p in passes:
+        q = qs[p.band][:, :, p.rows]
+        k = ks[p.band][:, :, p.keys]
+        vv = v[:, :, p.keys]
+        mask = p.mask(v.device)
+        o, l_ = attention_with_lse(q, k, vv, mask, scale)
+        _merge_rows(out, lse, p.rows, o, l_)
+    return out, lse
+
+
+def _merge_rows(acc_o: Tensor, acc_l: Tensor, rows: Tensor | slice, o: Tensor, lse: Tensor) -> None:
+    """Merge a pass into the running (output, LSE) of a chunk, in place, on the given rows."""
+    o = torch.where(torch.isneginf(lse)[..., None], 0.0, o.float())
+    old_l = acc_l[:, :, rows]
+    new = torch.logaddexp(old_l, lse)
+    safe = torch.where(torch.isneginf(new), 0.0, new)
+    acc_o[:, :, rows] = acc_o[:, :, rows] * torch.exp(old_l - safe)[..., None] + o * torch.exp(lse - safe)[..., None]
+    acc_l[:, :, rows] = new

@@ -1,0 +1,60 @@
+"""The ``reference`` backend: dense masked softmax over the full [N, N] logit matrix.
+
+It builds every logit with the positions of the band that holds the pair, masks the pairs no band
+holds, and takes one softmax: no LSE merge, no chunking. It is the definition the other backends
+are tested against, and it refuses sequences longer than :data:`MAX_TOKENS`.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ..bands import BandSet
+
+__all__ = ["MAX_TOKENS", "reference_attention"]
+
+#: Longest sequence (text + video tokens) the reference accepts: it materialises
+#: batch x heads x N x N float32 logits (8192 tokens: 256 MiB per batch element and head).
+MAX_TOKENS = 8192
+
+
+def reference_attention(
+    q_orig: Float[Tensor, "batch heads n dim"],
+    k_orig: Float[Tensor, "batch heads n dim"],
+    v: Float[Tensor, "batch heads n dim"],
+    qs: list[Float[Tensor, "batch heads nv dim"]],
+    ks: list[Float[Tensor, "batch heads nv dim"]],
+    band_set: BandSet,
+    tokens_per_frame: int,
+    video: slice,
+    scale: float,
+) -> Float[Tensor, "batch heads n dim"]:
+    """Dense masked softmax attention.
+
+    ``q_orig``/``k_orig`` are all tokens rotated with the original positions (text not rotated);
+    ``qs[b]``/``ks[b]`` the video tokens rotated with band ``b``'s positions; ``video`` locates the
+    video tokens in the sequence. Pairs with a text token use the original positions, densely.
+    """
+    n = v.shape[2]
+    if n > MAX_TOKENS:
+        raise ValueError(f"the reference backend materialises [N, N] logits and accepts N <= {MAX_TOKENS} "
+                         f"tokens, got N={n}; use backend='chunked' (CPU) or 'flex' (CUDA)")
+    logits = torch.matmul(q_orig.float(), k_orig.float().transpose(-1, -2)) * scale
+    text = torch.ones(n, dtype=torch.bool, device=v.device)
+    text[video] = False
+    allowed = text[:, None] | text[None, :]
+    vid = torch.full((video.stop - video.start,) * 2, float("-inf"), device=v.device)
+    vid = vid.expand(*logits.shape[:2], -1, -1).clone()
+    vid_allowed = torch.zeros(vid.shape[-2:], dtype=torch.bool, device=v.device)
+    for qb, kb, band in zip(qs, ks, band_set.bands, strict=True):
+        m = band.token_pairs(tokens_per_frame).to(v.device)
+        lb = torch.matmul(qb.float(), kb.float().transpose(-1, -2)) * scale
+        vid = torch.where(m, lb, vid)
+        vid_allowed |= m
+    logits[:, :, video, video] = vid
+    allowed[video, video] = vid_allowed
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(logits, dim=-1)
+    return torch.matmul(p, v.float()).to(v.dtype)

@@ -1,0 +1,352 @@
+"""The ``freeloc`` command line.
+
+Subcommands:
+
+* ``freeloc explain``: what FreeLOC does at a given length, without a model: the VRPR setting and
+  its effective relative distances r(Δ), and how sparse TSA's attention is, next to the sliding-window
+  baseline. ``--json`` prints the same as one JSON object, ``--png`` draws it.
+
+Frame counts on the command line are **video frames** (what a user asks a pipeline for: 321 and 81
+for Wan2.1); they are turned into temporal tokens (latent frames) with ``(n - 1) // factor + 1``
+(``--temporal-factor``, 4 for the Wan and HunyuanVideo VAEs: 321 -> 81, 81 -> 21). With ``--latent``
+the numbers are taken as temporal tokens already.
+
+Example:
+    >>> main(["explain", "--num-frames", "161", "--trained-frames", "81", "--json"])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .patterns import TSA, SlidingWindow
+from .positions import PUBLISHED_VRPR, VRPR
+
+__all__ = ["main", "build_parser", "explain_data", "video_to_latent"]
+
+#: Tile size of block-sparse attention kernels, used for the block density.
+BLOCK_SIZE = 128
+
+
+def video_to_latent(video_frames: int, temporal_factor: int) -> int:
+    """Temporal tokens (latent frames) of ``video_frames`` frames: ``(n - 1) // factor + 1``.
+
+    Example:
+        >>> video_to_latent(321, 4), video_to_latent(81, 4)
+        (81, 21)
+    """
+    if video_frames < 1 or temporal_factor < 1:
+        raise ValueError(f"video_frames and temporal_factor must be >= 1, "
+                         f"got {video_frames!r} and {temporal_factor!r}")
+    return (video_frames - 1) // temporal_factor + 1
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a positive integer, with an error that names the value."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (>= 1), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``freeloc`` command."""
+    parser = argparse.ArgumentParser(
+        prog="freeloc",
+        description="FreeLOC: training-free long video generation for video diffusion transformers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    ex = sub.add_parser(
+        "explain",
+        help="show the VRPR setting, its relative distances and TSA's sparsity at a given length",
+        description="Show what FreeLOC does at a given length: the VRPR setting and its effective relative "
+                    "distances r(Δ), and the density of TSA next to the sliding-window baseline. Frame "
+                    "counts are video frames unless --latent is given.",
+    )
+    ex.add_argument("--num-frames", type=_positive_int, required=True,
+                    help="length to generate, in video frames (e.g. 321 for Wan2.1 at 4x)")
+    ex.add_argument("--trained-frames", type=_positive_int, required=True,
+                    help="length the model was trained on, in video frames (e.g. 81 for Wan2.1)")
+    ex.add_argument("--latent", action="store_true",
+                    help="the frame counts are temporal tokens (latent frames) already, not video frames")
+    ex.add_argument("--temporal-factor", type=_positive_int, default=4,
+                    help="VAE temporal compression: latent = (video - 1) // factor + 1 "
+                         "(default 4: Wan, HunyuanVideo)")
+    ex.add_argument("--tokens-per-frame", type=_positive_int, default=1560,
+                    help="tokens per temporal token after spatial patching (default 1560: Wan2.1 at 832x480)")
+    ex.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    ex.add_argument("--png", type=Path, metavar="FILE", help="also draw the explanation to this PNG file")
+    ex.set_defaults(func=_cmd_explain, subparser=ex)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------- explain
+def explain_data(
+    num_frames: int,
+    trained_frames: int,
+    tokens_per_frame: int = 1560,
+    *,
+    latent: bool = False,
+    temporal_factor: int = 4,
+) -> dict[str, Any]:
+    """Everything ``freeloc explain`` reports, as a JSON-ready dict.
+
+    Args:
+        num_frames: length to generate (video frames, or temporal tokens when ``latent``).
+        trained_frames: trained length (video frames, or temporal tokens when ``latent``).
+        tokens_per_frame: tokens per temporal token (for the attention densities).
+        latent: the frame counts are temporal tokens already.
+        temporal_factor: VAE temporal compression used to convert video frames.
+
+    Returns:
+        A dict with the keys ``input``, ``num_frames``, ``trained_frames``, ``cap``, ``extension``,
+        ``tokens_per_frame``, ``vrpr``, ``max_abs_r_before``, ``max_abs_r_after``, ``profile``,
+        ``tsa`` and ``sliding_window``.
+    """
+    if latent:
+        f, t = num_frames, trained_frames
+    else:
+        f, t = video_to_latent(num_frames, temporal_factor), video_to_latent(trained_frames, temporal_factor)
+    cap = max(t - 1, 1)
+    longer = f > t
+    vrpr = VRPR.for_length(f, t)
+    if not longer:
+        source = "identity"
+    elif (f, t) in PUBLISHED_VRPR:
+        source = "published"
+    else:
+        source = "derived"
+    r = vrpr.relative_distance(f)
+    r_min = [int(r.diagonal(-d).min()) for d in range(f)]
+    r_max = [int(r.diagonal(-d).max()) for d in range(f)]
+
+    tsa = TSA.for_length(f, t)
+    window = SlidingWindow.for_length(f, t)
+    s = tokens_per_frame
+    tsa_info: dict[str, Any] = {"applied": tsa is not None, "block_size": BLOCK_SIZE}
+    if tsa is not None:
+        tsa_info.update(d1=tsa.d1, d2=tsa.d2, stripe=tsa.stripe, stripe_tokens=tsa.stripe_tokens(s),
+                        sink_group=tsa.sink_group, sink_window=tsa.sink_window, cap=tsa.cap,
+                        block_density=tsa.block_density(f, s, BLOCK_SIZE),
+                        token_density=tsa.token_density(f, s))
+    else:
+        tsa_info.update(block_density=1.0, token_density=1.0)
+    window_info: dict[str, Any] = {"applied": window is not None, "block_size": BLOCK_SIZE}
+    if window is not None:
+        bands = window.band_set(f, s)
+        window_info.update(window=window.window, sink=window.sink,
+                           block_density=bands.block_density(s, BLOCK_SIZE),
+                           token_density=bands.token_density(s))
+    else:
+        window_info.update(block_density=1.0, token_density=1.0)
+
+    return {
+        "input": {
+            "num_frames": num_frames,
+            "trained_frames": trained_frames,
+            "unit": "temporal tokens" if latent else "video frames",
+            "temporal_factor": None if latent else temporal_factor,
+        },
+        "num_frames": f,
+        "trained_frames": t,
+        "cap": cap,
+        "extension": f / t,
+        "tokens_per_frame": s,
+        "vrpr": {
+            "applied": longer,
+            "source": source,
+            "w1": vrpr.w1, "w2": vrpr.w2, "g1": vrpr.g1, "g2": vrpr.g2, "cap": vrpr.cap,
+            "c1": vrpr.c1, "c2": vrpr.c2,
+            "violations": vrpr.violations(f),
+        },
+        "max_abs_r_before": f - 1,
+        "max_abs_r_after": int(r.abs().max()),
+        "profile": {"delta": list(range(f)), "r_min": r_min, "r_max": r_max},
+        "tsa": tsa_info,
+        "sliding_window": window_info,
+    }
+
+
+def _profile_text(r_min: list[int], r_max: list[int], width: int = 96) -> list[str]:
+    """``Δ:r`` items (``Δ:a..b`` where r varies over query frames), wrapped to ``width`` columns."""
+    pairs = enumerate(zip(r_min, r_max, strict=True))
+    items = [f"{d}:{lo}" if lo == hi else f"{d}:{lo}..{hi}" for d, (lo, hi) in pairs]
+    lines, line = [], "   "
+    for item in items:
+        if len(line) + 1 + len(item) > width:
+            lines.append(line)
+            line = "   "
+        line += " " + item
+    lines.append(line)
+    return lines
+
+
+def explain_text(data: dict[str, Any]) -> str:
+    """The human-readable report of ``freeloc explain`` for :func:`explain_data`'s output."""
+    inp, f, t, cap = data["input"], data["num_frames"], data["trained_frames"], data["cap"]
+    v, tsa, win = data["vrpr"], data["tsa"], data["sliding_window"]
+    out = []
+    if inp["unit"] == "video frames":
+        k = inp["temporal_factor"]
+        out.append(f"frames: {inp['num_frames']} video frames -> F = {f} temporal tokens, trained on "
+                   f"{inp['trained_frames']} video frames -> T = {t}")
+        out.append(f"        (latent = (video - 1) // {k} + 1, VAE temporal factor {k}; pass --latent if the "
+                   f"numbers are temporal tokens already)")
+        for label, n in (("--num-frames", inp["num_frames"]), ("--trained-frames", inp["trained_frames"])):
+            if (n - 1) % k:
+                out.append(f"        note: {label} {n} is not of the form {k}k + 1, the frame count "
+                           f"such VAEs expect; it is rounded down to {((n - 1) // k) * k + 1}")
+    else:
+        out.append(f"frames: F = {f} temporal tokens, T = {t} (given as temporal tokens, --latent)")
+    out.append(f"length: {data['extension']:.2f}x the trained length; "
+               f"trained relative distances |Δ| <= {cap}")
+    out.append("")
+    if not v["applied"]:
+        out.append(f"F = {f} <= T = {t}: nothing is out of range; every method is the identity and FreeLOC "
+                   f"changes nothing (plain attention on every layer).")
+        return "\n".join(out)
+
+    origin = {
+        "published": f"published setting for F={f}, T={t}",
+        "derived": f"derived by the rule (VRPR.derive; no published setting for F={f}, T={t})",
+    }[v["source"]]
+    out.append("VRPR (relative-position fix)")
+    out.append(f"  setting: w1={v['w1']} w2={v['w2']} g1={v['g1']} g2={v['g2']} cap={v['cap']}   [{origin}]")
+    out.append(f"  constants: c1={v['c1']} c2={v['c2']}")
+    out.append(f"  tiers: near |Δ| < {v['w1']} exact; mid {v['w1']} <= |Δ| < {v['w2']} grouped by {v['g1']}; "
+               f"far |Δ| >= {v['w2']} grouped by {v['g2']}, clipped at {v['cap']}")
+    out.append(f"  max |r|: before {data['max_abs_r_before']} (F - 1), after {data['max_abs_r_after']}")
+    broken = "; ".join(v["violations"])
+    out.append("  properties: " + ("all hold" if not broken else "VIOLATED: " + broken))
+    out.append("  r(Δ) for past keys, Δ = i - j (future keys mirror: r(-Δ) = -r(Δ)); 'a..b' = min..max over "
+               "query frames:")
+    out.extend(_profile_text(data["profile"]["r_min"], data["profile"]["r_max"]))
+    out.append("")
+    s, b = data["tokens_per_frame"], tsa["block_size"]
+    out.append(f"Attention density (fraction of dense attention; S = {s} tokens per frame)")
+    out.append(f"  {'':34s} {f'{b}-token blocks':>16s} {'token pairs':>12s}")
+    label = f"TSA (d1={tsa['d1']}, d2={tsa['d2']}, stripe {tsa['stripe_tokens']})"
+    out.append(f"  {label:34s} {tsa['block_density']:16.3f} {tsa['token_density']:12.3f}")
+    label = f"sliding window (±{win['window']}{', sink' if win['sink'] else ''})"
+    out.append(f"  {label:34s} {win['block_density']:16.3f} {win['token_density']:12.3f}")
+    return "\n".join(out)
+
+
+def explain_png(data: dict[str, Any], path: Path) -> Path:
+    """Draw :func:`explain_data`'s result: r[i, j], the r(Δ) profile, and TSA's frame-level pattern.
+
+    matplotlib is imported here (Agg backend), so the rest of the CLI does not need it.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    f, t, cap, v = data["num_frames"], data["trained_frames"], data["cap"], data["vrpr"]
+    vrpr = VRPR(v["w1"], v["w2"], v["g1"], v["g2"], v["cap"])
+    r = vrpr.relative_distance(f).numpy()
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.4), constrained_layout=True)
+
+    ax = axes[0]
+    lim = max(int(np.abs(r).max()), 1)
+    im = ax.imshow(r, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.85, label="r[i, j]")
+    ax.set_title(f"VRPR effective distance r[i, j]   (cap ±{v['cap']}, max |r| = {data['max_abs_r_after']})",
+                 fontsize=10)
+    ax.set_xlabel("key frame j")
+    ax.set_ylabel("query frame i")
+
+    ax = axes[1]
+    d = np.arange(-(f - 1), f)
+    r_min = np.array(data["profile"]["r_min"])
+    r_max = np.array(data["profile"]["r_max"])
+    lo = np.concatenate([-r_max[:0:-1], r_min])  # future keys mirror past keys: r(-Δ) = -r(Δ)
+    hi = np.concatenate([-r_min[:0:-1], r_max])
+    ax.plot(d, d, color="0.6", ls="--", lw=1, label="original r = Δ")
+    ax.fill_between(d, lo, hi, color="#1f77b4", alpha=0.35, step="mid", lw=0)
+    ax.plot(d, hi, color="#1f77b4", lw=1.3, drawstyle="steps-mid", label="VRPR r(Δ), min..max over queries")
+    ax.plot(d, lo, color="#1f77b4", lw=1.3, drawstyle="steps-mid")
+    for sign in (1, -1):
+        ax.axhline(sign * cap, color="#d62728", ls=":", lw=1.2, label=f"cap ±{cap}" if sign == 1 else None)
+    ax.set_ylim(-(f - 1) * 1.05 - 1, (f - 1) * 1.05 + 1)
+    ax.set_xlabel("original Δ = i - j (frames)")
+    ax.set_ylabel("effective distance r")
+    ax.set_title(f"r(Δ): max |r| {data['max_abs_r_before']} -> {data['max_abs_r_after']}   "
+                 f"(w1={v['w1']}, w2={v['w2']}, g1={v['g1']}, g2={v['g2']})", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[2]
+    tsa_info = data["tsa"]
+    tsa = TSA.for_length(f, t) or TSA(cap=cap)
+    tier = np.zeros((f, f), dtype=int)
+    codes = {"local": 1, "striped": 2, "sink": 3}
+    for band in tsa.band_set(f, data["tokens_per_frame"]).bands:
+        tier[band.pairs.numpy()] = codes[band.name]
+    colours = ["#f2f2f2", "#1f77b4", "#ff7f0e", "#2ca02c"]
+    ax.imshow(tier, cmap=ListedColormap(colours), vmin=0, vmax=3, interpolation="nearest")
+    ax.set_xlabel("key frame j")
+    ax.set_ylabel("query frame i")
+    ax.set_title(f"TSA frame pattern: {tsa_info['block_density']:.2f} of dense "
+                 f"({tsa_info['block_size']}-token blocks)"
+                 + ("" if tsa_info["applied"] else " [not applied: F <= T]"), fontsize=10)
+    ax.legend(handles=[
+        Patch(color=colours[1], label=f"local  |Δ| ≤ {tsa.d1} (+ frame 0 for i ≤ {tsa.d2})"),
+        Patch(color=colours[2], label=f"striped  {tsa.d1} < |Δ| ≤ {tsa.d2}"),
+        Patch(color=colours[3], label="sink  j = 0 (grouped positions)"),
+        Patch(facecolor=colours[0], edgecolor="0.6", label="not attended"),
+    ], loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, fontsize=8, frameon=False)
+
+    inp = data["input"]
+    unit = ("" if inp["unit"] != "video frames"
+            else f" ({inp['num_frames']} video frames, trained on {inp['trained_frames']})")
+    fig.suptitle(f"FreeLOC at F = {f} temporal tokens, T = {t}{unit}: VRPR {v['source']} setting",
+                 fontsize=11)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    data = explain_data(args.num_frames, args.trained_frames, args.tokens_per_frame,
+                        latent=args.latent, temporal_factor=args.temporal_factor)
+    if args.png is not None:
+        if not args.png.parent.is_dir():
+            parser.error(f"--png: folder {str(args.png.parent)!r} does not exist")
+        explain_png(data, args.png)
+        data["png"] = str(args.png)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        print(explain_text(data))
+        if args.png is not None:
+            print(f"\nwrote {args.png}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``freeloc`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Invalid arguments exit with code 2 and a message naming the value (argparse's convention).
+    """
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else sys.argv[1:])
+    try:
+        return int(args.func(args, args.subparser))
+    except BrokenPipeError:  # output piped into `head` and the like: not an error
+        sys.stdout = open(os.devnull, "w")  # keeps Python from failing again when it flushes at exit
+        return 0

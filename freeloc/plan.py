@@ -1,0 +1,482 @@
+"""Layer plans: which self-attention layer gets which method, as versioned, validated data.
+
+A :class:`LayerPlan` holds one method name per self-attention layer (a key of
+:data:`~freeloc.methods.METHODS`, or ``"direct"`` for an unchanged layer), optional explicit
+parameters per layer, optional per-layer probe scores, the identity of the model the plan was made
+for and the model's trained length. It is plain data: JSON in, JSON out.
+
+Parameters are usually left empty (``{}``): the method's setting is then derived at run time from
+the length with ``for_length(num_frames, trained_frames)``, so one plan serves every length. At or
+below the trained length every layer resolves to ``None`` (plain attention): a plan never changes a
+model that is not asked for a longer video than it was trained on.
+
+JSON schema (version 1)::
+
+    {"schema": "freeloc.layer_plan", "version": 1,
+     "model": {"name": "Wan2.1-T2V-1.3B", "class": "WanTransformer3DModel", "num_layers": 30, ...},
+     "trained_frames": 21,
+     "layers": [{"method": "tsa", "params": {}}, {"method": "vrpr", "params": {}}, ...],
+     "scores": {"position": [...], "context": [...]},
+     "meta": {"source": "..."}}
+
+Example:
+    >>> plan = LayerPlan.published("wan2.1-t2v-1.3b")
+    >>> plan.num_layers, plan.methods[:3]
+    (30, ['tsa', 'tsa', 'vrpr'])
+    >>> v = plan.resolve(2, num_frames=81)
+    >>> (v.w1, v.w2, v.g1, v.g2, v.cap)
+    (10, 14, 2, 8, 20)
+    >>> plan.resolve(2, num_frames=21) is None  # not longer than trained: plain attention
+    True
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .methods import METHODS, Method, method_from_dict
+
+__all__ = ["LayerPlan", "DIRECT", "SCHEMA", "VERSION"]
+
+#: Method name of a layer that is left unchanged.
+DIRECT = "direct"
+#: Value of the ``"schema"`` key of a plan's JSON.
+SCHEMA = "freeloc.layer_plan"
+#: Version of the JSON schema this module writes and reads.
+VERSION = 1
+
+_TOP_KEYS = ("schema", "version", "model", "trained_frames", "layers", "scores", "meta")
+_LAYER_KEYS = ("method", "params")
+#: Parameters a method may leave out of a plan because they are filled from the length at run time.
+_RUNTIME_PARAMS: dict[str, tuple[str, ...]] = {"riflex": ("num_frames",)}
+
+
+def _known_methods() -> list[str]:
+    return [DIRECT, *sorted(METHODS)]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _with_runtime_params(name: str, params: dict[str, Any], num_frames: int) -> dict[str, Any]:
+    """``params`` plus the run-time parameters (``num_frames`` for RIFLEx) the plan left out."""
+    out = dict(params)
+    for key in _RUNTIME_PARAMS.get(name, ()):
+        out.setdefault(key, num_frames)
+    return out
+
+
+@dataclass
+class LayerPlan:
+    """Per-layer assignment of methods for one model.
+
+    Args:
+        methods: one method name per self-attention layer, in layer order: a key of
+            :data:`~freeloc.methods.METHODS` (``"vrpr"``, ``"tsa"``, ``"pi"``, ``"ntk"``, ``"yarn"``,
+            ``"riflex"``, ``"sliding-window"``) or ``"direct"`` (unchanged).
+        params: per-layer explicit parameters of the method (``{}``: derive them at run time from
+            the length). An empty list means ``{}`` for every layer. RIFLEx may give only ``k``;
+            its ``num_frames`` is then the run-time length.
+        scores: optional per-layer scores, e.g. ``{"position": [...], "context": [...]}`` from a
+            probe; every list has one value per layer.
+        model: identity of the model the plan is for (name, class, layer and head counts...).
+        trained_frames: the model's trained length in temporal tokens (latent frames), if known.
+        meta: free-form information (source, rule, probe settings). Must be JSON-serializable.
+
+    Raises:
+        ValueError: when a method name is unknown, parameters are invalid, or list lengths differ.
+    """
+
+    methods: list[str]
+    params: list[dict[str, Any]] = field(default_factory=list)
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    trained_frames: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.params and self.methods:
+            self.params = [{} for _ in self.methods]
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    @property
+    def num_layers(self) -> int:
+        """Number of self-attention layers the plan covers."""
+        return len(self.methods)
+
+    def validate(self) -> None:
+        """Check the whole plan; called on construction and before serialization.
+
+        Raises:
+            ValueError: naming the layer, the value got and what is accepted.
+        """
+        if not isinstance(self.methods, list) or not all(isinstance(m, str) for m in self.methods):
+            raise ValueError(f"LayerPlan.methods must be a list of method names, got {self.methods!r}")
+        n = len(self.methods)
+        if not isinstance(self.params, list) or len(self.params) != n:
+            got = len(self.params) if isinstance(self.params, list) else type(self.params).__name__
+            raise ValueError(f"LayerPlan.params must be a list with one dict per layer ({n} layers), "
+                             f"got {got}")
+        for i, (name, params) in enumerate(zip(self.methods, self.params, strict=True)):
+            _validate_layer(i, name, params)
+        if not isinstance(self.scores, dict):
+            raise ValueError(f"LayerPlan.scores must be a dict of name -> list of floats, "
+                             f"got {self.scores!r}")
+        for key, values in self.scores.items():
+            if not isinstance(key, str):
+                raise ValueError(f"LayerPlan.scores keys must be strings, got {key!r}")
+            if not isinstance(values, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+            ):
+                raise ValueError(f"LayerPlan.scores[{key!r}] must be a list of numbers, got {values!r}")
+            if len(values) != n:
+                raise ValueError(
+                    f"LayerPlan.scores[{key!r}] has {len(values)} values but the plan has {n} layers; "
+                    f"accepted: one score per layer"
+                )
+        if self.trained_frames is not None and (not _is_int(self.trained_frames) or self.trained_frames < 1):
+            raise ValueError(
+                f"LayerPlan.trained_frames must be a positive int (temporal tokens) or None, "
+                f"got {self.trained_frames!r}"
+            )
+        if not isinstance(self.model, dict):
+            raise ValueError(f"LayerPlan.model must be a dict, got {self.model!r}")
+        if not isinstance(self.meta, dict):
+            raise ValueError(f"LayerPlan.meta must be a dict, got {self.meta!r}")
+        model_layers = self.model.get("num_layers")
+        if model_layers is not None and model_layers != n:
+            raise ValueError(
+                f"LayerPlan.model['num_layers'] is {model_layers!r} but the plan has {n} layers; "
+                f"they must agree"
+            )
+
+    def check_layers(self, num_layers: int) -> None:
+        """Check that the plan fits a model with ``num_layers`` self-attention layers.
+
+        Raises:
+            ValueError: naming both counts when they differ.
+        """
+        if num_layers != self.num_layers:
+            name = self.model.get("name")
+            made_for = f" (made for {name})" if name else ""
+            raise ValueError(
+                f"the layer plan{made_for} has {self.num_layers} layers but the model has {num_layers} "
+                f"self-attention layers; a plan must have exactly one entry per layer"
+            )
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def uniform(cls, method: str, num_layers: int, **params: Any) -> LayerPlan:
+        """The same method (and parameters) on every layer.
+
+        Args:
+            method: a method name (see :class:`LayerPlan`), or ``"direct"``.
+            num_layers: number of self-attention layers.
+            **params: explicit parameters for every layer (none: derived from the length at run time).
+
+        Example:
+            >>> LayerPlan.uniform("tsa", 4).summary()
+            '4 layers: tsa 4'
+        """
+        if not _is_int(num_layers) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        return cls(methods=[method] * num_layers, params=[dict(params) for _ in range(num_layers)])
+
+    @classmethod
+    def from_lists(
+        cls,
+        tsa_layers: Sequence[int],
+        vrpr_layers: Sequence[int],
+        num_layers: int,
+        *,
+        trained_frames: int | None = None,
+        model: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> LayerPlan:
+        """A FreeLOC plan from its two layer lists (as the reference code publishes them).
+
+        Layers in neither list are ``"direct"``.
+
+        Args:
+            tsa_layers: indices of the layers that get TSA.
+            vrpr_layers: indices of the layers that get VRPR.
+            num_layers: number of self-attention layers.
+            trained_frames: the model's trained length in temporal tokens.
+            model: identity of the model.
+            meta: free-form information.
+
+        Raises:
+            ValueError: for an index out of range, listed twice, or in both lists.
+
+        Example:
+            >>> LayerPlan.from_lists([0, 2], [1], num_layers=4).methods
+            ['tsa', 'vrpr', 'tsa', 'direct']
+        """
+        if not _is_int(num_layers) or num_layers < 1:
+            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        methods = [DIRECT] * num_layers
+        owner: dict[int, str] = {}
+        lists = (("tsa_layers", "tsa", tsa_layers), ("vrpr_layers", "vrpr", vrpr_layers))
+        for list_name, method, layers in lists:
+            for layer in layers:
+                if not _is_int(layer) or not 0 <= layer < num_layers:
+                    raise ValueError(
+                        f"layer index {layer!r} in {list_name} is out of range for num_layers={num_layers}; "
+                        f"accepted: 0..{num_layers - 1}"
+                    )
+                if layer in owner:
+                    where = "twice in " + list_name if owner[layer] == list_name else (
+                        f"in both {owner[layer]} and {list_name}")
+                    raise ValueError(f"layer {layer} is listed {where}; each layer gets one method")
+                owner[layer] = list_name
+                methods[layer] = method
+        return cls(
+            methods=methods,
+            trained_frames=trained_frames,
+            model=dict(model or {}),
+            meta=dict(meta or {}),
+        )
+
+    @staticmethod
+    def shipped() -> list[str]:
+        """Names of the plans shipped with freeloc (for :meth:`published`)."""
+        folder = resources.files("freeloc").joinpath("data", "plans")
+        return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+
+    @classmethod
+    def published(cls, name: str) -> LayerPlan:
+        """Load a plan shipped with freeloc, e.g. ``"wan2.1-t2v-1.3b"``.
+
+        Raises:
+            ValueError: when no plan of that name is shipped (the message lists those that are).
+        """
+        names = cls.shipped()
+        key = name[: -len(".json")] if name.endswith(".json") else name
+        if key not in names:
+            raise ValueError(f"no shipped layer plan named {name!r}; shipped plans: {names}")
+        text = resources.files("freeloc").joinpath("data", "plans", f"{key}.json").read_text(encoding="utf-8")
+        return cls.from_json(text)
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as a JSON-ready dict (the schema in the module docstring)."""
+        self.validate()
+        return {
+            "schema": SCHEMA,
+            "version": VERSION,
+            "model": dict(self.model),
+            "trained_frames": self.trained_frames,
+            "layers": [{"method": m, "params": dict(p)}
+                       for m, p in zip(self.methods, self.params, strict=True)],
+            "scores": {k: list(v) for k, v in self.scores.items()},
+            "meta": dict(self.meta),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LayerPlan:
+        """Build a plan from :meth:`to_dict`'s output, validating everything.
+
+        Raises:
+            ValueError: wrong schema name, unsupported version, unknown keys or method names, bad
+                parameters, or scores whose length differs from the layer count.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a layer plan must be a JSON object, got {type(data).__name__}")
+        schema = data.get("schema")
+        if schema != SCHEMA:
+            raise ValueError(f"not a layer plan: 'schema' is {schema!r}, expected {SCHEMA!r}")
+        version = data.get("version")
+        if version != VERSION:
+            raise ValueError(f"unsupported layer plan version {version!r}; "
+                             f"this freeloc reads version {VERSION}")
+        unknown = sorted(set(data) - set(_TOP_KEYS))
+        if unknown:
+            raise ValueError(f"layer plan has unknown key(s) {unknown}; accepted: {list(_TOP_KEYS)}")
+        layers = data.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise ValueError(f"layer plan 'layers' must be a non-empty list of {{method, params}}, "
+                             f"got {layers!r}")
+        methods: list[str] = []
+        params: list[dict[str, Any]] = []
+        for i, entry in enumerate(layers):
+            if not isinstance(entry, dict) or "method" not in entry:
+                raise ValueError(f"layer {i}: expected {{'method': name, 'params': {{...}}}}, got {entry!r}")
+            extra = sorted(set(entry) - set(_LAYER_KEYS))
+            if extra:
+                raise ValueError(f"layer {i}: unknown key(s) {extra}; accepted: {list(_LAYER_KEYS)}")
+            name, p = entry["method"], entry.get("params", {})
+            _validate_layer(i, name, p)
+            methods.append(name)
+            params.append(dict(p))
+        scores = data.get("scores") or {}
+        if not isinstance(scores, dict):
+            raise ValueError(f"layer plan 'scores' must be an object of name -> list of numbers, "
+                             f"got {scores!r}")
+        for key, values in scores.items():
+            if not isinstance(values, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+            ):
+                raise ValueError(f"layer plan scores[{key!r}] must be a list of numbers, got {values!r}")
+        for key in ("model", "meta"):
+            value = data.get(key) or {}
+            if not isinstance(value, dict):
+                raise ValueError(f"layer plan {key!r} must be an object, got {value!r}")
+        trained = data.get("trained_frames")
+        if trained is not None and (not _is_int(trained) or trained < 1):
+            raise ValueError(f"layer plan 'trained_frames' must be a positive int or null, got {trained!r}")
+        return cls(
+            methods=methods,
+            params=params,
+            scores={str(k): [float(v) for v in vs] for k, vs in scores.items()},
+            model=dict(data.get("model") or {}),
+            trained_frames=trained,
+            meta=dict(data.get("meta") or {}),
+        )
+
+    def to_json(self) -> str:
+        """The plan as JSON text (one layer per line, so that diffs stay readable)."""
+        d = self.to_dict()
+        parts = []
+        for key, value in d.items():
+            if key == "layers":
+                body = ",\n".join("    " + json.dumps(layer) for layer in value)
+                text = "[\n" + body + "\n  ]"
+            elif key == "scores" and value:
+                body = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
+                text = "{\n" + body + "\n  }"
+            else:
+                text = json.dumps(value, indent=2).replace("\n", "\n  ")
+            parts.append(f"  {json.dumps(key)}: {text}")
+        return "{\n" + ",\n".join(parts) + "\n}"
+
+    @classmethod
+    def from_json(cls, text: str) -> LayerPlan:
+        """Parse and validate a plan from JSON text.
+
+        Raises:
+            ValueError: for invalid JSON or an invalid plan (see :meth:`from_dict`).
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"layer plan is not valid JSON: {e}") from e
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the plan as JSON to ``path``; returns the path."""
+        path = Path(path)
+        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerPlan:
+        """Read a plan written by :meth:`save`.
+
+        Raises:
+            ValueError: when the file's content is not a valid plan (the message names the file).
+        """
+        path = Path(path)
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    # ------------------------------------------------------------------ use
+    def layers_of(self, method: str) -> list[int]:
+        """Indices of the layers that use ``method``.
+
+        Example:
+            >>> LayerPlan.from_lists([0, 2], [1], num_layers=3).layers_of("tsa")
+            [0, 2]
+        """
+        return [i for i, m in enumerate(self.methods) if m == method]
+
+    def resolve(self, layer: int, num_frames: int, trained_frames: int | None = None) -> Method | None:
+        """The method instance for ``layer`` at ``num_frames`` temporal tokens.
+
+        Args:
+            layer: layer index, ``0 <= layer < num_layers``.
+            num_frames: length of the video in temporal tokens (latent frames).
+            trained_frames: the model's trained length in temporal tokens; defaults to the plan's.
+
+        Returns:
+            ``None`` for plain attention: a ``"direct"`` layer, or any layer when ``num_frames`` is not
+            longer than the trained length (every method is the identity there). Otherwise the method
+            built from the layer's explicit parameters, or ``for_length(num_frames, trained_frames)``
+            when it has none.
+
+        Raises:
+            ValueError: layer index out of range, bad frame counts, no trained length known, or a
+                RIFLEx layer without ``k``.
+        """
+        if not _is_int(layer) or not 0 <= layer < self.num_layers:
+            raise ValueError(
+                f"layer index {layer!r} is out of range for a plan of {self.num_layers} layers; "
+                f"accepted: 0..{self.num_layers - 1}"
+            )
+        if not _is_int(num_frames) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive int (temporal tokens), got {num_frames!r}")
+        name = self.methods[layer]
+        if name == DIRECT:
+            return None
+        t = trained_frames if trained_frames is not None else self.trained_frames
+        if t is None:
+            raise ValueError(
+                f"layer {layer} ({name!r}) needs the model's trained length: pass trained_frames= "
+                f"or set LayerPlan.trained_frames (temporal tokens, e.g. 21 for Wan2.1)"
+            )
+        if not _is_int(t) or t < 1:
+            raise ValueError(f"trained_frames must be a positive int (temporal tokens), got {t!r}")
+        if num_frames <= t:
+            return None
+        params = self.params[layer]
+        if params:
+            return method_from_dict({"method": name, **_with_runtime_params(name, params, num_frames)})
+        if name == "riflex":
+            raise ValueError(
+                f"layer {layer} uses 'riflex', which needs its intrinsic frequency index k: give it in the "
+                f"layer's params, e.g. {{'k': 4}} (published k: HunyuanVideo 4, CogVideoX-5B 2)"
+            )
+        return METHODS[name].for_length(num_frames, t)
+
+    def summary(self) -> str:
+        """A short human description: layer count and how many layers use each method.
+
+        Example:
+            >>> LayerPlan.from_lists([0, 2], [1], num_layers=4, trained_frames=21).summary()
+            '4 layers: tsa 2, vrpr 1, direct 1; trained_frames 21'
+        """
+        counts = Counter(self.methods)
+        text = f"{self.num_layers} layers: " + ", ".join(f"{m} {c}" for m, c in counts.most_common())
+        extras = []
+        if self.model.get("name"):
+            extras.append(f"model {self.model['name']}")
+        if self.trained_frames is not None:
+            extras.append(f"trained_frames {self.trained_frames}")
+        if any(self.params):
+            extras.append(f"{sum(1 for p in self.params if p)} with explicit params")
+        return text + ("; " + ", ".join(extras) if extras else "")
+
+
+def _validate_layer(index: int, name: object, params: object) -> None:
+    """Check one layer's method name and parameters (constructing the method when params are given)."""
+    if not isinstance(name, str) or (name != DIRECT and name not in METHODS):
+        raise ValueError(f"layer {index}: unknown method {name!r}; known methods: {_known_methods()}")
+    if not isinstance(params, dict):
+        raise ValueError(f"layer {index} ({name!r}): params must be a dict, got {params!r}")
+    if not params:
+        return
+    if name == DIRECT:
+        raise ValueError(f"layer {index} is 'direct' (unchanged) and takes no params, got {params!r}")
+    try:
+        method_from_dict({"method": name, **_with_runtime_params(name, params, 1)})
+    except ValueError as e:
+        raise ValueError(f"layer {index} ({name!r}): bad params {params!r}: {e}") from e

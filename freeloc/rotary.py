@@ -1,0 +1,193 @@
+"""Rotary layouts: which head channels carry the temporal, height and width rotations.
+
+A 3D RoPE splits each attention head's channels into three parts, one per axis, and rotates
+channel pairs of each part by ``position * frequency``. Models differ in the sizes of the parts,
+in theta, and in how channels are paired:
+
+* **interleaved** pairs ``(2j, 2j + 1)`` (Wan, HunyuanVideo, CogVideoX, Open-Sora's ``EmbedND``);
+  the parts are consecutive blocks of channels in the order t, h, w;
+* **rotate-half** pairs ``(j, j + D/2)`` (Open-Sora 2.0 with the Liger RoPE kernel); the D/2 pair
+  frequencies are laid out in the order t, h, w along the first half.
+
+Frequencies of pair ``m`` of a part of size ``d`` follow the usual 1D RoPE,
+``theta ** (-2m / d)``.
+
+Example:
+    >>> import torch
+    >>> layout = RotaryLayout.wan(head_dim=128)
+    >>> (layout.t_dim, layout.h_dim, layout.w_dim)
+    (44, 42, 42)
+    >>> x = torch.randn(1, 6, 2, 128)                     # (batch, tokens, heads, head_dim)
+    >>> t = torch.tensor([0., 0., 0., 1., 1., 1.])       # temporal position per token
+    >>> h = torch.zeros(6); w = torch.arange(6.) % 3
+    >>> layout.rotate(x, t, h, w).shape
+    torch.Size([1, 6, 2, 128])
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = ["RotaryLayout"]
+
+
+@dataclass(frozen=True)
+class RotaryLayout:
+    """Channel layout of a 3D rotary position embedding.
+
+    Args:
+        t_dim: number of temporal channels (even).
+        h_dim: number of height channels (even).
+        w_dim: number of width channels (even).
+        theta: RoPE base, shared by the three parts.
+        interleaved: ``True`` for pairs ``(2j, 2j+1)``, ``False`` for rotate-half pairs ``(j, j+D/2)``.
+    """
+
+    t_dim: int
+    h_dim: int
+    w_dim: int
+    theta: float = 10000.0
+    interleaved: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("t_dim", "h_dim", "w_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0 or value % 2:
+                raise ValueError(f"RotaryLayout.{name} must be a non-negative even int, got {value!r}")
+        if self.t_dim == 0:
+            raise ValueError("RotaryLayout.t_dim must be > 0: a layout without temporal channels has nothing "
+                             "for a temporal position method to change")
+        if not (isinstance(self.theta, (int, float)) and self.theta > 1.0):
+            raise ValueError(f"RotaryLayout.theta must be a number > 1, got {self.theta!r}")
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def wan(cls, head_dim: int, theta: float = 10000.0) -> RotaryLayout:
+        """Wan 2.1 / 2.2: ``h = w = 2 * (head_dim // 6)``, ``t = head_dim - h - w``, interleaved."""
+        hw = 2 * (head_dim // 6)
+        return cls(head_dim - 2 * hw, hw, hw, theta=theta, interleaved=True)
+
+    @classmethod
+    def hunyuan(cls, rope_axes_dim: tuple[int, int, int] = (16, 56, 56), theta: float = 256.0) -> RotaryLayout:
+        """HunyuanVideo (and 1.5): ``rope_axes_dim = (t, h, w)``, theta 256, interleaved."""
+        t, h, w = rope_axes_dim
+        return cls(t, h, w, theta=theta, interleaved=True)
+
+    @classmethod
+    def cogvideox(cls, head_dim: int, theta: float = 10000.0) -> RotaryLayout:
+        """CogVideoX 1.0 / 1.5: temporal ``head_dim // 4``, height and width ``3 * head_dim // 8`` each."""
+        t = head_dim // 4
+        hw = (head_dim - t) // 2
+        return cls(t, hw, head_dim - t - hw, theta=theta, interleaved=True)
+
+    @classmethod
+    def opensora(
+        cls, axes_dim: tuple[int, int, int] = (16, 56, 56), theta: float = 10000.0, liger: bool = True
+    ) -> RotaryLayout:
+        """Open-Sora 2.0 MMDiT: ``axes_dim = (t, h, w)``; rotate-half with the Liger kernel, else interleaved."""
+        t, h, w = axes_dim
+        return cls(t, h, w, theta=theta, interleaved=not liger)
+
+    # ------------------------------------------------------------------ frequencies
+    @property
+    def head_dim(self) -> int:
+        return self.t_dim + self.h_dim + self.w_dim
+
+    @staticmethod
+    def part_freqs(dim: int, theta: float) -> Float[Tensor, " pairs"]:
+        """Frequencies ``theta ** (-2m / dim)`` of one part, in float64."""
+        return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+
+    def temporal_freqs(self) -> Float[Tensor, " t_pairs"]:
+        """The temporal part's frequencies (float64), the ones temporal position methods may change."""
+        return self.part_freqs(self.t_dim, self.theta)
+
+    def angles(
+        self,
+        t_pos: Float[Tensor, " tokens"],
+        h_pos: Float[Tensor, " tokens"],
+        w_pos: Float[Tensor, " tokens"],
+        t_freqs: Float[Tensor, " t_pairs"] | None = None,
+    ) -> Float[Tensor, "tokens pairs"]:
+        """Rotation angle of every channel pair, in float64, pairs ordered t, h, w.
+
+        ``t_freqs`` replaces the temporal frequencies (NTK, YaRN, RIFLEx change them).
+        """
+        tf = self.temporal_freqs() if t_freqs is None else t_freqs.to(torch.float64)
+        if tf.shape != (self.t_dim // 2,):
+            raise ValueError(f"t_freqs must have shape ({self.t_dim // 2},), got {tuple(tf.shape)}")
+        device = t_pos.device
+        parts = [
+            torch.outer(t_pos.to(torch.float64), tf.to(device)),
+            torch.outer(h_pos.to(torch.float64), self.part_freqs(self.h_dim, self.theta).to(device)),
+            torch.outer(w_pos.to(torch.float64), self.part_freqs(self.w_dim, self.theta).to(device)),
+        ]
+        return torch.cat(parts, dim=1)
+
+    def cos_sin(
+        self,
+        t_pos: Float[Tensor, " tokens"],
+        h_pos: Float[Tensor, " tokens"],
+        w_pos: Float[Tensor, " tokens"],
+        t_freqs: Float[Tensor, " t_pairs"] | None = None,
+    ) -> tuple[Float[Tensor, "tokens pairs"], Float[Tensor, "tokens pairs"]]:
+        """``cos`` and ``sin`` (float32) of :meth:`angles`, one value per channel pair."""
+        a = self.angles(t_pos, h_pos, w_pos, t_freqs)
+        return a.cos().float(), a.sin().float()
+
+    def rotate(
+        self,
+        x: Float[Tensor, "batch tokens heads dim"],
+        t_pos: Float[Tensor, " tokens"],
+        h_pos: Float[Tensor, " tokens"],
+        w_pos: Float[Tensor, " tokens"],
+        t_freqs: Float[Tensor, " t_pairs"] | None = None,
+    ) -> Float[Tensor, "batch tokens heads dim"]:
+        """Rotate ``x`` (queries or keys, before RoPE) by the given positions.
+
+        Computed in float32 and returned in ``x.dtype`` (as the supported models do).
+        """
+        if x.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"head_dim of x is {x.shape[-1]}, the layout has t+h+w = {self.t_dim}+{self.h_dim}+{self.w_dim}"
+                f" = {self.head_dim} channels"
+            )
+        cos, sin = self.cos_sin(t_pos, h_pos, w_pos, t_freqs)
+        return self.apply(x, cos.to(x.device), sin.to(x.device))
+
+    def apply(
+        self,
+        x: Float[Tensor, "batch tokens heads dim"],
+        cos: Float[Tensor, "tokens pairs"],
+        sin: Float[Tensor, "tokens pairs"],
+    ) -> Float[Tensor, "batch tokens heads dim"]:
+        """Rotate ``x`` by precomputed per-pair ``cos``/``sin`` (from :meth:`cos_sin`)."""
+        xf = x.float()
+        c = cos[None, :, None, :]
+        s = sin[None, :, None, :]
+        if self.interleaved:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+        else:
+            half = self.head_dim // 2
+            x1, x2 = xf[..., :half], xf[..., half:]
+            out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+        return out.to(x.dtype)
+
+    def temporal_channels(self) -> list[int]:
+        """Indices of the head channels that the temporal rotation touches."""
+        pairs = range(self.t_dim // 2)
+        if self.interleaved:
+            return [c for m in pairs for c in (2 * m, 2 * m + 1)]
+        half = self.head_dim // 2
+        return [m for m in pairs] + [m + half for m in pairs]
+
+    def describe(self) -> str:
+        pairing = "interleaved" if self.interleaved else "rotate-half"
+        return (f"RotaryLayout(t={self.t_dim}, h={self.h_dim}, w={self.w_dim}, theta={self.theta:g}, "
+                f"{pairing}; temporal wavelength {2 * math.pi:.2f}..{2 * math.pi * self.theta:.3g} frames)")

@@ -1,0 +1,159 @@
+"""Tests of the ``freeloc`` command line (``freeloc explain``), in-process and as ``python -m freeloc``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from freeloc.cli import main, video_to_latent
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EXPECTED_KEYS = {"input", "num_frames", "trained_frames", "cap", "extension", "tokens_per_frame", "vrpr",
+                 "max_abs_r_before", "max_abs_r_after", "profile", "tsa", "sliding_window"}
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    assert main(["explain", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize(("video", "latent"), [(321, 81), (161, 41), (81, 21), (1, 1), (5, 2), (320, 80)])
+def test_video_to_latent(video: int, latent: int) -> None:
+    assert video_to_latent(video, 4) == latent
+
+
+def test_explain_text_shows_the_published_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--num-frames", "321", "--trained-frames", "81"]) == 0
+    out = capsys.readouterr().out
+    assert "321 video frames -> F = 81 temporal tokens" in out
+    assert "81 video frames -> T = 21" in out
+    assert "(video - 1) // 4 + 1" in out
+    assert "w1=10 w2=14 g1=2 g2=8 cap=20" in out
+    assert "published setting for F=81, T=21" in out
+    assert "c1=5 c2=11" in out
+    assert "max |r|: before 80 (F - 1), after 20" in out
+    assert "properties: all hold" in out
+    assert " 0:0 1:1 " in out and " 80:20" in out  # the r(Δ) profile, from Δ = 0 to F - 1
+    assert "TSA (d1=8, d2=24, stripe 195)" in out
+    assert "sliding window (±10, sink)" in out
+
+
+def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(capsys, "--num-frames", "321", "--trained-frames", "81")
+    assert set(data) == EXPECTED_KEYS
+    assert data["input"] == {"num_frames": 321, "trained_frames": 81, "unit": "video frames",
+                             "temporal_factor": 4}
+    assert (data["num_frames"], data["trained_frames"], data["cap"]) == (81, 21, 20)
+    v = data["vrpr"]
+    assert (v["w1"], v["w2"], v["g1"], v["g2"], v["cap"], v["c1"], v["c2"]) == (10, 14, 2, 8, 20, 5, 11)
+    assert v["source"] == "published" and v["applied"] is True and v["violations"] == []
+    assert (data["max_abs_r_before"], data["max_abs_r_after"]) == (80, 20)
+    prof = data["profile"]
+    assert prof["delta"] == list(range(81))
+    assert prof["r_min"][:10] == prof["r_max"][:10] == list(range(10))  # near tier: r = Δ exactly
+    assert all(lo <= hi <= 20 for lo, hi in zip(prof["r_min"], prof["r_max"], strict=True))
+    assert prof["r_max"][-1] == 20
+    assert data["tsa"]["block_density"] == pytest.approx(0.33, abs=0.01)  # "about 0.33", method.md section 3
+    assert data["tsa"]["stripe_tokens"] == 195
+    assert 0 < data["tsa"]["token_density"] < data["tsa"]["block_density"]
+    assert data["sliding_window"]["window"] == 10
+    assert 0 < data["sliding_window"]["block_density"] < 1
+
+
+def test_explain_latent_flag_takes_temporal_tokens(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(capsys, "--num-frames", "81", "--trained-frames", "21", "--latent")
+    assert data["input"]["unit"] == "temporal tokens"
+    assert (data["num_frames"], data["trained_frames"]) == (81, 21)
+    assert data["vrpr"]["source"] == "published"
+    main(["explain", "--num-frames", "81", "--trained-frames", "21", "--latent"])
+    assert "given as temporal tokens, --latent" in capsys.readouterr().out
+
+
+def test_explain_derived_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(capsys, "--num-frames", "241", "--trained-frames", "81")
+    assert data["num_frames"] == 61
+    assert data["vrpr"]["source"] == "derived"
+    assert data["vrpr"]["violations"] == []
+    assert data["max_abs_r_after"] <= 20 < data["max_abs_r_before"]
+    main(["explain", "--num-frames", "241", "--trained-frames", "81"])
+    assert "derived by the rule" in capsys.readouterr().out
+
+
+def test_explain_not_longer_than_trained_changes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    data = run_json(capsys, "--num-frames", "81", "--trained-frames", "81")
+    assert data["vrpr"]["applied"] is False and data["tsa"]["applied"] is False
+    assert data["max_abs_r_after"] == data["max_abs_r_before"] == 20
+    assert data["tsa"]["block_density"] == 1.0
+    main(["explain", "--num-frames", "81", "--trained-frames", "81"])
+    assert "FreeLOC changes nothing" in capsys.readouterr().out
+
+
+def test_explain_notes_frame_counts_not_of_the_vae_form(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["explain", "--num-frames", "320", "--trained-frames", "81"])
+    assert "--num-frames 320 is not of the form 4k + 1" in capsys.readouterr().out
+
+
+def test_explain_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    png = tmp_path / "explain.png"
+    assert main(["explain", "--num-frames", "321", "--trained-frames", "81", "--png", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    content = png.read_bytes()
+    assert len(content) > 10_000
+    assert content.startswith(PNG_SIGNATURE)
+
+
+def test_explain_png_into_a_missing_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", "--num-frames", "321", "--trained-frames", "81",
+              "--png", str(tmp_path / "no" / "x.png")])
+    assert exc.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "value"),
+    [
+        (["--num-frames", "0", "--trained-frames", "81"], "'0'"),
+        (["--num-frames", "-5", "--trained-frames", "81"], "'-5'"),
+        (["--num-frames", "abc", "--trained-frames", "81"], "'abc'"),
+        (["--num-frames", "2.5", "--trained-frames", "81"], "'2.5'"),
+        (["--num-frames", "321", "--trained-frames", "0"], "'0'"),
+        (["--num-frames", "321", "--trained-frames", "81", "--tokens-per-frame", "x"], "'x'"),
+        (["--num-frames", "321", "--trained-frames", "81", "--temporal-factor", "0"], "'0'"),
+    ],
+)
+def test_explain_bad_input_exits_2_naming_the_value(
+    args: list[str], value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "expected a positive integer" in err
+    assert value in err
+
+
+def test_no_demo_subcommand_yet(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'demo'" in capsys.readouterr().err
+
+
+def test_python_m_freeloc_explain_json() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "freeloc", "explain",
+         "--num-frames", "161", "--trained-frames", "81", "--json"],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1], check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["num_frames"] == 41
+    v = data["vrpr"]
+    assert (v["w1"], v["w2"], v["g1"], v["g2"]) == (12, 20, 2, 8)
+    assert v["source"] == "published"
