@@ -147,6 +147,9 @@ class VRPR(Method):
         _check_frames(num_frames, trained_frames)
         if num_frames <= trained_frames:
             return cls.identity(trained_frames)
+        if trained_frames < 2:
+            raise ValueError(f"VRPR needs trained_frames >= 2 to re-encode (the trained range is |r| <= T - 1), "
+                             f"got trained_frames={trained_frames}")
         return _derive_vrpr(num_frames, trained_frames)
 
     # ------------------------------------------------------------------ positions

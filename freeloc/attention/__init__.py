@@ -71,12 +71,24 @@ def _spatial_positions(num_frames: int, height: int, width: int) -> tuple[Tensor
     return f, h, w
 
 
+@functools.lru_cache(maxsize=32)
+def _cos_sin(bands: BandSet, band: int | None, side: str, grid: tuple[int, int, int], rotary: RotaryLayout,
+             device: str) -> tuple[Tensor, Tensor]:
+    """Per-token RoPE cos/sin of one band's query (``side="q"``) or key positions; ``band=None``: original."""
+    t_frame, h_pos, w_pos = _spatial_positions(*grid)
+    if band is not None:
+        b = bands.bands[band]
+        t_frame = (b.q_pos if side == "q" else b.k_pos)[t_frame.long()]
+    cos, sin = rotary.cos_sin(t_frame, h_pos, w_pos, bands.t_freqs)
+    return cos.to(device), sin.to(device)
+
+
 def attend(
     q: Float[Tensor, "batch seq heads dim"],
     k: Float[Tensor, "batch seq heads dim"],
     v: Float[Tensor, "batch seq heads dim"],
     *,
-    grid: tuple[int, int, int],
+    grid: tuple[int, ...],
     method: Method | None,
     rotary: RotaryLayout,
     backend: str = "auto",
@@ -124,17 +136,15 @@ def attend(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
     bands = band_set_for(method, f, s, rotary)
-    t_frame, h_pos, w_pos = _spatial_positions(f, hh, ww)
     video = slice(text_before, text_before + nv)
     dev = q.device
-    t_frame_d, h_d, w_d = t_frame.to(dev), h_pos.to(dev), w_pos.to(dev)
 
-    def rot(x: Tensor, frame_pos: Tensor | None) -> Tensor:
-        t = t_frame_d if frame_pos is None else frame_pos.to(dev)[t_frame.long().to(dev)]
-        return rotary.rotate(x, t, h_d, w_d, bands.t_freqs)
+    def rot(x: Tensor, band: int | None, side: str) -> Tensor:
+        cos, sin = _cos_sin(bands, band, side, (f, hh, ww), rotary, str(dev))
+        return rotary.apply(x, cos, sin)
 
     def orig_all(x: Tensor) -> Tensor:
-        xv = rot(x[:, video], None)
+        xv = rot(x[:, video], None, "q")
         return torch.cat([x[:, :text_before], xv, x[:, video.stop:]], dim=1) if n != nv else xv
 
     def bhsd(x: Tensor) -> Tensor:
@@ -145,8 +155,8 @@ def attend(
         out = F.scaled_dot_product_attention(bhsd(qo), bhsd(ko), bhsd(v), scale=scale)
         return out.transpose(1, 2)
 
-    qs = [bhsd(rot(q[:, video], b.q_pos)) for b in bands.bands]
-    ks = [bhsd(rot(k[:, video], b.k_pos)) for b in bands.bands]
+    qs = [bhsd(rot(q[:, video], i, "q")) for i in range(len(bands.bands))]
+    ks = [bhsd(rot(k[:, video], i, "k")) for i in range(len(bands.bands))]
     v_all = bhsd(v)
 
     if backend == "reference":

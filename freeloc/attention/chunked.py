@@ -23,8 +23,10 @@ from .kernels import attention_with_lse
 
 __all__ = ["chunked_band_attention", "plan_passes"]
 
-#: Cost of one kernel call, in (query, key, channel) multiply-adds: the planner's overhead model.
-CALL_COST = 400_000
+#: The planner's cost model, in units of one (query, key, channel) multiply-add: the fixed overhead of
+#: one pass (gathers, mask, merge; measured on CPU) and the extra cost per masked (query, key) pair.
+CALL_COST = 1_000_000
+MASK_COST = 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,9 +112,11 @@ def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
     key_frames = padded.view(len(starts), g, f).any(1).sum(1)
     rows = torch.clamp(f - starts, max=g)
     live = key_frames > 0
+    chunk_pairs = padded.view(len(starts), g, f).sum((1, 2))
     if band.stripe is None:
         pairs = int((rows * s * key_frames * s)[live].sum())
         calls = int(live.sum())
+        masked = int(((rows * key_frames != chunk_pairs) * rows * s * key_frames * s)[live].sum())
     else:
         s0 = torch.arange(0, s, sub_block)
         s1 = torch.clamp(s0 + sub_block, max=s)
@@ -120,7 +124,8 @@ def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
         per_chunk = (s1 - s0) * k_len
         pairs = int(((rows * key_frames)[live, None] * per_chunk[None, :]).sum())
         calls = int(live.sum()) * len(s0)
-    return pairs * head_dim + CALL_COST * calls
+        masked = pairs
+    return pairs * head_dim + MASK_COST * masked + CALL_COST * calls
 
 
 @functools.lru_cache(maxsize=64)

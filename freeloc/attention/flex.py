@@ -14,6 +14,7 @@ sequences longer than the reference backend's limit.
 from __future__ import annotations
 
 import functools
+import typing
 import warnings
 from typing import Any
 
@@ -49,6 +50,7 @@ def _band_mask_mod(band: Band, s: int, n: int, device: torch.device) -> Any:
     last = band.num_frames - 1
     stripe = band.stripe
 
+    @typing.no_type_check  # traced by flex_attention: no runtime type-checking wrapper around it
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         qf = torch.clamp(q_idx // s, max=last)
         kf = torch.clamp(kv_idx // s, max=last)
