@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..bands import Band, BandSet
 from .kernels import attention_with_lse
+from .merge import merge_pair
 
 __all__ = ["chunked_band_attention", "plan_passes"]
 
@@ -184,10 +185,5 @@ def chunked_band_attention(
 
 
 def _merge_rows(acc_o: Tensor, acc_l: Tensor, rows: Tensor | slice, o: Tensor, lse: Tensor) -> None:
-    """Merge a pass into the running (output, LSE) of a chunk, in place, on the given rows."""
-    o = torch.where(torch.isneginf(lse)[..., None], 0.0, o.float())
-    old_l = acc_l[:, :, rows]
-    new = torch.logaddexp(old_l, lse)
-    safe = torch.where(torch.isneginf(new), 0.0, new)
-    acc_o[:, :, rows] = acc_o[:, :, rows] * torch.exp(old_l - safe)[..., None] + o * torch.exp(lse - safe)[..., None]
-    acc_l[:, :, rows] = new
+    """Merge a pass into the running (output, LSE), in place, on the given rows."""
+    acc_o[:, :, rows], acc_l[:, :, rows] = merge_pair(acc_o[:, :, rows], acc_l[:, :, rows], o, lse)

@@ -12,7 +12,20 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["merge_lse", "MergeAccumulator"]
+__all__ = ["merge_lse", "merge_pair", "MergeAccumulator"]
+
+
+def merge_pair(
+    out_a: Float[Tensor, "*rows dim"], lse_a: Float[Tensor, " *rows"],
+    out_b: Float[Tensor, "*rows dim"], lse_b: Float[Tensor, " *rows"],
+) -> tuple[Float[Tensor, "*rows dim"], Float[Tensor, " *rows"]]:
+    """Merge two passes (float32). Rows with ``lse = -inf`` (no keys) weigh zero, whatever their output."""
+    out_a = torch.where(torch.isneginf(lse_a)[..., None], 0.0, out_a.float())
+    out_b = torch.where(torch.isneginf(lse_b)[..., None], 0.0, out_b.float())
+    new = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isneginf(new), 0.0, new)
+    out = out_a * torch.exp(lse_a - safe)[..., None] + out_b * torch.exp(lse_b - safe)[..., None]
+    return out, new
 
 
 def merge_lse(
@@ -46,20 +59,12 @@ class MergeAccumulator:
         self.lse: Tensor | None = None
 
     def add(self, out: Float[Tensor, "*rows dim"], lse: Float[Tensor, " *rows"]) -> None:
-        out = out.float()
         lse = lse.float()
-        # rows without keys: lse -inf; kernels may leave NaN or garbage in their output
-        empty = torch.isneginf(lse)
-        out = torch.where(empty[..., None], 0.0, out)
         if self.out is None or self.lse is None:
-            self.out, self.lse = out, lse
+            # rows without keys: lse -inf; kernels may leave NaN or garbage in their output
+            self.out, self.lse = torch.where(torch.isneginf(lse)[..., None], 0.0, out.float()), lse
             return
-        new = torch.logaddexp(self.lse, lse)
-        safe = torch.where(torch.isneginf(new), 0.0, new)
-        w_old = torch.exp(self.lse - safe)[..., None]
-        w_new = torch.exp(lse - safe)[..., None]
-        self.out = self.out * w_old + out * w_new
-        self.lse = new
+        self.out, self.lse = merge_pair(self.out, self.lse, out, lse)
 
     def result(self) -> tuple[Tensor, Tensor]:
         if self.out is None or self.lse is None:
