@@ -177,6 +177,10 @@ class BandSet:
         Returns two bool tensors [Qb, Kb] (``any``, ``full``), computed from the frame-level tables
         (never from N^2 token pairs); see :meth:`Band.block_table`.
         """
+        if not self.bands:
+            nb = -(-self.num_frames * tokens_per_frame // block_size)
+            none = torch.zeros(nb, nb, dtype=torch.bool)
+            return none, none.clone()
         tables = [b.block_counts(tokens_per_frame, block_size) for b in self.bands]
         any_n = sum(t[0] for t in tables)
         full_n = sum(t[1] for t in tables)

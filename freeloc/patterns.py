@@ -57,7 +57,7 @@ class TSA(Method):
     name = "tsa"
     d1: int = 8
     d2: int = 24
-    stripe: float = 1 / 8
+    stripe: float | int = 1 / 8
     sink_group: int = 8
     sink_window: int = 12
     cap: int = 20
@@ -65,8 +65,9 @@ class TSA(Method):
     def __post_init__(self) -> None:
         for field_name in ("d1", "d2", "sink_group", "sink_window", "cap"):
             value = getattr(self, field_name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if field_name == "d1" else 1):
-                raise ValueError(f"TSA.{field_name} must be a positive int, got {value!r}")
+            minimum = 0 if field_name == "d1" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"TSA.{field_name} must be an int >= {minimum}, got {value!r}")
         if self.d2 < self.d1:
             raise ValueError(f"TSA needs d1 <= d2, got d1={self.d1}, d2={self.d2}")
         if not (isinstance(self.stripe, (int, float)) and 0 < self.stripe <= 1):

@@ -282,7 +282,7 @@ class PI(Method):
     """Position interpolation: temporal positions ``t / scale`` (``scale = F / T`` from :meth:`for_length`)."""
 
     name = "pi"
-    scale: float
+    scale: float | int
 
     def __post_init__(self) -> None:
         _positive_float("PI", "scale", self.scale)
@@ -316,7 +316,7 @@ class NTK(_FrequencyMethod):
     """NTK-aware scaling: temporal theta ``* scale ** (d / (d - 2))``, ``d`` = temporal rotary channels."""
 
     name = "ntk"
-    scale: float
+    scale: float | int
 
     def __post_init__(self) -> None:
         _positive_float("NTK", "scale", self.scale)
@@ -345,10 +345,10 @@ class YaRN(_FrequencyMethod):
     """
 
     name = "yarn"
-    scale: float
+    scale: float | int
     trained_frames: int
-    alpha: float = 1.0
-    beta: float = 32.0
+    alpha: float | int = 1.0
+    beta: float | int = 32.0
 
     def __post_init__(self) -> None:
         _positive_float("YaRN", "scale", self.scale)

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Real
 from torch import Tensor
 
 __all__ = ["RotaryLayout"]
@@ -51,7 +51,7 @@ class RotaryLayout:
     t_dim: int
     h_dim: int
     w_dim: int
-    theta: float = 10000.0
+    theta: float | int = 10000.0
     interleaved: bool = True
 
     def __post_init__(self) -> None:
@@ -67,19 +67,19 @@ class RotaryLayout:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def wan(cls, head_dim: int, theta: float = 10000.0) -> RotaryLayout:
+    def wan(cls, head_dim: int, theta: float | int = 10000.0) -> RotaryLayout:
         """Wan 2.1 / 2.2: ``h = w = 2 * (head_dim // 6)``, ``t = head_dim - h - w``, interleaved."""
         hw = 2 * (head_dim // 6)
         return cls(head_dim - 2 * hw, hw, hw, theta=theta, interleaved=True)
 
     @classmethod
-    def hunyuan(cls, rope_axes_dim: tuple[int, int, int] = (16, 56, 56), theta: float = 256.0) -> RotaryLayout:
+    def hunyuan(cls, rope_axes_dim: tuple[int, int, int] = (16, 56, 56), theta: float | int = 256.0) -> RotaryLayout:
         """HunyuanVideo (and 1.5): ``rope_axes_dim = (t, h, w)``, theta 256, interleaved."""
         t, h, w = rope_axes_dim
         return cls(t, h, w, theta=theta, interleaved=True)
 
     @classmethod
-    def cogvideox(cls, head_dim: int, theta: float = 10000.0) -> RotaryLayout:
+    def cogvideox(cls, head_dim: int, theta: float | int = 10000.0) -> RotaryLayout:
         """CogVideoX 1.0 / 1.5: temporal ``head_dim // 4``, height and width ``3 * head_dim // 8`` each."""
         t = head_dim // 4
         hw = (head_dim - t) // 2
@@ -87,7 +87,7 @@ class RotaryLayout:
 
     @classmethod
     def opensora(
-        cls, axes_dim: tuple[int, int, int] = (16, 56, 56), theta: float = 10000.0, liger: bool = True
+        cls, axes_dim: tuple[int, int, int] = (16, 56, 56), theta: float | int = 10000.0, liger: bool = True
     ) -> RotaryLayout:
         """Open-Sora 2.0 MMDiT: ``axes_dim = (t, h, w)``; rotate-half with the Liger kernel, else interleaved."""
         t, h, w = axes_dim
@@ -99,7 +99,7 @@ class RotaryLayout:
         return self.t_dim + self.h_dim + self.w_dim
 
     @staticmethod
-    def part_freqs(dim: int, theta: float) -> Float[Tensor, " pairs"]:
+    def part_freqs(dim: int, theta: float | int) -> Float[Tensor, " pairs"]:
         """Frequencies ``theta ** (-2m / dim)`` of one part, in float64."""
         return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
 
@@ -109,9 +109,9 @@ class RotaryLayout:
 
     def angles(
         self,
-        t_pos: Float[Tensor, " tokens"],
-        h_pos: Float[Tensor, " tokens"],
-        w_pos: Float[Tensor, " tokens"],
+        t_pos: Real[Tensor, " tokens"],
+        h_pos: Real[Tensor, " tokens"],
+        w_pos: Real[Tensor, " tokens"],
         t_freqs: Float[Tensor, " t_pairs"] | None = None,
     ) -> Float[Tensor, "tokens pairs"]:
         """Rotation angle of every channel pair, in float64, pairs ordered t, h, w.
@@ -131,9 +131,9 @@ class RotaryLayout:
 
     def cos_sin(
         self,
-        t_pos: Float[Tensor, " tokens"],
-        h_pos: Float[Tensor, " tokens"],
-        w_pos: Float[Tensor, " tokens"],
+        t_pos: Real[Tensor, " tokens"],
+        h_pos: Real[Tensor, " tokens"],
+        w_pos: Real[Tensor, " tokens"],
         t_freqs: Float[Tensor, " t_pairs"] | None = None,
     ) -> tuple[Float[Tensor, "tokens pairs"], Float[Tensor, "tokens pairs"]]:
         """``cos`` and ``sin`` (float32) of :meth:`angles`, one value per channel pair."""
@@ -143,9 +143,9 @@ class RotaryLayout:
     def rotate(
         self,
         x: Float[Tensor, "batch tokens heads dim"],
-        t_pos: Float[Tensor, " tokens"],
-        h_pos: Float[Tensor, " tokens"],
-        w_pos: Float[Tensor, " tokens"],
+        t_pos: Real[Tensor, " tokens"],
+        h_pos: Real[Tensor, " tokens"],
+        w_pos: Real[Tensor, " tokens"],
         t_freqs: Float[Tensor, " t_pairs"] | None = None,
     ) -> Float[Tensor, "batch tokens heads dim"]:
         """Rotate ``x`` (queries or keys, before RoPE) by the given positions.
@@ -178,6 +178,38 @@ class RotaryLayout:
             x1, x2 = xf[..., :half], xf[..., half:]
             out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
         return out.to(x.dtype)
+
+    def temporal_cos_sin(
+        self, t_pos: Real[Tensor, " tokens"], t_freqs: Float[Tensor, " t_pairs"] | None = None
+    ) -> tuple[Float[Tensor, "tokens t_pairs"], Float[Tensor, "tokens t_pairs"]]:
+        """``cos``/``sin`` (float32) of the temporal pairs only, for :meth:`rotate_temporal`."""
+        tf = self.temporal_freqs() if t_freqs is None else t_freqs.to(torch.float64)
+        a = torch.outer(t_pos.to(torch.float64), tf.to(t_pos.device))
+        return a.cos().float(), a.sin().float()
+
+    def rotate_temporal(
+        self,
+        x: Float[Tensor, "batch tokens heads dim"],
+        cos: Float[Tensor, "tokens t_pairs"],
+        sin: Float[Tensor, "tokens t_pairs"],
+    ) -> Float[Tensor, "batch tokens heads dim"]:
+        """Rotate only the temporal channel pairs of ``x``; the other channels are returned as they are.
+
+        Rotations add their angles, so rotating a tensor that carries its spatial rotation only
+        (temporal position 0) by temporal angles gives exactly the full rotation at those positions.
+        """
+        tp = self.t_dim // 2
+        c = cos[None, :, None, :]
+        s = sin[None, :, None, :]
+        if self.interleaved:
+            xt = x[..., : self.t_dim].float()
+            x1, x2 = xt[..., 0::2], xt[..., 1::2]
+            rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).to(x.dtype)
+            return torch.cat((rot, x[..., self.t_dim:]), dim=-1)
+        half = self.head_dim // 2
+        x1, x2 = x[..., :tp].float(), x[..., half:half + tp].float()
+        return torch.cat(((x1 * c - x2 * s).to(x.dtype), x[..., tp:half], (x1 * s + x2 * c).to(x.dtype),
+                          x[..., half + tp:]), dim=-1)
 
     def temporal_channels(self) -> list[int]:
         """Indices of the head channels that the temporal rotation touches."""

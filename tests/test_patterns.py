@@ -15,6 +15,7 @@ from jaxtyping import TypeCheckError
 from freeloc.bands import Band, BandSet
 from freeloc.patterns import TSA, SlidingWindow
 from freeloc.positions import PI, VRPR
+from freeloc.rotary import RotaryLayout
 
 # ------------------------------------------------------------------------------------- TSA density
 PUBLISHED_DENSITY = {21: 0.79, 41: 0.56, 81: 0.33}
@@ -281,3 +282,19 @@ def test_non_plain_band_sets() -> None:
     assert not SlidingWindow(window=2).band_set(10).is_plain()
     assert not TSA(d1=2, d2=4).band_set(10, 4).is_plain()
     assert not VRPR.for_length(41, 21).band_set(41).is_plain()
+
+
+def test_empty_band_set_has_empty_block_table() -> None:
+    any_t, full_t = BandSet(4, ()).block_table(tokens_per_frame=50, block_size=64)
+    assert any_t.shape == (4, 4) and not bool(any_t.any()) and not bool(full_t.any())
+    assert BandSet(4, ()).block_density(50, 64) == 0.0
+
+
+def test_integer_parameters_are_accepted() -> None:
+    """Whole numbers are fine where a fraction or a float is expected."""
+    assert TSA(stripe=1).stripe_tokens(10) == 10
+    layout = RotaryLayout.wan(12, theta=10000)
+    x = torch.randn(1, 3, 1, 12, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(3)  # integer positions
+    as_float = pos.double()
+    torch.testing.assert_close(layout.rotate(x, pos, pos, pos), layout.rotate(x, as_float, as_float, as_float))

@@ -470,3 +470,9 @@ def test_method_from_dict_missing_or_invalid_parameter() -> None:
         method_from_dict({"method": "vrpr", "w1": 10})
     with pytest.raises(ValueError, match="w2"):
         method_from_dict({"method": "vrpr", "w1": 10, "w2": 5, "g1": 2, "g2": 8, "cap": 20})
+
+
+def test_baselines_accept_integer_scales() -> None:
+    assert PI(scale=2).band_set(4).bands[0].q_pos.tolist() == [0.0, 0.5, 1.0, 1.5]
+    assert NTK(scale=2).temporal_freqs(RotaryLayout.wan(12)).shape == (2,)
+    assert YaRN(scale=2, trained_frames=4, alpha=1, beta=8).temporal_freqs(RotaryLayout.wan(12)).shape == (2,)

@@ -74,12 +74,19 @@ def _spatial_positions(num_frames: int, height: int, width: int) -> tuple[Tensor
 @functools.lru_cache(maxsize=32)
 def _cos_sin(bands: BandSet, band: int | None, side: str, grid: tuple[int, int, int], rotary: RotaryLayout,
              device: str) -> tuple[Tensor, Tensor]:
-    """Per-token RoPE cos/sin of one band's query (``side="q"``) or key positions; ``band=None``: original."""
+    """Per-token RoPE cos/sin.
+
+    ``band=None``: every pair at the original positions; ``band=-1``: every pair with temporal
+    position 0 (the spatial rotation alone); ``band=b``: the **temporal** pairs only, at band ``b``'s
+    query (``side="q"``) or key positions (for :meth:`RotaryLayout.rotate_temporal`).
+    """
     t_frame, h_pos, w_pos = _spatial_positions(*grid)
-    if band is not None:
+    if band is None or band == -1:
+        t = t_frame if band is None else torch.zeros_like(t_frame)
+        cos, sin = rotary.cos_sin(t, h_pos, w_pos, bands.t_freqs)
+    else:
         b = bands.bands[band]
-        t_frame = (b.q_pos if side == "q" else b.k_pos)[t_frame.long()]
-    cos, sin = rotary.cos_sin(t_frame, h_pos, w_pos, bands.t_freqs)
+        cos, sin = rotary.temporal_cos_sin((b.q_pos if side == "q" else b.k_pos)[t_frame.long()], bands.t_freqs)
     return cos.to(device), sin.to(device)
 
 
@@ -143,6 +150,12 @@ def attend(
         cos, sin = _cos_sin(bands, band, side, (f, hh, ww), rotary, str(dev))
         return rotary.apply(x, cos, sin)
 
+    def rot_bands(x: Tensor, side: str) -> list[Tensor]:
+        # the spatial rotation once, then each band's temporal rotation on the temporal channels only
+        base = rot(x, -1, side)
+        return [rotary.rotate_temporal(base, *_cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev)))
+                for i in range(len(bands.bands))]
+
     def orig_all(x: Tensor) -> Tensor:
         xv = rot(x[:, video], None, "q")
         return torch.cat([x[:, :text_before], xv, x[:, video.stop:]], dim=1) if n != nv else xv
@@ -155,17 +168,19 @@ def attend(
         out = F.scaled_dot_product_attention(bhsd(qo), bhsd(ko), bhsd(v), scale=scale)
         return out.transpose(1, 2)
 
-    qs = [bhsd(rot(q[:, video], i, "q")) for i in range(len(bands.bands))]
-    ks = [bhsd(rot(k[:, video], i, "k")) for i in range(len(bands.bands))]
+    qs = rot_bands(q[:, video], "q")
+    ks = rot_bands(k[:, video], "k")
     v_all = bhsd(v)
 
     if backend == "reference":
-        out = reference_attention(bhsd(orig_all(q)), bhsd(orig_all(k)), v_all, qs, ks, bands, s, video, scale)
+        out = reference_attention(bhsd(orig_all(q)), bhsd(orig_all(k)), v_all, [bhsd(x) for x in qs],
+                                  [bhsd(x) for x in ks], bands, s, video, scale)
         return out.transpose(1, 2)
-
-    v_vid = v_all[:, :, video]
-    run = chunked_band_attention if backend == "chunked" else flex_band_attention
-    out_v, lse_v = run(qs, ks, v_vid, bands, s, scale)
+    if backend == "chunked":
+        out_v, lse_v = chunked_band_attention(qs, ks, v[:, video], bands, s, scale)
+    else:
+        out_v, lse_v = flex_band_attention([bhsd(x) for x in qs], [bhsd(x) for x in ks], v_all[:, :, video],
+                                           bands, s, scale)
     if n == nv:
         return out_v.to(q.dtype).transpose(1, 2)
 

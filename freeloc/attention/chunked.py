@@ -19,15 +19,17 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..bands import Band, BandSet
-from .kernels import attention_with_lse
+from .kernels import attention_with_lse, prepare_mask, uses_fused_cpu_kernel
 from .merge import merge_pair
 
 __all__ = ["chunked_band_attention", "plan_passes"]
 
-#: The planner's cost model, in units of one (query, key, channel) multiply-add: the fixed overhead of
-#: one pass (gathers, mask, merge; measured on CPU) and the extra cost per masked (query, key) pair.
+#: The planner's cost model, in units of one (query, key, channel) multiply-add (measured on CPU): the
+#: fixed overhead of one pass (launch, slicing, merge), the extra cost per masked (query, key) pair.
 CALL_COST = 1_000_000
-MASK_COST = 16
+MASK_COST = 4
+#: Cost of gathering one token's channel into a pass (a memory copy), per channel.
+GATHER_COST = 12
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +48,17 @@ class Pass:
     near: Tensor | None
     row_len: int
     key_len: int
+    pattern: tuple = ()  # identifies the mask: passes with equal patterns share one mask
+    first: bool = False  # no earlier pass touched these rows: write instead of merging
+
+    def __post_init__(self) -> None:
+        # whole consecutive rows/keys become slices (views instead of gathers)
+        object.__setattr__(self, "rows", _as_slice(self.rows))
+        object.__setattr__(self, "keys", _as_slice(self.keys))
+        if self.frame_ok is not None or self.near is not None:
+            ok = b"" if self.frame_ok is None else self.frame_ok.numpy().tobytes()
+            shape = () if self.frame_ok is None else tuple(self.frame_ok.shape)
+            object.__setattr__(self, "pattern", (id(self.near), ok, shape, _length(self.rows), _length(self.keys)))
 
     def mask(self, device: torch.device) -> Tensor | None:
         m = None
@@ -58,6 +71,15 @@ class Pass:
             stripe = self.near.to(device).repeat(g, nk)
             m = stripe if m is None else m & stripe
         return m
+
+
+def _as_slice(index: Tensor | slice) -> Tensor | slice:
+    if isinstance(index, slice) or len(index) == 0:
+        return index
+    first, last = int(index[0]), int(index[-1])
+    if last - first + 1 == len(index) and bool((index[1:] > index[:-1]).all()):
+        return slice(first, last + 1)
+    return index
 
 
 def _length(index: Tensor | slice) -> int:
@@ -114,6 +136,7 @@ def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
     rows = torch.clamp(f - starts, max=g)
     live = key_frames > 0
     chunk_pairs = padded.view(len(starts), g, f).sum((1, 2))
+    gathered = 0
     if band.stripe is None:
         pairs = int((rows * s * key_frames * s)[live].sum())
         calls = int(live.sum())
@@ -126,7 +149,11 @@ def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
         pairs = int(((rows * key_frames)[live, None] * per_chunk[None, :]).sum())
         calls = int(live.sum()) * len(s0)
         masked = pairs
-    return pairs * head_dim + MASK_COST * masked + CALL_COST * calls
+        if sub_block < s:  # strided windows: keys (and values) are gathered, and so are rows when g > 1
+            gathered = 2 * int((key_frames[live, None] * k_len[None, :]).sum())
+            if g > 1:
+                gathered += int(rows[live].sum()) * s
+    return (pairs + GATHER_COST * gathered) * head_dim + MASK_COST * masked + CALL_COST * calls
 
 
 @functools.lru_cache(maxsize=64)
@@ -149,6 +176,11 @@ def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -
                                                               4 * band.stripe, s)})
         _, g, sb = min((_estimate(band, g, s, sb, head_dim), g, sb) for g in frame_options for sb in sub_options)
         out.extend(_plan_band(b_id, band, g, s, sb))
+    touched = torch.zeros(band_set.num_frames * s, dtype=torch.bool)
+    for p in out:
+        if not bool(touched[p.rows].any()):
+            object.__setattr__(p, "first", True)
+        touched[p.rows] = True
     return tuple(out)
 
 
@@ -158,32 +190,43 @@ def plan_cost(passes: tuple[Pass, ...]) -> int:
 
 
 def chunked_band_attention(
-    qs: list[Float[Tensor, "batch heads n dim"]],
-    ks: list[Float[Tensor, "batch heads n dim"]],
-    v: Float[Tensor, "batch heads n dim"],
+    qs: list[Float[Tensor, "batch n heads dim"]],
+    ks: list[Float[Tensor, "batch n heads dim"]],
+    v: Float[Tensor, "batch n heads dim"],
     band_set: BandSet,
     tokens_per_frame: int,
     scale: float,
 ) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
     """Merged attention of every video query over the bands' video keys.
 
-    ``qs[b]``/``ks[b]`` are the queries/keys rotated with band ``b``'s positions, layout
-    (batch, heads, tokens, dim). Returns the output (float32) and its LSE.
+    ``qs[b]``/``ks[b]`` are the queries/keys rotated with band ``b``'s positions, in the token-major
+    layout (batch, tokens, heads, dim), where gathering tokens copies whole rows. Returns the output
+    (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens) views.
     """
-    b, h, n, d = v.shape
+    b, n, h, d = v.shape
     passes = plan_passes(band_set, tokens_per_frame, d)
-    out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
-    lse = torch.full((b, h, n), float("-inf"), dtype=torch.float32, device=v.device)
+    out = torch.zeros(b, n, h, d, dtype=torch.float32, device=v.device)
+    lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=v.device)
+    masks: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}
     for p in passes:
-        q = qs[p.band][:, :, p.rows]
-        k = ks[p.band][:, :, p.keys]
-        vv = v[:, :, p.keys]
-        mask = p.mask(v.device)
-        o, l_ = attention_with_lse(q, k, vv, mask, scale)
-        _merge_rows(out, lse, p.rows, o, l_)
-    return out, lse
+        q = qs[p.band][:, p.rows].transpose(1, 2)
+        k = ks[p.band][:, p.keys].transpose(1, 2)
+        vv = v[:, p.keys].transpose(1, 2)
+        mask, prepared = None, None
+        if p.pattern:
+            if p.pattern not in masks:
+                m = p.mask(v.device)
+                masks[p.pattern] = (m, prepare_mask(m, q.dtype) if uses_fused_cpu_kernel(q) else None)
+            mask, prepared = masks[p.pattern]
+        o, l_ = attention_with_lse(q, k, vv, mask, scale, prepared)
+        if p.first:
+            out[:, p.rows] = o.transpose(1, 2)
+            lse[:, p.rows] = l_.transpose(1, 2)
+        else:
+            _merge_rows(out, lse, p.rows, o.transpose(1, 2), l_.transpose(1, 2))
+    return out.transpose(1, 2), lse.transpose(1, 2)
 
 
 def _merge_rows(acc_o: Tensor, acc_l: Tensor, rows: Tensor | slice, o: Tensor, lse: Tensor) -> None:
-    """Merge a pass into the running (output, LSE), in place, on the given rows."""
-    acc_o[:, :, rows], acc_l[:, :, rows] = merge_pair(acc_o[:, :, rows], acc_l[:, :, rows], o, lse)
+    """Merge a pass into the running (output, LSE), token-major layout, in place, on the given rows."""
+    acc_o[:, rows], acc_l[:, rows] = merge_pair(acc_o[:, rows], acc_l[:, rows], o, lse)

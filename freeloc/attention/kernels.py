@@ -11,7 +11,18 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["attention_with_lse"]
+__all__ = ["attention_with_lse", "prepare_mask", "uses_fused_cpu_kernel"]
+
+
+def uses_fused_cpu_kernel(q: Tensor) -> bool:
+    """Whether :func:`attention_with_lse` runs PyTorch's fused CPU flash kernel for this query."""
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def prepare_mask(mask: Bool[Tensor, "q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(additive bias in dtype, rows that have a key)`` of a bool mask, for :func:`attention_with_lse`."""
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return bias, mask.any(-1)
 
 
 def attention_with_lse(
@@ -20,16 +31,19 @@ def attention_with_lse(
     v: Float[Tensor, "batch heads k dim"],
     mask: Bool[Tensor, "q k"] | None,
     scale: float,
+    prepared: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Float[Tensor, "batch heads q dim"], Float[Tensor, "batch heads q"]]:
     """Softmax attention of ``q`` over ``k``/``v`` restricted to ``mask`` (None: all pairs).
 
-    Returns the output (``q.dtype``) and the natural-log LSE of the scaled logits (float32).
+    ``prepared`` may carry ``(bias, has_key)`` from :func:`prepare_mask` for this mask (reused
+    across calls with the same mask). Returns the output (``q.dtype``) and the natural-log LSE of
+    the scaled logits (float32).
     """
-    has_key = None if mask is None else mask.any(-1)
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        bias = None
-        if mask is not None:
-            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    if mask is not None and prepared is None:
+        prepared = prepare_mask(mask, q.dtype)
+    has_key = None if prepared is None else prepared[1]
+    if uses_fused_cpu_kernel(q):
+        bias = None if prepared is None else prepared[0]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )
