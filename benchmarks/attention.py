@@ -1,16 +1,21 @@
-"""Dense SDPA vs TSA vs VRPR: time and peak memory, as ratios to dense measured in the same run.
+"""Dense SDPA vs TSA vs VRPR: time and memory, as ratios to dense measured in the same run.
 
-CPU (always): the ``chunked`` backend at a scaled-down Wan shape (81 frames x 60 tokens/frame,
-2 heads x 64, fp32). CUDA (when present): the ``flex`` backend at the full Wan2.1-1.3B shape
-(81 frames x 1560 tokens/frame, 12 heads x 128, bf16).
+CPU (always): the ``chunked`` backend at scaled-down Wan shapes: 81 latent frames, 2 heads x 64,
+fp32, with 12 x 13 = 156 tokens per frame (the target check; Wan 480p has 30 x 52 = 1560) and
+6 x 10 = 60 tokens per frame (small frames, where the fixed cost of each pass weighs most).
+CUDA (when present): the ``flex`` backend at the full Wan2.1-1.3B shape (81 frames x 1560 tokens,
+12 heads x 128, bf16).
 
 Targets: TSA time <= 1.3 x block density x dense; VRPR time <= 1.5 x dense.
 
-    python benchmarks/attention.py [--reps 5] [--height 6 --width 10] [--json out.json]
+    python benchmarks/attention.py [--reps 7] [--shapes 12x13,6x10] [--json out.json] [--png out.png]
 
-Peak memory is measured on CUDA with ``torch.cuda.max_memory_allocated``. On CPU (where PyTorch has no
-allocator statistics) the table shows instead the largest single attention call, in query x key
-tokens: dense is one N x N call (the fused kernel tiles it), the chunked passes are bounded by a chunk.
+Timing: every method is warmed up (plans, block masks, compilation), then the repetitions run
+interleaved (dense, TSA, VRPR, dense, ...) and each method's median is taken, so that a slow phase
+of the machine hits every method alike. Memory: on CUDA the peak of one call
+(``torch.cuda.max_memory_allocated``); on CPU, where PyTorch keeps no allocator statistics, the
+largest single attention call in query x key tokens (dense: one N x N call that the fused kernel
+tiles; chunked: bounded by a chunk) and the fraction of the N x N pairs the plan computes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -27,9 +33,10 @@ import freeloc
 from freeloc.attention import attend, band_set_for
 from freeloc.attention.chunked import plan_cost, plan_passes
 
-CPU_SHAPE = dict(frames=81, height=6, width=10, heads=2, head_dim=64, dtype="float32", backend="chunked")
+CPU_SHAPE = dict(frames=81, height=12, width=13, heads=2, head_dim=64, dtype="float32", backend="chunked")
 CUDA_SHAPE = dict(frames=81, height=30, width=52, heads=12, head_dim=128, dtype="bfloat16", backend="flex")
 TRAINED = 21
+METHODS = ("dense", "tsa", "vrpr")
 
 
 def make(shape: dict, device: str) -> tuple[torch.Tensor, ...]:
@@ -45,7 +52,7 @@ def method_of(name: str) -> freeloc.Method | None:
             "vrpr": freeloc.VRPR.for_length(81, TRAINED)}[name]
 
 
-def runner(name: str, shape: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):  # noqa: ANN201
+def runner(name: str, shape: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
     grid = (shape["frames"], shape["height"], shape["width"])
     rot = freeloc.RotaryLayout.wan(shape["head_dim"])
     if name == "dense":
@@ -68,50 +75,48 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_it(fn, device: str, reps: int) -> float:  # noqa: ANN001
-    fn()  # warm-up (plans, block masks, compilation)
-    sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def largest_pass(name: str, shape: dict) -> int:
-    """Query x key tokens of the largest attention call the chunked backend makes (dense: N x N)."""
+def chunked_work(name: str, shape: dict) -> tuple[int, float]:
+    """Largest call (query x key tokens) and computed fraction of N x N of the chunked plan."""
     s = shape["height"] * shape["width"]
     n = shape["frames"] * s
     m = method_of(name)
     if m is None:
-        return n * n
+        return n * n, 1.0
     bands = band_set_for(m, shape["frames"], s, freeloc.RotaryLayout.wan(shape["head_dim"]))
-    return max(plan_cost((p,)) for p in plan_passes(bands, s, shape["head_dim"]))
+    passes = plan_passes(bands, s, shape["head_dim"])
+    return max(plan_cost((p,)) for p in passes), plan_cost(passes) / n**2
 
 
 def bench(device: str, shape: dict, reps: int) -> list[dict]:
     q, k, v = make(shape, device)
     s = shape["height"] * shape["width"]
     rot = freeloc.RotaryLayout.wan(shape["head_dim"])
-    rows = []
-    names = ["dense", "tsa", "vrpr"]
-    for i, name in enumerate(names, 1):
-        print(f"  [{i}/{len(names)}] {name} ...", flush=True)
-        fn = runner(name, shape, q, k, v)
+    fns = {name: runner(name, shape, q, k, v) for name in METHODS}
+    peaks = {}
+    for name, fn in fns.items():  # warm-up, and one call's peak memory on CUDA
         if device == "cuda":
+            sync(device)
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        t = time_it(fn, device, reps)
-        if device == "cuda":
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            peak = float("nan")
-        call = largest_pass(name, shape) if shape["backend"] == "chunked" else 0
+        fn()
+        sync(device)
+        peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    for r in range(reps):
+        print(f"  repetition {r + 1}/{reps}", flush=True)
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    rows = []
+    for name in METHODS:
         m = method_of(name)
         density = 1.0 if m is None else band_set_for(m, shape["frames"], s, rot).block_density(s, 128)
-        rows.append(dict(method=name, seconds=t, peak_mib=peak, block_density=density, largest_call=call))
+        call, computed = chunked_work(name, shape) if shape["backend"] == "chunked" else (0, float("nan"))
+        rows.append(dict(method=name, seconds=statistics.median(times[name]), peak_mib=peaks[name],
+                         block_density=density, largest_call=call, computed=computed))
     dense = rows[0]
     for r in rows:
         r["time_ratio"] = r["seconds"] / dense["seconds"]
@@ -119,45 +124,80 @@ def bench(device: str, shape: dict, reps: int) -> list[dict]:
     return rows
 
 
+def target(r: dict) -> str:
+    if r["method"] == "tsa":
+        limit = 1.3 * r["block_density"]
+        return f"<= {limit:.2f} (1.3 x density): {'met' if r['time_ratio'] <= limit else 'MISSED'}"
+    if r["method"] == "vrpr":
+        return f"<= 1.50: {'met' if r['time_ratio'] <= 1.5 else 'MISSED'}"
+    return ""
+
+
 def report(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"{'method':8} {'time s':>9} {'x dense':>8} {'peak MiB':>9} {'x dense':>8} {'largest call':>13} "
-          f"{'block dens':>10}  target")
+    print(f"{'method':7} {'time s':>8} {'x dense':>8} {'peak MiB':>9} {'x dense':>8} {'largest call':>13} "
+          f"{'computed':>9} {'block dens':>10}  target")
     for r in rows:
-        target = ""
-        if r["method"] == "tsa":
-            limit = 1.3 * r["block_density"]
-            target = f"<= {limit:.2f} (1.3 x density): {'met' if r['time_ratio'] <= limit else 'MISSED'}"
-        elif r["method"] == "vrpr":
-            target = f"<= 1.50: {'met' if r['time_ratio'] <= 1.5 else 'MISSED'}"
-        print(f"{r['method']:8} {r['seconds']:9.4f} {r['time_ratio']:8.2f} {r['peak_mib']:9.1f} "
-              f"{r['memory_ratio']:8.2f} {r['largest_call']:13d} {r['block_density']:10.3f}  {target}")
+        print(f"{r['method']:7} {r['seconds']:8.4f} {r['time_ratio']:8.2f} {r['peak_mib']:9.1f} "
+              f"{r['memory_ratio']:8.2f} {r['largest_call']:13d} {r['computed']:9.3f} {r['block_density']:10.3f}"
+              f"  {target(r)}")
+
+
+def plot(results: dict[str, list[dict]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(results), 3.6))
+    labels = list(results)
+    width = 0.25
+    for i, name in enumerate(METHODS):
+        ratios = [next(r["time_ratio"] for r in results[label] if r["method"] == name) for label in labels]
+        ax.bar([x + (i - 1) * width for x in range(len(labels))], ratios, width, label=name)
+    for x, label in enumerate(labels):
+        tsa = next(r for r in results[label] if r["method"] == "tsa")
+        ax.hlines(1.3 * tsa["block_density"], x - 0.4, x + 0.4, colors="tab:orange", linestyles=":")
+        ax.hlines(1.5, x - 0.4, x + 0.4, colors="tab:green", linestyles=":")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("time / dense (same run)")
+    ax.set_title("attention time vs dense (dotted: targets)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--height", type=int, default=CPU_SHAPE["height"], help="CPU shape: latent height")
-    ap.add_argument("--width", type=int, default=CPU_SHAPE["width"], help="CPU shape: latent width")
-    ap.add_argument("--json", type=str, default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--shapes", default="12x13,6x10", help="CPU latent shapes HxW, comma-separated")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument("--png", default=None, help="also plot the time ratios to this PNG")
     args = ap.parse_args()
-    results = {}
+    results: dict[str, list[dict]] = {}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    shape = dict(CPU_SHAPE, height=args.height, width=args.width)
-    print(f"CPU, chunked backend, {shape['frames']} frames x {shape['height'] * shape['width']} tokens/frame, "
-          f"{shape['heads']} heads x {shape['head_dim']}, {shape['dtype']}")
-    results["cpu"] = bench("cpu", shape, args.reps)
-    report("CPU (chunked)", results["cpu"])
+    for spec in args.shapes.split(","):
+        h, w = (int(x) for x in spec.lower().split("x"))
+        shape = dict(CPU_SHAPE, height=h, width=w)
+        label = f"CPU {shape['frames']}x{h * w}"
+        print(f"\n{label}: chunked backend, {shape['frames']} frames x {h}x{w} = {h * w} tokens/frame, "
+              f"{shape['heads']} heads x {shape['head_dim']}, {shape['dtype']}")
+        results[label] = bench("cpu", shape, args.reps)
+        report(f"{label} (chunked)", results[label])
     if torch.cuda.is_available():
         shape = CUDA_SHAPE
-        print(f"\nCUDA ({torch.cuda.get_device_name()}), flex backend, full Wan2.1-1.3B shape")
-        results["cuda"] = bench("cuda", shape, args.reps)
-        report(f"CUDA {torch.cuda.get_device_name()} (flex)", results["cuda"])
+        label = f"{torch.cuda.get_device_name()} 81x1560"
+        print(f"\n{label}: flex backend, full Wan2.1-1.3B shape, 12 heads x 128, bf16")
+        results[label] = bench("cuda", shape, args.reps)
+        report(f"{label} (flex)", results[label])
     else:
-        print("\nCUDA: not available on this machine; the flex/full-shape part was not run")
+        print("\nCUDA: not available on this machine; the flex / full-shape part was not run")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)
+    if args.png:
+        plot(results, args.png)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..bands import Band, BandSet
 from .kernels import attention_with_lse, prepare_mask, uses_fused_cpu_kernel
-from .merge import merge_pair
+from .merge import EMPTY_LSE, merge_into_
 
 __all__ = ["chunked_band_attention", "plan_passes"]
 
@@ -206,7 +206,7 @@ def chunked_band_attention(
     b, n, h, d = v.shape
     passes = plan_passes(band_set, tokens_per_frame, d)
     out = torch.zeros(b, n, h, d, dtype=torch.float32, device=v.device)
-    lse = torch.full((b, n, h), float("-inf"), dtype=torch.float32, device=v.device)
+    lse = torch.full((b, n, h), EMPTY_LSE, dtype=torch.float32, device=v.device)
     masks: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}
     for p in passes:
         q = qs[p.band][:, p.rows].transpose(1, 2)
@@ -219,14 +219,15 @@ def chunked_band_attention(
                 masks[p.pattern] = (m, prepare_mask(m, q.dtype) if uses_fused_cpu_kernel(q) else None)
             mask, prepared = masks[p.pattern]
         o, l_ = attention_with_lse(q, k, vv, mask, scale, prepared)
+        o, l_ = o.transpose(1, 2), l_.transpose(1, 2)
         if p.first:
-            out[:, p.rows] = o.transpose(1, 2)
-            lse[:, p.rows] = l_.transpose(1, 2)
+            out[:, p.rows] = o
+            lse[:, p.rows] = l_.clamp_min(EMPTY_LSE)
+        elif isinstance(p.rows, slice):
+            merge_into_(out[:, p.rows], lse[:, p.rows], o.float(), l_)
         else:
-            _merge_rows(out, lse, p.rows, o.transpose(1, 2), l_.transpose(1, 2))
+            acc_o, acc_l = out[:, p.rows], lse[:, p.rows]
+            merge_into_(acc_o, acc_l, o.float(), l_)
+            out[:, p.rows], lse[:, p.rows] = acc_o, acc_l
+    lse = lse.masked_fill_(lse <= EMPTY_LSE / 2, float("-inf"))
     return out.transpose(1, 2), lse.transpose(1, 2)
-
-
-def _merge_rows(acc_o: Tensor, acc_l: Tensor, rows: Tensor | slice, o: Tensor, lse: Tensor) -> None:
-    """Merge a pass into the running (output, LSE), token-major layout, in place, on the given rows."""
-    acc_o[:, rows], acc_l[:, rows] = merge_pair(acc_o[:, rows], acc_l[:, rows], o, lse)

@@ -12,7 +12,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["merge_lse", "merge_pair", "MergeAccumulator"]
+__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse", "merge_pair", "MergeAccumulator"]
+
+#: A finite stand-in for ``-inf`` in running LSEs: ``exp(EMPTY_LSE - x)`` is exactly 0 for any real
+#: LSE ``x``, and unlike ``-inf`` it never makes ``-inf - (-inf) = nan``, so no guards are needed.
+EMPTY_LSE = -1e30
 
 
 def merge_pair(
@@ -26,6 +30,22 @@ def merge_pair(
     safe = torch.where(torch.isneginf(new), 0.0, new)
     out = out_a * torch.exp(lse_a - safe)[..., None] + out_b * torch.exp(lse_b - safe)[..., None]
     return out, new
+
+
+def merge_into_(
+    acc_out: Float[Tensor, "*rows dim"], acc_lse: Float[Tensor, " *rows"],
+    out: Float[Tensor, "*rows dim"], lse: Float[Tensor, " *rows"],
+) -> None:
+    """Merge a pass into a running (output, LSE) in place (both float32; views are fine).
+
+    The running LSE uses :data:`EMPTY_LSE` for rows without keys yet, and the pass's output must
+    be finite (0) on its rows without keys, as :func:`~freeloc.attention.kernels.attention_with_lse`
+    returns it. Convert the final LSE with ``lse.masked_fill(lse <= EMPTY_LSE / 2, -inf)``.
+    """
+    lse = lse.clamp_min(EMPTY_LSE)
+    new = torch.logaddexp(acc_lse, lse)
+    acc_out.mul_(torch.exp(acc_lse - new)[..., None]).add_(out * torch.exp(lse - new)[..., None])
+    acc_lse.copy_(new)
 
 
 def merge_lse(
