@@ -19,6 +19,7 @@ from .patterns import TSA, SlidingWindow
 from .plan import LayerPlan
 from .positions import NTK, PI, VRPR, RIFLEx, YaRN
 from .rotary import RotaryLayout
+from .session import Session, apply, enable
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,9 @@ __all__ = [
     "PI",
     "RIFLEx",
     "RotaryLayout",
+    "Session",
+    "apply",
+    "enable",
     "SlidingWindow",
     "TSA",
     "VRPR",

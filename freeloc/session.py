@@ -1,0 +1,182 @@
+"""Hook sessions: apply a layer plan to a model through its adapter, and always take it off again.
+
+Hooks are global state on a user's model, so the safe path is the easy one::
+
+    with freeloc.enable(pipe, num_frames=321) as session:
+        frames = pipe(prompt=..., num_frames=321).frames[0]
+    print(session.report())
+
+or, without a ``with`` block, ``handle = freeloc.apply(...); ...; handle.remove()``. Leaving the
+block (normally or by an exception) or calling :meth:`Session.remove` restores every processor,
+hook and attribute the session changed, in reverse order; removing twice is harmless.
+
+This module is framework-independent: adapters (``freeloc.adapters``, which may import diffusers)
+are looked up lazily, by the class of each transformer found in the target.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .methods import METHODS
+from .plan import DIRECT, LayerPlan
+
+__all__ = ["Session", "LayerStats", "apply", "enable", "plan_for", "METHOD_CHOICES"]
+
+#: Values of ``method=``: the layer plan ("freeloc"), one method on every layer, or no change.
+METHOD_CHOICES = ("freeloc", DIRECT, *sorted(METHODS))
+
+
+@dataclass
+class LayerStats:
+    """What one hooked self-attention layer did during a session."""
+
+    model: str
+    layer: int
+    method: str
+    calls: int = 0
+    max_abs_distance: float = 0.0  # largest |temporal relative distance| used in attention
+    density: float = 1.0  # fraction of video token pairs attended
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Session:
+    """An applied plan: per-layer statistics and the undo log that removes it."""
+
+    plan: LayerPlan | None = None
+    layers: list[LayerStats] = field(default_factory=list)
+    _undo: list[Callable[[], None]] = field(default_factory=list)
+    _active: bool = True
+
+    def on_remove(self, undo: Callable[[], None]) -> None:
+        """Register an undo step; steps run in reverse order on :meth:`remove`."""
+        self._undo.append(undo)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was. Safe to call more than once."""
+        errors = []
+        while self._undo:
+            undo = self._undo.pop()
+            try:
+                undo()
+            except Exception as e:  # keep undoing the rest, then report
+                errors.append(e)
+        self._active = False
+        if errors:
+            raise RuntimeError(f"freeloc: {len(errors)} undo step(s) failed while removing: {errors}") from errors[0]
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def report(self) -> str:
+        """A table: per layer, the method, calls, max |temporal relative distance|, density, time."""
+        lines = [f"{'model':12} {'layer':>5} {'method':15} {'calls':>5} {'max |r|':>8} {'density':>8} {'time s':>8}"]
+        for s in self.layers:
+            lines.append(f"{s.model:12} {s.layer:5d} {s.method:15} {s.calls:5d} {s.max_abs_distance:8.1f} "
+                         f"{s.density:8.3f} {s.seconds:8.3f}")
+        return "\n".join(lines)
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [s.as_dict() for s in self.layers]
+
+
+class Timer:
+    """Adds the wall time of a block to a :class:`LayerStats`."""
+
+    def __init__(self, stats: LayerStats) -> None:
+        self.stats = stats
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stats.seconds += time.perf_counter() - self.t0
+        self.stats.calls += 1
+
+
+def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
+             shipped: str | None, model_name: str) -> LayerPlan:
+    """The layer plan a session applies, with clear errors.
+
+    ``method="freeloc"``: ``plan`` (a LayerPlan, a JSON path, or ``"uniform"``: VRPR on every layer),
+    or the shipped plan ``shipped`` when the model matches one. Any other method: that method on
+    every layer (``plan`` must then be None).
+    """
+    if method not in METHOD_CHOICES:
+        raise ValueError(f"method must be one of {list(METHOD_CHOICES)}, got {method!r}")
+    if method != "freeloc":
+        if plan is not None:
+            raise ValueError(f"plan= is only used with method='freeloc', got method={method!r} and a plan")
+        return LayerPlan.uniform(method, num_layers)
+    if plan is None:
+        if shipped is None:
+            raise ValueError(
+                f"no shipped layer plan matches {model_name} ({num_layers} self-attention layers): run "
+                f"`freeloc probe` on it and pass plan=PATH, or pass plan='uniform' (VRPR on every layer)")
+        resolved = LayerPlan.published(shipped)
+    elif isinstance(plan, LayerPlan):
+        resolved = plan
+    elif plan == "uniform":
+        resolved = LayerPlan.uniform("vrpr", num_layers)
+    elif isinstance(plan, (str, Path)):
+        resolved = LayerPlan.load(plan)
+    else:
+        raise ValueError(f"plan must be None, 'uniform', a path to a plan JSON or a LayerPlan, got {plan!r}")
+    resolved.check_layers(num_layers)
+    return resolved
+
+
+def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: LayerPlan | str | Path | None = None,
+           method: str = "freeloc", *, adapter: Any = None, trained_frames: int | None = None,
+           backend: str = "auto") -> Session:
+    """Apply FreeLOC (or a baseline) to a pipeline or transformer; use as a context manager.
+
+    Args:
+        target: a diffusers pipeline (every transformer it holds is patched) or a transformer module.
+        num_frames: the video length in **video** frames (converted with the model's VAE factor);
+            ``None`` takes the grid from each forward's latent.
+        plan: see :func:`plan_for`.
+        method: ``"freeloc"`` (the layer plan), ``"direct"`` (no change), or one method on every
+            layer: ``"vrpr"``, ``"tsa"``, ``"pi"``, ``"ntk"``, ``"yarn"``, ``"sliding-window"``
+            (``"riflex"`` needs its ``k`` through a plan).
+        adapter: an adapter class to use instead of the one found by the model's class.
+        trained_frames: the trained length in video frames, overriding the model's data.
+        backend: attention backend for :func:`freeloc.attention.attend`.
+
+    Returns:
+        The :class:`Session`; leaving its ``with`` block or :meth:`Session.remove` undoes everything.
+    """
+    from .adapters import adapters_for
+
+    found = adapters_for(target, adapter)
+    session = Session()
+    try:
+        for name, module, adapter_cls in found:
+            adapter_cls(module, name=name).install(
+                session, method=method, plan=plan, num_frames=num_frames, trained_frames=trained_frames,
+                backend=backend, pipeline=None if module is target else target)
+    except BaseException:
+        session.remove()
+        raise
+    return session
+
+
+#: ``handle = freeloc.apply(...)``; ``handle.remove()``: the same as :func:`enable`, without a block.
+apply = enable
