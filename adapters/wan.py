@@ -13,10 +13,15 @@ What is hooked:
 The rotary layout is read from the model's own ``rope`` module: its channel split and, from its
 frequency buffers, its theta. The trained length and the shipped plans come from
 ``freeloc/data/models/wan.json``.
+
+``SkyReelsV2Transformer3DModel`` reuses Wan's blocks, rope and processor signature unchanged and is
+handled by the same adapter (its trained length must be given: ``trained_frames=``). Layers called
+with an attention mask (SkyReels-V2 diffusion forcing with causal blocks) run the original processor.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from importlib import resources
@@ -49,10 +54,13 @@ def rotary_layout(transformer: torch.nn.Module) -> RotaryLayout:
     """The model's rotary layout: channel split from ``rope``, theta from its frequency buffers."""
     rope = transformer.rope
     t = rope.t_dim
-    # pair 1 of the temporal part rotates by theta ** (-2 / t) per position: read it at position 1
-    cos, sin = rope.freqs_cos[1, 2].double(), rope.freqs_sin[1, 3].double()
-    omega = math.atan2(float(sin), float(cos))
-    theta = (1.0 / omega) ** (t / 2.0) if t > 2 else 10000.0
+    if rope.freqs_cos.is_meta or t <= 2:
+        # no values to read (a model on the meta device, or a single temporal pair): the rope class's theta
+        theta = float(inspect.signature(type(rope).__init__).parameters["theta"].default)
+    else:
+        # pair 1 of the temporal part rotates by theta ** (-2 / t) per position: read it at position 1
+        omega = math.atan2(float(rope.freqs_sin[1, 3]), float(rope.freqs_cos[1, 2]))
+        theta = (1.0 / omega) ** (t / 2.0)
     return RotaryLayout(t, rope.h_dim, rope.w_dim, theta=float(round(theta, 3)), interleaved=True)
 
 
@@ -124,7 +132,7 @@ class FreeLOCWanAttnProcessor:
 class WanAdapter:
     """Installs FreeLOC on a ``WanTransformer3DModel``."""
 
-    model_classes = ("WanTransformer3DModel",)
+    model_classes = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
 
     def __init__(self, transformer: torch.nn.Module, name: str = "transformer") -> None:
         self.transformer = transformer
@@ -135,21 +143,28 @@ class WanAdapter:
         return [block.attn1 for block in self.transformer.blocks]
 
     def trained_video_frames(self) -> int:
-        data = model_data()
+        """The trained length in video frames, from the model data (by class, then config variant)."""
+        cls = type(self.transformer).__name__
+        data = model_data()["classes"][cls]
         frames = data["trained_video_frames"]
         for variant in data.get("variants", []):
             if _matches(self.transformer.config, variant["match"]):
                 frames = variant["trained_video_frames"]
+        if frames is None:
+            raise ValueError(f"the trained length of {cls} is not known to freeloc ({data.get('note', '')}); pass "
+                             f"trained_frames= (video frames) to freeloc.enable")
         return frames
 
     def shipped_plan(self) -> str | None:
+        """The name of the shipped plan whose model matches this transformer's class and config, if any."""
         for entry in model_data().get("shipped_plans", []):
-            if _matches(self.transformer.config, entry["match"]):
+            if entry["class"] == type(self.transformer).__name__ and _matches(self.transformer.config, entry["match"]):
                 return entry["plan"]
         return None
 
     def install(self, session: Session, *, method: str, plan: LayerPlan | str | None, num_frames: int | None,
-                trained_frames: int | None, backend: str, pipeline: Any = None) -> None:
+                trained_frames: int | None, backend: str, pipeline: Any = None,
+                method_params: dict[str, Any] | None = None) -> None:
         tr = self.transformer
         if getattr(tr, _MARK, None) is not None:
             raise RuntimeError(f"freeloc is already applied to this {type(tr).__name__} ({self.name}); remove "
@@ -164,7 +179,7 @@ class WanAdapter:
         expected = None if num_frames is None else ((num_frames - 1) // factor + 1) // p_t
         layers = self.attention_layers()
         layer_plan = plan_for(method, plan, len(layers), self.shipped_plan(),
-                              f"{type(tr).__name__}({self.name})")
+                              f"{type(tr).__name__}({self.name})", method_params)
         rotary = rotary_layout(tr)
         grid = _Grid(expected)
 

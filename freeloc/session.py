@@ -112,19 +112,26 @@ class Timer:
 
 
 def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
-             shipped: str | None, model_name: str) -> LayerPlan:
+             shipped: str | None, model_name: str, method_params: dict[str, Any] | None = None) -> LayerPlan:
     """The layer plan a session applies, with clear errors.
 
     ``method="freeloc"``: ``plan`` (a LayerPlan, a JSON path, or ``"uniform"``: VRPR on every layer),
     or the shipped plan ``shipped`` when the model matches one. Any other method: that method on
-    every layer (``plan`` must then be None).
+    every layer (``plan`` must then be None), with ``method_params`` (e.g. ``{"k": 4}`` for RIFLEx;
+    empty: derived from the length).
     """
     if method not in METHOD_CHOICES:
         raise ValueError(f"method must be one of {list(METHOD_CHOICES)}, got {method!r}")
     if method != "freeloc":
         if plan is not None:
             raise ValueError(f"plan= is only used with method='freeloc', got method={method!r} and a plan")
-        return LayerPlan.uniform(method, num_layers)
+        if method == "riflex" and not (method_params or {}).get("k"):
+            raise ValueError("method='riflex' needs its intrinsic frequency index: method_params={'k': K} "
+                             "(1-based; published: HunyuanVideo 4, CogVideoX-5B 2)")
+        return LayerPlan.uniform(method, num_layers, **(method_params or {}))
+    if method_params:
+        raise ValueError(f"method_params is for a single method on every layer, not method='freeloc' "
+                         f"(put per-layer parameters in the plan), got {method_params!r}")
     if plan is None:
         if shipped is None:
             raise ValueError(
@@ -145,7 +152,7 @@ def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
 
 def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: LayerPlan | str | Path | None = None,
            method: str = "freeloc", *, adapter: Any = None, trained_frames: int | None = None,
-           backend: str = "auto") -> Session:
+           backend: str = "auto", method_params: dict[str, Any] | None = None) -> Session:
     """Apply FreeLOC (or a baseline) to a pipeline or transformer; use as a context manager.
 
     Args:
@@ -154,11 +161,12 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
             ``None`` takes the grid from each forward's latent.
         plan: see :func:`plan_for`.
         method: ``"freeloc"`` (the layer plan), ``"direct"`` (no change), or one method on every
-            layer: ``"vrpr"``, ``"tsa"``, ``"pi"``, ``"ntk"``, ``"yarn"``, ``"sliding-window"``
-            (``"riflex"`` needs its ``k`` through a plan).
+            layer: ``"vrpr"``, ``"tsa"``, ``"pi"``, ``"ntk"``, ``"yarn"``, ``"riflex"``, ``"sliding-window"``.
         adapter: an adapter class to use instead of the one found by the model's class.
         trained_frames: the trained length in video frames, overriding the model's data.
         backend: attention backend for :func:`freeloc.attention.attend`.
+        method_params: parameters of a single ``method`` on every layer, e.g. ``{"k": 4}`` for RIFLEx or
+            ``{"window": 10}`` for the sliding window; empty: derived from the length.
 
     Returns:
         The :class:`Session`; leaving its ``with`` block or :meth:`Session.remove` undoes everything.
@@ -171,7 +179,7 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
         for name, module, adapter_cls in found:
             adapter_cls(module, name=name).install(
                 session, method=method, plan=plan, num_frames=num_frames, trained_frames=trained_frames,
-                backend=backend, pipeline=None if module is target else target)
+                backend=backend, pipeline=None if module is target else target, method_params=method_params)
     except BaseException:
         session.remove()
         raise

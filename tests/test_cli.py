@@ -138,11 +138,11 @@ def test_explain_bad_input_exits_2_naming_the_value(
     assert value in err
 
 
-def test_no_demo_subcommand_yet(capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["demo"])
+        main(["dmeo"])
     assert exc.value.code == 2
-    assert "invalid choice: 'demo'" in capsys.readouterr().err
+    assert "invalid choice: 'dmeo'" in capsys.readouterr().err
 
 
 def test_python_m_freeloc_explain_json() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -216,3 +218,194 @@ def test_full_tiny_pipeline() -> None:
     assert (long - direct).abs().max() > 1e-4
     assert all(s.calls == 4 for s in session.layers)  # 2 steps x (cond, uncond)
     assert max(s.max_abs_distance for s in session.layers) <= TRAINED_LATENT - 1
+
+
+def test_fused_projections_give_the_same_hooked_output() -> None:
+    f = 4 * TRAINED_LATENT
+    model = tiny_wan()
+    with freeloc.enable(model, method="tsa", trained_frames=TRAINED_VIDEO):
+        separate = run(model, f)
+    model.fuse_qkv_projections()
+    assert model.blocks[0].attn1.fused_projections
+    with freeloc.enable(model, method="tsa", trained_frames=TRAINED_VIDEO):
+        fused = run(model, f)
+    torch.testing.assert_close(fused, separate, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_model() -> None:
+    f = 4 * TRAINED_LATENT
+    model = tiny_wan().to(torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, f, 8, 8, generator=g).bfloat16()
+    enc = torch.randn(2, 7, 32, generator=g).bfloat16()
+    with torch.no_grad():
+        base = model(x, torch.tensor([500, 500]), enc, return_dict=False)[0]
+        with freeloc.enable(model, method="direct", trained_frames=TRAINED_VIDEO):
+            same = model(x, torch.tensor([500, 500]), enc, return_dict=False)[0]
+        with freeloc.enable(model, plan="uniform", trained_frames=TRAINED_VIDEO) as session:
+            long = model(x, torch.tensor([500, 500]), enc, return_dict=False)[0]
+    assert torch.equal(same, base)
+    assert long.dtype == torch.bfloat16 and torch.isfinite(long.float()).all()
+    assert all(s.max_abs_distance <= TRAINED_LATENT - 1 for s in session.layers)
+
+
+def test_image_to_video_model_patches_self_attention_only() -> None:
+    """Wan I2V: image tokens enter through attn2 (cross-attention), which is left alone."""
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=128, image_dim=8,
+        added_kv_proj_dim=24,
+    ).eval()
+    cross = [b.attn2.processor for b in model.blocks]
+    g = torch.Generator().manual_seed(1)
+
+    def forward(frames: int) -> torch.Tensor:
+        x = torch.randn(1, 36, frames, 8, 8, generator=torch.Generator().manual_seed(3))
+        enc = torch.randn(1, 512, 32, generator=g)  # Wan I2V splits text context at 512 tokens
+        img = torch.randn(1, 5, 8, generator=g)
+        with torch.no_grad():
+            return model(x, torch.tensor([500]), enc, encoder_hidden_states_image=img, return_dict=False)[0]
+
+    with freeloc.enable(model, plan="uniform", trained_frames=TRAINED_VIDEO) as session:
+        assert all(b.attn2.processor is p for b, p in zip(model.blocks, cross, strict=True))
+        out = forward(4 * TRAINED_LATENT)
+    assert torch.isfinite(out).all()
+    assert all(s.calls == 1 and s.max_abs_distance <= TRAINED_LATENT - 1 for s in session.layers)
+
+
+def test_per_token_timesteps_ti2v_style() -> None:
+    """Wan 2.2 TI2V passes one timestep per token (timestep of shape (batch, tokens))."""
+    model = tiny_wan()
+    f = 4 * TRAINED_LATENT
+    x = torch.randn(1, 16, f, 8, 8, generator=torch.Generator().manual_seed(4))
+    enc = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(5))
+    ts = torch.full((1, f * 16), 500)
+    ts[:, :16] = 0  # the first (conditioning) frame is clean
+    with torch.no_grad(), freeloc.enable(model, method="vrpr", trained_frames=TRAINED_VIDEO) as session:
+        out = model(x, ts, enc, return_dict=False)[0]
+    assert torch.isfinite(out).all() and session.layers[0].calls == 1
+
+
+def test_wan22_pipeline_patches_both_transformers() -> None:
+    high, low = tiny_wan(0), tiny_wan(1)
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval()
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=high, transformer_2=low,
+                                 boundary_ratio=0.5, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    embeds = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(2))
+
+    def generate() -> torch.Tensor:
+        return pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=16, width=16, num_frames=81,
+                    num_inference_steps=4, guidance_scale=2.0, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).frames
+
+    generate()  # the pipeline attaches its own hook registries on first use; snapshot after that
+    before = [snapshot(high), snapshot(low)]
+    with freeloc.enable(pipe, num_frames=81, plan="uniform", trained_frames=TRAINED_VIDEO) as session:
+        video = generate()
+    assert torch.isfinite(video).all()
+    names = {s.model for s in session.layers}
+    assert names == {"transformer", "transformer_2"}
+    calls = {name: sum(s.calls for s in session.layers if s.model == name) for name in names}
+    assert calls["transformer"] > 0 and calls["transformer_2"] > 0  # both experts denoised, both hooked
+    assert_same_state(before[0], snapshot(high))
+    assert_same_state(before[1], snapshot(low))
+
+
+def test_composes_with_a_diffusers_cache() -> None:
+    """diffusers' first-block cache (its hook registry) and a freeloc session work together and apart."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    model = tiny_wan()
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    try:
+        with model.cache_context("cond"):
+            run(model, 24)
+        before = snapshot(model)
+        with freeloc.enable(model, plan="uniform", trained_frames=TRAINED_VIDEO) as session:
+            with model.cache_context("cond"):
+                out = run(model, 24)
+        assert torch.isfinite(out).all()
+        assert session.layers[0].calls == 1  # the first block always runs; later ones may be served by the cache
+        assert_same_state(before, snapshot(model))
+    finally:
+        model.disable_cache()
+
+
+def test_riflex_and_window_parameters_through_method_params() -> None:
+    model = tiny_wan()
+    f = 4 * TRAINED_LATENT
+    direct = run(model, f)
+    with freeloc.enable(model, method="riflex", method_params={"k": 1}, trained_frames=TRAINED_VIDEO) as session:
+        riflex = run(model, f)
+    assert session.plan is not None and session.plan.params[0] == {"k": 1}
+    assert (riflex - direct).abs().max() > 1e-5
+    with freeloc.enable(model, method="sliding-window", method_params={"window": 2},
+                        trained_frames=TRAINED_VIDEO) as session:
+        run(model, f)
+    assert session.layers[0].max_abs_distance == f - 1  # the sink frame keeps its original distance
+    with pytest.raises(ValueError, match="method_params=\\{'k': K\\}"):
+        freeloc.enable(model, method="riflex", trained_frames=TRAINED_VIDEO)
+
+
+def meta_wan(**config: object) -> torch.nn.Module:
+    """A full-size Wan transformer on the meta device: config and modules, no memory, no forward."""
+    base = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                out_channels=16, text_dim=32, freq_dim=32, ffn_dim=32, num_layers=30)
+    with torch.device("meta"):
+        return diffusers.WanTransformer3DModel(**(base | config))
+
+
+def test_shipped_plan_for_wan21_t2v_13b() -> None:
+    model = meta_wan()
+    with freeloc.enable(model, num_frames=321) as session:
+        assert session.plan is not None
+        assert session.plan.methods == freeloc.LayerPlan.published("wan2.1-t2v-1.3b").methods
+        assert sum(isinstance(m.processor, FreeLOCWanAttnProcessor) for m in model.modules()
+                   if hasattr(m, "processor")) == 30
+    other = meta_wan(num_layers=40, num_attention_heads=40)
+    with pytest.raises(ValueError, match="no shipped layer plan matches WanTransformer3DModel"):
+        freeloc.enable(other, num_frames=321)
+
+
+def hooked_processor(model: torch.nn.Module) -> FreeLOCWanAttnProcessor:
+    return next(m.processor for m in model.modules()
+                if isinstance(getattr(m, "processor", None), FreeLOCWanAttnProcessor))
+
+
+def test_trained_length_from_data_and_override() -> None:
+    t2v = meta_wan()
+    with freeloc.enable(t2v, num_frames=321):
+        assert hooked_processor(t2v).trained_frames == 21  # 81 video frames
+        assert hooked_processor(t2v).rotary == freeloc.RotaryLayout.wan(128)
+    ti2v = meta_wan(in_channels=48, num_layers=2)
+    with freeloc.enable(ti2v, num_frames=481, plan="uniform"):
+        assert hooked_processor(ti2v).trained_frames == 31  # TI2V-5B: 121 video frames
+    with freeloc.enable(ti2v, plan="uniform", trained_frames=41):
+        assert hooked_processor(ti2v).trained_frames == 11
+
+
+def test_plan_from_a_json_path(tmp_path: Path) -> None:
+    model = tiny_wan()
+    path = freeloc.LayerPlan.from_lists(tsa_layers=[1], vrpr_layers=[0], num_layers=2).save(tmp_path / "plan.json")
+    with freeloc.enable(model, plan=str(path), trained_frames=TRAINED_VIDEO) as session:
+        run(model, 24)
+    assert [s.method for s in session.layers] == ["vrpr", "tsa"]
+
+
+def test_skyreels_v2_reuses_the_wan_adapter() -> None:
+    torch.manual_seed(0)
+    model = diffusers.SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=128,
+    ).eval()
+    with pytest.raises(ValueError, match="trained length of SkyReelsV2Transformer3DModel is not known"):
+        freeloc.enable(model, plan="uniform")
+    base = run(model, TRAINED_LATENT)
+    with freeloc.enable(model, plan="uniform", trained_frames=TRAINED_VIDEO):
+        same = run(model, TRAINED_LATENT)
+    with freeloc.enable(model, plan="uniform", trained_frames=TRAINED_VIDEO) as session:
+        long = run(model, 4 * TRAINED_LATENT)
+    assert torch.equal(same, base) and torch.isfinite(long).all()
+    assert all(s.calls == 1 and s.max_abs_distance <= TRAINED_LATENT - 1 for s in session.layers)

@@ -1,0 +1,94 @@
+"""``freeloc demo`` and ``freeloc generate`` end to end on tiny random Wan pipelines (CPU, no download)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="video generation needs diffusers (extra 'diffusers')")
+pytest.importorskip("imageio_ffmpeg", reason="mp4 writing needs imageio-ffmpeg (extra 'diffusers')")
+
+from freeloc.cli import main  # noqa: E402
+from freeloc.video import tiny_wan_pipeline  # noqa: E402
+
+
+def is_mp4(path: Path) -> bool:
+    return path.stat().st_size > 1000 and path.read_bytes()[4:8] == b"ftyp"
+
+
+def test_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t0 = time.perf_counter()
+    assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
+    seconds = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    print(f"demo took {seconds:.1f} s")
+    assert is_mp4(tmp_path / "direct.mp4") and is_mp4(tmp_path / "freeloc.mp4")
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tiny and random" in out and "freeloc generate --model" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("transformer ")]
+    assert [r[2] for r in rows] == ["tsa", "vrpr", "tsa", "vrpr"]
+    assert all(float(r[4]) <= 20 for r in rows if r[2] == "vrpr")  # VRPR keeps |r| within the trained 20
+    assert all(float(r[5]) < 0.5 for r in rows if r[2] == "tsa")  # TSA attends a fraction of the pairs
+
+
+class _FakeLoader:
+    """Stands in for DiffusionPipeline.from_pretrained: a tiny pipeline whose prompt encoder is random."""
+
+    calls: list[tuple[str, Any]] = []
+
+    @classmethod
+    def from_pretrained(cls, model: str, torch_dtype: Any = None) -> Any:
+        cls.calls.append((model, torch_dtype))
+        pipe = tiny_wan_pipeline()
+
+        def encode_prompt(prompt: Any, negative_prompt: Any = None, do_classifier_free_guidance: bool = True,
+                          num_videos_per_prompt: int = 1, prompt_embeds: Any = None,
+                          negative_prompt_embeds: Any = None, max_sequence_length: int = 512,
+                          device: Any = None, dtype: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+            e = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(len(prompt)))
+            return e, e
+
+        pipe.encode_prompt = encode_prompt
+        return pipe
+
+
+def test_generate_writes_video_and_sidecar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers
+
+    monkeypatch.setattr(diffusers, "DiffusionPipeline", _FakeLoader)
+    out = tmp_path / "long.mp4"
+    code = main(["generate", "--model", "some/wan-model", "--prompt", "a red ball", "--num-frames", "61",
+                 "--height", "32", "--width", "32", "--steps", "2", "--plan", "uniform", "--device", "cpu",
+                 "--dtype", "float32", "--out", str(out)])
+    assert code == 0
+    assert _FakeLoader.calls[-1] == ("some/wan-model", torch.float32)
+    assert is_mp4(out)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["settings"]["num_frames"] == 61 and side["settings"]["prompt"] == "a red ball"
+    assert side["plan"]["layers"][0]["method"] == "vrpr"
+    assert [layer["calls"] for layer in side["layers"]] == [4, 4, 4, 4]  # 2 steps x (cond, uncond)
+    assert all(layer["max_abs_distance"] <= 20 for layer in side["layers"])
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--method", "fast"], "--method: expected one of"),
+        (["--out", "video.gif"], "--out must end in .mp4"),
+        (["--num-frames", "0"], "expected a positive integer"),
+    ],
+)
+def test_generate_bad_input(argv: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
+    base = {"--model": "m", "--prompt": "p", "--num-frames": "81", "--out": "v.mp4"}
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
+        base[flag] = value
+    args = ["generate"] + [x for kv in base.items() for x in kv]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert match in capsys.readouterr().err
