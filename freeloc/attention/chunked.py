@@ -22,7 +22,7 @@ from ..bands import Band, BandSet
 from .kernels import attention_with_lse, prepare_mask, uses_fused_cpu_kernel
 from .merge import EMPTY_LSE, merge_into_
 
-__all__ = ["chunked_band_attention", "plan_passes"]
+__all__ = ["chunked_band_attention", "plan_cost", "plan_passes"]
 
 #: The planner's cost model, in units of one (query, key, channel) multiply-add (measured on CPU): the
 #: fixed overhead of one pass (launch, slicing, merge), the extra cost per masked (query, key) pair.
