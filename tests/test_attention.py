@@ -218,3 +218,35 @@ def test_flex_block_masks_match_token_masks(grid: tuple[int, int, int]) -> None:
         expected_any = tok.view(nb, BLOCK_SIZE, nb, BLOCK_SIZE).any(3).any(1)
         dense = bm.to_dense()[0, 0].bool()
         assert torch.equal(dense[:nb, :nb], expected_any)
+
+
+@pytest.mark.parametrize("name,method", methods()[:6], ids=[m[0] for m in methods()[:6]])
+@pytest.mark.parametrize("text", [(6, 0), (0, 5)], ids=["text-before", "text-after"])
+@pytest.mark.parametrize("backend", ["chunked", "flex"])
+def test_text_padding_mask(name: str, method: freeloc.Method | None, text: tuple[int, int], backend: str) -> None:
+    """Padded text keys (text_mask False) are attended by no query, on every backend as in the reference."""
+    grid = (17, 7, 3)
+    tb, ta = text
+    n = tb + 17 * 21 + ta
+    q, k, v = qkv(n, torch.float32, seed=11)
+    mask = torch.ones(2, tb + ta, dtype=torch.bool)
+    mask[0, -2:] = False
+    mask[1, 0] = False
+    kw = dict(grid=grid, method=method, rotary=ROTARY, text_before=tb, text_after=ta, text_mask=mask)
+    ref = attend(q, k, v, backend="reference", **kw)
+    out = attend(q, k, v, backend=backend, **kw)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    padded = tb - 1 if tb else n - 1  # sample 0's last text token is padding
+    v2 = v.clone()
+    v2[0, padded] += 100.0
+    again = attend(q, k, v2, backend=backend, **kw)
+    assert torch.equal(again[0, tb:tb + 17 * 21], out[0, tb:tb + 17 * 21])
+    unmasked = attend(q, k, v2, backend=backend, **(kw | dict(text_mask=None)))
+    assert (unmasked[0] - out[0]).abs().max() > 1.0
+
+
+def test_text_mask_shape_error() -> None:
+    q = torch.randn(2, 24 + 3, 2, HEAD_DIM)
+    with pytest.raises(ValueError, match=r"text_mask must be a bool tensor of shape \(batch, text tokens\) = \(2, 3\)"):
+        attend(q, q, q, grid=(4, 2, 3), method=None, rotary=ROTARY, text_after=3,
+               text_mask=torch.ones(2, 4, dtype=torch.bool))

@@ -26,7 +26,7 @@ import math
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..bands import BandSet
@@ -101,6 +101,7 @@ def attend(
     backend: str = "auto",
     text_before: int = 0,
     text_after: int = 0,
+    text_mask: Bool[Tensor, "batch text"] | None = None,
     scale: float | None = None,
 ) -> Float[Tensor, "batch seq heads dim"]:
     """Self-attention with a temporal-position or attention-pattern method, merged exactly by LSE.
@@ -114,6 +115,8 @@ def attend(
         text_before, text_after: numbers of non-video tokens before / after the video tokens. They are
             not rotated (their own positions are left as they are), attend every token and are
             attended by every token, densely, with the original positions of the video tokens.
+        text_mask: (batch, text_before + text_after) bool, False for text tokens that no query may
+            attend (prompt padding), in sequence order; None: every text token is attended.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
 
     Returns:
@@ -136,6 +139,10 @@ def attend(
     if q.shape[1] != n:
         raise ValueError(f"seq length of q is {q.shape[1]}, but text_before + F*H'*W' + text_after = "
                          f"{text_before} + {f}*{hh}*{ww} + {text_after} = {n}")
+    if text_mask is not None and (text_mask.dtype != torch.bool
+                                  or tuple(text_mask.shape) != (q.shape[0], text_before + text_after)):
+        raise ValueError(f"text_mask must be a bool tensor of shape (batch, text tokens) = "
+                         f"({q.shape[0]}, {text_before + text_after}), got {tuple(text_mask.shape)} {text_mask.dtype}")
     if q.shape[-1] != rotary.head_dim:
         raise ValueError(f"head_dim of q is {q.shape[-1]}, the rotary layout has {rotary.head_dim} channels")
     if backend == "auto":
@@ -163,9 +170,14 @@ def attend(
     def bhsd(x: Tensor) -> Tensor:
         return x.transpose(1, 2)
 
+    key_mask = None  # [batch, 1, 1, seq] for the text tokens' padding, when given
+    if text_mask is not None:
+        key_mask = torch.cat([text_mask[:, :text_before], torch.ones(q.shape[0], nv, dtype=torch.bool,
+                              device=dev), text_mask[:, text_before:]], dim=1).to(dev)[:, None, None, :]
+
     if bands.is_plain() and backend != "reference":
         qo, ko = orig_all(q), orig_all(k)
-        out = F.scaled_dot_product_attention(bhsd(qo), bhsd(ko), bhsd(v), scale=scale)
+        out = F.scaled_dot_product_attention(bhsd(qo), bhsd(ko), bhsd(v), attn_mask=key_mask, scale=scale)
         return out.transpose(1, 2)
 
     qs = rot_bands(q[:, video], "q")
@@ -174,7 +186,7 @@ def attend(
 
     if backend == "reference":
         out = reference_attention(bhsd(orig_all(q)), bhsd(orig_all(k)), v_all, [bhsd(x) for x in qs],
-                                  [bhsd(x) for x in ks], bands, s, video, scale)
+                                  [bhsd(x) for x in ks], bands, s, video, scale, key_mask)
         return out.transpose(1, 2)
     if backend == "chunked":
         out_v, lse_v = chunked_band_attention(qs, ks, v[:, video], bands, s, scale)
@@ -190,11 +202,14 @@ def attend(
     text_vals = torch.cat([v_all[:, :, :text_before], v_all[:, :, video.stop:]], dim=2)
     from .kernels import attention_with_lse
 
-    out_t, lse_t = attention_with_lse(qo[:, :, video], text_keys, text_vals, None, scale)
+    text_key_mask = None if text_mask is None else text_mask.to(dev)[:, None, None, :].expand(-1, 1, nv, -1)
+    out_t, lse_t = attention_with_lse(qo[:, :, video], text_keys, text_vals, text_key_mask, scale)
     out_v, _ = merge_lse([out_v, out_t], [lse_v, lse_t])
     pieces = [out_v.to(q.dtype)]
     if text_before:
-        pieces.insert(0, F.scaled_dot_product_attention(qo[:, :, :text_before], ko, v_all, scale=scale))
+        pieces.insert(0, F.scaled_dot_product_attention(qo[:, :, :text_before], ko, v_all, attn_mask=key_mask,
+                                                        scale=scale))
     if text_after:
-        pieces.append(F.scaled_dot_product_attention(qo[:, :, video.stop:], ko, v_all, scale=scale))
+        pieces.append(F.scaled_dot_product_attention(qo[:, :, video.stop:], ko, v_all, attn_mask=key_mask,
+                                                     scale=scale))
     return torch.cat(pieces, dim=2).transpose(1, 2)

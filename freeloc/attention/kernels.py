@@ -19,7 +19,7 @@ def uses_fused_cpu_kernel(q: Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-def prepare_mask(mask: Bool[Tensor, "q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def prepare_mask(mask: Bool[Tensor, "*batch q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(additive bias in dtype, rows that have a key)`` of a bool mask, for :func:`attention_with_lse`."""
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     return bias, mask.any(-1)
@@ -29,11 +29,13 @@ def attention_with_lse(
     q: Float[Tensor, "batch heads q dim"],
     k: Float[Tensor, "batch heads k dim"],
     v: Float[Tensor, "batch heads k dim"],
-    mask: Bool[Tensor, "q k"] | None,
+    mask: Bool[Tensor, "*batch q k"] | None,
     scale: float,
     prepared: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Float[Tensor, "batch heads q dim"], Float[Tensor, "batch heads q"]]:
     """Softmax attention of ``q`` over ``k``/``v`` restricted to ``mask`` (None: all pairs).
+
+    ``mask`` is [q, k], or [batch, 1, q, k] for a per-sample mask.
 
     ``prepared`` may carry ``(bias, has_key)`` from :func:`prepare_mask` for this mask (reused
     across calls with the same mask). Returns the output (``q.dtype``) and the natural-log LSE of

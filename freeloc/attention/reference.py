@@ -8,7 +8,7 @@ are tested against, and it refuses sequences longer than :data:`MAX_TOKENS`.
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..bands import BandSet
@@ -30,12 +30,14 @@ def reference_attention(
     tokens_per_frame: int,
     video: slice,
     scale: float,
+    key_mask: Bool[Tensor, "batch 1 1 n"] | None = None,
 ) -> Float[Tensor, "batch heads n dim"]:
     """Dense masked softmax attention.
 
     ``q_orig``/``k_orig`` are all tokens rotated with the original positions (text not rotated);
     ``qs[b]``/``ks[b]`` the video tokens rotated with band ``b``'s positions; ``video`` locates the
-    video tokens in the sequence. Pairs with a text token use the original positions, densely.
+    video tokens in the sequence. Pairs with a text token use the original positions, densely;
+    ``key_mask`` (False: a padded text key) removes keys per sample.
     """
     n = v.shape[2]
     if n > MAX_TOKENS:
@@ -56,5 +58,7 @@ def reference_attention(
     logits[:, :, video, video] = vid
     allowed[video, video] = vid_allowed
     logits = logits.masked_fill(~allowed, float("-inf"))
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask, float("-inf"))
     p = torch.softmax(logits, dim=-1)
     return torch.matmul(p, v.float()).to(v.dtype)
