@@ -17,10 +17,27 @@ import torch
 __all__ = ["ADAPTERS", "adapters_for", "supported_classes"]
 
 
-def _registry() -> dict[str, type]:
-    from .wan import WanAdapter
+#: The adapter modules of this package (each defines subclasses of ``base.TransformerAdapter``).
+MODULES = ("wan", "hunyuan", "cogvideox", "opensora")
 
-    return {cls_name: adapter for adapter in (WanAdapter,) for cls_name in adapter.model_classes}
+
+def _registry() -> dict[str, type]:
+    import importlib
+
+    from .base import TransformerAdapter
+
+    registry: dict[str, type] = {}
+    for name in MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{name}":  # not written yet
+                continue
+            raise
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, TransformerAdapter) and obj.model_classes:
+                registry.update({cls_name: obj for cls_name in obj.model_classes})
+    return registry
 
 
 def supported_classes() -> list[str]:
