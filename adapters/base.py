@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -31,6 +31,7 @@ from ..session import LayerStats, Session, Timer, plan_for
 __all__ = ["GridState", "LayerContext", "TransformerAdapter", "model_data"]
 
 _MARK = "_freeloc_session"
+T = TypeVar("T")
 
 
 def model_data(name: str) -> dict[str, Any]:
@@ -73,6 +74,7 @@ class LayerContext:
         self.stats = stats
         self.backend = backend
         self.last_method: Method | None = None
+        self.module: torch.nn.Module | None = None  # the hooked layer, set by the adapter's install
 
     def method(self) -> Method | None:
         """The layer's method at the current grid; None: run the model's own processor."""
@@ -85,7 +87,7 @@ class LayerContext:
         """Times a block into the layer's statistics and counts it as one call."""
         return Timer(self.stats)
 
-    def passthrough(self, call: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def passthrough(self, call: Callable[[], T]) -> T:
         """Run the original processor (timed); its temporal distances reach F - 1."""
         with Timer(self.stats):
             out = call()
@@ -137,6 +139,7 @@ class TransformerAdapter:
         return 1
 
     def make_processor(self, original: Any, ctx: LayerContext) -> Any:
+        """The replacement processor of the layer ``ctx.module`` (whose processor is ``original``)."""
         raise NotImplementedError
 
     def check_supported(self, method: str, plan: LayerPlan) -> None:
@@ -204,5 +207,6 @@ class TransformerAdapter:
             session.layers.append(stats)
             original = attn.processor
             ctx = LayerContext(grid, rotary, layer_plan, i, t_latent, stats, backend)
+            ctx.module = attn
             attn.set_processor(self.make_processor(original, ctx))
             session.on_remove(lambda attn=attn, original=original: attn.set_processor(original))
