@@ -1,0 +1,267 @@
+"""HunyuanVideo (``HunyuanVideoTransformer3DModel``) and HunyuanVideo 1.5 (``HunyuanVideo15Transformer3DModel``).
+
+What is hooked:
+
+* a forward pre-hook on the transformer records the latent grid of each call
+  (``(F / patch_size_t, H / patch_size, W / patch_size)``);
+* HunyuanVideo: the processor of every ``transformer_blocks.{i}.attn`` (dual stream: video tokens
+  through ``to_q/k/v``, text tokens through ``add_q/k/v_proj``) and then of every
+  ``single_transformer_blocks.{i}.attn`` (single stream: the block hands video and text separately and
+  the processor concatenates them) is replaced by :class:`FreeLOCHunyuanVideoAttnProcessor`; plan
+  order is dual blocks first, then single blocks;
+* HunyuanVideo 1.5: the processor of every ``transformer_blocks.{i}.attn`` is replaced by
+  :class:`FreeLOCHunyuanVideo15AttnProcessor`, which never builds the dense ``[B, 1, N, N]`` mask
+  of diffusers' processor (it passes the text padding as a per-key mask instead).
+
+The processors compute q/k/v exactly as diffusers' processors do (projections, RMS norms, the
+sequence ``[video, text]``), attend with :func:`freeloc.attention.attend` (RoPE on the video tokens
+only, text tokens dense and never rotated, padded text keys masked) and apply the original output
+split and projections. A layer whose method resolves to nothing at this length, or a call this
+adapter cannot express exactly (no rotary embedding, no text, a mask that also masks video keys or
+differs per query), runs the original processor: bit-for-bit the unhooked model. The token refiner
+(``context_embedder.token_refiner.*``, text only) is left alone.
+
+The rotary layout is read from the model: ``config.rope_axes_dim`` (temporal channels first) and
+``transformer.rope.theta``. The trained length comes from ``freeloc/data/models/hunyuan.json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..rotary import RotaryLayout
+from .base import LayerContext, TransformerAdapter
+
+__all__ = [
+    "FreeLOCHunyuanVideo15AttnProcessor",
+    "FreeLOCHunyuanVideoAttnProcessor",
+    "HunyuanVideo15Adapter",
+    "HunyuanVideoAdapter",
+    "key_text_mask",
+    "rotary_layout",
+]
+
+
+def rotary_layout(transformer: torch.nn.Module) -> RotaryLayout:
+    """The model's rotary layout: ``config.rope_axes_dim`` (t, h, w) and the rope module's theta."""
+    rope = getattr(transformer, "rope", None)
+    theta = getattr(rope, "theta", None)
+    if theta is None:  # a rope module without the attribute: the config holds the same value
+        theta = transformer.config.rope_theta
+    axes = tuple(int(d) for d in transformer.config.rope_axes_dim)
+    return RotaryLayout.hunyuan(axes, theta=float(theta))  # type: ignore[arg-type]
+
+
+def key_text_mask(attention_mask: torch.Tensor | None, batch: int, video: int, text: int
+                  ) -> tuple[bool, torch.Tensor | None]:
+    """The text-key padding of a HunyuanVideo self-attention mask, as ``attend``'s ``text_mask``.
+
+    HunyuanVideo builds a bool ``[B, 1, 1, S + L]`` key mask (video keys True, padded text keys
+    False). Returns ``(ok, text_mask)``: ``text_mask`` is ``(B, L)`` bool or None (no mask); ``ok`` is
+    False when the mask cannot be expressed as a text-key mask (not bool, masks video keys, differs
+    per query or per head): the caller then runs the original processor.
+    """
+    if attention_mask is None:
+        return True, None
+    m = attention_mask
+    n = video + text
+    if m.dtype != torch.bool or m.shape[-1] != n or m.ndim not in (2, 4):
+        return False, None
+    if m.ndim == 4:
+        if m.shape[1] != 1 or m.shape[2] not in (1, n):
+            return False, None
+        if m.shape[2] == n and not bool((m == m[:, :, :1]).all()):  # a different mask per query
+            return False, None
+        m = m[:, 0, 0]
+    if m.shape[0] not in (1, batch) or not bool(m[:, :video].all()):
+        return False, None
+    return True, m[:, video:].expand(batch, text)
+
+
+class _Processor:
+    """What both processors share: the original processor, the layer context, introspection."""
+
+    def __init__(self, original: Any, ctx: LayerContext) -> None:
+        self.original = original
+        self.ctx = ctx
+
+    @property
+    def trained_frames(self) -> int:
+        return self.ctx.trained_frames
+
+    @property
+    def rotary(self) -> RotaryLayout:
+        return self.ctx.rotary
+
+    @property
+    def last_method(self) -> Any:
+        return self.ctx.last_method
+
+    @staticmethod
+    def _heads(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(2, (attn.heads, -1))
+
+    @staticmethod
+    def _outputs(attn: torch.nn.Module, out: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original output split of ``[video, text]`` and projections (``to_out``, ``to_add_out``)."""
+        hidden_states, encoder_hidden_states = out[:, :-text], out[:, -text:]
+        if getattr(attn, "to_out", None) is not None:
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if getattr(attn, "to_add_out", None) is not None:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return hidden_states, encoder_hidden_states
+
+
+class FreeLOCHunyuanVideoAttnProcessor(_Processor):
+    """Self-attention of one HunyuanVideo block (dual or single stream) through :func:`freeloc.attention.attend`.
+
+    Returns ``(video, text)`` outputs as diffusers' ``HunyuanVideoAttnProcessor2_0`` does: for a dual
+    block after ``to_out`` / ``to_add_out``, for a single block (``pre_only``, no output projection)
+    the attention output split at the text boundary.
+    """
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        method = self.ctx.method()
+        ok = method is not None and image_rotary_emb is not None and encoder_hidden_states is not None
+        text_mask = None
+        if ok:
+            assert encoder_hidden_states is not None
+            batch, video, text = hidden_states.shape[0], hidden_states.shape[1], encoder_hidden_states.shape[1]
+            ok, text_mask = key_text_mask(attention_mask, batch, video, text)
+            ok = ok and text > 0
+        if not ok:
+            return self.ctx.passthrough(lambda: self.original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb))
+        assert encoder_hidden_states is not None and method is not None
+        with self.ctx.timer():
+            if attn.add_q_proj is None:  # single stream: one projection of [video, text]
+                joint = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+                query, key, value = attn.to_q(joint), attn.to_k(joint), attn.to_v(joint)
+                query, key, value = self._heads(attn, query), self._heads(attn, key), self._heads(attn, value)
+                if attn.norm_q is not None:
+                    query = attn.norm_q(query)
+                if attn.norm_k is not None:
+                    key = attn.norm_k(key)
+            else:  # dual stream: video through to_q/k/v, text through add_q/k/v_proj, then [video, text]
+                query = self._heads(attn, attn.to_q(hidden_states))
+                key = self._heads(attn, attn.to_k(hidden_states))
+                value = self._heads(attn, attn.to_v(hidden_states))
+                if attn.norm_q is not None:
+                    query = attn.norm_q(query)
+                if attn.norm_k is not None:
+                    key = attn.norm_k(key)
+                e_query = self._heads(attn, attn.add_q_proj(encoder_hidden_states))
+                e_key = self._heads(attn, attn.add_k_proj(encoder_hidden_states))
+                e_value = self._heads(attn, attn.add_v_proj(encoder_hidden_states))
+                if attn.norm_added_q is not None:
+                    e_query = attn.norm_added_q(e_query)
+                if attn.norm_added_k is not None:
+                    e_key = attn.norm_added_k(e_key)
+                query = torch.cat([query, e_query], dim=1)
+                key = torch.cat([key, e_key], dim=1)
+                value = torch.cat([value, e_value], dim=1)
+            out = self.ctx.attend(query, key, value, method, text_after=text, text_mask=text_mask)
+            out = out.flatten(2, 3).to(query.dtype)
+            return self._outputs(attn, out, text)
+
+
+class FreeLOCHunyuanVideo15AttnProcessor(_Processor):
+    """Self-attention of one HunyuanVideo 1.5 block through :func:`freeloc.attention.attend`.
+
+    diffusers' ``HunyuanVideo15AttnProcessor2_0`` receives the text padding mask ``(B, L)`` and
+    builds ``m_i & m_j`` over all ``N = S + L`` tokens, a dense ``[B, 1, N, N]`` bool mask, in every
+    layer. Here the padding masks keys only, and the rows of padded text queries (which attend
+    nothing in the original, so their output is zero) are set to zero, which reproduces it without
+    the ``N x N`` mask.
+    """
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        method = self.ctx.method()
+        ok = (method is not None and image_rotary_emb is not None and encoder_hidden_states is not None
+              and attention_mask is not None)
+        if ok:
+            assert encoder_hidden_states is not None and attention_mask is not None
+            batch, text = hidden_states.shape[0], encoder_hidden_states.shape[1]
+            ok = text > 0 and attention_mask.ndim == 2 and tuple(attention_mask.shape) == (batch, text)
+        if not ok:
+            return self.ctx.passthrough(lambda: self.original(
+                attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb))
+        assert encoder_hidden_states is not None and attention_mask is not None and method is not None
+        with self.ctx.timer():
+            query = attn.norm_q(self._heads(attn, attn.to_q(hidden_states)))
+            key = attn.norm_k(self._heads(attn, attn.to_k(hidden_states)))
+            value = self._heads(attn, attn.to_v(hidden_states))
+            e_query = self._heads(attn, attn.add_q_proj(encoder_hidden_states))
+            e_key = self._heads(attn, attn.add_k_proj(encoder_hidden_states))
+            e_value = self._heads(attn, attn.add_v_proj(encoder_hidden_states))
+            if attn.norm_added_q is not None:
+                e_query = attn.norm_added_q(e_query)
+            if attn.norm_added_k is not None:
+                e_key = attn.norm_added_k(e_key)
+            query = torch.cat([query, e_query], dim=1)
+            key = torch.cat([key, e_key], dim=1)
+            value = torch.cat([value, e_value], dim=1)
+            text_mask = attention_mask.bool()
+            out = self.ctx.attend(query, key, value, method, text_after=text, text_mask=text_mask)
+            # padded text queries attend nothing in the original (m_i & m_j): their output is zero
+            video = hidden_states.shape[1]
+            keep = torch.cat([text_mask.new_ones(batch, video), text_mask], dim=1)
+            out = out * keep[:, :, None, None].to(out.dtype)
+            out = out.flatten(2, 3).to(query.dtype)
+            return self._outputs(attn, out, text)
+
+
+class HunyuanVideoAdapter(TransformerAdapter):
+    """Installs FreeLOC on a ``HunyuanVideoTransformer3DModel`` (T2V, and the I2V variants)."""
+
+    model_classes = ("HunyuanVideoTransformer3DModel",)
+    data_name = "hunyuan"
+
+    def attention_layers(self) -> list[torch.nn.Module]:
+        """``transformer_blocks.{i}.attn``, then ``single_transformer_blocks.{i}.attn``."""
+        tr = self.transformer
+        return [b.attn for b in tr.transformer_blocks] + [b.attn for b in getattr(tr, "single_transformer_blocks", [])]
+
+    def rotary_layout(self) -> RotaryLayout:
+        return rotary_layout(self.transformer)
+
+    def temporal_patch(self) -> int:
+        return int(self.transformer.config.patch_size_t)
+
+    def grid_from_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int, int]:
+        hs = args[0] if args else kwargs["hidden_states"]  # (B, C, F, H, W)
+        _, _, f, h, w = hs.shape
+        p, pt = int(self.transformer.config.patch_size), int(self.transformer.config.patch_size_t)
+        return (f // pt, h // p, w // p)
+
+    def make_processor(self, original: Any, ctx: LayerContext) -> Any:
+        return FreeLOCHunyuanVideoAttnProcessor(original, ctx)
+
+
+class HunyuanVideo15Adapter(HunyuanVideoAdapter):
+    """Installs FreeLOC on a ``HunyuanVideo15Transformer3DModel`` (dual-stream blocks only)."""
+
+    model_classes = ("HunyuanVideo15Transformer3DModel",)
+
+    def attention_layers(self) -> list[torch.nn.Module]:
+        """``transformer_blocks.{i}.attn``."""
+        return [b.attn for b in self.transformer.transformer_blocks]
+
+    def make_processor(self, original: Any, ctx: LayerContext) -> Any:
+        return FreeLOCHunyuanVideo15AttnProcessor(original, ctx)
