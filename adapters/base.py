@@ -64,7 +64,7 @@ class GridState:
 class LayerContext:
     """One hooked self-attention layer: its plan entry, the grid, statistics, and the attention call."""
 
-    def __init__(self, grid: GridState, rotary: RotaryLayout, plan: LayerPlan, layer: int, trained_frames: int,
+    def __init__(self, grid: GridState, rotary: RotaryLayout | None, plan: LayerPlan, layer: int, trained_frames: int,
                  stats: LayerStats, backend: str) -> None:
         self.grid = grid
         self.rotary = rotary
@@ -127,7 +127,8 @@ class TransformerAdapter:
         """The self-attention modules, in plan order."""
         raise NotImplementedError
 
-    def rotary_layout(self) -> RotaryLayout:
+    def rotary_layout(self) -> RotaryLayout | None:
+        """The model's rotary layout; ``None`` for a model without RoPE (attention-pattern methods only)."""
         raise NotImplementedError
 
     def grid_from_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int, int]:
@@ -188,10 +189,10 @@ class TransformerAdapter:
         t_latent = self.video_to_latent(video_t, factor)
         expected = None if num_frames is None else self.video_to_latent(num_frames, factor)
         layers = self.attention_layers()
-        layer_plan = plan_for(method, plan, len(layers), self.shipped_plan(), f"{type(tr).__name__}({self.name})",
-                              method_params)
-        self.check_supported(method, layer_plan)
         rotary = self.rotary_layout()
+        layer_plan = plan_for(method, plan, len(layers), self.shipped_plan(), f"{type(tr).__name__}({self.name})",
+                              method_params, uniform="vrpr" if rotary is not None else "tsa")
+        self.check_supported(method, layer_plan)
         grid = GridState(expected)
 
         def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

@@ -29,6 +29,9 @@ class Method:
     """Base class of every method. Subclasses are frozen dataclasses with a class-level ``name``."""
 
     name: ClassVar[str] = ""
+    #: Whether the method changes temporal positions or RoPE frequencies (needs a model with RoPE), as
+    #: opposed to an attention pattern (which key tokens each query attends).
+    changes_positions: ClassVar[bool] = True
 
     def band_set(self, num_frames: int, tokens_per_frame: int, rotary: RotaryLayout) -> BandSet:
         """The bands this method attends with at ``num_frames`` temporal tokens."""

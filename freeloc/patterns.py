@@ -55,6 +55,7 @@ class TSA(Method):
     """
 
     name = "tsa"
+    changes_positions = False  # its sink band's grouped positions only matter where RoPE exists
     d1: int = 8
     d2: int = 24
     stripe: float | int = 1 / 8
@@ -125,6 +126,7 @@ class SlidingWindow(Method):
     """
 
     name = "sliding-window"
+    changes_positions = False
     window: int
     sink: bool = True
 

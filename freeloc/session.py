@@ -112,10 +112,12 @@ class Timer:
 
 
 def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
-             shipped: str | None, model_name: str, method_params: dict[str, Any] | None = None) -> LayerPlan:
+             shipped: str | None, model_name: str, method_params: dict[str, Any] | None = None,
+             uniform: str = "vrpr") -> LayerPlan:
     """The layer plan a session applies, with clear errors.
 
-    ``method="freeloc"``: ``plan`` (a LayerPlan, a JSON path, or ``"uniform"``: VRPR on every layer),
+    ``method="freeloc"``: ``plan`` (a LayerPlan, a JSON path, or ``"uniform"``: the ``uniform`` method,
+    VRPR unless the model has no RoPE, on every layer),
     or the shipped plan ``shipped`` when the model matches one. Any other method: that method on
     every layer (``plan`` must then be None), with ``method_params`` (e.g. ``{"k": 4}`` for RIFLEx;
     empty: derived from the length).
@@ -136,12 +138,12 @@ def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
         if shipped is None:
             raise ValueError(
                 f"no shipped layer plan matches {model_name} ({num_layers} self-attention layers): run "
-                f"`freeloc probe` on it and pass plan=PATH, or pass plan='uniform' (VRPR on every layer)")
+                f"`freeloc probe` on it and pass plan=PATH, or pass plan='uniform' ({uniform} on every layer)")
         resolved = LayerPlan.published(shipped)
     elif isinstance(plan, LayerPlan):
         resolved = plan
     elif plan == "uniform":
-        resolved = LayerPlan.uniform("vrpr", num_layers)
+        resolved = LayerPlan.uniform(uniform, num_layers)
     elif isinstance(plan, (str, Path)):
         resolved = LayerPlan.load(plan)
     else:

@@ -250,3 +250,27 @@ def test_text_mask_shape_error() -> None:
     with pytest.raises(ValueError, match=r"text_mask must be a bool tensor of shape \(batch, text tokens\) = \(2, 3\)"):
         attend(q, q, q, grid=(4, 2, 3), method=None, rotary=ROTARY, text_after=3,
                text_mask=torch.ones(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("method", [None, freeloc.TSA(d1=2, d2=5, stripe=0.3, cap=6), freeloc.SlidingWindow(3)],
+                         ids=["none", "tsa", "sliding"])
+@pytest.mark.parametrize("backend", ["chunked", "flex", "reference"])
+def test_without_rope(method: freeloc.Method | None, backend: str) -> None:
+    """rotary=None (a model without RoPE): nothing is rotated; the pattern is a plain masked softmax."""
+    grid = (12, 3, 5)
+    q, k, v = qkv(4 + 180, torch.float32, seed=12)
+    out = attend(q, k, v, grid=grid, method=method, rotary=None, backend=backend, text_before=4)
+    allowed = torch.ones(184, 184, dtype=torch.bool)
+    if method is not None:
+        allowed[4:, 4:] = method.band_set(12, 15).token_mask(15)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(HEAD_DIM)
+    expected = torch.einsum("bhqk,bkhd->bqhd", torch.softmax(s.masked_fill(~allowed, float("-inf")), -1), v)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", [freeloc.VRPR(3, 5, 2, 4, 8), freeloc.PI(2.0), freeloc.NTK(2.0)],
+                         ids=["vrpr", "pi", "ntk"])
+def test_position_methods_need_rope(method: freeloc.Method) -> None:
+    q = torch.randn(1, 24, 2, HEAD_DIM)
+    with pytest.raises(ValueError, match="changes temporal positions, but rotary=None|needs the model's RotaryLayout"):
+        attend(q, q, q, grid=(4, 2, 3), method=method, rotary=None)

@@ -43,7 +43,8 @@ BACKENDS = ("auto", "reference", "chunked", "flex")
 
 
 @functools.lru_cache(maxsize=128)
-def band_set_for(method: Method | None, num_frames: int, tokens_per_frame: int, rotary: RotaryLayout) -> BandSet:
+def band_set_for(method: Method | None, num_frames: int, tokens_per_frame: int,
+                 rotary: RotaryLayout | None) -> BandSet:
     """The (cached) band set of ``method`` at this grid; ``None`` gives plain attention."""
     if method is None:
         return BandSet.plain(num_frames)
@@ -97,7 +98,7 @@ def attend(
     *,
     grid: tuple[int, ...],
     method: Method | None,
-    rotary: RotaryLayout,
+    rotary: RotaryLayout | None,
     backend: str = "auto",
     text_before: int = 0,
     text_after: int = 0,
@@ -110,7 +111,9 @@ def attend(
         q, k, v: (batch, seq, heads, head_dim) **before** RoPE; seq = text_before + F*H'*W' + text_after.
         grid: ``(F, H', W')`` of the video tokens (frame-major order ``f*H'*W' + h*W' + w``).
         method: a method object, or ``None`` for plain RoPE attention over all pairs.
-        rotary: the model's rotary layout (which channels are temporal, pairing, theta).
+        rotary: the model's rotary layout (which channels are temporal, pairing, theta); ``None`` for a
+            model without RoPE: nothing is rotated and only attention-pattern methods apply (TSA,
+            sliding window; their band positions have no effect).
         backend: ``"auto"`` (``flex`` on CUDA, ``chunked`` elsewhere), ``"reference"``, ``"chunked"``, ``"flex"``.
         text_before, text_after: numbers of non-video tokens before / after the video tokens. They are
             not rotated (their own positions are left as they are), attend every token and are
@@ -124,8 +127,8 @@ def attend(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if not isinstance(rotary, RotaryLayout):
-        raise TypeError(f"rotary must be a freeloc.RotaryLayout, got {type(rotary).__name__}")
+    if rotary is not None and not isinstance(rotary, RotaryLayout):
+        raise TypeError(f"rotary must be a freeloc.RotaryLayout or None (no RoPE), got {type(rotary).__name__}")
     f, hh, ww = _check_grid(grid)
     s = hh * ww
     nv = f * s
@@ -143,21 +146,28 @@ def attend(
                                   or tuple(text_mask.shape) != (q.shape[0], text_before + text_after)):
         raise ValueError(f"text_mask must be a bool tensor of shape (batch, text tokens) = "
                          f"({q.shape[0]}, {text_before + text_after}), got {tuple(text_mask.shape)} {text_mask.dtype}")
-    if q.shape[-1] != rotary.head_dim:
+    if rotary is not None and q.shape[-1] != rotary.head_dim:
         raise ValueError(f"head_dim of q is {q.shape[-1]}, the rotary layout has {rotary.head_dim} channels")
     if backend == "auto":
         backend = "flex" if q.device.type == "cuda" else "chunked"
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
 
+    if rotary is None and isinstance(method, Method) and method.changes_positions:
+        raise ValueError(f"{type(method).__name__} changes temporal positions, but rotary=None (a model without "
+                         f"RoPE): only attention-pattern methods apply (TSA, SlidingWindow) or method=None")
     bands = band_set_for(method, f, s, rotary)
     video = slice(text_before, text_before + nv)
     dev = q.device
 
     def rot(x: Tensor, band: int | None, side: str) -> Tensor:
+        if rotary is None:  # no RoPE: positions are not part of the logits
+            return x
         cos, sin = _cos_sin(bands, band, side, (f, hh, ww), rotary, str(dev))
         return rotary.apply(x, cos, sin)
 
     def rot_bands(x: Tensor, side: str) -> list[Tensor]:
+        if rotary is None:
+            return [x] * len(bands.bands)
         # the spatial rotation once, then each band's temporal rotation on the temporal channels only
         base = rot(x, -1, side)
         return [rotary.rotate_temporal(base, *_cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev)))

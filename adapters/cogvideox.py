@@ -1,0 +1,241 @@
+"""CogVideoX 1.0 / 1.5 (``CogVideoXTransformer3DModel``).
+
+What is hooked:
+
+* a forward pre-hook on the transformer records the latent grid of each call; CogVideoX's input is
+  laid out ``(B, F, C, H, W)``, so the grid is ``(F / p_t, H / p, W / p)`` (``p_t =
+  config.patch_size_t or 1``);
+* the processor of every self-attention ``transformer_blocks.{i}.attn1`` is replaced by
+  :class:`FreeLOCCogVideoXAttnProcessor`. It computes q/k/v exactly as diffusers'
+  ``CogVideoXAttnProcessor2_0`` (or ``FusedCogVideoXAttnProcessor2_0``) does: the sequence is
+  ``[text, video]`` (the text length is read from ``encoder_hidden_states``), projections, then the
+  LayerNorm q/k norms; it then attends with :func:`freeloc.attention.attend` (``text_before`` = the
+  text length; text tokens are never rotated), projects and splits the output as the original. A
+  layer whose method resolves to nothing at this length, or one called with an attention mask, calls
+  the original processor, so it is bit-for-bit the unhooked model.
+
+Positions. CogVideoX has no RoPE module: the pipeline builds ``image_rotary_emb`` (cos, sin tables of
+shape ``(F*H'*W', head_dim)``; temporal = the first ``head_dim // 4`` channels, height and width
+``3 * head_dim // 8`` each, theta 10000, interleaved pairs) and passes it to ``forward``. The adapter
+does not use those tables: it rotates with :meth:`freeloc.RotaryLayout.cogvideox`, which reproduces
+them for integer positions ``0..F-1``, ``0..H'-1``, ``0..W'-1``. Before the first hooked layer of a
+forward the tables are compared with that layout (once per table object): CogVideoX 1.5 pipelines
+(``grid_type="slice"``) and CogVideoX 1.0 pipelines at the trained resolution (the latent grid equal
+to ``config.sample_height/width // patch_size``) give exactly those positions; a CogVideoX 1.0
+pipeline at another resolution crops and rescales the spatial positions (non-integer), which
+``attend`` cannot represent: that raises a clear error instead of generating with wrong positions.
+
+Models without RoPE (CogVideoX-2b, ``config.use_rotary_positional_embeddings=False``, additive sin-cos
+positions): temporal position methods do not apply and are refused
+(:meth:`CogVideoXAdapter.check_supported`); attention-pattern methods (``tsa``, ``sliding-window``)
+work: the adapter gives ``attend`` no rotary layout (``rotary=None``), so nothing is rotated. A call of
+a RoPE model without ``image_rotary_emb`` runs the original processor. The trained length comes from
+``freeloc/data/models/cogvideox.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from ..plan import DIRECT, LayerPlan
+from ..rotary import RotaryLayout
+from .base import LayerContext, TransformerAdapter
+
+__all__ = ["CogVideoXAdapter", "FreeLOCCogVideoXAttnProcessor", "PositionCheck", "rotary_layout",
+           "ATTENTION_ONLY_METHODS"]
+
+#: Methods that change which token pairs attend and never the positions: the ones a model without RoPE accepts.
+ATTENTION_ONLY_METHODS = ("tsa", "sliding-window", DIRECT)
+
+#: Largest |difference| between the pipeline's float32 cos/sin tables and the layout's at integer positions
+#: that still counts as the same positions (diffusers computes its angles in float32; a different position
+#: differs by far more).
+_TABLE_ATOL = 1e-3
+
+
+def rotary_layout(transformer: torch.nn.Module) -> RotaryLayout:
+    """The layout of ``image_rotary_emb``: temporal ``head_dim // 4``, height and width ``head_dim // 8 * 3``."""
+    head_dim = int(transformer.config.attention_head_dim)
+    # diffusers' get_3d_rotary_pos_embed splits head_dim as (D // 4, D // 8 * 3, D // 8 * 3), in channel pairs
+    if head_dim % 8:
+        raise ValueError(f"CogVideoX attention_head_dim={head_dim}: diffusers splits its rotary channels as "
+                         f"({head_dim // 4}, {head_dim // 8 * 3}, {head_dim // 8 * 3}), which is not a 3D RoPE "
+                         f"layout of {head_dim} channels; freeloc needs head_dim to be a multiple of 8")
+    return RotaryLayout.cogvideox(head_dim)
+
+
+@functools.lru_cache(maxsize=4)
+def _grid_cos_sin(grid: tuple[int, int, int], rotary: RotaryLayout, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per video token (frame-major) cos/sin, one value per channel pair, at the integer grid positions."""
+    f, h, w = grid
+    t_pos = torch.arange(f, dtype=torch.float64).repeat_interleave(h * w)
+    h_pos = torch.arange(h, dtype=torch.float64).repeat_interleave(w).repeat(f)
+    w_pos = torch.arange(w, dtype=torch.float64).repeat(f * h)
+    cos, sin = rotary.cos_sin(t_pos, h_pos, w_pos)
+    return cos.to(device), sin.to(device)
+
+
+class PositionCheck:
+    """Verifies (once per table object) that ``image_rotary_emb`` holds the integer grid positions."""
+
+    def __init__(self, rotary: RotaryLayout, model: str) -> None:
+        self.rotary = rotary
+        self.model = model
+        self._last: tuple[Any, Any, tuple[int, int, int], str | None] | None = None
+
+    def verify(self, image_rotary_emb: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int]) -> None:
+        cos, sin = image_rotary_emb
+        last = self._last
+        if last is None or last[0] is not cos or last[1] is not sin or last[2] != grid:
+            # keep the tables referenced, so an identity match is never a recycled object
+            self._last = (cos, sin, grid, self._problem(cos, sin, grid))
+        problem = self._last[3]
+        if problem is not None:
+            raise ValueError(problem)
+
+    def _problem(self, cos: torch.Tensor, sin: torch.Tensor, grid: tuple[int, int, int]) -> str | None:
+        f, h, w = grid
+        want = (f * h * w, self.rotary.head_dim)
+        if tuple(cos.shape) != want or tuple(sin.shape) != want:
+            return (f"{self.model}: image_rotary_emb has shape {tuple(cos.shape)}, expected (F*H'*W', head_dim) = "
+                    f"{want} for the latent grid {grid}")
+        c, s = _grid_cos_sin(grid, self.rotary, str(cos.device))
+        err = max(float((cos.float() - c.repeat_interleave(2, dim=1)).abs().max()),
+                  float((sin.float() - s.repeat_interleave(2, dim=1)).abs().max()))
+        if err > max(_TABLE_ATOL, 2 * torch.finfo(cos.dtype).eps):  # tables cast to half precision still match
+            return (f"{self.model}: the image_rotary_emb passed to the transformer does not hold the integer "
+                    f"positions 0..{f - 1} (time), 0..{h - 1} (height), 0..{w - 1} (width) that freeloc rotates "
+                    f"with (largest cos/sin difference {err:.3g}). CogVideoX 1.0 pipelines crop and rescale the "
+                    f"spatial positions when the latent grid ({h}x{w} tokens) differs from config.sample_height"
+                    f"/sample_width // patch_size: generate at the model's trained resolution (480x720 for "
+                    f"CogVideoX-5b and 5b-I2V), or use method='direct'")
+        return None
+
+
+class FreeLOCCogVideoXAttnProcessor:
+    """Self-attention of one CogVideoX block through :func:`freeloc.attention.attend`."""
+
+    def __init__(self, original: Any, ctx: LayerContext, positions: PositionCheck | None, fused: bool) -> None:
+        self.original = original
+        self.ctx = ctx
+        self.positions = positions
+        self.fused = fused
+
+    @property
+    def trained_frames(self) -> int:
+        return self.ctx.trained_frames
+
+    @property
+    def rotary(self) -> RotaryLayout | None:
+        return self.ctx.rotary
+
+    @property
+    def last_method(self) -> Any:
+        return self.ctx.last_method
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        method = self.ctx.method()
+        has_rope = self.ctx.rotary is not None
+        if method is None or attention_mask is not None or (has_rope and image_rotary_emb is None):
+            return self.ctx.passthrough(lambda: self.original(attn, hidden_states, encoder_hidden_states,
+                                                              attention_mask, image_rotary_emb))
+        grid = self.ctx.grid.value
+        assert grid is not None
+        if self.positions is not None and image_rotary_emb is not None:
+            self.positions.verify(image_rotary_emb, grid)
+        with self.ctx.timer():
+            text = encoder_hidden_states.size(1)
+            x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+            batch = x.shape[0]
+            if self.fused:
+                query, key, value = torch.split(attn.to_qkv(x), attn.to_qkv.out_features // 3, dim=-1)
+            else:
+                query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+            head_dim = key.shape[-1] // attn.heads
+            # the original's layout (B, H, S, D) for the norms, then (B, S, H, D) for attend
+            query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            value = value.view(batch, -1, attn.heads, head_dim)
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            query, key = query.transpose(1, 2), key.transpose(1, 2)
+            out = self.ctx.attend(query, key, value, method, text_before=text)
+            out = out.reshape(batch, -1, attn.heads * head_dim)
+            out = attn.to_out[1](attn.to_out[0](out))
+            encoder_out, video_out = out.split([text, out.size(1) - text], dim=1)
+            return video_out, encoder_out
+
+
+class CogVideoXAdapter(TransformerAdapter):
+    """Installs FreeLOC on a ``CogVideoXTransformer3DModel`` (CogVideoX 1.0 and 1.5; 2b: attention methods only)."""
+
+    model_classes = ("CogVideoXTransformer3DModel",)
+    data_name = "cogvideox"
+    #: Shared by the layers of one installation: checks the pipeline's rotary tables once per forward.
+    _positions: PositionCheck | None = None
+
+    def has_rope(self) -> bool:
+        return bool(self.transformer.config.use_rotary_positional_embeddings)
+
+    def attention_layers(self) -> list[torch.nn.Module]:
+        """The self-attention modules, in order (``transformer_blocks.{i}.attn1``)."""
+        return [block.attn1 for block in self.transformer.transformer_blocks]
+
+    def rotary_layout(self) -> RotaryLayout | None:
+        """The CogVideoX layout; ``None`` for a model without RoPE (nothing is rotated)."""
+        return rotary_layout(self.transformer) if self.has_rope() else None
+
+    def temporal_patch(self) -> int:
+        return int(self.transformer.config.patch_size_t or 1)
+
+    def video_to_latent(self, frames: int, factor: int) -> int:
+        """Temporal tokens of ``frames`` video frames.
+
+        CogVideoX 1.5 pipelines pad the latent frames up to a multiple of ``patch_size_t`` (81 video
+        frames: 21 latent frames, padded to 22, = 11 temporal tokens), so this rounds up.
+        """
+        latent = (frames - 1) // factor + 1
+        return -(-latent // self.temporal_patch())
+
+    def grid_from_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int, int]:
+        hs = args[0] if args else kwargs["hidden_states"]  # (B, F, C, H, W)
+        _, f, _, h, w = hs.shape
+        p = int(self.transformer.config.patch_size)
+        return (f // self.temporal_patch(), h // p, w // p)
+
+    def check_supported(self, method: str, plan: LayerPlan) -> None:
+        if self.has_rope():
+            return
+        refused = sorted({m for m in plan.methods if m not in ATTENTION_ONLY_METHODS})
+        if refused:
+            what = f"method={method!r}" if method != "freeloc" else f"the layer plan (uses {refused})"
+            raise ValueError(
+                f"{type(self.transformer).__name__} ({self.name}) has no rotary position embedding "
+                f"(config.use_rotary_positional_embeddings=False, as CogVideoX-2b: its positions are additive "
+                f"sin-cos embeddings), so temporal position methods ({', '.join(refused)}) do not apply to it; "
+                f"{what} is refused. Accepted: the attention-only methods method='tsa', method='sliding-window', "
+                f"method='direct', or a plan using only {list(ATTENTION_ONLY_METHODS)}")
+
+    def make_processor(self, original: Any, ctx: LayerContext) -> FreeLOCCogVideoXAttnProcessor:
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
+
+        if not isinstance(original, (CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0)):
+            raise ValueError(f"{type(self.transformer).__name__} ({self.name}) layer {ctx.layer} has the attention "
+                             f"processor {type(original).__name__}; freeloc reproduces CogVideoXAttnProcessor2_0 and "
+                             f"FusedCogVideoXAttnProcessor2_0 only")
+        if self._positions is None and ctx.rotary is not None:
+            self._positions = PositionCheck(ctx.rotary, f"{type(self.transformer).__name__}({self.name})")
+        return FreeLOCCogVideoXAttnProcessor(original, ctx, self._positions,
+                                             fused=isinstance(original, FusedCogVideoXAttnProcessor2_0))
