@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--method", default="freeloc", help="freeloc (default), direct, vrpr, tsa, pi, ntk, yarn, "
                                                           "sliding-window")
     ge.add_argument("--plan", default=None, help="plan JSON path, or 'uniform' (default: the shipped plan)")
+    ge.add_argument("--trained-frames", type=_positive_int, default=None,
+                    help="the model's trained length in video frames (default: freeloc's data for the model)")
     ge.add_argument("--device", default="cuda" if _cuda() else "cpu")
     ge.add_argument("--dtype", default="bfloat16" if _cuda() else "float32",
                     choices=["float32", "bfloat16", "float16"])
@@ -149,7 +151,8 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error(f"--out must end in .mp4, got {str(args.out)!r}")
     generate(args.model, args.prompt, args.num_frames, args.out, height=args.height, width=args.width,
              steps=args.steps, guidance=args.guidance, seed=args.seed, method=args.method, plan=args.plan,
-             device=args.device, dtype=args.dtype, negative_prompt=args.negative_prompt)
+             device=args.device, dtype=args.dtype, negative_prompt=args.negative_prompt,
+             trained_frames=args.trained_frames)
     return 0
 
 

@@ -124,7 +124,8 @@ def demo(out_dir: Path = Path("freeloc-demo"), steps: int = 4, size: int = 64, s
 def generate(model: str, prompt: str, num_frames: int, out: Path, *, height: int | None = None,
              width: int | None = None, steps: int = 50, guidance: float = 5.0, seed: int = 0,
              method: str = "freeloc", plan: str | None = None, device: str = "cpu", dtype: str = "float32",
-             negative_prompt: str | None = None, pipeline: Any = None) -> dict[str, Any]:
+             negative_prompt: str | None = None, trained_frames: int | None = None,
+             pipeline: Any = None) -> dict[str, Any]:
     """Load a pipeline, generate ``num_frames`` video frames inside a freeloc session, write mp4 + JSON."""
     if pipeline is None:
         from diffusers import DiffusionPipeline
@@ -139,13 +140,13 @@ def generate(model: str, prompt: str, num_frames: int, out: Path, *, height: int
     if negative_prompt is not None:
         kwargs["negative_prompt"] = negative_prompt
     t0 = time.perf_counter()
-    with enable(pipeline, num_frames=num_frames, plan=plan, method=method) as session:
+    with enable(pipeline, num_frames=num_frames, plan=plan, method=method, trained_frames=trained_frames) as session:
         frames = pipeline(**kwargs).frames[0]
     seconds = time.perf_counter() - t0
     write_video(frames, out)
     settings = dict(model=model, prompt=prompt, num_frames=num_frames, height=height, width=width, steps=steps,
                     guidance=guidance, seed=seed, method=method, plan=plan, device=device, dtype=dtype,
-                    negative_prompt=negative_prompt)
+                    negative_prompt=negative_prompt, trained_frames=trained_frames)
     sidecar = dict(settings=settings, seconds=round(seconds, 3), video=str(out),
                    plan=session.plan.to_dict() if session.plan is not None else None, layers=session.stats())
     side = out.with_suffix(".json")

@@ -92,3 +92,68 @@ def test_generate_bad_input(argv: list[str], match: str, capsys: pytest.CaptureF
         main(args)
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
+
+
+def _fake_loader(build: Any, encode: Any) -> type:
+    class Loader:
+        calls: list[str] = []
+
+        @classmethod
+        def from_pretrained(cls, model: str, torch_dtype: Any = None) -> Any:
+            cls.calls.append(model)
+            pipe = build()
+            pipe.encode_prompt = encode
+            return pipe
+
+    return Loader
+
+
+def _hunyuan_pipeline() -> Any:
+    import diffusers
+    from test_hunyuan_adapter import tiny_hunyuan
+
+    vae = diffusers.AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                              norm_num_groups=4).eval()
+    return diffusers.HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=tiny_hunyuan(), vae=vae,
+                                          scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                          text_encoder_2=None, tokenizer_2=None)
+
+
+def _hunyuan_encode(prompt: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from test_hunyuan_adapter import TEXT
+
+    g = torch.Generator().manual_seed(len(prompt))
+    return torch.randn(1, TEXT, 16, generator=g), torch.randn(1, 8, generator=g), torch.ones(1, TEXT)
+
+
+def _cogvideox_pipeline() -> Any:
+    from test_cogvideox_adapter import cog10, tiny_pipeline
+
+    return tiny_pipeline(cog10(sample_height=4, sample_width=4))
+
+
+def _cogvideox_encode(prompt: Any, negative_prompt: Any = None, do_classifier_free_guidance: bool = True,
+                      **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    e = torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(len(prompt)))
+    return e, e
+
+
+@pytest.mark.parametrize("model,build,encode,size", [
+    ("hunyuanvideo-community/HunyuanVideo", _hunyuan_pipeline, _hunyuan_encode, "16"),
+    ("THUDM/CogVideoX-5b", _cogvideox_pipeline, _cogvideox_encode, "32"),
+], ids=["hunyuan", "cogvideox"])
+def test_generate_with_other_pipelines(model: str, build: Any, encode: Any, size: str, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import diffusers
+
+    loader = _fake_loader(build, encode)
+    monkeypatch.setattr(diffusers, "DiffusionPipeline", loader)
+    out = tmp_path / "long.mp4"
+    assert main(["generate", "--model", model, "--prompt", "a red ball", "--num-frames", "45", "--trained-frames",
+                 "9", "--height", size, "--width", size, "--steps", "2", "--plan", "uniform", "--device", "cpu",
+                 "--dtype", "float32", "--out", str(out)]) == 0
+    assert loader.calls == [model] and is_mp4(out)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["settings"]["trained_frames"] == 9
+    assert all(layer["calls"] > 0 for layer in side["layers"])
+    assert max(layer["max_abs_distance"] for layer in side["layers"]) <= 2  # 9 frames = 3 latent: |r| <= 2
