@@ -75,6 +75,7 @@ class LayerContext:
         self.backend = backend
         self.last_method: Method | None = None
         self.module: torch.nn.Module | None = None  # the hooked layer, set by the adapter's install
+        self.observer: Callable[..., None] | None = None  # sees each attend call's inputs (the probe)
 
     def method(self) -> Method | None:
         """The layer's method at the current grid; None: run the model's own processor."""
@@ -100,6 +101,9 @@ class LayerContext:
         """:func:`freeloc.attention.attend` on the layer's q/k/v (before RoPE), recording statistics."""
         grid = self.grid.value
         assert grid is not None
+        if self.observer is not None:
+            self.observer(self, q, k, v, method, dict(text_before=text_before, text_after=text_after,
+                                                      text_mask=text_mask))
         out = attend(q, k, v, grid=grid, method=method, rotary=self.rotary, backend=self.backend,
                      text_before=text_before, text_after=text_after, text_mask=text_mask)
         f, h, w = grid
@@ -142,6 +146,13 @@ class TransformerAdapter:
     def make_processor(self, original: Any, ctx: LayerContext) -> Any:
         """The replacement processor of the layer ``ctx.module`` (whose processor is ``original``)."""
         raise NotImplementedError
+
+    def synthetic_inputs(self, frames: int, seed: int = 0, latent_size: tuple[int, int] | None = None
+                         ) -> dict[str, Any]:
+        """Forward keyword arguments for probing at ``frames`` temporal tokens (Gaussian latents of the
+        target shape, Gaussian text embeddings of the model's width, timestep 500 of 1000)."""
+        raise NotImplementedError(f"{type(self).__name__} has no synthetic probe inputs: pass inputs= to "
+                                  f"freeloc.probe (the transformer's forward keyword arguments)")
 
     def check_supported(self, method: str, plan: LayerPlan) -> None:
         """Raise a clear error if the plan needs something this model lacks (e.g. RoPE)."""
@@ -209,5 +220,6 @@ class TransformerAdapter:
             original = attn.processor
             ctx = LayerContext(grid, rotary, layer_plan, i, t_latent, stats, backend)
             ctx.module = attn
+            ctx.observer = session.observer
             attn.set_processor(self.make_processor(original, ctx))
             session.on_remove(lambda attn=attn, original=original: attn.set_processor(original))

@@ -112,5 +112,23 @@ class WanAdapter(TransformerAdapter):
         pt, ph, pw = self.transformer.config.patch_size
         return (f // pt, h // ph, w // pw)
 
+    #: Latent size (height, width) of the synthetic probe inputs: 480 x 832 video, VAE factor 8.
+    PROBE_LATENT_SIZE = (60, 104)
+    #: Text tokens of the synthetic probe inputs.
+    PROBE_TEXT_TOKENS = 64
+
+    def synthetic_inputs(self, frames: int, seed: int = 0, latent_size: tuple[int, int] | None = None
+                         ) -> dict[str, Any]:
+        """Gaussian latents ``(1, C, frames * p_t, H, W)``, 64 Gaussian text tokens, timestep 500."""
+        cfg = self.transformer.config
+        g = torch.Generator().manual_seed(seed)
+        dtype = next(self.transformer.parameters()).dtype
+        device = next(self.transformer.parameters()).device
+        h, w = latent_size or self.PROBE_LATENT_SIZE
+        latents = torch.randn(1, cfg.in_channels, frames * cfg.patch_size[0], h, w, generator=g)
+        text = torch.randn(1, self.PROBE_TEXT_TOKENS, cfg.text_dim, generator=g)
+        return dict(hidden_states=latents.to(device, dtype), timestep=torch.tensor([500], device=device),
+                    encoder_hidden_states=text.to(device, dtype), return_dict=False)
+
     def make_processor(self, original: Any, ctx: LayerContext) -> FreeLOCWanAttnProcessor:
         return FreeLOCWanAttnProcessor(original, ctx)

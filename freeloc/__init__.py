@@ -18,6 +18,7 @@ from .methods import METHODS, Method, method_from_dict
 from .patterns import TSA, SlidingWindow
 from .plan import LayerPlan
 from .positions import NTK, PI, VRPR, RIFLEx, YaRN
+from .probing import probe
 from .rotary import RotaryLayout
 from .session import Session, apply, enable
 
@@ -38,6 +39,7 @@ __all__ = [
     "Session",
     "apply",
     "enable",
+    "probe",
     "SlidingWindow",
     "TSA",
     "VRPR",

@@ -125,7 +125,50 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["float32", "bfloat16", "float16"])
     ge.add_argument("--out", type=Path, required=True, help="output mp4 (a JSON sidecar is written beside it)")
     ge.set_defaults(func=_cmd_generate, subparser=ge)
+
+    pr = sub.add_parser(
+        "probe",
+        help="probe each self-attention layer's position and context sensitivity and write a layer plan",
+        description="Load a pipeline, probe every self-attention layer of its transformer alone (key positions "
+                    "shifted; context restricted to a window of the trained length) on synthetic inputs, and "
+                    "write the resulting layer plan (with its scores) as JSON.",
+    )
+    pr.add_argument("--model", required=True, help="hub id or local folder")
+    pr.add_argument("--num-frames", type=_positive_int, required=True, help="video frames to probe at, e.g. 321")
+    pr.add_argument("--out", type=Path, required=True, help="the plan JSON to write")
+    pr.add_argument("--png", type=Path, default=None, help="also plot the scores and the assignment to this PNG")
+    pr.add_argument("--trained-frames", type=_positive_int, default=None,
+                    help="the model's trained length in video frames (default: freeloc's data for the model)")
+    pr.add_argument("--height", type=_positive_int, default=480, help="video height of the synthetic inputs")
+    pr.add_argument("--width", type=_positive_int, default=832, help="video width of the synthetic inputs")
+    pr.add_argument("--tsa-count", type=int, default=None, help="exactly this many TSA layers (default: the rule)")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    pr.add_argument("--dtype", default="bfloat16" if _cuda() else "float32",
+                    choices=["float32", "bfloat16", "float16"])
+    pr.set_defaults(func=_cmd_probe, subparser=pr)
     return parser
+
+
+def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from .probing import plot_scores, probe
+
+    if args.png is not None and not args.png.parent.is_dir():
+        parser.error(f"--png: folder {str(args.png.parent)!r} does not exist")
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(args.device)
+    spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8)
+    plan = probe(pipe, args.num_frames, trained_frames=args.trained_frames, seed=args.seed, tsa_count=args.tsa_count,
+                 latent_size=(args.height // spatial, args.width // spatial))
+    plan.meta["probe"]["model"] = args.model
+    plan.save(args.out)
+    print(f"wrote {args.out}: {plan.summary()}")
+    if args.png is not None:
+        plot_scores(plan, args.png)
+        print(f"wrote {args.png}")
+    return 0
 
 
 def _cuda() -> bool:

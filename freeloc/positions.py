@@ -34,7 +34,7 @@ from .bands import Band, BandSet, frame_index_grid
 from .methods import Method, _check_frames, register
 from .rotary import RotaryLayout
 
-__all__ = ["VRPR", "PI", "NTK", "YaRN", "RIFLEx", "PUBLISHED_VRPR"]
+__all__ = ["VRPR", "PI", "NTK", "YaRN", "RIFLEx", "KeyShift", "PUBLISHED_VRPR"]
 
 #: Published VRPR settings (Wan2.1-T2V-1.3B, T = 21): (num_frames, trained_frames) -> (w1, w2, g1, g2).
 PUBLISHED_VRPR: dict[tuple[int, int], tuple[int, int, int, int]] = {
@@ -296,6 +296,32 @@ class PI(Method):
         pos = torch.arange(num_frames, dtype=torch.float64) / self.scale
         pairs = torch.ones(num_frames, num_frames, dtype=torch.bool)
         return BandSet(num_frames, (Band("all", pairs, pos, pos),), label=f"pi(scale={self.scale:g})")
+
+
+@register
+@dataclass(frozen=True)
+class KeyShift(Method):
+    """Every key's temporal position moved by ``shift`` frames (queries unchanged): the probe's perturbation.
+
+    ``r(i, j) = i - j - shift`` for every pair; used to measure how sensitive a layer is to relative
+    positions. Not a method for generating videos.
+    """
+
+    name = "key-shift"
+    shift: float | int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shift, (int, float)) or isinstance(self.shift, bool):
+            raise ValueError(f"KeyShift.shift must be a number of frames, got {self.shift!r}")
+
+    @classmethod
+    def for_length(cls, num_frames: int, trained_frames: int) -> KeyShift | None:
+        raise ValueError("key-shift needs an explicit shift (it is the probe's perturbation, not a length method)")
+
+    def band_set(self, num_frames: int, tokens_per_frame: int = 1, rotary: RotaryLayout | None = None) -> BandSet:
+        pos = torch.arange(num_frames, dtype=torch.float64)
+        pairs = torch.ones(num_frames, num_frames, dtype=torch.bool)
+        return BandSet(num_frames, (Band("all", pairs, pos, pos + self.shift),), label=f"key-shift({self.shift:g})")
 
 
 class _FrequencyMethod(Method):

@@ -30,7 +30,7 @@ from .plan import DIRECT, LayerPlan
 __all__ = ["Session", "LayerStats", "apply", "enable", "plan_for", "METHOD_CHOICES"]
 
 #: Values of ``method=``: the layer plan ("freeloc"), one method on every layer, or no change.
-METHOD_CHOICES = ("freeloc", DIRECT, *sorted(METHODS))
+METHOD_CHOICES = ("freeloc", DIRECT, *sorted(m for m in METHODS if m != "key-shift"))
 
 
 @dataclass
@@ -55,6 +55,9 @@ class Session:
 
     plan: LayerPlan | None = None
     layers: list[LayerStats] = field(default_factory=list)
+    #: Called with (layer context, q, k, v, method, text kwargs) before each hooked attention (set it
+    #: before installing; the probe uses it to see a layer's own q/k).
+    observer: Callable[..., None] | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list)
     _active: bool = True
 
@@ -154,7 +157,8 @@ def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
 
 def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: LayerPlan | str | Path | None = None,
            method: str = "freeloc", *, adapter: Any = None, trained_frames: int | None = None,
-           backend: str = "auto", method_params: dict[str, Any] | None = None) -> Session:
+           backend: str = "auto", method_params: dict[str, Any] | None = None,
+           observer: Callable[..., None] | None = None) -> Session:
     """Apply FreeLOC (or a baseline) to a pipeline or transformer; use as a context manager.
 
     Args:
@@ -176,7 +180,7 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
     from .adapters import adapters_for
 
     found = adapters_for(target, adapter)
-    session = Session()
+    session = Session(observer=observer)
     try:
         for name, module, adapter_cls in found:
             adapter_cls(module, name=name).install(

@@ -27,6 +27,7 @@ EXPLICIT: dict[str, dict[str, Any]] = {
     "yarn": {"scale": 4.0, "trained_frames": 21},
     "riflex": {"k": 3},
     "sliding-window": {"window": 5, "sink": False},
+    "key-shift": {"shift": -4},
 }
 
 

@@ -19,7 +19,7 @@ from jaxtyping import TypeCheckError
 from freeloc.bands import BandSet
 from freeloc.methods import METHODS, Method, method_from_dict
 from freeloc.patterns import TSA, SlidingWindow
-from freeloc.positions import NTK, PI, PUBLISHED_VRPR, VRPR, RIFLEx, YaRN, _properties_hold
+from freeloc.positions import NTK, PI, PUBLISHED_VRPR, VRPR, KeyShift, RIFLEx, YaRN, _properties_hold
 from freeloc.rotary import RotaryLayout
 
 TRAINED = (5, 13, 16, 21, 31, 33)
@@ -414,6 +414,7 @@ EXAMPLES: dict[str, list[Method]] = {
     "riflex": [RIFLEx(k=4, num_frames=63)],
     "tsa": [TSA(), TSA(d1=4, d2=10, stripe=0.25, sink_group=4, sink_window=6, cap=32)],
     "sliding-window": [SlidingWindow(window=10), SlidingWindow(window=3, sink=False)],
+    "key-shift": [KeyShift(shift=21), KeyShift(shift=-2.5)],
 }
 
 
@@ -476,3 +477,11 @@ def test_baselines_accept_integer_scales() -> None:
     assert PI(scale=2).band_set(4).bands[0].q_pos.tolist() == [0.0, 0.5, 1.0, 1.5]
     assert NTK(scale=2).temporal_freqs(RotaryLayout.wan(12)).shape == (2,)
     assert YaRN(scale=2, trained_frames=4, alpha=1, beta=8).temporal_freqs(RotaryLayout.wan(12)).shape == (2,)
+
+
+def test_key_shift_moves_every_key() -> None:
+    r = KeyShift(shift=3).band_set(5).bands[0].relative_distance()
+    i, j = torch.meshgrid(torch.arange(5.0), torch.arange(5.0), indexing="ij")
+    assert torch.equal(r, (i - j - 3).double())
+    with pytest.raises(ValueError, match="explicit shift"):
+        KeyShift.for_length(10, 5)

@@ -1,0 +1,296 @@
+"""Layer-adaptive probing: which self-attention layers suffer from positions, which from context.
+
+For each self-attention layer alone (every other layer untouched), at a length longer than trained:
+
+* **position probe**: that layer's key temporal positions are shifted by each of ``shifts`` frames
+  (default ``+-T`` and ``+-2T``, the paper's +-20 / +-40 at T = 21). Measured: the relative change of
+  the layer's attention logits, ``sqrt(sum_h ||A'_h - A_h||^2) / sqrt(sum_h ||A_h||^2)`` over a sample
+  of query tokens (all keys), averaged over the shifts; and the relative change of the model's output;
+* **context probe**: that layer is restricted to a sliding window of the trained length
+  (``+-(T - 1) // 2`` frames). Measured: the relative change of its attention entropy on the same
+  sampled queries, ``||H' - H|| / ||H||``; and the relative change of the model's output.
+
+Logits and entropies come from the layer's own q/k (seen through the adapter while the model runs) and
+are computed for the sampled queries only, in chunks of keys: no [N, N] map is built. The model's
+outputs are compared with one shared unperturbed run.
+
+Selection rule (:func:`select`): each score is divided by its largest value over the layers; a layer
+gets TSA when its normalized context score exceeds its normalized position score by more than
+``margin`` (context sensitivity dominates), VRPR otherwise (method.md section 4). With ``tsa_count``
+the ``tsa_count`` layers with the largest difference get TSA instead.
+
+Inputs: a dict of the transformer's forward keyword arguments (``inputs=``), else synthetic ones from
+the adapter (:meth:`~freeloc.adapters.base.TransformerAdapter.synthetic_inputs`: Gaussian latents of
+the target shape, Gaussian text embeddings of the model's width, timestep 500 of 1000: mid-denoising).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .plan import LayerPlan
+from .rotary import RotaryLayout
+
+__all__ = ["probe", "select", "plot_scores", "DEFAULT_QUERIES"]
+
+#: Sampled query tokens per layer.
+DEFAULT_QUERIES = 1024
+#: Keys per chunk when computing logits for the sampled queries.
+KEY_CHUNK = 8192
+
+
+def select(position: list[float], context: list[float], *, margin: float = 0.0,
+           tsa_count: int | None = None) -> list[str]:
+    """The method per layer from the two scores (see the module docstring)."""
+    if len(position) != len(context) or not position:
+        raise ValueError(f"position and context scores need one value per layer, got {len(position)} and "
+                         f"{len(context)}")
+    pmax = max(max(position), 1e-12)
+    cmax = max(max(context), 1e-12)
+    diff = [c / cmax - p / pmax for p, c in zip(position, context, strict=True)]
+    if tsa_count is not None:
+        if not 0 <= tsa_count <= len(diff):
+            raise ValueError(f"tsa_count must be between 0 and {len(diff)} (the layer count), got {tsa_count}")
+        top = set(sorted(range(len(diff)), key=lambda i: -diff[i])[:tsa_count])
+        return ["tsa" if i in top else "vrpr" for i in range(len(diff))]
+    return ["tsa" if d > margin else "vrpr" for d in diff]
+
+
+def _rotate(rotary: RotaryLayout, x: Tensor, grid: tuple[int, int, int], video: slice, t_shift: float) -> Tensor:
+    """Video tokens of ``x`` (B, S, H, D) rotated at their original positions + ``t_shift`` (text unrotated)."""
+    f, h, w = grid
+    t = torch.arange(f, dtype=torch.float64).repeat_interleave(h * w) + t_shift
+    hp = torch.arange(h, dtype=torch.float64).repeat_interleave(w).repeat(f)
+    wp = torch.arange(w, dtype=torch.float64).repeat(f * h)
+    out = x.float().clone()
+    out[:, video] = rotary.rotate(x[:, video].float(), t.to(x.device), hp.to(x.device), wp.to(x.device))
+    return out
+
+
+def _logits(q: Tensor, k: Tensor, chunk: int = KEY_CHUNK) -> Any:
+    """Yields (key slice, logits [B, H, Qs, chunk]) for sampled queries over all keys, chunk by chunk."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    for start in range(0, k.shape[1], chunk):
+        sl = slice(start, min(k.shape[1], start + chunk))
+        yield sl, torch.einsum("bqhd,bkhd->bhqk", q, k[:, sl]) * scale
+
+
+def _entropy(q: Tensor, k: Tensor, allowed: Callable[[slice], Tensor] | None) -> Tensor:
+    """Attention entropy per (batch, head, sampled query), in two passes over key chunks.
+
+    ``H = lse - sum_k p_k s_k`` with ``lse = logsumexp_k s_k``: nothing larger than one chunk of logits
+    for the sampled queries is held. ``allowed(sl)`` -> [Qs, chunk] bool restricts the keys.
+    """
+    def chunks() -> Any:
+        for sl, s in _logits(q, k):
+            yield s if allowed is None else s.masked_fill(~allowed(sl), float("-inf"))
+
+    lse = None
+    for s in chunks():
+        part = torch.logsumexp(s, dim=-1)
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    assert lse is not None
+    expected = torch.zeros_like(lse)
+    for s in chunks():
+        p = torch.exp(s - lse[..., None])
+        expected += (p * torch.where(p > 0, s, 0.0)).sum(-1)
+    return lse - expected
+
+
+class _Capture:
+    """Keeps each layer's q/k (and text layout) from the attend calls of one forward."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, dict[str, Any]] = {}
+
+    def __call__(self, ctx: Any, q: Tensor, k: Tensor, v: Tensor, method: Any, kwargs: dict[str, Any]) -> None:
+        if ctx.layer not in self.layers:
+            self.layers[ctx.layer] = dict(q=q.detach(), k=k.detach(), grid=ctx.grid.value, rotary=ctx.rotary,
+                                          text_before=kwargs["text_before"], text_after=kwargs["text_after"])
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
+          shifts: list[float] | None = None, window: int | None = None, layers: list[int] | None = None,
+          seed: int = 0, trained_frames: int | None = None, max_queries: int = DEFAULT_QUERIES,
+          margin: float = 0.0, tsa_count: int | None = None, latent_size: tuple[int, int] | None = None,
+          progress: bool = True) -> LayerPlan:
+    """Probe every self-attention layer of ``target`` at ``num_frames`` video frames; returns the plan.
+
+    Args:
+        target: a transformer module or a pipeline (its ``transformer`` is probed).
+        num_frames: video frames to probe at; must be longer than the trained length.
+        inputs: the transformer's forward keyword arguments; default: the adapter's synthetic inputs.
+        shifts: key position shifts in latent frames; default ``[T, -T, 2T, -2T]``.
+        window: the context probe's half window in frames; default ``(T - 1) // 2``.
+        layers: the layers to probe (default all); the others get the rule's default (VRPR) and score 0.
+        seed: seeds the synthetic inputs and the query sample.
+        trained_frames: the trained length in video frames (default: the model's data).
+        max_queries: sampled query tokens per layer.
+        margin, tsa_count: the selection rule (:func:`select`).
+        latent_size: (height, width) of the synthetic latents (default: the adapter's, e.g. Wan 480p).
+        progress: show a progress bar over layers.
+    """
+    import freeloc
+    from freeloc.adapters import adapters_for
+    from freeloc.adapters.base import model_data
+
+    name, module, adapter_cls = adapters_for(target)[0]
+    adapter = adapter_cls(module, name=name)
+    pipeline = None if module is target else target
+    factor = int(getattr(pipeline, "vae_scale_factor_temporal", 0) or 0) or None
+    t0 = time.perf_counter()
+    enable_kw: dict[str, Any] = dict(trained_frames=trained_frames)
+    # the trained and probed lengths in temporal tokens, as the adapter counts them
+    data_factor = factor or int(model_data(adapter.data_name)["temporal_factor"])
+    t_video = trained_frames if trained_frames is not None else adapter.trained_video_frames()
+    t_latent = adapter.video_to_latent(t_video, data_factor)
+    f_latent = adapter.video_to_latent(num_frames, data_factor)
+    if f_latent <= t_latent:
+        raise ValueError(f"probe at a length longer than trained: num_frames={num_frames} gives {f_latent} temporal "
+                         f"tokens, the model was trained on {t_latent}")
+    shifts = [float(s) for s in (shifts if shifts is not None else [t_latent, -t_latent, 2 * t_latent,
+                                                                    -2 * t_latent])]
+    window = (t_latent - 1) // 2 if window is None else window
+    kwargs = dict(inputs) if inputs is not None else adapter.synthetic_inputs(f_latent, seed, latent_size)
+
+    def forward() -> Tensor:
+        with torch.no_grad():
+            out = module(**kwargs)
+        out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+        return out.detach().float()
+
+    with freeloc.enable(module, method="direct", **enable_kw) as s:
+        n_layers = len(s.layers)
+    probed = list(range(n_layers)) if layers is None else sorted(set(layers))
+    if any(not 0 <= i < n_layers for i in probed):
+        raise ValueError(f"layers must be in 0..{n_layers - 1}, got {layers}")
+    forwards = 0
+    base = forward()
+    forwards += 1
+    capture = _Capture()
+    f = f_latent
+    plain = LayerPlan.uniform("vrpr", n_layers, w1=f, w2=f + 1, g1=1, g2=1, cap=f - 1)  # plain, through attend
+    with freeloc.enable(module, plan=plain, observer=capture, **enable_kw):
+        forward()
+        forwards += 1
+
+    def one_layer(layer: int, method: str, **params: Any) -> Tensor:
+        plan = LayerPlan.uniform("direct", n_layers)
+        plan.methods[layer] = method
+        plan.params[layer] = params
+        with freeloc.enable(module, plan=plan, **enable_kw):
+            return forward()
+
+    position = [0.0] * n_layers
+    context = [0.0] * n_layers
+    position_out = [0.0] * n_layers
+    context_out = [0.0] * n_layers
+    iterator: Any = probed
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(probed, desc="probing layers", unit="layer")
+    for layer in iterator:
+        c = capture.layers[layer]
+        q, k, grid = c["q"], c["k"], c["grid"]
+        n = q.shape[1]
+        video = slice(c["text_before"], n - c["text_after"])
+        nv = video.stop - video.start
+        gen = torch.Generator().manual_seed(seed * 100_003 + layer)  # per layer: independent of the probing order
+        sample = torch.randperm(nv, generator=gen)[: min(max_queries, nv)].sort().values + video.start
+        rotary = c["rotary"]
+        if rotary is not None:
+            kr = _rotate(rotary, k, grid, video, 0.0)
+            qs = _rotate(rotary, q, grid, video, 0.0)[:, sample]
+            diffs = []
+            for shift in shifts:
+                ks = _rotate(rotary, k, grid, video, shift)
+                num = den = 0.0
+                for (sl, a), (_, a2) in zip(_logits(qs, kr), _logits(qs, ks), strict=True):
+                    del sl
+                    num += float((a2 - a).pow(2).sum())
+                    den += float(a.pow(2).sum())
+                diffs.append(math.sqrt(num / max(den, 1e-30)))
+            position[layer] = sum(diffs) / len(diffs)
+            position_out[layer] = sum(_rel(one_layer(layer, "key-shift", shift=s), base) for s in shifts) / len(shifts)
+            forwards += len(shifts)
+        else:
+            kr, qs = k.float(), q.float()[:, sample]
+        hh, ww = grid[1], grid[2]
+        frame_q = (sample - video.start) // (hh * ww)
+        token_frame = torch.full((n,), -1, dtype=torch.long)
+        token_frame[video] = torch.arange(nv) // (hh * ww)
+
+        def allowed(sl: slice, frame_q: Tensor = frame_q, token_frame: Tensor = token_frame) -> Tensor:
+            fk = token_frame[sl]
+            ok = (frame_q[:, None] - fk[None, :]).abs() <= window
+            return ok | (fk[None, :] < 0)  # text keys stay attended
+
+        h_full = _entropy(qs, kr, None)
+        h_win = _entropy(qs, kr, allowed)
+        context[layer] = float((h_win - h_full).norm() / h_full.norm().clamp_min(1e-12))
+        context_out[layer] = _rel(one_layer(layer, "sliding-window", window=window, sink=False), base)
+        forwards += 1
+    methods = select(position, context, margin=margin, tsa_count=tsa_count)
+    if layers is not None:
+        methods = [m if i in probed else "vrpr" for i, m in enumerate(methods)]
+    seconds = time.perf_counter() - t0
+    cfg = getattr(module, "config", None)
+    identity = {"class": type(module).__name__, "num_layers": n_layers}
+    for key in ("num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "in_channels"):
+        value = getattr(cfg, key, None)
+        if value is not None:
+            identity[key] = list(value) if isinstance(value, tuple) else value
+    plan = LayerPlan(methods=methods, params=[{} for _ in range(n_layers)],
+                     scores={"position": position, "context": context, "position_output": position_out,
+                             "context_output": context_out},
+                     model=identity, trained_frames=t_latent,
+                     meta={"source": "freeloc.probe",
+                           "rule": {"name": "normalized dominance", "margin": margin, "tsa_count": tsa_count},
+                           "probe": {"num_frames": num_frames, "latent_frames": f_latent, "shifts": shifts,
+                                     "window": window, "layers": probed, "seed": seed, "max_queries": max_queries,
+                                     "timestep": None if inputs is not None else 500,
+                                     "inputs": "given" if inputs is not None else "synthetic"},
+                           "cost": {"seconds": round(seconds, 3), "forwards": forwards}})
+    if progress:
+        print(f"probe: {len(probed)} layers, {forwards} forwards, {seconds:.1f} s")
+    return plan
+
+
+def plot_scores(plan: LayerPlan, path: Any) -> Any:
+    """Both sensitivity scores per layer (normalized by their maximum) and the resulting assignment, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos, ctx = plan.scores["position"], plan.scores["context"]
+    n = len(pos)
+    pmax, cmax = max(max(pos), 1e-12), max(max(ctx), 1e-12)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n + 2), 3.6))
+    x = list(range(n))
+    ax.bar([i - 0.2 for i in x], [p / pmax for p in pos], 0.4, label=f"position (max {pmax:.3g})", color="tab:blue")
+    ax.bar([i + 0.2 for i in x], [c / cmax for c in ctx], 0.4, label=f"context (max {cmax:.3g})",
+           color="tab:orange")
+    for i, m in enumerate(plan.methods):
+        ax.text(i, 1.04, m.upper(), ha="center", fontsize=7, color="tab:orange" if m == "tsa" else "tab:blue")
+    ax.set_ylim(0, 1.15)
+    ax.set_xticks(x)
+    ax.set_xlabel("self-attention layer")
+    ax.set_ylabel("sensitivity / max over layers")
+    ax.set_title("probe: per-layer sensitivity and assignment (TSA where context dominates)")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,153 @@
+"""The layer probe on tiny Wan models whose layers are made position- or context-sensitive on purpose."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the probe runs through an adapter (extra 'diffusers')")
+
+import diffusers  # noqa: E402
+from test_wan_adapter import assert_same_state, snapshot  # noqa: E402
+
+import freeloc  # noqa: E402
+from freeloc.probing import probe, select  # noqa: E402
+
+TRAINED_VIDEO = 21  # 6 latent frames
+FRAMES = 24  # latent frames probed (4x)
+POSITION_LAYER, CONTEXT_LAYER = 1, 3
+SHARPNESS = 4.0
+
+
+def prepared_model() -> torch.nn.Module:
+    """4 layers whose q = k = a constant vector per layer, so that each logit depends only on the
+    frame distance (and the spatial one): attention is local in time, sharpened by the norm weights.
+
+    Layer 1 keeps only temporal channels in that vector (its logits are all temporal rotation: the most
+    position-sensitive); layer 3 has q = 0, so every key weighs the same (the most context-sensitive).
+    """
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=48, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=4, rope_max_seq_len=128,
+    ).eval()
+    head_dim, heads = 48, 2
+    temporal = torch.cat([torch.arange(model.rope.t_dim) + h * head_dim for h in range(heads)])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            attn = block.attn1
+            c = torch.randn(head_dim * heads, generator=g).abs() + 0.5
+            if i == POSITION_LAYER:
+                only_temporal = torch.zeros_like(c)
+                only_temporal[temporal] = 1.0
+                c = c * only_temporal
+            attn.to_q.weight.zero_()
+            attn.to_k.weight.zero_()
+            attn.to_q.bias.copy_(c)
+            attn.to_k.bias.copy_(c)
+            attn.norm_q.weight.fill_(SHARPNESS)
+            attn.norm_k.weight.fill_(SHARPNESS)
+        model.blocks[CONTEXT_LAYER].attn1.norm_q.weight.zero_()
+    return model
+
+
+def inputs(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(1, 16, FRAMES, 8, 8, generator=g), timestep=torch.tensor([500]),
+                encoder_hidden_states=torch.randn(1, 7, 32, generator=g), return_dict=False)
+
+
+def run_probe(model: torch.nn.Module, **kwargs: object) -> freeloc.LayerPlan:
+    return probe(model, 4 * (FRAMES - 1) + 1, inputs=inputs(), trained_frames=TRAINED_VIDEO, progress=False,
+                 max_queries=200, **kwargs)
+
+
+def test_probe_finds_the_sensitive_layers_and_assigns_them() -> None:
+    model = prepared_model()
+    plan = run_probe(model)
+    position, context = plan.scores["position"], plan.scores["context"]
+    print("position", [round(x, 3) for x in position], "context", [round(x, 3) for x in context])
+    assert max(range(4), key=lambda i: position[i]) == POSITION_LAYER
+    assert max(range(4), key=lambda i: context[i]) == CONTEXT_LAYER
+    assert plan.methods[POSITION_LAYER] == "vrpr" and plan.methods[CONTEXT_LAYER] == "tsa"
+    assert set(plan.methods) <= {"tsa", "vrpr"} and len(plan.methods) == 4
+    assert all(len(plan.scores[k]) == 4 for k in ("position", "context", "position_output", "context_output"))
+    assert plan.meta["rule"]["name"] == "normalized dominance"
+    assert plan.meta["probe"]["shifts"] == [6.0, -6.0, 12.0, -12.0]  # +-T, +-2T at T = 6
+    assert plan.meta["cost"]["forwards"] == 2 + 4 * (4 + 1)
+    assert plan.model["class"] == "WanTransformer3DModel" and plan.trained_frames == 6
+
+
+def test_scores_do_not_depend_on_the_probing_order_and_the_model_is_restored() -> None:
+    model = prepared_model()
+    before = snapshot(model)
+    full = run_probe(model)
+    assert_same_state(before, snapshot(model))
+    alone = run_probe(model, layers=[CONTEXT_LAYER, 0])
+    for key in ("position", "context", "position_output", "context_output"):
+        for layer in (0, CONTEXT_LAYER):
+            assert alone.scores[key][layer] == pytest.approx(full.scores[key][layer], rel=1e-6)
+    assert_same_state(before, snapshot(model))
+
+
+def test_written_plan_loads_and_applies(tmp_path: Path) -> None:
+    model = prepared_model()
+    path = run_probe(model).save(tmp_path / "plan.json")
+    loaded = freeloc.LayerPlan.load(path)
+    assert loaded.scores["position"] and loaded.meta["probe"]["latent_frames"] == FRAMES
+    with freeloc.enable(model, plan=str(path), trained_frames=TRAINED_VIDEO) as session:
+        with torch.no_grad():
+            out = model(**inputs())[0]
+    assert torch.isfinite(out).all()
+    assert [s.method for s in session.layers] == loaded.methods
+
+
+def test_selection_rule() -> None:
+    assert select([1.0, 0.1, 0.5], [0.1, 1.0, 0.5]) == ["vrpr", "tsa", "vrpr"]
+    assert select([1.0, 0.1, 0.5], [0.1, 1.0, 0.6], margin=0.5) == ["vrpr", "tsa", "vrpr"]
+    assert select([1.0, 0.1, 0.5], [0.1, 1.0, 0.6], tsa_count=2) == ["vrpr", "tsa", "tsa"]
+    with pytest.raises(ValueError, match="tsa_count must be between 0 and 3"):
+        select([1.0, 0.1, 0.5], [0.1, 1.0, 0.6], tsa_count=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(num_frames=21), "longer than trained"),
+        (dict(layers=[7]), "layers must be in 0..3"),
+    ],
+)
+def test_probe_bad_input(kwargs: dict, match: str) -> None:
+    model = prepared_model()
+    args = dict(num_frames=4 * (FRAMES - 1) + 1) | kwargs
+    with pytest.raises(ValueError, match=match):
+        probe(model, inputs=inputs(), trained_frames=TRAINED_VIDEO, progress=False, **args)
+
+
+def test_probe_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``freeloc probe`` end to end: the loader is stubbed (no hub here) and returns a tiny Wan pipeline."""
+    from freeloc.cli import main
+    from freeloc.video import tiny_wan_pipeline
+
+    class Loader:
+        @classmethod
+        def from_pretrained(cls, model: str, torch_dtype: object = None) -> object:
+            return tiny_wan_pipeline(num_layers=3)
+
+    monkeypatch.setattr(diffusers, "DiffusionPipeline", Loader)
+    out, png = tmp_path / "plan.json", tmp_path / "scores.png"
+    assert main(["probe", "--model", "tiny/wan", "--num-frames", "93", "--trained-frames", "21", "--height", "32",
+                 "--width", "32", "--device", "cpu", "--dtype", "float32", "--out", str(out), "--png", str(png)]) == 0
+    plan = freeloc.LayerPlan.load(out)
+    assert len(plan.methods) == 3 and plan.meta["probe"]["model"] == "tiny/wan"
+    assert plan.meta["probe"]["latent_frames"] == 24 and png.read_bytes()[:4] == b"\x89PNG"
+    assert "probe: 3 layers" in capsys.readouterr().out
+
+
+def test_public_entry_point() -> None:
+    import freeloc.probing as module
+
+    assert callable(freeloc.probe) and freeloc.probe is module.probe
