@@ -19,9 +19,11 @@ gets TSA when its normalized context score exceeds its normalized position score
 ``margin`` (context sensitivity dominates), VRPR otherwise (method.md section 4). With ``tsa_count``
 the ``tsa_count`` layers with the largest difference get TSA instead.
 
-Inputs: a dict of the transformer's forward keyword arguments (``inputs=``), else synthetic ones from
-the adapter (:meth:`~freeloc.adapters.base.TransformerAdapter.synthetic_inputs`: Gaussian latents of
-the target shape, Gaussian text embeddings of the model's width, timestep 500 of 1000: mid-denoising).
+Inputs: with a pipeline, ``inputs=`` are its own call arguments (a real prompt): the pipeline runs until
+its transformer is first called (the first denoising step), and that call is probed; with a transformer
+module, ``inputs=`` are its forward keyword arguments; else synthetic ones from the adapter
+(``TransformerAdapter.synthetic_inputs``: Gaussian latents of the target shape, Gaussian text embeddings
+of the model's width, timestep 500 of 1000: mid-denoising).
 """
 
 from __future__ import annotations
@@ -115,6 +117,38 @@ class _Capture:
                                           text_before=kwargs["text_before"], text_after=kwargs["text_after"])
 
 
+class _StopError(Exception):
+    """Raised by the capture hook to stop the pipeline after the transformer's first call."""
+
+
+def _pipeline_inputs(pipeline: Any, module: torch.nn.Module, call: dict[str, Any], num_frames: int) -> dict[str, Any]:
+    """The transformer's forward arguments of the pipeline's first denoising call with ``call`` (a real prompt).
+
+    The pipeline runs until its transformer is first called; the call is recorded and the run stopped.
+    """
+    import inspect
+
+    seen: dict[str, Any] = {}
+
+    def hook(mod: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        names = list(inspect.signature(mod.forward).parameters)
+        seen.update(dict(zip(names, args, strict=False)), **kwargs)
+        raise _StopError
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        pipeline(**({"num_frames": num_frames} | call))
+    except _StopError:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError("the pipeline call never reached its transformer: check the call arguments in inputs=")
+    seen = {k: v.detach() if isinstance(v, Tensor) else v for k, v in seen.items()}
+    seen["return_dict"] = False
+    return seen
+
+
 def _rel(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
@@ -129,7 +163,9 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     Args:
         target: a transformer module or a pipeline (its ``transformer`` is probed).
         num_frames: video frames to probe at; must be longer than the trained length.
-        inputs: the transformer's forward keyword arguments; default: the adapter's synthetic inputs.
+        inputs: for a pipeline, its own call arguments (e.g. a real prompt): the pipeline runs until its
+            transformer's first call, whose arguments are then used; for a transformer module, its forward
+            keyword arguments. Default: the adapter's synthetic inputs.
         shifts: key position shifts in latent frames; default ``[T, -T, 2T, -2T]``.
         window: the context probe's half window in frames; default ``(T - 1) // 2``.
         layers: the layers to probe (default all); the others get the rule's default (VRPR) and score 0.
@@ -161,7 +197,12 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     shifts = [float(s) for s in (shifts if shifts is not None else [t_latent, -t_latent, 2 * t_latent,
                                                                     -2 * t_latent])]
     window = (t_latent - 1) // 2 if window is None else window
-    kwargs = dict(inputs) if inputs is not None else adapter.synthetic_inputs(f_latent, seed, latent_size)
+    if inputs is None:
+        kwargs = adapter.synthetic_inputs(f_latent, seed, latent_size)
+    elif pipeline is not None:
+        kwargs = _pipeline_inputs(pipeline, module, dict(inputs), num_frames)
+    else:
+        kwargs = dict(inputs)
 
     def forward() -> Tensor:
         with torch.no_grad():

@@ -151,3 +151,19 @@ def test_public_entry_point() -> None:
     import freeloc.probing as module
 
     assert callable(freeloc.probe) and freeloc.probe is module.probe
+
+
+def test_probe_with_a_pipeline_call() -> None:
+    """With a pipeline, inputs= are its own call arguments; the transformer's first call is probed."""
+    from freeloc.video import tiny_wan_pipeline
+
+    pipe = tiny_wan_pipeline(num_layers=2)
+    embeds = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))
+    call = dict(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=32, width=32, num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0))
+    pipe(num_frames=9, **call)  # the pipeline attaches its own hook registries on first use
+    before = snapshot(pipe.transformer)
+    plan = probe(pipe, 81, inputs=call, trained_frames=21, progress=False)
+    assert len(plan.methods) == 2 and plan.meta["probe"]["latent_frames"] == 21
+    assert all(x > 0 for x in plan.scores["position"]) and all(x > 0 for x in plan.scores["context"])
+    assert_same_state(before, snapshot(pipe.transformer))
