@@ -329,7 +329,7 @@ def plot_scores(plan: LayerPlan, path: Any) -> Any:
     ax.set_xticks(x)
     ax.set_xlabel("self-attention layer")
     ax.set_ylabel("sensitivity / max over layers")
-    ax.set_title("probe: per-layer sensitivity and assignment (TSA where context dominates)")
+    ax.set_title("layer sensitivity (TSA where context dominates)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
