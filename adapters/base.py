@@ -28,7 +28,7 @@ from ..plan import LayerPlan
 from ..rotary import RotaryLayout
 from ..session import LayerStats, Session, Timer, plan_for
 
-__all__ = ["GridState", "LayerContext", "TransformerAdapter", "model_data"]
+__all__ = ["FreeLOCProcessor", "GridState", "LayerContext", "TransformerAdapter", "model_data"]
 
 _MARK = "_freeloc_session"
 T = TypeVar("T")
@@ -112,6 +112,26 @@ class LayerContext:
         self.stats.max_abs_distance = max(self.stats.max_abs_distance, r)
         self.stats.density = bands.token_density(h * w)
         return out
+
+
+class FreeLOCProcessor:
+    """Base of the adapters' processors: the original processor, the layer context, introspection."""
+
+    def __init__(self, original: Any, ctx: LayerContext) -> None:
+        self.original = original
+        self.ctx = ctx
+
+    @property
+    def trained_frames(self) -> int:
+        return self.ctx.trained_frames
+
+    @property
+    def rotary(self) -> RotaryLayout | None:
+        return self.ctx.rotary
+
+    @property
+    def last_method(self) -> Method | None:
+        return self.ctx.last_method
 
 
 class TransformerAdapter:

@@ -42,7 +42,7 @@ import torch
 
 from ..plan import DIRECT, LayerPlan
 from ..rotary import RotaryLayout
-from .base import LayerContext, TransformerAdapter
+from .base import FreeLOCProcessor, LayerContext, TransformerAdapter
 
 __all__ = ["CogVideoXAdapter", "FreeLOCCogVideoXAttnProcessor", "PositionCheck", "rotary_layout",
            "ATTENTION_ONLY_METHODS"]
@@ -115,26 +115,13 @@ class PositionCheck:
         return None
 
 
-class FreeLOCCogVideoXAttnProcessor:
+class FreeLOCCogVideoXAttnProcessor(FreeLOCProcessor):
     """Self-attention of one CogVideoX block through :func:`freeloc.attention.attend`."""
 
     def __init__(self, original: Any, ctx: LayerContext, positions: PositionCheck | None, fused: bool) -> None:
-        self.original = original
-        self.ctx = ctx
+        super().__init__(original, ctx)
         self.positions = positions
         self.fused = fused
-
-    @property
-    def trained_frames(self) -> int:
-        return self.ctx.trained_frames
-
-    @property
-    def rotary(self) -> RotaryLayout | None:
-        return self.ctx.rotary
-
-    @property
-    def last_method(self) -> Any:
-        return self.ctx.last_method
 
     def __call__(
         self,

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..rotary import RotaryLayout
-from .base import LayerContext, TransformerAdapter
+from .base import FreeLOCProcessor, LayerContext, TransformerAdapter
 
 __all__ = [
     "FreeLOCHunyuanVideo15AttnProcessor",
@@ -80,24 +80,8 @@ def key_text_mask(attention_mask: torch.Tensor | None, batch: int, video: int, t
     return True, m[:, video:].expand(batch, text)
 
 
-class _Processor:
-    """What both processors share: the original processor, the layer context, introspection."""
-
-    def __init__(self, original: Any, ctx: LayerContext) -> None:
-        self.original = original
-        self.ctx = ctx
-
-    @property
-    def trained_frames(self) -> int:
-        return self.ctx.trained_frames
-
-    @property
-    def rotary(self) -> RotaryLayout:
-        return self.ctx.rotary
-
-    @property
-    def last_method(self) -> Any:
-        return self.ctx.last_method
+class _Processor(FreeLOCProcessor):
+    """What both processors share beyond the base: head splitting and the output split."""
 
     @staticmethod
     def _heads(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..rotary import RotaryLayout
-from .base import LayerContext, TransformerAdapter
+from .base import FreeLOCProcessor, LayerContext, TransformerAdapter
 
 __all__ = ["OpenSoraAdapter"]
 
@@ -47,10 +47,7 @@ def _qkv(attn: Any, x: Tensor, h: int) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
-class _DoubleProcessor:
-    def __init__(self, original: Any, ctx: LayerContext) -> None:
-        self.original, self.ctx = original, ctx
-
+class _DoubleProcessor(FreeLOCProcessor):
     def __call__(self, attn: Any, img: Tensor, txt: Tensor, vec: Tensor, pe: Any) -> tuple[Tensor, Tensor]:
         method = self.ctx.method()
         if method is None:
@@ -72,10 +69,7 @@ class _DoubleProcessor:
             return img, txt
 
 
-class _SingleProcessor:
-    def __init__(self, original: Any, ctx: LayerContext) -> None:
-        self.original, self.ctx = original, ctx
-
+class _SingleProcessor(FreeLOCProcessor):
     def __call__(self, attn: Any, x: Tensor, vec: Tensor, pe: Any) -> Tensor:
         method = self.ctx.method()
         if method is None:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..rotary import RotaryLayout
-from .base import LayerContext, TransformerAdapter
+from .base import FreeLOCProcessor, LayerContext, TransformerAdapter
 
 __all__ = ["WanAdapter", "FreeLOCWanAttnProcessor", "rotary_layout"]
 
@@ -47,24 +47,8 @@ def rotary_layout(transformer: torch.nn.Module) -> RotaryLayout:
     return RotaryLayout(t, rope.h_dim, rope.w_dim, theta=float(round(theta, 3)), interleaved=True)
 
 
-class FreeLOCWanAttnProcessor:
+class FreeLOCWanAttnProcessor(FreeLOCProcessor):
     """Self-attention of one Wan block through :func:`freeloc.attention.attend`."""
-
-    def __init__(self, original: Any, ctx: LayerContext) -> None:
-        self.original = original
-        self.ctx = ctx
-
-    @property
-    def trained_frames(self) -> int:
-        return self.ctx.trained_frames
-
-    @property
-    def rotary(self) -> RotaryLayout:
-        return self.ctx.rotary
-
-    @property
-    def last_method(self) -> Any:
-        return self.ctx.last_method
 
     def __call__(
         self,
