@@ -1,0 +1,498 @@
+"""Synthetic bouncing-shape clips and pixel-only quality metrics for long-video experiments.
+
+A clip is described by a :class:`ClipSpec`: one to three coloured squares or discs, each moving at a
+constant velocity and bouncing off the frame borders. :func:`render` draws it exactly
+(hard edges, colours taken verbatim from :data:`PALETTE` over :data:`BACKGROUND`), :func:`trajectory`
+gives the true centres, and :func:`condition` gives a fixed-size vector a model can receive in place of
+a text embedding.
+
+The metrics read pixels only (no learned model). Shapes are detected per palette colour as
+8-connected components of pixels within ``tol`` (L-inf) of that colour and of at least
+:data:`MIN_PIXELS` pixels. Frames in which two shapes of the spec overlap (so that one may be partly
+hidden) are left out of the detection-based metrics, so real clips score exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+__all__ = [
+    "BACKGROUND",
+    "CONDITION_DIM",
+    "MAX_SHAPES",
+    "MIN_PIXELS",
+    "PALETTE",
+    "ClipSpec",
+    "color_consistency",
+    "condition",
+    "dynamic_degree",
+    "evaluate",
+    "freeze_fraction",
+    "motion_error",
+    "palette_fidelity",
+    "random_spec",
+    "render",
+    "repetition",
+    "shape_count_consistency",
+    "trajectory",
+]
+
+#: Six clearly distinct RGB colours in [0, 1] (pairwise L-inf distance >= 0.7).
+PALETTE: tuple[tuple[float, float, float], ...] = (
+    (0.9, 0.1, 0.1),  # red
+    (0.1, 0.85, 0.1),  # green
+    (0.1, 0.2, 0.95),  # blue
+    (0.95, 0.9, 0.1),  # yellow
+    (0.9, 0.1, 0.9),  # magenta
+    (0.1, 0.9, 0.9),  # cyan
+)
+#: Background colour (dark grey).
+BACKGROUND: tuple[float, float, float] = (0.2, 0.2, 0.2)
+#: Maximum number of shapes in a clip (and number of slots in :func:`condition`).
+MAX_SHAPES = 3
+#: Width of one shape slot in :func:`condition`: present, 6-way colour one-hot, is_disc, vy, vx, y, x.
+SLOT_DIM = 1 + len(PALETTE) + 1 + 2 + 2
+#: Length of the :func:`condition` vector: ``MAX_SHAPES`` slots plus one global entry.
+CONDITION_DIM = MAX_SHAPES * SLOT_DIM + 1
+#: Smallest connected component counted as a shape.
+MIN_PIXELS = 4
+#: Maximum speed |v| in pixels per frame.
+MAX_SPEED = 3.0
+_KINDS = ("square", "disc")
+_FREEZE_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """Description of one synthetic clip.
+
+    Attributes:
+        num_shapes: Number of shapes, 1..3.
+        colors: Distinct palette indices (into :data:`PALETTE`), one per shape.
+        shape_kinds: ``"square"`` or ``"disc"`` per shape.
+        velocities: ``(vy, vx)`` per shape in pixels per frame; both components nonzero, ``|v| <= 3``.
+        positions: ``(y, x)`` start centre per shape, inside ``[size, frame_size - 1 - size]``.
+        size: Shape half-size in pixels (a square covers ``2 * size + 1`` pixels per side; a disc has
+            radius ``size``).
+        frame_size: Height and width of the square frame in pixels.
+    """
+
+    num_shapes: int
+    colors: tuple[int, ...]
+    shape_kinds: tuple[str, ...]
+    velocities: tuple[tuple[float, float], ...]
+    positions: tuple[tuple[float, float], ...]
+    size: int = 3
+    frame_size: int = 32
+
+    def __post_init__(self) -> None:
+        """Validate the spec.
+
+        Raises:
+            ValueError: If any field is out of range or the per-shape tuples disagree in length.
+        """
+        n = self.num_shapes
+        if not 1 <= n <= MAX_SHAPES:
+            raise ValueError(f"num_shapes must be in 1..{MAX_SHAPES}, got {n}")
+        for name in ("colors", "shape_kinds", "velocities", "positions"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} must have one entry per shape ({n})")
+        if len(set(self.colors)) != n or not all(0 <= c < len(PALETTE) for c in self.colors):
+            raise ValueError(f"colors must be distinct palette indices, got {self.colors}")
+        if not all(k in _KINDS for k in self.shape_kinds):
+            raise ValueError(f"shape_kinds must be in {_KINDS}, got {self.shape_kinds}")
+        if self.size < 1 or self.frame_size < 2 * self.size + 3:
+            raise ValueError("need size >= 1 and frame_size >= 2 * size + 3")
+        lo, hi = self.size, self.frame_size - 1 - self.size
+        for (vy, vx), (y, x) in zip(self.velocities, self.positions, strict=True):
+            if vy == 0 or vx == 0 or math.hypot(vy, vx) > MAX_SPEED + 1e-9:
+                raise ValueError(f"velocity components must be nonzero with |v| <= {MAX_SPEED}, got {(vy, vx)}")
+            if not (lo <= y <= hi and lo <= x <= hi):
+                raise ValueError(f"position {(y, x)} outside [{lo}, {hi}]")
+
+    @property
+    def speeds(self) -> tuple[float, ...]:
+        """Speed ``|v|`` of each shape in pixels per frame."""
+        return tuple(float(math.hypot(vy, vx)) for vy, vx in self.velocities)
+
+
+def random_spec(generator: torch.Generator | int, frame_size: int = 32, size: int = 3) -> ClipSpec:
+    """Draw a random clip spec.
+
+    Shapes get distinct colours, integer start centres that do not overlap, and integer velocity
+    components in ``{-2, -1, 1, 2}`` (so centres stay on the pixel grid and rendering is exact).
+
+    Args:
+        generator: A torch generator or an integer seed.
+        frame_size: Frame height and width in pixels.
+        size: Shape half-size in pixels.
+
+    Returns:
+        The spec.
+    """
+    if isinstance(generator, int):
+        generator = torch.Generator().manual_seed(generator)
+
+    def draw(high: int) -> int:
+        return int(torch.randint(high, (1,), generator=generator).item())
+
+    n = 1 + draw(MAX_SHAPES)
+    colors = tuple(int(c) for c in torch.randperm(len(PALETTE), generator=generator)[:n].tolist())
+    kinds = tuple(_KINDS[draw(2)] for _ in range(n))
+    steps = (-2.0, -1.0, 1.0, 2.0)
+    velocities = tuple((steps[draw(4)], steps[draw(4)]) for _ in range(n))
+    lo, span = size, frame_size - 2 * size
+    positions: list[tuple[float, float]] = []
+    while len(positions) < n:
+        y, x = float(lo + draw(span)), float(lo + draw(span))
+        if all(max(abs(y - py), abs(x - px)) > 2 * size + 1 for py, px in positions):
+            positions.append((y, x))
+    return ClipSpec(n, colors, kinds, velocities, tuple(positions), size=size, frame_size=frame_size)
+
+
+def trajectory(spec: ClipSpec, num_frames: int) -> Float[Tensor, "frames shapes 2"]:
+    """True shape centres per frame, with reflection off the borders.
+
+    Each coordinate moves as ``p0 + v * t`` folded into ``[size, frame_size - 1 - size]`` by a
+    triangle wave, which is exactly reflecting position and velocity whenever a shape's extent would
+    leave the frame.
+
+    Args:
+        spec: The clip spec.
+        num_frames: Number of frames ``T >= 1``.
+
+    Returns:
+        ``(T, num_shapes, 2)`` float32 centres ``(y, x)``.
+    """
+    t = torch.arange(num_frames, dtype=torch.float64)[:, None, None]
+    p0 = torch.tensor(spec.positions, dtype=torch.float64)[None]
+    v = torch.tensor(spec.velocities, dtype=torch.float64)[None]
+    lo = float(spec.size)
+    length = float(spec.frame_size - 1 - 2 * spec.size)
+    u = torch.remainder(p0 + v * t - lo, 2 * length)
+    return (lo + torch.where(u <= length, u, 2 * length - u)).float()
+
+
+def _shape_masks(spec: ClipSpec, centers: Tensor) -> Tensor:
+    """Boolean ``(T, n, H, W)`` pixel masks of each shape at the given ``(T, n, 2)`` centres."""
+    grid = torch.arange(spec.frame_size, dtype=torch.float32)
+    dy = grid[None, None, :, None] - centers[..., 0, None, None]
+    dx = grid[None, None, None, :] - centers[..., 1, None, None]
+    square = (dy.abs() <= spec.size) & (dx.abs() <= spec.size)
+    disc = dy**2 + dx**2 <= spec.size**2 + 0.5
+    is_disc = torch.tensor([k == "disc" for k in spec.shape_kinds])[None, :, None, None]
+    return torch.where(is_disc, disc, square)
+
+
+def render(spec: ClipSpec, num_frames: int) -> Float[Tensor, "frames 3 height width"]:
+    """Render a clip: shapes drawn in order (later on top) over the background.
+
+    Args:
+        spec: The clip spec.
+        num_frames: Number of frames ``T >= 1`` (any length).
+
+    Returns:
+        ``(T, 3, H, W)`` float32 video in [0, 1]; every pixel is exactly the background or a palette colour.
+    """
+    masks = _shape_masks(spec, trajectory(spec, num_frames))
+    video = torch.tensor(BACKGROUND).view(1, 3, 1, 1).expand(num_frames, 3, spec.frame_size, spec.frame_size)
+    video = video.clone()
+    for i, c in enumerate(spec.colors):
+        video = torch.where(masks[:, i, None], torch.tensor(PALETTE[c]).view(1, 3, 1, 1), video)
+    return video
+
+
+def condition(spec: ClipSpec) -> Float[Tensor, " cond"]:
+    """Fixed-size conditioning vector used in place of a text embedding.
+
+    Layout (length :data:`CONDITION_DIM` = 37): three slots of :data:`SLOT_DIM` = 12 numbers, slot ``i``
+    describing shape ``i`` (all zeros when ``i >= num_shapes``)::
+
+        [present (1), colour one-hot (6), is_disc (1), vy / 3, vx / 3, y / frame_size, x / frame_size]
+
+    followed by one global entry ``num_shapes / 3``.
+
+    Args:
+        spec: The clip spec.
+
+    Returns:
+        ``(CONDITION_DIM,)`` float32 vector with entries in [-1, 1].
+    """
+    out = torch.zeros(CONDITION_DIM)
+    for i in range(spec.num_shapes):
+        slot = out[i * SLOT_DIM : (i + 1) * SLOT_DIM]
+        slot[0] = 1.0
+        slot[1 + spec.colors[i]] = 1.0
+        slot[7] = float(spec.shape_kinds[i] == "disc")
+        slot[8:10] = torch.tensor(spec.velocities[i]) / MAX_SPEED
+        slot[10:12] = torch.tensor(spec.positions[i]) / spec.frame_size
+    out[-1] = spec.num_shapes / MAX_SHAPES
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+
+def _near(video: Tensor, colors: Tensor, tol: float) -> Tensor:
+    """``(T, K, H, W)`` mask of pixels within ``tol`` (L-inf) of each of the ``(K, 3)`` colours."""
+    return (video[:, None] - colors[None, :, :, None, None]).abs().amax(dim=2) <= tol
+
+
+def _components(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """8-connected components of a ``(B, H, W)`` boolean mask.
+
+    Returns:
+        ``counts`` ``(B,)``: components with at least :data:`MIN_PIXELS` pixels, and ``kept`` ``(B, H, W)``:
+        the pixels belonging to those components.
+    """
+    b, h, w = mask.shape
+    ids = torch.arange(1, h * w + 1, dtype=torch.float32).view(1, h, w).expand(b, h, w)
+    labels = torch.where(mask, ids, torch.zeros(()))
+    for _ in range(h * w):  # max-label propagation until stable
+        grown = F.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0]
+        grown = torch.where(mask, grown, torch.zeros(()))
+        if torch.equal(grown, labels):
+            break
+        labels = grown
+    flat = labels.long().view(b, -1)
+    sizes = torch.zeros(b, h * w + 1).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    sizes[:, 0] = 0
+    big = sizes >= MIN_PIXELS
+    counts = big.sum(dim=1)
+    kept = torch.gather(big, 1, flat).view(b, h, w)
+    return counts, kept
+
+
+def _detect(video: Tensor, tol: float) -> tuple[Tensor, Tensor]:
+    """Per palette colour: component counts ``(T, P)`` and kept-pixel masks ``(T, P, H, W)``."""
+    t, _, h, w = video.shape
+    near = _near(video.float(), torch.tensor(PALETTE), tol)
+    counts, kept = _components(near.reshape(-1, h, w))
+    return counts.view(t, len(PALETTE)), kept.view(t, len(PALETTE), h, w)
+
+
+def _clear_frames(spec: ClipSpec, num_frames: int) -> Tensor:
+    """``(T,)`` mask of frames in which no two shapes of the spec overlap (by their true centres)."""
+    centers = trajectory(spec, num_frames)
+    gap = (centers[:, :, None] - centers[:, None, :]).abs().amax(dim=-1)  # (T, n, n) Chebyshev
+    gap = gap + torch.eye(spec.num_shapes) * 1e9
+    return (gap > 2 * spec.size + 0.5).all(dim=-1).all(dim=-1)
+
+
+def _masked_mean(values: Tensor, mask: Tensor) -> float:
+    """Mean of boolean ``values`` where ``mask``; over all entries when ``mask`` is empty."""
+    if not bool(mask.any()):
+        mask = torch.ones_like(mask)
+    return float(values[mask].float().mean().item())
+
+
+def palette_fidelity(video: Float[Tensor, "frames 3 height width"], tol: float = 0.15) -> float:
+    """Fraction of pixels within ``tol`` (L-inf) of the background or a palette colour.
+
+    Args:
+        video: ``(T, 3, H, W)`` video in [0, 1].
+        tol: L-inf colour tolerance.
+
+    Returns:
+        A value in [0, 1]; 1.0 for rendered clips.
+    """
+    colors = torch.tensor((*PALETTE, BACKGROUND))
+    return float(_near(video.float(), colors, tol).any(dim=1).float().mean().item())
+
+
+def _expected_counts(spec: ClipSpec) -> Tensor:
+    expected = torch.zeros(len(PALETTE), dtype=torch.long)
+    expected[list(spec.colors)] = 1
+    return expected
+
+
+def shape_count_consistency(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol: float = 0.15) -> float:
+    """Fraction of frames whose detected per-colour shape counts equal the spec's.
+
+    A frame matches when, for all six palette colours, the number of 8-connected components of at
+    least :data:`MIN_PIXELS` pixels near that colour is 1 for the spec's colours and 0 otherwise.
+    Frames where shapes of the spec overlap are not scored (all frames are, if every frame overlaps).
+
+    Args:
+        video: ``(T, 3, H, W)`` video in [0, 1].
+        spec: The clip spec the video should show.
+        tol: L-inf colour tolerance.
+
+    Returns:
+        A value in [0, 1]; 1.0 for rendered clips.
+    """
+    counts, _ = _detect(video, tol)
+    match = (counts == _expected_counts(spec)[None]).all(dim=1)
+    return _masked_mean(match, _clear_frames(spec, video.shape[0]))
+
+
+def color_consistency(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol: float = 0.15) -> float:
+    """Fraction of frames whose set of detected colours equals the spec's colours.
+
+    A colour is detected when it has at least one component of :data:`MIN_PIXELS` pixels. Frames where
+    shapes of the spec overlap are not scored.
+
+    Args:
+        video: ``(T, 3, H, W)`` video in [0, 1].
+        spec: The clip spec the video should show.
+        tol: L-inf colour tolerance.
+
+    Returns:
+        A value in [0, 1]; 1.0 for rendered clips.
+    """
+    counts, _ = _detect(video, tol)
+    match = ((counts > 0) == (_expected_counts(spec)[None] > 0)).all(dim=1)
+    return _masked_mean(match, _clear_frames(spec, video.shape[0]))
+
+
+def _displacements(video: Tensor, spec: ClipSpec, tol: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Tracked displacement per frame pair and shape, true speeds, and the mask of pairs to score.
+
+    Each shape is tracked by its colour: the centroid of that colour's kept component pixels. A pair
+    ``(t, t + 1)`` is scored for shape ``i`` when the shape is detected in both frames, no shapes of the
+    spec overlap in either frame, and the true motion has no bounce in between (true displacement
+    equal to ``|v|``).
+
+    Returns:
+        ``disp`` ``(T - 1, n)``, ``speed`` ``(T - 1, n)``, ``valid`` ``(T - 1, n)`` boolean.
+    """
+    t, _, h, w = video.shape
+    _, kept = _detect(video, tol)
+    kept = kept[:, list(spec.colors)].float()  # (T, n, H, W)
+    area = kept.sum(dim=(2, 3))
+    ys = torch.arange(h, dtype=torch.float32)
+    xs = torch.arange(w, dtype=torch.float32)
+    cy = (kept.sum(dim=3) * ys).sum(dim=2) / area.clamp(min=1)
+    cx = (kept.sum(dim=2) * xs).sum(dim=2) / area.clamp(min=1)
+    cent = torch.stack([cy, cx], dim=-1)
+    disp = (cent[1:] - cent[:-1]).norm(dim=-1)
+    speed = torch.tensor(spec.speeds).expand_as(disp)
+    true = trajectory(spec, t)
+    no_bounce = ((true[1:] - true[:-1]).norm(dim=-1) - speed).abs() < 1e-4
+    present = area > 0
+    clear = _clear_frames(spec, t)[:, None]
+    valid = present[1:] & present[:-1] & clear[1:] & clear[:-1] & no_bounce
+    return disp, speed, valid
+
+
+def motion_error(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol: float = 0.15) -> float:
+    """Mean ``| tracked displacement per frame - true speed |`` in pixels.
+
+    Averaged over the scored (frame pair, shape) entries (see :func:`dynamic_degree` for which pairs are
+    scored: both frames show the shape, no overlap, no bounce in between).
+
+    Args:
+        video: ``(T, 3, H, W)`` video in [0, 1].
+        spec: The clip spec the video should show.
+        tol: L-inf colour tolerance.
+
+    Returns:
+        A value >= 0, lower is better (0 for rendered clips with integer velocities); NaN when no pair
+        can be scored (a single frame, or no shape ever detected).
+    """
+    disp, speed, valid = _displacements(video, spec, tol)
+    if not bool(valid.any()):
+        return float("nan")
+    return float((disp - speed).abs()[valid].mean().item())
+
+
+def dynamic_degree(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol: float = 0.15) -> float:
+    """Mean tracked centroid displacement per frame divided by the mean true speed.
+
+    Shapes are tracked by colour; a pair ``(t, t + 1)`` is scored for a shape when it is detected in both
+    frames, no two shapes of the spec overlap in either frame and the true motion does not bounce in
+    between.
+
+    Args:
+        video: ``(T, 3, H, W)`` video in [0, 1].
+        spec: The clip spec the video should show.
+        tol: L-inf colour tolerance.
+
+    Returns:
+        A value >= 0: about 1 for rendered clips, 0 for a frozen video; NaN when no pair can be scored.
+    """
+    disp, speed, valid = _displacements(video, spec, tol)
+    if not bool(valid.any()):
+        return float("nan")
+    return float((disp[valid].mean() / speed[valid].mean()).item())
+
+
+def freeze_fraction(video: Float[Tensor, "frames 3 height width"]) -> float:
+    """Fraction of consecutive frame pairs whose mean absolute difference is below 1e-3.
+
+    Args:
+        video: ``(T, 3, H, W)`` video.
+
+    Returns:
+        A value in [0, 1] (0.0 for a single frame): 0 for rendered clips, 1 for a frozen video.
+    """
+    if video.shape[0] < 2:
+        return 0.0
+    diff = (video[1:].float() - video[:-1].float()).abs().mean(dim=(1, 2, 3))
+    return float((diff < _FREEZE_TOL).float().mean().item())
+
+
+def _pairwise_diff(video: Tensor) -> Tensor:
+    flat = video.float().reshape(video.shape[0], -1)
+    return torch.cdist(flat[None], flat[None], p=1)[0] / flat.shape[1]
+
+
+def repetition(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec) -> float:
+    """Strongest unexplained temporal repetition.
+
+    For each lag ``L >= 2``, consider the frame pairs ``(t - L, t)`` whose *true* frames (``render(spec)``)
+    differ (mean absolute difference >= 1e-3), so that repetition genuinely present in the periodic
+    bouncing motion is excluded. The score for the lag is the fraction of those pairs whose video frames
+    are nearly equal (mean absolute difference < 1e-3). The result is the maximum over lags that have at
+    least one such pair.
+
+    Args:
+        video: ``(T, 3, H, W)`` video in [0, 1].
+        spec: The clip spec the video should show.
+
+    Returns:
+        A value in [0, 1]: 0 for rendered clips, 1 for a frozen video; 0.0 when no lag can be scored.
+    """
+    t = video.shape[0]
+    if t < 3:
+        return 0.0
+    same = _pairwise_diff(video) < _FREEZE_TOL
+    true_differs = _pairwise_diff(render(spec, t)) >= _FREEZE_TOL
+    idx = torch.arange(t)
+    lag = idx[:, None] - idx[None, :]
+    use = (lag >= 2) & true_differs
+    lags = lag[use]
+    eligible = torch.zeros(t).scatter_add_(0, lags, torch.ones(lags.shape[0]))
+    repeated = torch.zeros(t).scatter_add_(0, lags, same[use].float())
+    scored = eligible > 0
+    if not bool(scored.any()):
+        return 0.0
+    return float((repeated[scored] / eligible[scored]).max().item())
+
+
+def evaluate(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec) -> dict[str, float]:
+    """All metrics for one video.
+
+    Args:
+        video: ``(T, 3, H, W)`` video in [0, 1].
+        spec: The clip spec the video should show.
+
+    Returns:
+        ``palette_fidelity``, ``shape_count_consistency``, ``color_consistency``, ``motion_error``,
+        ``dynamic_degree``, ``freeze_fraction`` and ``repetition``.
+    """
+    return {
+        "palette_fidelity": palette_fidelity(video),
+        "shape_count_consistency": shape_count_consistency(video, spec),
+        "color_consistency": color_consistency(video, spec),
+        "motion_error": motion_error(video, spec),
+        "dynamic_degree": dynamic_degree(video, spec),
+        "freeze_fraction": freeze_fraction(video),
+        "repetition": repetition(video, spec),
+    }
