@@ -1,0 +1,179 @@
+"""A small Wan video model for the synthetic bouncing-shape clips: training and sampling.
+
+The model is diffusers' ``WanTransformer3DModel`` at a small configuration, so the real Wan code path
+(and freeloc's Wan adapter) is what runs. It works in pixel space through a fixed patchifier: a
+``32 x 32`` RGB frame becomes a ``(3 * 4 * 4) x 8 x 8`` latent frame (pixel unshuffle by 4, scaled to
+roughly unit variance), one latent frame per video frame (no VAE, no temporal compression). The
+condition of a clip (:func:`freeloc.synthetic.condition`) is the model's "text": one token of
+``CONDITION_DIM`` numbers.
+
+Training uses the flow-matching objective Wan uses: ``x_t = (1 - t) x_0 + t e`` with ``t`` drawn
+uniformly (after the same shift as the sampler), and the model predicts ``e - x_0``. Training is
+seeded and resumable (``checkpoint.pt`` holds the model, the optimizer, the step and the RNG states)
+and prints its progress; ``python -m freeloc.shapes_model --steps N --out DIR`` runs it.
+
+Sampling (:func:`sample`) integrates the flow with Euler steps from Gaussian noise at any length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor
+
+from .synthetic import CONDITION_DIM, condition, random_spec, render
+
+__all__ = ["ShapesConfig", "build_model", "encode", "decode", "sample", "train"]
+
+#: Pixel-unshuffle factor of the fixed patchifier.
+UNSHUFFLE = 4
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """The model and training settings (saved beside the checkpoint)."""
+
+    frame_size: int = 32
+    trained_frames: int = 16
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 24
+    ffn_dim: int = 256
+    batch: int = 8
+    lr: float = 3e-4
+    shift: float = 3.0
+    seed: int = 0
+
+    @property
+    def channels(self) -> int:
+        return 3 * UNSHUFFLE * UNSHUFFLE
+
+
+def build_model(cfg: ShapesConfig) -> torch.nn.Module:
+    """The small ``WanTransformer3DModel`` (seeded by ``cfg.seed``)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(cfg.seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.channels, out_channels=cfg.channels, text_dim=CONDITION_DIM, freq_dim=64,
+        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, rope_max_seq_len=1024,
+    )
+
+
+def encode(video: Tensor) -> Tensor:
+    """(B, T, 3, H, W) in [0, 1] -> latent (B, 48, T, H/4, W/4), about unit variance."""
+    b, t = video.shape[:2]
+    x = F.pixel_unshuffle(video.flatten(0, 1) * 2 - 1, UNSHUFFLE)  # (B*T, 48, H/4, W/4)
+    return x.unflatten(0, (b, t)).transpose(1, 2) * 1.5
+
+
+def decode(latent: Tensor) -> Tensor:
+    """Latent (B, 48, T, h, w) -> (B, T, 3, 4h, 4w) in [0, 1]."""
+    b, _, t = latent.shape[:3]
+    x = F.pixel_shuffle((latent / 1.5).transpose(1, 2).flatten(0, 1), UNSHUFFLE)
+    return ((x + 1) / 2).clamp(0, 1).unflatten(0, (b, t))
+
+
+def _batch(cfg: ShapesConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    specs = [random_spec(generator, frame_size=cfg.frame_size) for _ in range(cfg.batch)]
+    video = torch.stack([render(s, cfg.trained_frames) for s in specs])
+    cond = torch.stack([condition(s) for s in specs])[:, None, :]
+    return encode(video), cond
+
+
+def _shifted(t: Tensor, shift: float) -> Tensor:
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, progress: bool = True) -> dict[str, Any]:
+    """Train (or resume) for ``steps`` total steps; checkpoints and a loss log go to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    step, losses = 0, []
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise ValueError(f"{ckpt} was trained with {state['config']}, not {asdict(cfg)}: use another --out")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        data_gen.set_state(state["data_rng"])
+        noise_gen.set_state(state["noise_rng"])
+        step, losses = state["step"], state["losses"]
+        if progress:
+            print(f"resumed at step {step}")
+    t0 = time.perf_counter()
+
+    def save() -> None:
+        torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, losses=losses,
+                        config=asdict(cfg), data_rng=data_gen.get_state(), noise_rng=noise_gen.get_state()), ckpt)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    while step < steps:
+        x0, cond = _batch(cfg, data_gen)
+        noise = torch.randn(x0.shape, generator=noise_gen)
+        t = _shifted(torch.rand(x0.shape[0], generator=noise_gen), cfg.shift)
+        xt = (1 - t)[:, None, None, None, None] * x0 + t[:, None, None, None, None] * noise
+        pred = model(xt, t * 1000, cond, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise - x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if progress and (step % 20 == 0 or step == steps):
+            recent = sum(losses[-20:]) / len(losses[-20:])
+            print(f"step {step}/{steps}  loss {recent:.4f}  {time.perf_counter() - t0:.0f} s", flush=True)
+        if step % save_every == 0 or step == steps:
+            save()
+    return dict(step=step, loss=sum(losses[-20:]) / max(1, len(losses[-20:])), checkpoint=str(ckpt))
+
+
+def load(out: Path) -> tuple[torch.nn.Module, ShapesConfig]:
+    """The trained model (eval mode) and its config from a training folder."""
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    cfg = ShapesConfig(**state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Tensor, num_frames: int, *, steps: int = 20,
+           seed: int = 0) -> Tensor:
+    """Videos (B, T, 3, H, W) in [0, 1] for conditions ``cond`` (B, CONDITION_DIM), Euler flow sampling."""
+    g = torch.Generator().manual_seed(seed)
+    h = cfg.frame_size // UNSHUFFLE
+    x = torch.randn(cond.shape[0], cfg.channels, num_frames, h, h, generator=g)
+    ts = _shifted(torch.linspace(1, 0, steps + 1), cfg.shift)
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        v = model(x, torch.full((x.shape[0],), float(t) * 1000), cond[:, None, :], return_dict=False)[0]
+        x = x + (t_next - t) * v
+    return decode(x)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Train the small Wan model on synthetic bouncing-shape clips.")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--out", type=Path, default=Path("shapes-model"))
+    ap.add_argument("--save-every", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    print(json.dumps(train(ShapesConfig(seed=args.seed), args.steps, args.out, save_every=args.save_every)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
