@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ADAPTERS", "adapters_for", "supported_classes"]
+__all__ = ["MODULES", "adapters_for", "supported_classes"]
 
 
 #: The adapter modules of this package (each defines subclasses of ``base.TransformerAdapter``).
@@ -69,5 +69,3 @@ def adapters_for(target: Any, adapter: type | None = None) -> list[tuple[str, to
         out.append((name, module, cls))
     return out
 
-
-ADAPTERS = _registry
