@@ -206,16 +206,19 @@ class TransformerAdapter:
     # ------------------------------------------------------------------ install
     def install(self, session: Session, *, method: str, plan: LayerPlan | str | None, num_frames: int | None,
                 trained_frames: int | None, backend: str, pipeline: Any = None,
-                method_params: dict[str, Any] | None = None) -> None:
+                method_params: dict[str, Any] | None = None, temporal_factor: int | None = None) -> None:
         """Validate everything, then install the grid hook and the processors, registering each undo."""
         tr = self.transformer
         if getattr(tr, _MARK, None) is not None:
             raise RuntimeError(f"freeloc is already applied to this {type(tr).__name__} ({self.name}); remove "
                                f"that session first (leave its with-block or call .remove())")
-        for label, value in (("num_frames", num_frames), ("trained_frames", trained_frames)):
+        for label, value, unit in (("num_frames", num_frames, "video frames"),
+                                   ("trained_frames", trained_frames, "video frames"),
+                                   ("temporal_factor", temporal_factor, "video frames per latent frame")):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{label} must be a positive int (video frames), got {value!r}")
-        factor = int(getattr(pipeline, "vae_scale_factor_temporal", 0) or model_data(self.data_name)["temporal_factor"])
+                raise ValueError(f"{label} must be a positive int ({unit}), got {value!r}")
+        factor = temporal_factor or int(getattr(pipeline, "vae_scale_factor_temporal", 0)
+                                        or model_data(self.data_name)["temporal_factor"])
         video_t = trained_frames if trained_frames is not None else self.trained_video_frames()
         t_latent = self.video_to_latent(video_t, factor)
         expected = None if num_frames is None else self.video_to_latent(num_frames, factor)

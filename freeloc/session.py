@@ -158,7 +158,7 @@ def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
 def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: LayerPlan | str | Path | None = None,
            method: str = "freeloc", *, adapter: Any = None, trained_frames: int | None = None,
            backend: str = "auto", method_params: dict[str, Any] | None = None,
-           observer: Callable[..., None] | None = None) -> Session:
+           observer: Callable[..., None] | None = None, temporal_factor: int | None = None) -> Session:
     """Apply FreeLOC (or a baseline) to a pipeline or transformer; use as a context manager.
 
     Args:
@@ -173,6 +173,9 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
         backend: attention backend for :func:`freeloc.attention.attend`.
         method_params: parameters of a single ``method`` on every layer, e.g. ``{"k": 4}`` for RIFLEx or
             ``{"window": 10}`` for the sliding window; empty: derived from the length.
+        observer: called with each hooked layer's attention inputs (used by the probe).
+        temporal_factor: video frames per latent frame, overriding the pipeline's and the model data's
+            (1 for a model without temporal compression); ``latent = (video - 1) // factor + 1``.
 
     Returns:
         The :class:`Session`; leaving its ``with`` block or :meth:`Session.remove` undoes everything.
@@ -185,7 +188,8 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
         for name, module, adapter_cls in found:
             adapter_cls(module, name=name).install(
                 session, method=method, plan=plan, num_frames=num_frames, trained_frames=trained_frames,
-                backend=backend, pipeline=None if module is target else target, method_params=method_params)
+                backend=backend, pipeline=None if module is target else target, method_params=method_params,
+                temporal_factor=temporal_factor)
     except BaseException:
         session.remove()
         raise

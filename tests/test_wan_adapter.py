@@ -409,3 +409,14 @@ def test_skyreels_v2_reuses_the_wan_adapter() -> None:
         long = run(model, 4 * TRAINED_LATENT)
     assert torch.equal(same, base) and torch.isfinite(long).all()
     assert all(s.calls == 1 and s.max_abs_distance <= TRAINED_LATENT - 1 for s in session.layers)
+
+
+def test_temporal_factor_override() -> None:
+    """A model without temporal compression counts one latent frame per video frame."""
+    model = tiny_wan()
+    with freeloc.enable(model, plan="uniform", trained_frames=6, temporal_factor=1, num_frames=24):
+        assert hooked_processor(model).trained_frames == 6
+        out = run(model, 24)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="temporal_factor must be a positive int"):
+        freeloc.enable(model, plan="uniform", trained_frames=6, temporal_factor=0)
