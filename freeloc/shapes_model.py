@@ -2,15 +2,23 @@
 
 The model is diffusers' ``WanTransformer3DModel`` at a small configuration, so the real Wan code path
 (and freeloc's Wan adapter) is what runs. It works in pixel space through a fixed patchifier: a
-``32 x 32`` RGB frame becomes a ``(3 * 4 * 4) x 8 x 8`` latent frame (pixel unshuffle by 4, scaled to
-roughly unit variance), one latent frame per video frame (no VAE, no temporal compression). The
-condition of a clip (:func:`freeloc.synthetic.condition`) is the model's "text": one token of
-``CONDITION_DIM`` numbers.
+``32 x 32`` RGB frame minus the background colour, times :data:`SCALE`, becomes a
+``(3 * 4 * 4) x 8 x 8`` latent frame (pixel unshuffle by 4), one latent frame per video frame (no VAE,
+no temporal compression). With the model's ``(1, 2, 2)`` patch a token holds ``192`` numbers, so the
+model's width (``num_heads * head_dim``) must be at least that: a narrower model cannot even pass the
+noise through, and its loss stalls.
+
+The model's "text" is one token: the clip's condition (:func:`model_condition`), which names the
+shapes, their colours and their velocities but not where they start, so the model chooses the
+layout and must keep it moving consistently from frame to frame (a relation between frames, which
+is what RoPE's relative positions carry).
 
 Training uses the flow-matching objective Wan uses: ``x_t = (1 - t) x_0 + t e`` with ``t`` drawn
-uniformly (after the same shift as the sampler), and the model predicts ``e - x_0``. Training is
-seeded and resumable (``checkpoint.pt`` holds the model, the optimizer, the step and the RNG states)
-and prints its progress; ``python -m freeloc.shapes_model --steps N --out DIR`` runs it.
+uniformly (after the same shift as the sampler), and the model predicts ``e - x_0``; the learning
+rate warms up linearly, and an exponential moving average of the weights is kept and is what
+:func:`load` returns. Training is seeded and resumable (``checkpoint.pt`` holds the model, its
+average, the optimizer, the step and the RNG states) and prints its progress;
+``python -m freeloc.shapes_model --steps N --out DIR`` runs it.
 
 Sampling (:func:`sample`) integrates the flow with Euler steps from Gaussian noise at any length.
 """
@@ -28,12 +36,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from .synthetic import CONDITION_DIM, condition, random_spec, render
+from .synthetic import BACKGROUND, CONDITION_DIM, SLOT_DIM, ClipSpec, condition, random_spec, render
 
-__all__ = ["ShapesConfig", "build_model", "encode", "decode", "sample", "train"]
+__all__ = ["ShapesConfig", "build_model", "decode", "encode", "load", "model_condition", "sample", "train"]
 
 #: Pixel-unshuffle factor of the fixed patchifier.
 UNSHUFFLE = 4
+#: Latent scale: ``latent = (pixels - background) * SCALE`` (real clips then have an RMS near 0.55).
+SCALE = 4.0
 
 
 @dataclass(frozen=True)
@@ -44,11 +54,13 @@ class ShapesConfig:
     trained_frames: int = 16
     num_layers: int = 4
     num_heads: int = 4
-    head_dim: int = 24
-    ffn_dim: int = 256
+    head_dim: int = 64
+    ffn_dim: int = 512
     batch: int = 8
-    lr: float = 3e-4
-    shift: float = 3.0
+    lr: float = 5e-4
+    warmup: int = 200
+    ema: float = 0.999
+    shift: float = 2.0
     seed: int = 0
 
     @property
@@ -68,24 +80,39 @@ def build_model(cfg: ShapesConfig) -> torch.nn.Module:
     )
 
 
+def _background() -> Tensor:
+    return torch.tensor(BACKGROUND).view(3, 1, 1)
+
+
 def encode(video: Tensor) -> Tensor:
-    """(B, T, 3, H, W) in [0, 1] -> latent (B, 48, T, H/4, W/4), about unit variance."""
+    """(B, T, 3, H, W) in [0, 1] -> latent (B, 48, T, H/4, W/4); the background maps to 0."""
     b, t = video.shape[:2]
-    x = F.pixel_unshuffle(video.flatten(0, 1) * 2 - 1, UNSHUFFLE)  # (B*T, 48, H/4, W/4)
-    return x.unflatten(0, (b, t)).transpose(1, 2) * 1.5
+    x = F.pixel_unshuffle((video - _background()).flatten(0, 1) * SCALE, UNSHUFFLE)  # (B*T, 48, H/4, W/4)
+    return x.unflatten(0, (b, t)).transpose(1, 2)
 
 
 def decode(latent: Tensor) -> Tensor:
     """Latent (B, 48, T, h, w) -> (B, T, 3, 4h, 4w) in [0, 1]."""
     b, _, t = latent.shape[:3]
-    x = F.pixel_shuffle((latent / 1.5).transpose(1, 2).flatten(0, 1), UNSHUFFLE)
-    return ((x + 1) / 2).clamp(0, 1).unflatten(0, (b, t))
+    x = F.pixel_shuffle((latent / SCALE).transpose(1, 2).flatten(0, 1), UNSHUFFLE)
+    return (x + _background()).clamp(0, 1).unflatten(0, (b, t))
+
+
+def model_condition(spec: ClipSpec) -> Tensor:
+    """The model's condition: :func:`freeloc.synthetic.condition` with the start positions zeroed.
+
+    The shapes, colours and velocities are asked for; where the shapes start is left to the model.
+    """
+    out = condition(spec).clone()
+    for i in range(spec.num_shapes):
+        out[i * SLOT_DIM + 10 : i * SLOT_DIM + 12] = 0.0
+    return out
 
 
 def _batch(cfg: ShapesConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     specs = [random_spec(generator, frame_size=cfg.frame_size) for _ in range(cfg.batch)]
     video = torch.stack([render(s, cfg.trained_frames) for s in specs])
-    cond = torch.stack([condition(s) for s in specs])[:, None, :]
+    cond = torch.stack([model_condition(s) for s in specs])[:, None, :]
     return encode(video), cond
 
 
@@ -96,7 +123,12 @@ def _shifted(t: Tensor, shift: float) -> Tensor:
 def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) for ``steps`` total steps; checkpoints and a loss log go to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.num_heads * cfg.head_dim < 3 * (UNSHUFFLE * 2) ** 2:
+        raise ValueError(f"num_heads * head_dim = {cfg.num_heads * cfg.head_dim} is narrower than a token "
+                         f"({3 * (UNSHUFFLE * 2) ** 2} numbers): the model could not pass the noise through")
     model = build_model(cfg).train()
+    ema = build_model(cfg).eval().requires_grad_(False)
+    ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise_gen = torch.Generator().manual_seed(cfg.seed + 2)
@@ -107,6 +139,7 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
         if state["config"] != asdict(cfg):
             raise ValueError(f"{ckpt} was trained with {state['config']}, not {asdict(cfg)}: use another --out")
         model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
         data_gen.set_state(state["data_rng"])
         noise_gen.set_state(state["noise_rng"])
@@ -116,7 +149,7 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     t0 = time.perf_counter()
 
     def save() -> None:
-        torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), step=step, losses=losses,
+        torch.save(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step, losses=losses,
                         config=asdict(cfg), data_rng=data_gen.get_state(), noise_rng=noise_gen.get_state()), ckpt)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
@@ -130,7 +163,13 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
         opt.step()
+        with torch.no_grad():
+            decay = min(cfg.ema, (1 + step) / (10 + step))
+            for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                e.lerp_(p, 1 - decay)
         step += 1
         losses.append(loss.item())
         if progress and (step % 20 == 0 or step == steps):
@@ -141,12 +180,12 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     return dict(step=step, loss=sum(losses[-20:]) / max(1, len(losses[-20:])), checkpoint=str(ckpt))
 
 
-def load(out: Path) -> tuple[torch.nn.Module, ShapesConfig]:
-    """The trained model (eval mode) and its config from a training folder."""
+def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesConfig]:
+    """The trained model (eval mode; the weight average unless ``average=False``) and its config."""
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     cfg = ShapesConfig(**state["config"])
     model = build_model(cfg)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state["ema" if average else "model"])
     return model.eval(), cfg
 
 

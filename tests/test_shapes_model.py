@@ -13,7 +13,7 @@ pytest.importorskip("diffusers", reason="the shapes model is a diffusers WanTran
 from freeloc.shapes_model import ShapesConfig, decode, encode, load, sample, train  # noqa: E402
 from freeloc.synthetic import condition, random_spec, render  # noqa: E402
 
-TINY = ShapesConfig(num_layers=1, num_heads=2, head_dim=12, ffn_dim=32, batch=2, trained_frames=4)
+TINY = ShapesConfig(num_layers=1, num_heads=2, head_dim=96, ffn_dim=32, batch=2, trained_frames=4)
 
 
 def test_patchifier_round_trip() -> None:
@@ -21,6 +21,7 @@ def test_patchifier_round_trip() -> None:
     latent = encode(video)
     assert latent.shape == (2, 48, 5, 8, 8)
     torch.testing.assert_close(decode(latent), video, atol=1e-6, rtol=0)
+    assert float(latent.abs().amax(dim=1).min()) == 0.0  # the background is the zero latent
 
 
 def test_training_is_seeded_and_resumable(tmp_path: Path) -> None:
@@ -44,3 +45,20 @@ def test_sampling_at_several_lengths(tmp_path: Path) -> None:
         video = sample(model, cfg, cond, frames, steps=2)
         assert video.shape == (2, frames, 3, 32, 32) and torch.isfinite(video).all()
         assert 0 <= float(video.min()) and float(video.max()) <= 1
+
+
+def test_too_narrow_a_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="narrower than a token"):
+        train(replace(TINY, head_dim=12), 1, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_condition_leaves_the_layout_to_the_model() -> None:
+    from freeloc.shapes_model import model_condition
+
+    spec = random_spec(3)
+    full, given = condition(spec), model_condition(spec)
+    assert not torch.equal(full, given)
+    moved = type(spec)(spec.num_shapes, spec.colors, spec.shape_kinds, spec.velocities,
+                       tuple((y + 1, x - 1) for y, x in spec.positions))
+    assert torch.equal(model_condition(moved), given)
