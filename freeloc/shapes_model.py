@@ -149,8 +149,9 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     t0 = time.perf_counter()
 
     def save() -> None:
-        torch.save(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step, losses=losses,
-                        config=asdict(cfg), data_rng=data_gen.get_state(), noise_rng=noise_gen.get_state()), ckpt)
+        torch.save(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
+                        losses=losses, config=asdict(cfg), data_rng=data_gen.get_state(),
+                        noise_rng=noise_gen.get_state()), ckpt)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     while step < steps:
