@@ -157,7 +157,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
           shifts: list[float] | None = None, window: int | None = None, layers: list[int] | None = None,
           seed: int = 0, trained_frames: int | None = None, max_queries: int = DEFAULT_QUERIES,
           margin: float = 0.0, tsa_count: int | None = None, latent_size: tuple[int, int] | None = None,
-          progress: bool = True) -> LayerPlan:
+          progress: bool = True, temporal_factor: int | None = None) -> LayerPlan:
     """Probe every self-attention layer of ``target`` at ``num_frames`` video frames; returns the plan.
 
     Args:
@@ -175,6 +175,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         margin, tsa_count: the selection rule (:func:`select`).
         latent_size: (height, width) of the synthetic latents (default: the adapter's, e.g. Wan 480p).
         progress: show a progress bar over layers.
+        temporal_factor: video frames per latent frame, as in :func:`freeloc.enable` (1 for a model
+            without temporal compression); default: the pipeline's, else the model data's.
     """
     import freeloc
     from freeloc.adapters import adapters_for
@@ -185,9 +187,9 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     pipeline = None if module is target else target
     factor = int(getattr(pipeline, "vae_scale_factor_temporal", 0) or 0) or None
     t0 = time.perf_counter()
-    enable_kw: dict[str, Any] = dict(trained_frames=trained_frames)
+    enable_kw: dict[str, Any] = dict(trained_frames=trained_frames, temporal_factor=temporal_factor)
     # the trained and probed lengths in temporal tokens, as the adapter counts them
-    data_factor = factor or int(model_data(adapter.data_name)["temporal_factor"])
+    data_factor = temporal_factor or factor or int(model_data(adapter.data_name)["temporal_factor"])
     t_video = trained_frames if trained_frames is not None else adapter.trained_video_frames()
     t_latent = adapter.video_to_latent(t_video, data_factor)
     f_latent = adapter.video_to_latent(num_frames, data_factor)
@@ -300,6 +302,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
                            "rule": {"name": "normalized dominance", "margin": margin, "tsa_count": tsa_count},
                            "probe": {"num_frames": num_frames, "latent_frames": f_latent, "shifts": shifts,
                                      "window": window, "layers": probed, "seed": seed, "max_queries": max_queries,
+                                     "temporal_factor": data_factor,
                                      "timestep": None if inputs is not None else 500,
                                      "inputs": "given" if inputs is not None else "synthetic"},
                            "cost": {"seconds": round(seconds, 3), "forwards": forwards}})

@@ -167,3 +167,15 @@ def test_probe_with_a_pipeline_call() -> None:
     assert len(plan.methods) == 2 and plan.meta["probe"]["latent_frames"] == 21
     assert all(x > 0 for x in plan.scores["position"]) and all(x > 0 for x in plan.scores["context"])
     assert_same_state(before, snapshot(pipe.transformer))
+
+
+def test_probe_counts_frames_with_the_given_temporal_factor() -> None:
+    """A model without temporal compression (factor 1): video frames are latent frames."""
+    model = prepared_model()
+    plan = probe(model, FRAMES, inputs=inputs(), trained_frames=6, temporal_factor=1, progress=False,
+                 max_queries=200)
+    same = run_probe(model)  # the same latent lengths counted with the Wan VAE's factor 4
+    assert plan.trained_frames == 6 and plan.meta["probe"]["latent_frames"] == FRAMES
+    assert plan.meta["probe"]["temporal_factor"] == 1 and same.meta["probe"]["temporal_factor"] == 4
+    assert plan.scores["position"] == pytest.approx(same.scores["position"], rel=1e-6)
+    assert plan.methods == same.methods
