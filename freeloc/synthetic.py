@@ -33,6 +33,7 @@ __all__ = [
     "condition",
     "dynamic_degree",
     "evaluate",
+    "fit_spec",
     "freeze_fraction",
     "motion_error",
     "palette_fidelity",
@@ -474,6 +475,39 @@ def repetition(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec) ->
     if not bool(scored.any()):
         return 0.0
     return float((repeated[scored] / eligible[scored]).max().item())
+
+
+def fit_spec(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol: float = 0.15) -> ClipSpec:
+    """The spec with its start positions read from the video's first frame.
+
+    For a model that is asked for shapes, colours and velocities but chooses where they start, this is
+    the clip the video should show: each shape's start centre is the rounded centroid of its colour's
+    detected pixels in frame 0 (clamped to the valid range); a shape not detected in frame 0 keeps
+    the spec's position. The metrics then measure whether the video keeps its own start moving as asked.
+
+    Args:
+        video: ``(T, 3, H, W)`` video in [0, 1].
+        spec: The clip spec the video was asked for.
+        tol: L-inf colour tolerance.
+
+    Returns:
+        A new :class:`ClipSpec` (equal to ``spec`` for a rendered clip of it).
+    """
+    _, kept = _detect(video[:1], tol)
+    lo, hi = spec.size, spec.frame_size - 1 - spec.size
+    grid = torch.arange(spec.frame_size, dtype=torch.float32)
+    positions = []
+    for c, start in zip(spec.colors, spec.positions, strict=True):
+        mask = kept[0, c].float()
+        area = float(mask.sum())
+        if area == 0:
+            positions.append(start)
+            continue
+        y = float((mask.sum(dim=1) * grid).sum()) / area
+        x = float((mask.sum(dim=0) * grid).sum()) / area
+        positions.append((float(min(max(round(y), lo), hi)), float(min(max(round(x), lo), hi))))
+    return ClipSpec(spec.num_shapes, spec.colors, spec.shape_kinds, spec.velocities, tuple(positions),
+                    size=spec.size, frame_size=spec.frame_size)
 
 
 def evaluate(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec) -> dict[str, float]:

@@ -20,6 +20,7 @@ from freeloc.synthetic import (
     condition,
     dynamic_degree,
     evaluate,
+    fit_spec,
     freeze_fraction,
     motion_error,
     palette_fidelity,
@@ -212,3 +213,24 @@ def test_invalid_specs_are_rejected() -> None:
     ):
         with pytest.raises(ValueError):
             ClipSpec(**{**good, **bad})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fit_spec_reads_the_start_from_the_first_frame(seed: int) -> None:
+    spec = random_spec(seed)
+    assert fit_spec(render(spec, 8), spec) == spec  # a rendered clip of the spec: unchanged
+    moved = ClipSpec(spec.num_shapes, spec.colors, spec.shape_kinds, spec.velocities,
+                     tuple((float(spec.size + 2 + 9 * i), float(spec.size + 1 + 9 * i))
+                           for i in range(spec.num_shapes)))
+    video = render(moved, 24)
+    fitted = fit_spec(video, spec)  # asked for spec's shapes, the video chose moved's layout
+    assert fitted == moved
+    scores = evaluate(video, fitted)
+    assert scores["motion_error"] < 0.3 and scores["shape_count_consistency"] == 1.0 and scores["repetition"] == 0.0
+
+
+def test_fit_spec_keeps_a_shape_missing_from_frame_zero() -> None:
+    spec = random_spec(4)
+    video = render(spec, 6)
+    video[0] = torch.tensor(BACKGROUND).view(3, 1, 1)
+    assert fit_spec(video, spec).positions == spec.positions
