@@ -41,6 +41,7 @@ __all__ = [
     "render",
     "repetition",
     "shape_count_consistency",
+    "shape_presence",
     "trajectory",
 ]
 
@@ -67,6 +68,9 @@ MIN_PIXELS = 4
 MAX_SPEED = 3.0
 _KINDS = ("square", "disc")
 _FREEZE_TOL = 1e-3
+#: random_spec: consecutive rejected start positions before the placement starts over, and how often.
+_MAX_MISSES = 1000
+_MAX_RESTARTS = 100
 
 
 @dataclass(frozen=True)
@@ -150,10 +154,17 @@ def random_spec(generator: torch.Generator | int, frame_size: int = 32, size: in
     velocities = tuple((steps[draw(4)], steps[draw(4)]) for _ in range(n))
     lo, span = size, frame_size - 2 * size
     positions: list[tuple[float, float]] = []
+    misses = restarts = 0
     while len(positions) < n:
         y, x = float(lo + draw(span)), float(lo + draw(span))
         if all(max(abs(y - py), abs(x - px)) > 2 * size + 1 for py, px in positions):
             positions.append((y, x))
+            misses = 0
+        elif (misses := misses + 1) >= _MAX_MISSES:  # the shapes placed so far leave no room: start over
+            positions, misses, restarts = [], 0, restarts + 1
+            if restarts > _MAX_RESTARTS:
+                raise ValueError(f"cannot place {n} non-overlapping shapes of half-size {size} in a "
+                                 f"{frame_size} x {frame_size} frame")
     return ClipSpec(n, colors, kinds, velocities, tuple(positions), size=size, frame_size=frame_size)
 
 
@@ -331,6 +342,24 @@ def shape_count_consistency(video: Float[Tensor, "frames 3 height width"], spec:
     counts, _ = _detect(video, tol)
     match = (counts == _expected_counts(spec)[None]).all(dim=1)
     return _masked_mean(match, _clear_frames(spec, video.shape[0]))
+
+
+def shape_presence(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol: float = 0.15) -> float:
+    """Shapes detected per frame (any palette colour), divided by the number of shapes the spec asks for.
+
+    Unlike the consistency metrics it does not need the right colours: 0 for frames left empty, about 1
+    when as many shapes are drawn as asked, above 1 for extra ones. Every frame is scored.
+
+    Args:
+        video: ``(T, 3, H, W)`` video in [0, 1].
+        spec: The clip spec the video should show.
+        tol: L-inf colour tolerance.
+
+    Returns:
+        A value >= 0; 1.0 for rendered clips without overlaps, slightly less when shapes overlap.
+    """
+    counts, _ = _detect(video, tol)
+    return float(counts.sum(dim=1).float().mean().item()) / spec.num_shapes
 
 
 def color_consistency(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol: float = 0.15) -> float:
@@ -518,11 +547,12 @@ def evaluate(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec) -> d
         spec: The clip spec the video should show.
 
     Returns:
-        ``palette_fidelity``, ``shape_count_consistency``, ``color_consistency``, ``motion_error``,
+        ``palette_fidelity``, ``shape_presence``, ``shape_count_consistency``, ``color_consistency``, ``motion_error``,
         ``dynamic_degree``, ``freeze_fraction`` and ``repetition``.
     """
     return {
         "palette_fidelity": palette_fidelity(video),
+        "shape_presence": shape_presence(video, spec),
         "shape_count_consistency": shape_count_consistency(video, spec),
         "color_consistency": color_consistency(video, spec),
         "motion_error": motion_error(video, spec),

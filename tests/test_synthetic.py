@@ -28,6 +28,7 @@ from freeloc.synthetic import (
     render,
     repetition,
     shape_count_consistency,
+    shape_presence,
     trajectory,
 )
 
@@ -48,6 +49,7 @@ def test_real_clips_score_near_perfect(seed: int, num_frames: int) -> None:
     spec = random_spec(seed)
     scores = evaluate(render(spec, num_frames), spec)
     assert scores["palette_fidelity"] == 1.0
+    assert scores["shape_presence"] >= 0.95
     assert scores["shape_count_consistency"] == 1.0
     assert scores["color_consistency"] == 1.0
     assert scores["motion_error"] < 0.3
@@ -234,3 +236,37 @@ def test_fit_spec_keeps_a_shape_missing_from_frame_zero() -> None:
     video = render(spec, 6)
     video[0] = torch.tensor(BACKGROUND).view(3, 1, 1)
     assert fit_spec(video, spec).positions == spec.positions
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_shape_presence_sees_vanishing_and_extra_shapes(seed: int) -> None:
+    spec = random_spec(seed)
+    video = render(spec, 12)
+    empty = video.clone()
+    empty[:] = torch.tensor(BACKGROUND).view(3, 1, 1)
+    assert shape_presence(empty, spec) == 0.0
+    half = video.clone()
+    half[6:] = empty[6:]
+    assert shape_presence(half, spec) == pytest.approx(0.5 * shape_presence(video, spec))
+    extra = video.clone()
+    extra[:, :, 0:3, 0:3] = torch.tensor(PALETTE[[c for c in range(6) if c not in spec.colors][0]]).view(3, 1, 1)
+    assert shape_presence(extra, spec) > shape_presence(video, spec)
+
+
+def test_random_spec_starts_over_when_the_first_shapes_leave_no_room() -> None:
+    """24 px frames with half-size 4: a shape near the middle blocks every other start; the draw must not hang."""
+    t0 = time.perf_counter()
+    specs = [random_spec(seed, frame_size=24, size=4) for seed in range(300)]
+    print(f"300 specs in {time.perf_counter() - t0:.2f} s")
+    assert {s.num_shapes for s in specs} == {1, 2, 3}
+    with pytest.raises(ValueError, match="cannot place [23] non-overlapping shapes of half-size 4 in a 11 x 11 frame"):
+        for seed in range(50):
+            random_spec(seed, frame_size=11, size=4)
+
+
+def test_random_spec_is_unchanged_for_the_training_data() -> None:
+    """The shipped model's data: the first draws of the default generator, pinned."""
+    spec = random_spec(0)
+    assert (spec.num_shapes, spec.colors, spec.shape_kinds) == (3, (3, 4, 2), ("disc", "disc", "disc"))
+    assert spec.velocities == ((2.0, -1.0), (1.0, -2.0), (2.0, 1.0))
+    assert spec.positions == ((3.0, 21.0), (17.0, 15.0), (25.0, 25.0))
