@@ -38,7 +38,24 @@ from torch import Tensor
 
 from .synthetic import BACKGROUND, CONDITION_DIM, SLOT_DIM, ClipSpec, condition, random_spec, render
 
-__all__ = ["ShapesConfig", "build_model", "decode", "encode", "load", "model_condition", "sample", "train"]
+__all__ = [
+    "SHIPPED",
+    "ShapesConfig",
+    "build_model",
+    "decode",
+    "encode",
+    "export",
+    "load",
+    "load_shipped",
+    "model_condition",
+    "probe_plan",
+    "shipped_plan",
+    "sample",
+    "train",
+]
+
+#: Folder of the checkpoint shipped with the package (weights, metadata, model card, loss curve).
+SHIPPED = Path(__file__).parent / "data" / "shapes"
 
 #: Pixel-unshuffle factor of the fixed patchifier.
 UNSHUFFLE = 4
@@ -190,6 +207,135 @@ def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesCon
     return model.eval(), cfg
 
 
+def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: str = "") -> Path:
+    """Write a training run's weight average as a shippable checkpoint in ``dest``.
+
+    ``dest`` receives ``model.safetensors`` (float16 weights), ``model.json`` (the config, the steps,
+    the final loss, the data generator settings and ``commit``, the commit of the training code),
+    ``plan.json`` (:func:`probe_plan` on the exported weights), ``loss.png`` and ``MODEL_CARD.md``.
+    """
+    from safetensors.torch import save_file
+
+    from . import synthetic
+
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    cfg = ShapesConfig(**state["config"])
+    losses: list[float] = state["losses"]
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in state["ema"].items()}, str(dest / "model.safetensors"))
+    window = min(200, len(losses))
+    meta = dict(
+        config=asdict(cfg), steps=state["step"], final_loss=round(sum(losses[-window:]) / window, 4),
+        loss_window=window, commit=commit, parameters=sum(v.numel() for v in state["ema"].values()),
+        weights="exponential moving average of the weights, stored as float16",
+        data=dict(generator="freeloc.synthetic.random_spec", frame_size=cfg.frame_size, shape_size=3,
+                  max_shapes=synthetic.MAX_SHAPES, palette=list(synthetic.PALETTE),
+                  background=list(synthetic.BACKGROUND), speeds="integer components in {-2, -1, 1, 2} px/frame",
+                  condition="freeloc.shapes_model.model_condition (start positions left to the model)",
+                  trained_frames=cfg.trained_frames),
+    )
+    (dest / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    model = build_model(cfg)
+    model.load_state_dict({k: v.to(torch.float16).float() for k, v in state["ema"].items()})
+    probe_plan(model.eval(), cfg).save(dest / "plan.json")
+    _loss_png(losses, dest / "loss.png")
+    (dest / "MODEL_CARD.md").write_text(_card(meta, note))
+    return dest
+
+
+def _loss_png(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(range(1, len(losses) + 1), losses, color="tab:gray", alpha=0.35, linewidth=0.6, label="per step")
+    w = 100
+    if len(losses) >= w:
+        smooth = torch.tensor(losses).unfold(0, w, 1).mean(dim=1)
+        ax.plot(range(w, len(losses) + 1), smooth.tolist(), color="tab:blue", label=f"mean of {w}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("flow-matching loss")
+    ax.set_title("shapes model: training loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _card(meta: dict[str, Any], note: str) -> str:
+    cfg = meta["config"]
+    return f"""# Shapes model (freeloc's built-in video model)
+
+A `diffusers.WanTransformer3DModel` trained from scratch by `python -m freeloc.shapes_model` on
+synthetic clips of one to three coloured squares or discs bouncing in a 32 x 32 frame
+(`freeloc.synthetic`). It exists so that long-video methods can be compared on a real model offline.
+
+- Architecture: {cfg["num_layers"]} layers, {cfg["num_heads"]} heads x {cfg["head_dim"]}, FFN {cfg["ffn_dim"]},
+  patch (1, 2, 2) on a pixel-unshuffled latent (48 x 8 x 8 per frame, 16 tokens per frame, one latent
+  frame per video frame); {meta["parameters"]:,} parameters; {meta["weights"]}.
+- Condition (the "text"): one token of 37 numbers: per shape present, colour, square or disc and
+  velocity; the start positions are zeroed, so the model chooses the layout.
+- Trained length: **{cfg["trained_frames"]} frames**. Training: flow matching as in Wan (predict
+  noise - x0, timestep shift {cfg["shift"]}), AdamW lr {cfg["lr"]} with {cfg["warmup"]} warm-up steps, batch
+  {cfg["batch"]}, EMA {cfg["ema"]}, seed {cfg["seed"]}, {meta["steps"]} steps, on CPU.
+- Final loss (mean of the last {meta["loss_window"]} steps): {meta["final_loss"]}. Curve: `loss.png`.
+- Training code: `freeloc/shapes_model.py` at commit `{meta["commit"]}`.
+- Data generator settings: see `model.json` (`data`).
+{note}
+Load it offline with `freeloc.shapes_model.load_shipped()`; sample with `freeloc.shapes_model.sample`.
+"""
+
+
+def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, progress: bool = True) -> Any:
+    """The layer plan :func:`freeloc.probe` writes for this model at ``multiple`` x its trained length.
+
+    The probe's input is a rendered clip (seed 99) noised halfway (timestep 500) with its condition.
+    """
+    from .probing import probe
+
+    frames = multiple * cfg.trained_frames
+    spec = random_spec(99, frame_size=cfg.frame_size)
+    x0 = encode(render(spec, frames)[None])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(99))
+    inputs = dict(hidden_states=0.5 * x0 + 0.5 * noise, timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=model_condition(spec)[None, None], return_dict=False)
+    plan = probe(model, frames, inputs=inputs, trained_frames=cfg.trained_frames, temporal_factor=1,
+                 progress=progress)
+    plan.meta["probe"]["inputs"] = "freeloc.shapes_model.probe_plan: a rendered clip (seed 99) at timestep 500"
+    return plan
+
+
+def shipped_plan() -> Any:
+    """The probe's layer plan for the shipped model (``plan.json`` beside it; see :func:`probe_plan`)."""
+    from .plan import LayerPlan
+
+    path = SHIPPED / "plan.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall freeloc with its package data")
+    return LayerPlan.load(path)
+
+
+def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ShapesConfig]:
+    """The checkpoint shipped in the package (:data:`SHIPPED`), offline; eval mode.
+
+    Raises:
+        FileNotFoundError: If the package was installed without its data files.
+    """
+    from safetensors.torch import load_file
+
+    weights, meta_path = SHIPPED / "model.safetensors", SHIPPED / "model.json"
+    if not weights.exists() or not meta_path.exists():
+        raise FileNotFoundError(f"the shipped shapes model is missing from {SHIPPED} (model.safetensors and "
+                                f"model.json): reinstall freeloc with its package data")
+    cfg = ShapesConfig(**json.loads(meta_path.read_text())["config"])
+    model = build_model(cfg)
+    model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(weights)).items()})
+    return model.to(dtype).eval(), cfg
+
+
 @torch.no_grad()
 def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Tensor, num_frames: int, *, steps: int = 20,
            seed: int = 0) -> Tensor:
@@ -210,7 +356,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("shapes-model"))
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--export", type=Path, default=None, metavar="DIR",
+                    help="do not train: write the run in --out as a shippable checkpoint in DIR")
+    ap.add_argument("--commit", default=None, help="with --export: the commit of the training code")
     args = ap.parse_args(argv)
+    if args.export is not None:
+        print(f"wrote {export(args.out, args.export, commit=args.commit)}")
+        return 0
     print(json.dumps(train(ShapesConfig(seed=args.seed), args.steps, args.out, save_every=args.save_every)))
     return 0
 

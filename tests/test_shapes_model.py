@@ -62,3 +62,41 @@ def test_condition_leaves_the_layout_to_the_model() -> None:
     moved = type(spec)(spec.num_shapes, spec.colors, spec.shape_kinds, spec.velocities,
                        tuple((y + 1, x - 1) for y, x in spec.positions))
     assert torch.equal(model_condition(moved), given)
+
+
+def test_export_writes_a_loadable_checkpoint_with_card_plan_and_loss_curve(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import freeloc.shapes_model as sm
+
+    train(TINY, 3, tmp_path / "run", progress=False)
+    dest = sm.export(tmp_path / "run", tmp_path / "ship", commit="abc1234")
+    meta = json.loads((dest / "model.json").read_text())
+    assert meta["steps"] == 3 and meta["commit"] == "abc1234" and meta["config"]["head_dim"] == 96
+    assert "abc1234" in (dest / "MODEL_CARD.md").read_text()
+    assert (dest / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setattr(sm, "SHIPPED", dest)
+    model, cfg = sm.load_shipped()
+    reference, _ = load(tmp_path / "run")
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b.half().float(), rtol=0, atol=0, msg=name)  # float16 storage
+    assert sm.shipped_plan().num_layers == cfg.num_layers
+    with pytest.raises(FileNotFoundError, match="reinstall freeloc"):
+        monkeypatch.setattr(sm, "SHIPPED", tmp_path / "nowhere")
+        sm.load_shipped()
+
+
+def test_the_shipped_model_loads_offline_and_makes_the_shapes_it_is_asked_for() -> None:
+    """The checkpoint in the package: loads without any download; at its trained length it draws shapes."""
+    from freeloc.shapes_model import SHIPPED, load_shipped, model_condition, shipped_plan
+    from freeloc.synthetic import evaluate, fit_spec
+
+    assert (SHIPPED / "model.safetensors").stat().st_size <= 20 * 2**20
+    model, cfg = load_shipped()
+    assert cfg.trained_frames == 16 and shipped_plan().num_layers == cfg.num_layers
+    specs = [random_spec(30_000 + i) for i in range(2)]
+    videos = sample(model, cfg, torch.stack([model_condition(s) for s in specs]), cfg.trained_frames, steps=12)
+    scores = [evaluate(v, fit_spec(v, s)) for v, s in zip(videos, specs, strict=True)]
+    print(scores)
+    assert all(s["palette_fidelity"] > 0.9 for s in scores)  # a random or untrained model: about 0.2
