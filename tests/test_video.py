@@ -21,9 +21,37 @@ def is_mp4(path: Path) -> bool:
     return path.stat().st_size > 1000 and path.read_bytes()[4:8] == b"ftyp"
 
 
-def test_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default demo: the shipped shapes model, 64 frames (4x its 16), direct and FreeLOC (fewer steps here)."""
     t0 = time.perf_counter()
-    assert main(["demo", "--out", str(tmp_path), "--steps", "2"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--steps", "3", "--clips", "1"]) == 0
+    seconds = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    print(f"demo took {seconds:.1f} s")
+    assert is_mp4(tmp_path / "direct.mp4") and is_mp4(tmp_path / "freeloc.mp4")
+    assert (tmp_path / "frames.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "64 frames" in out and "freeloc generate --model" in out
+    table = {line[:28].strip(): line[28:].split() for line in out.splitlines()
+             if line.startswith(("palette", "right", "shapes"))}
+    assert set(table) == {"palette colours", "shapes drawn / asked", "right shape count", "right colours"}
+    assert all(0.0 <= float(x) <= 1.0 for name, row in table.items() for x in row[:2] if name != "shapes drawn / asked")
+
+
+def test_demo_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    from freeloc.video import demo
+
+    with pytest.raises(ValueError, match="model must be one of"):
+        demo(model="wan")
+    with pytest.raises(ValueError, match="conditions must be between 1 and 8, got 9"):
+        demo(conditions=9)
+    with pytest.raises(SystemExit):
+        main(["demo", "--clips", "9"])
+    assert "--clips: expected 1 to 8, got 9" in capsys.readouterr().err
+
+
+def test_random_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    t0 = time.perf_counter()
+    assert main(["demo", "--model", "random", "--out", str(tmp_path), "--steps", "2"]) == 0
     seconds = time.perf_counter() - t0
     out = capsys.readouterr().out
     print(f"demo took {seconds:.1f} s")
