@@ -333,7 +333,7 @@ def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, S
     cfg = ShapesConfig(**json.loads(meta_path.read_text())["config"])
     model = build_model(cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(weights)).items()})
-    return model.to(dtype).eval(), cfg
+    return (model if dtype == torch.float32 else model.to(dtype)).eval(), cfg
 
 
 @torch.no_grad()
