@@ -79,6 +79,9 @@ class ShapesConfig:
     ema: float = 0.999
     shift: float = 2.0
     seed: int = 0
+    #: Fraction of training clips whose condition is replaced by zeros (the null condition that
+    #: classifier-free guidance, ``sample(..., guidance=)``, compares against); 0 keeps every condition.
+    cond_drop: float = 0.0
 
     @property
     def channels(self) -> int:
@@ -140,6 +143,8 @@ def _shifted(t: Tensor, shift: float) -> Tensor:
 def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, progress: bool = True) -> dict[str, Any]:
     """Train (or resume) for ``steps`` total steps; checkpoints and a loss log go to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
+    if not 0.0 <= cfg.cond_drop < 1.0:
+        raise ValueError(f"cond_drop must be in [0, 1), got {cfg.cond_drop}")
     if cfg.num_heads * cfg.head_dim < 3 * (UNSHUFFLE * 2) ** 2:
         raise ValueError(f"num_heads * head_dim = {cfg.num_heads * cfg.head_dim} is narrower than a token "
                          f"({3 * (UNSHUFFLE * 2) ** 2} numbers): the model could not pass the noise through")
@@ -153,7 +158,7 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if state["config"] != asdict(cfg):
+        if ShapesConfig(**state["config"]) != cfg:
             raise ValueError(f"{ckpt} was trained with {state['config']}, not {asdict(cfg)}: use another --out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -173,6 +178,9 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
 
     while step < steps:
         x0, cond = _batch(cfg, data_gen)
+        if cfg.cond_drop > 0:  # drawn only then: runs without dropout keep their random streams
+            keep = torch.rand(cond.shape[0], generator=noise_gen) >= cfg.cond_drop
+            cond = cond * keep[:, None, None]
         noise = torch.randn(x0.shape, generator=noise_gen)
         t = _shifted(torch.rand(x0.shape[0], generator=noise_gen), cfg.shift)
         xt = (1 - t)[:, None, None, None, None] * x0 + t[:, None, None, None, None] * noise
@@ -280,7 +288,8 @@ synthetic clips of one to three coloured squares or discs bouncing in a 32 x 32 
   velocity; the start positions are zeroed, so the model chooses the layout.
 - Trained length: **{cfg["trained_frames"]} frames**. Training: flow matching as in Wan (predict
   noise - x0, timestep shift {cfg["shift"]}), AdamW lr {cfg["lr"]} with {cfg["warmup"]} warm-up steps, batch
-  {cfg["batch"]}, EMA {cfg["ema"]}, seed {cfg["seed"]}, {meta["steps"]} steps, on CPU.
+  {cfg["batch"]}, EMA {cfg["ema"]}, seed {cfg["seed"]}, condition dropout {cfg.get("cond_drop", 0.0)},
+  {meta["steps"]} steps, on CPU.
 - Final loss (mean of the last {meta["loss_window"]} steps): {meta["final_loss"]}. Curve: `loss.png`.
 - Training code: `freeloc/shapes_model.py` at commit `{meta["commit"]}`.
 - Data generator settings: see `model.json` (`data`).
@@ -338,14 +347,22 @@ def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, S
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Tensor, num_frames: int, *, steps: int = 20,
-           seed: int = 0) -> Tensor:
-    """Videos (B, T, 3, H, W) in [0, 1] for conditions ``cond`` (B, CONDITION_DIM), Euler flow sampling."""
+           seed: int = 0, guidance: float = 1.0) -> Tensor:
+    """Videos (B, T, 3, H, W) in [0, 1] for conditions ``cond`` (B, CONDITION_DIM), Euler flow sampling.
+
+    ``guidance`` != 1 applies classifier-free guidance against the zero condition,
+    ``v = v(0) + guidance * (v(cond) - v(0))``: meaningful for a model trained with ``cond_drop > 0``.
+    """
     g = torch.Generator().manual_seed(seed)
     h = cfg.frame_size // UNSHUFFLE
     x = torch.randn(cond.shape[0], cfg.channels, num_frames, h, h, generator=g)
     ts = _shifted(torch.linspace(1, 0, steps + 1), cfg.shift)
     for t, t_next in zip(ts[:-1], ts[1:], strict=True):
-        v = model(x, torch.full((x.shape[0],), float(t) * 1000), cond[:, None, :], return_dict=False)[0]
+        timestep = torch.full((x.shape[0],), float(t) * 1000)
+        v = model(x, timestep, cond[:, None, :], return_dict=False)[0]
+        if guidance != 1.0:
+            v0 = model(x, timestep, torch.zeros_like(cond)[:, None, :], return_dict=False)[0]
+            v = v0 + guidance * (v - v0)
         x = x + (t_next - t) * v
     return decode(x)
 
@@ -356,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("shapes-model"))
     ap.add_argument("--save-every", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cond-drop", type=float, default=0.0,
+                    help="fraction of conditions replaced by zeros in training, for classifier-free guidance")
     ap.add_argument("--export", type=Path, default=None, metavar="DIR",
                     help="do not train: write the run in --out as a shippable checkpoint in DIR")
     ap.add_argument("--commit", default=None, help="with --export: the commit of the training code")
@@ -363,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.export is not None:
         print(f"wrote {export(args.out, args.export, commit=args.commit)}")
         return 0
-    print(json.dumps(train(ShapesConfig(seed=args.seed), args.steps, args.out, save_every=args.save_every)))
+    cfg = ShapesConfig(seed=args.seed, cond_drop=args.cond_drop)
+    print(json.dumps(train(cfg, args.steps, args.out, save_every=args.save_every)))
     return 0
 
 

@@ -100,3 +100,34 @@ def test_the_shipped_model_loads_offline_and_makes_the_shapes_it_is_asked_for() 
     scores = [evaluate(v, fit_spec(v, s)) for v, s in zip(videos, specs, strict=True)]
     print(scores)
     assert all(s["palette_fidelity"] > 0.9 for s in scores)  # a random or untrained model: about 0.2
+
+
+def test_condition_dropout_is_seeded_resumable_and_changes_training(tmp_path: Path) -> None:
+    drop = replace(TINY, cond_drop=0.5)
+    straight = train(drop, 4, tmp_path / "a", save_every=2, progress=False)
+    train(drop, 2, tmp_path / "b", save_every=2, progress=False)
+    assert train(drop, 4, tmp_path / "b", save_every=2, progress=False)["loss"] == pytest.approx(straight["loss"],
+                                                                                                  rel=1e-5)
+    plain = train(TINY, 4, tmp_path / "c", save_every=2, progress=False)
+    assert plain["loss"] != straight["loss"]
+    with pytest.raises(ValueError, match=r"cond_drop must be in \[0, 1\), got 1.5"):
+        train(replace(TINY, cond_drop=1.5), 1, tmp_path / "d", progress=False)
+
+
+def test_guidance_one_is_plain_sampling_and_other_values_guide(tmp_path: Path) -> None:
+    train(replace(TINY, cond_drop=0.5), 2, tmp_path, progress=False)
+    model, cfg = load(tmp_path)
+    cond = torch.stack([condition(random_spec(7)), condition(random_spec(8))])
+    plain = sample(model, cfg, cond, 4, steps=2)
+    assert torch.equal(sample(model, cfg, cond, 4, steps=2, guidance=1.0), plain)
+    guided = sample(model, cfg, cond, 4, steps=2, guidance=3.0)
+    assert torch.isfinite(guided).all() and not torch.equal(guided, plain)
+
+
+def test_configs_saved_before_cond_drop_existed_still_load(tmp_path: Path) -> None:
+    import json
+
+    from freeloc.shapes_model import SHIPPED
+
+    saved = json.loads((SHIPPED / "model.json").read_text())["config"]
+    assert "cond_drop" not in saved and ShapesConfig(**saved).cond_drop == 0.0
