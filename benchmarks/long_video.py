@@ -31,7 +31,7 @@ import torch
 
 import freeloc
 from freeloc.shapes_model import load, load_shipped, model_condition, probe_plan, sample, shipped_plan
-from freeloc.synthetic import evaluate, fit_spec, random_spec, render
+from freeloc.synthetic import evaluate_generated, random_spec, render
 from freeloc.video import frames_png
 
 METHODS = ["direct", "sliding-window", "pi", "ntk", "riflex", "vrpr", "tsa", "freeloc-uniform", "freeloc-probe"]
@@ -59,14 +59,6 @@ def session_kwargs(method: str, k: int, plan: freeloc.LayerPlan) -> dict[str, An
     if method == "riflex":
         return dict(method="riflex", method_params={"k": k})
     return dict(method=method)
-
-
-def mean_scores(rows: list[dict[str, float]]) -> dict[str, float]:
-    out = {}
-    for key, _, _ in METRICS:
-        vals = [r[key] for r in rows if not math.isnan(r[key])]
-        out[key] = sum(vals) / len(vals) if vals else float("nan")
-    return out
 
 
 def main() -> None:
@@ -105,15 +97,15 @@ def main() -> None:
     print(header, flush=True)
     for mult in lengths:
         frames = mult * trained
-        rows = [evaluate(render(s, frames), s) for s in specs]
-        entries = [("real clips", mean_scores(rows), 0.0)]
+        real = torch.stack([render(s, frames) for s in specs])
+        entries = [("real clips", evaluate_generated(real, specs), 0.0)]
         for method in methods:
             t0 = time.perf_counter()
             with freeloc.enable(model, num_frames=frames, trained_frames=trained, temporal_factor=1,
                                 **session_kwargs(method, k, plan)):
                 videos = sample(model, cfg, cond, frames, steps=args.steps, seed=mult)
             seconds = (time.perf_counter() - t0) / len(specs)
-            scores = mean_scores([evaluate(v, fit_spec(v, s)) for v, s in zip(videos, specs, strict=True)])
+            scores = evaluate_generated(videos, specs)
             entries.append((method, scores, seconds))
             if mult == 4 and method in ("direct", "freeloc-probe"):
                 strip[method] = videos[0]

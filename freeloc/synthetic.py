@@ -33,6 +33,7 @@ __all__ = [
     "condition",
     "dynamic_degree",
     "evaluate",
+    "evaluate_generated",
     "fit_spec",
     "freeze_fraction",
     "motion_error",
@@ -560,3 +561,26 @@ def evaluate(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec) -> d
         "freeze_fraction": freeze_fraction(video),
         "repetition": repetition(video, spec),
     }
+
+
+def evaluate_generated(videos: Float[Tensor, "batch frames 3 height width"], specs: list[ClipSpec]) -> dict[str, float]:
+    """Mean metrics of generated videos, each scored against its asked clip from its own start.
+
+    Each video is scored with :func:`evaluate` against :func:`fit_spec` of its spec; the means skip
+    NaN entries (a metric with no scorable frame pair) and are NaN only when every video is NaN.
+
+    Args:
+        videos: ``(B, T, 3, H, W)`` videos in [0, 1].
+        specs: The ``B`` clip specs the videos were asked for.
+
+    Returns:
+        The :func:`evaluate` keys, each averaged over the videos.
+    """
+    if len(specs) != videos.shape[0]:
+        raise ValueError(f"need one spec per video: {videos.shape[0]} videos, {len(specs)} specs")
+    rows = [evaluate(v, fit_spec(v, s)) for v, s in zip(videos, specs, strict=True)]
+    out = {}
+    for key in rows[0]:
+        kept = [r[key] for r in rows if not math.isnan(r[key])]
+        out[key] = sum(kept) / len(kept) if kept else float("nan")
+    return out

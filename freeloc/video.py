@@ -152,14 +152,9 @@ def frames_png(rows: dict[str, torch.Tensor], path: Path, title: str, columns: i
     return path
 
 
-def _nanmean(values: list[float]) -> float:
-    kept = [v for v in values if v == v]
-    return sum(kept) / len(kept) if kept else float("nan")
-
-
 def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int) -> dict[str, Any]:
     from .shapes_model import load_shipped, model_condition, sample, shipped_plan
-    from .synthetic import evaluate, fit_spec, random_spec
+    from .synthetic import evaluate_generated, random_spec
 
     t0 = time.perf_counter()
     model, cfg = load_shipped()
@@ -178,8 +173,7 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int) -> dict[
         with enable(model, num_frames=frames, trained_frames=trained, temporal_factor=1, **kwargs):
             videos[label] = sample(model, cfg, cond, frames, steps=steps, seed=seed)
         results["videos"][label] = str(write_video(_tile(videos[label]), out_dir / f"{label}.mp4", fps=8))
-        rows = [evaluate(v, fit_spec(v, s)) for v, s in zip(videos[label], specs, strict=True)]
-        results["scores"][label] = {k: _nanmean([r[k] for r in rows]) for k in rows[0]}
+        results["scores"][label] = evaluate_generated(videos[label], specs)
     strip = {"direct": videos["direct"][0], "FreeLOC": videos["freeloc"][0]}
     results["png"] = str(frames_png(strip, out_dir / "frames.png",
                                     f"shapes model, {frames} frames = 4x its trained {trained}: clip 0"))

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("diffusers", reason="the shapes model is a diffusers WanTransformer3DModel")
 
 from freeloc.shapes_model import ShapesConfig, decode, encode, load, sample, train  # noqa: E402
-from freeloc.synthetic import condition, random_spec, render  # noqa: E402
+from freeloc.synthetic import BACKGROUND, condition, random_spec, render  # noqa: E402
 
 TINY = ShapesConfig(num_layers=1, num_heads=2, head_dim=96, ffn_dim=32, batch=2, trained_frames=4)
 
@@ -21,7 +21,12 @@ def test_patchifier_round_trip() -> None:
     latent = encode(video)
     assert latent.shape == (2, 48, 5, 8, 8)
     torch.testing.assert_close(decode(latent), video, atol=1e-6, rtol=0)
-    assert float(latent.abs().amax(dim=1).min()) == 0.0  # the background is the zero latent
+    # a latent cell is nonzero exactly where its 4 x 4 pixel block holds a shape pixel
+    drawn = (video != torch.tensor(BACKGROUND).view(1, 1, 3, 1, 1)).any(dim=2).float()  # (B, T, H, W)
+    blocks = torch.nn.functional.max_pool2d(drawn.flatten(0, 1)[:, None], 4)[:, 0].view(2, 5, 8, 8) > 0
+    assert torch.equal(latent.abs().amax(dim=1) > 0, blocks) and bool(blocks.any())
+    assert torch.equal(encode(torch.tensor(BACKGROUND).view(1, 1, 3, 1, 1).expand(1, 2, 3, 32, 32)),
+                       torch.zeros(1, 48, 2, 8, 8))  # the background is the zero latent
 
 
 def test_training_is_seeded_and_resumable(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from freeloc.synthetic import (
     condition,
     dynamic_degree,
     evaluate,
+    evaluate_generated,
     fit_spec,
     freeze_fraction,
     motion_error,
@@ -270,3 +271,15 @@ def test_random_spec_is_unchanged_for_the_training_data() -> None:
     assert (spec.num_shapes, spec.colors, spec.shape_kinds) == (3, (3, 4, 2), ("disc", "disc", "disc"))
     assert spec.velocities == ((2.0, -1.0), (1.0, -2.0), (2.0, 1.0))
     assert spec.positions == ((3.0, 21.0), (17.0, 15.0), (25.0, 25.0))
+
+
+def test_evaluate_generated_averages_fitted_scores_and_skips_nan() -> None:
+    specs = [random_spec(s) for s in (0, 1)]
+    videos = torch.stack([render(s, 10) for s in specs])
+    videos[1] = torch.tensor(BACKGROUND).view(1, 3, 1, 1)  # empty: no motion can be tracked (NaN)
+    scores = evaluate_generated(videos, specs)
+    assert scores["shape_presence"] == pytest.approx(evaluate(videos[0], specs[0])["shape_presence"] / 2)
+    assert math.isnan(evaluate(videos[1], specs[1])["motion_error"])
+    assert scores["motion_error"] == evaluate(videos[0], specs[0])["motion_error"]
+    with pytest.raises(ValueError, match="need one spec per video: 2 videos, 1 specs"):
+        evaluate_generated(videos, specs[:1])
