@@ -82,6 +82,22 @@ class ShapesConfig:
     #: Fraction of training clips whose condition is replaced by zeros (the null condition that
     #: classifier-free guidance, ``sample(..., guidance=)``, compares against); 0 keeps every condition.
     cond_drop: float = 0.0
+    #: First training step with condition dropout (earlier steps keep every condition). A run saved
+    #: before this step is a valid start for this config: up to it, the two trainings are the same.
+    cond_drop_start: int = 0
+
+    def cond_drop_at(self, step: int) -> float:
+        """The condition dropout used at training step ``step`` (0-based)."""
+        return self.cond_drop if step >= self.cond_drop_start else 0.0
+
+    def same_training_until(self, other: ShapesConfig, step: int) -> bool:
+        """Whether training with ``other`` for ``step`` steps is exactly training with this config."""
+        fixed = ("cond_drop", "cond_drop_start")
+        if {k: v for k, v in asdict(self).items() if k not in fixed} != {
+                k: v for k, v in asdict(other).items() if k not in fixed}:
+            return False
+        changes = {0, self.cond_drop_start, other.cond_drop_start}
+        return all(self.cond_drop_at(s) == other.cond_drop_at(s) for s in changes if s < step)
 
     @property
     def channels(self) -> int:
@@ -145,6 +161,8 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     out.mkdir(parents=True, exist_ok=True)
     if not 0.0 <= cfg.cond_drop < 1.0:
         raise ValueError(f"cond_drop must be in [0, 1), got {cfg.cond_drop}")
+    if cfg.cond_drop_start < 0:
+        raise ValueError(f"cond_drop_start must be a step >= 0, got {cfg.cond_drop_start}")
     if cfg.num_heads * cfg.head_dim < 3 * (UNSHUFFLE * 2) ** 2:
         raise ValueError(f"num_heads * head_dim = {cfg.num_heads * cfg.head_dim} is narrower than a token "
                          f"({3 * (UNSHUFFLE * 2) ** 2} numbers): the model could not pass the noise through")
@@ -158,8 +176,9 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
-        if ShapesConfig(**state["config"]) != cfg:
-            raise ValueError(f"{ckpt} was trained with {state['config']}, not {asdict(cfg)}: use another --out")
+        if not ShapesConfig(**state["config"]).same_training_until(cfg, state["step"]):
+            raise ValueError(f"{ckpt} was trained with {state['config']} for {state['step']} steps, which is not "
+                             f"the same training as {asdict(cfg)}: use another --out")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -178,8 +197,8 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
 
     while step < steps:
         x0, cond = _batch(cfg, data_gen)
-        if cfg.cond_drop > 0:  # drawn only then: runs without dropout keep their random streams
-            keep = torch.rand(cond.shape[0], generator=noise_gen) >= cfg.cond_drop
+        if cfg.cond_drop_at(step) > 0:  # drawn only then: runs without dropout keep their random streams
+            keep = torch.rand(cond.shape[0], generator=noise_gen) >= cfg.cond_drop_at(step)
             cond = cond * keep[:, None, None]
         noise = torch.randn(x0.shape, generator=noise_gen)
         t = _shifted(torch.rand(x0.shape[0], generator=noise_gen), cfg.shift)
@@ -375,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cond-drop", type=float, default=0.0,
                     help="fraction of conditions replaced by zeros in training, for classifier-free guidance")
+    ap.add_argument("--cond-drop-start", type=int, default=0,
+                    help="first step with --cond-drop (a run saved before it in --out is continued)")
     ap.add_argument("--export", type=Path, default=None, metavar="DIR",
                     help="do not train: write the run in --out as a shippable checkpoint in DIR")
     ap.add_argument("--commit", default=None, help="with --export: the commit of the training code")
@@ -382,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.export is not None:
         print(f"wrote {export(args.out, args.export, commit=args.commit)}")
         return 0
-    cfg = ShapesConfig(seed=args.seed, cond_drop=args.cond_drop)
+    cfg = ShapesConfig(seed=args.seed, cond_drop=args.cond_drop, cond_drop_start=args.cond_drop_start)
     print(json.dumps(train(cfg, args.steps, args.out, save_every=args.save_every)))
     return 0
 
