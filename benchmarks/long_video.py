@@ -1,6 +1,6 @@
 """Long-video quality on the shipped shapes model: every method at 1x, 2x, 4x and 8x its trained length.
 
-    python benchmarks/long_video.py [--lengths 1,2,4,8] [--conditions 8] [--steps 20]
+    python benchmarks/long_video.py [--lengths 1,2,4,8] [--conditions 8] [--steps 20] [--guidance G]
                                     [--png benchmarks/long_video.png] [--json out.json] [--run DIR]
 
 The model (``freeloc.shapes_model.load_shipped``, or a training folder with ``--run``) was trained on
@@ -8,7 +8,8 @@ The model (``freeloc.shapes_model.load_shipped``, or a training folder with ``--
 sampled with each method; the videos are scored from their pixels (``freeloc.synthetic``), against
 the clip the condition asks for, starting where the video's first frame put the shapes
 (``freeloc.synthetic.fit_spec``). ``real clips`` rows score rendered clips of the same conditions:
-the best a video can score.
+the best a video can score. Sampling uses the model's own classifier-free guidance scale
+(``freeloc.shapes_model.shipped_guidance``) unless ``--guidance`` is given.
 
 Methods: ``direct`` (no change), ``sliding-window``, ``pi``, ``ntk``, ``riflex`` (k: the temporal
 frequency whose period is closest to the trained length), ``vrpr``, ``tsa``, ``freeloc-uniform``
@@ -30,7 +31,7 @@ from typing import Any
 import torch
 
 import freeloc
-from freeloc.shapes_model import load, load_shipped, model_condition, probe_plan, sample, shipped_plan
+from freeloc.shapes_model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance, shipped_plan
 from freeloc.synthetic import evaluate_generated, random_spec, render
 from freeloc.video import frames_png
 
@@ -70,18 +71,21 @@ def main() -> None:
     ap.add_argument("--png", type=Path, default=Path("benchmarks/long_video.png"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--run", type=Path, default=None, help="a training folder instead of the shipped model")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale (default: the shipped model's own; 1 with --run)")
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     methods = args.methods.split(",")
     if unknown := [m for m in methods if m not in METHODS]:
         ap.error(f"--methods: unknown {unknown}; choose from {METHODS}")
     model, cfg = load(args.run) if args.run is not None else load_shipped()
+    guidance = args.guidance if args.guidance is not None else 1.0 if args.run is not None else shipped_guidance()
     trained = cfg.trained_frames
     specs = [random_spec(10_000 + i) for i in range(args.conditions)]
     cond = torch.stack([model_condition(s) for s in specs])
     k = riflex_k(model, trained)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; shapes model trained on {trained} frames; "
-          f"{args.conditions} conditions, {args.steps} Euler steps; RIFLEx k = {k}", flush=True)
+          f"{args.conditions} conditions, {args.steps} Euler steps, guidance {guidance:g}; RIFLEx k = {k}", flush=True)
     plan = freeloc.LayerPlan.uniform("vrpr", len(model.blocks))
     if "freeloc-probe" in methods:
         plan = probe_plan(model, cfg, 4)
@@ -103,7 +107,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with freeloc.enable(model, num_frames=frames, trained_frames=trained, temporal_factor=1,
                                 **session_kwargs(method, k, plan)):
-                videos = sample(model, cfg, cond, frames, steps=args.steps, seed=mult)
+                videos = sample(model, cfg, cond, frames, steps=args.steps, seed=mult, guidance=guidance)
             seconds = (time.perf_counter() - t0) / len(specs)
             scores = evaluate_generated(videos, specs)
             entries.append((method, scores, seconds))
@@ -119,7 +123,8 @@ def main() -> None:
         strip = {"real clip": render(specs[0], 4 * trained), **strip}
         print(f"wrote {frames_png(strip, args.png, f'4x ({4 * trained} frames), condition 0: every column a frame')}")
     if args.json is not None:
-        args.json.write_text(json.dumps(dict(results=results, plan=plan.to_dict(), riflex_k=k), indent=2))
+        summary = dict(results=results, plan=plan.to_dict(), riflex_k=k, guidance=guidance)
+        args.json.write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

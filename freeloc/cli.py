@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sampling steps (default 20 for shapes, 4 for random)")
     de.add_argument("--clips", type=_positive_int, default=4, help="shapes: clips side by side, 1 to 8 (default 4)")
     de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--guidance", type=float, default=None,
+                    help="classifier-free guidance scale (default: the shapes model's own; 3.0 for random; "
+                         "1 turns it off)")
     de.set_defaults(func=_cmd_demo, subparser=de)
 
     ge = sub.add_parser(
@@ -188,7 +192,9 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     if args.clips > 8:
         parser.error(f"--clips: expected 1 to 8, got {args.clips}")
-    demo(args.out, steps=args.steps, seed=args.seed, model=args.model, conditions=args.clips)
+    if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+        parser.error(f"--guidance: expected a finite number >= 0 (1 = no guidance), got {args.guidance}")
+    demo(args.out, steps=args.steps, seed=args.seed, model=args.model, conditions=args.clips, guidance=args.guidance)
     return 0
 
 

@@ -49,6 +49,7 @@ __all__ = [
     "load_shipped",
     "model_condition",
     "probe_plan",
+    "shipped_guidance",
     "shipped_plan",
     "sample",
     "train",
@@ -234,12 +235,14 @@ def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesCon
     return model.eval(), cfg
 
 
-def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: str = "") -> Path:
+def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: str = "",
+           guidance: float = 1.0) -> Path:
     """Write a training run's weight average as a shippable checkpoint in ``dest``.
 
     ``dest`` receives ``model.safetensors`` (float16 weights), ``model.json`` (the config, the steps,
     the final loss, the data generator settings and ``commit``, the commit of the training code),
     ``plan.json`` (:func:`probe_plan` on the exported weights), ``loss.png`` and ``MODEL_CARD.md``.
+    ``guidance`` is the classifier-free guidance scale to sample it with (``shipped_guidance()``).
     """
     from safetensors.torch import save_file
 
@@ -247,13 +250,16 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
 
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     cfg = ShapesConfig(**state["config"])
+    if guidance != 1.0 and cfg.cond_drop == 0:
+        raise ValueError(f"guidance={guidance} needs a model trained with cond_drop > 0; {run} has cond_drop 0")
     losses: list[float] = state["losses"]
     dest.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float16).contiguous() for k, v in state["ema"].items()}, str(dest / "model.safetensors"))
     window = min(200, len(losses))
     meta = dict(
         config=asdict(cfg), steps=state["step"], final_loss=round(sum(losses[-window:]) / window, 4),
-        loss_window=window, commit=commit, parameters=sum(v.numel() for v in state["ema"].values()),
+        loss_window=window, commit=commit, guidance=guidance,
+        parameters=sum(v.numel() for v in state["ema"].values()),
         weights="exponential moving average of the weights, stored as float16",
         data=dict(generator="freeloc.synthetic.random_spec", frame_size=cfg.frame_size, shape_size=3,
                   max_shapes=synthetic.MAX_SHAPES, palette=list(synthetic.PALETTE),
@@ -292,6 +298,21 @@ def _loss_png(losses: list[float], path: Path) -> None:
     plt.close(fig)
 
 
+def _dropout_text(cfg: dict[str, Any]) -> str:
+    drop, start = cfg.get("cond_drop", 0.0), cfg.get("cond_drop_start", 0)
+    if not drop:
+        return "every clip with its condition"
+    where = "on every step" if not start else f"from step {start} on (every condition before)"
+    return f"{drop:.0%} of the conditions replaced by zeros (the null condition) {where}"
+
+
+def _guidance_text(guidance: float) -> str:
+    if guidance == 1.0:
+        return "Euler flow sampling, no guidance."
+    return (f"Euler flow sampling with classifier-free guidance {guidance:g} against the null condition "
+            f"(`sample(..., guidance={guidance:g})`; `shipped_guidance()`).")
+
+
 def _card(meta: dict[str, Any], note: str) -> str:
     cfg = meta["config"]
     return f"""# Shapes model (freeloc's built-in video model)
@@ -307,8 +328,8 @@ synthetic clips of one to three coloured squares or discs bouncing in a 32 x 32 
   velocity; the start positions are zeroed, so the model chooses the layout.
 - Trained length: **{cfg["trained_frames"]} frames**. Training: flow matching as in Wan (predict
   noise - x0, timestep shift {cfg["shift"]}), AdamW lr {cfg["lr"]} with {cfg["warmup"]} warm-up steps, batch
-  {cfg["batch"]}, EMA {cfg["ema"]}, seed {cfg["seed"]}, condition dropout {cfg.get("cond_drop", 0.0)},
-  {meta["steps"]} steps, on CPU.
+  {cfg["batch"]}, EMA {cfg["ema"]}, seed {cfg["seed"]}, {meta["steps"]} steps, on CPU; {_dropout_text(cfg)}.
+- Sampling: {_guidance_text(meta.get("guidance", 1.0))}
 - Final loss (mean of the last {meta["loss_window"]} steps): {meta["final_loss"]}. Curve: `loss.png`.
 - Training code: `freeloc/shapes_model.py` at commit `{meta["commit"]}`.
 - Data generator settings: see `model.json` (`data`).
@@ -346,6 +367,14 @@ def shipped_plan() -> Any:
     return LayerPlan.load(path)
 
 
+def shipped_guidance() -> float:
+    """The classifier-free guidance scale the shipped model is meant to be sampled with (1.0: none)."""
+    path = SHIPPED / "model.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall freeloc with its package data")
+    return float(json.loads(path.read_text()).get("guidance", 1.0))
+
+
 def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ShapesConfig]:
     """The checkpoint shipped in the package (:data:`SHIPPED`), offline; eval mode.
 
@@ -376,12 +405,15 @@ def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Tensor, num_frames: 
     h = cfg.frame_size // UNSHUFFLE
     x = torch.randn(cond.shape[0], cfg.channels, num_frames, h, h, generator=g)
     ts = _shifted(torch.linspace(1, 0, steps + 1), cfg.shift)
+    both_conds = torch.cat([torch.zeros_like(cond), cond])
     for t, t_next in zip(ts[:-1], ts[1:], strict=True):
-        timestep = torch.full((x.shape[0],), float(t) * 1000)
-        v = model(x, timestep, cond[:, None, :], return_dict=False)[0]
-        if guidance != 1.0:
-            v0 = model(x, timestep, torch.zeros_like(cond)[:, None, :], return_dict=False)[0]
-            v = v0 + guidance * (v - v0)
+        if guidance == 1.0:
+            v = model(x, torch.full((x.shape[0],), float(t) * 1000), cond[:, None, :], return_dict=False)[0]
+        else:  # conditioned and null-conditioned velocities in one batch
+            both = model(torch.cat([x, x]), torch.full((2 * x.shape[0],), float(t) * 1000), both_conds[:, None, :],
+                         return_dict=False)[0]
+            v0, v1 = both.chunk(2)
+            v = v0 + guidance * (v1 - v0)
         x = x + (t_next - t) * v
     return decode(x)
 
@@ -399,9 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", type=Path, default=None, metavar="DIR",
                     help="do not train: write the run in --out as a shippable checkpoint in DIR")
     ap.add_argument("--commit", default=None, help="with --export: the commit of the training code")
+    ap.add_argument("--guidance", type=float, default=1.0,
+                    help="with --export: the classifier-free guidance scale to sample the model with")
     args = ap.parse_args(argv)
     if args.export is not None:
-        print(f"wrote {export(args.out, args.export, commit=args.commit)}")
+        print(f"wrote {export(args.out, args.export, commit=args.commit, guidance=args.guidance)}")
         return 0
     cfg = ShapesConfig(seed=args.seed, cond_drop=args.cond_drop, cond_drop_start=args.cond_drop_start)
     print(json.dumps(train(cfg, args.steps, args.out, save_every=args.save_every)))

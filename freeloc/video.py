@@ -16,6 +16,7 @@ so ``import freeloc`` never does.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ DEMO_MODELS = ("shapes", "random")
 
 
 def demo(out_dir: Path = Path("freeloc-demo"), steps: int | None = None, size: int = 64, seed: int = 0,
-         model: str = "shapes", conditions: int = 4) -> dict[str, Any]:
+         model: str = "shapes", conditions: int = 4, guidance: float | None = None) -> dict[str, Any]:
     """Generate at 4x the model's trained length, direct and with FreeLOC, and write both videos.
 
     Args:
@@ -104,14 +105,19 @@ def demo(out_dir: Path = Path("freeloc-demo"), steps: int | None = None, size: i
         seed: the initial noise's seed (and, for ``random``, the weights' and the prompt's).
         model: ``"shapes"`` (the shipped trained model) or ``"random"`` (a tiny random Wan pipeline).
         conditions: ``shapes`` only: how many clips (conditions) to generate side by side, 1 to 8.
+        guidance: classifier-free guidance scale (default: ``shapes``, the shipped model's own,
+            :func:`~freeloc.shapes_model.shipped_guidance`; ``random``, 3.0). 1.0 turns it off.
     """
+    if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
+                                 or not math.isfinite(guidance) or guidance < 0):
+        raise ValueError(f"guidance must be a finite number >= 0 (1.0: no guidance), got {guidance!r}")
     if model not in DEMO_MODELS:
         raise ValueError(f"model must be one of {list(DEMO_MODELS)}, got {model!r}")
     if model == "shapes":
         if not 1 <= conditions <= 8:
             raise ValueError(f"conditions must be between 1 and 8, got {conditions}")
-        return _demo_shapes(out_dir, 20 if steps is None else steps, seed, conditions)
-    return _demo_random(out_dir, 4 if steps is None else steps, size, seed)
+        return _demo_shapes(out_dir, 20 if steps is None else steps, seed, conditions, guidance)
+    return _demo_random(out_dir, 4 if steps is None else steps, size, seed, 3.0 if guidance is None else guidance)
 
 
 def _tile(videos: torch.Tensor, scale: int = 4, columns: int = 4) -> torch.Tensor:
@@ -152,26 +158,27 @@ def frames_png(rows: dict[str, torch.Tensor], path: Path, title: str, columns: i
     return path
 
 
-def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int) -> dict[str, Any]:
-    from .shapes_model import load_shipped, model_condition, sample, shipped_plan
+def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance: float | None) -> dict[str, Any]:
+    from .shapes_model import load_shipped, model_condition, sample, shipped_guidance, shipped_plan
     from .synthetic import evaluate_generated, random_spec
 
     t0 = time.perf_counter()
     model, cfg = load_shipped()
     plan = shipped_plan()
+    guidance = shipped_guidance() if guidance is None else float(guidance)
     trained = cfg.trained_frames
     frames = 4 * trained
     specs = [random_spec(20_000 + i, frame_size=cfg.frame_size) for i in range(conditions)]
     cond = torch.stack([model_condition(s) for s in specs])
     results: dict[str, Any] = {"model": "shapes", "num_frames": frames, "trained_frames": trained, "videos": {},
-                               "plan": plan.methods, "scores": {}}
+                               "plan": plan.methods, "scores": {}, "guidance": guidance}
     videos: dict[str, torch.Tensor] = {}
     runs = (("direct", dict(method="direct")), ("freeloc", dict(plan=plan)))
     for i, (label, kwargs) in enumerate(runs):
         print(f"[{i + 1}/2] {conditions} clips of {frames} frames (4x the trained {trained}) with {label} ...",
               flush=True)
         with enable(model, num_frames=frames, trained_frames=trained, temporal_factor=1, **kwargs):
-            videos[label] = sample(model, cfg, cond, frames, steps=steps, seed=seed)
+            videos[label] = sample(model, cfg, cond, frames, steps=steps, seed=seed, guidance=guidance)
         results["videos"][label] = str(write_video(_tile(videos[label]), out_dir / f"{label}.mp4", fps=8))
         results["scores"][label] = evaluate_generated(videos[label], specs)
     strip = {"direct": videos["direct"][0], "FreeLOC": videos["freeloc"][0]}
@@ -199,7 +206,7 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int) -> dict[
     return results
 
 
-def _demo_random(out_dir: Path, steps: int, size: int, seed: int) -> dict[str, Any]:
+def _demo_random(out_dir: Path, steps: int, size: int, seed: int, guidance: float) -> dict[str, Any]:
     """Generate with a tiny random Wan pipeline at 4x its declared trained length, direct and FreeLOC."""
     t0 = time.perf_counter()
     pipe = tiny_wan_pipeline(seed)
@@ -213,7 +220,7 @@ def _demo_random(out_dir: Path, steps: int, size: int, seed: int) -> dict[str, A
         print(f"[{len(sessions) + 1}/2] generating {DEMO_FRAMES} frames with {label} ...", flush=True)
         with enable(pipe, num_frames=DEMO_FRAMES, trained_frames=DEMO_TRAINED_FRAMES, **kwargs) as session:
             frames = pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=size, width=size,
-                          num_frames=DEMO_FRAMES, num_inference_steps=steps, guidance_scale=3.0, output_type="np",
+                          num_frames=DEMO_FRAMES, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                           generator=torch.Generator().manual_seed(seed)).frames[0]
         sessions[label] = session
         results["videos"][label] = str(write_video(frames, out_dir / f"{label}.mp4"))

@@ -129,10 +129,62 @@ def test_guidance_one_is_plain_sampling_and_other_values_guide(tmp_path: Path) -
     assert torch.isfinite(guided).all() and not torch.equal(guided, plain)
 
 
-def test_configs_saved_before_cond_drop_existed_still_load(tmp_path: Path) -> None:
-    import json
+def test_configs_saved_before_cond_drop_existed_still_load() -> None:
+    saved = {"frame_size": 32, "trained_frames": 16, "num_layers": 4, "num_heads": 4, "head_dim": 64, "ffn_dim": 512,
+             "batch": 8, "lr": 0.0005, "warmup": 200, "ema": 0.999, "shift": 2.0, "seed": 0}
+    cfg = ShapesConfig(**saved)
+    assert cfg.cond_drop == 0.0 and cfg.cond_drop_start == 0 and cfg == ShapesConfig()
 
-    from freeloc.shapes_model import SHIPPED
 
-    saved = json.loads((SHIPPED / "model.json").read_text())["config"]
-    assert "cond_drop" not in saved and ShapesConfig(**saved).cond_drop == 0.0
+def test_condition_dropout_from_a_step_continues_a_run_saved_before_it(tmp_path: Path) -> None:
+    """A run without dropout, continued with ``cond_drop_start`` = its steps, is that config trained from scratch."""
+    later = replace(TINY, cond_drop=0.5, cond_drop_start=2)
+    train(TINY, 2, tmp_path / "a", save_every=2, progress=False)
+    continued = train(later, 4, tmp_path / "a", save_every=2, progress=False)
+    scratch = train(later, 4, tmp_path / "b", save_every=2, progress=False)
+    assert continued["loss"] == pytest.approx(scratch["loss"], rel=1e-6)
+    for (name, a), b in zip(load(tmp_path / "a")[0].state_dict().items(), load(tmp_path / "b")[0].state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert train(TINY, 4, tmp_path / "c", save_every=2, progress=False)["loss"] != scratch["loss"]
+    # a run already past the start (here: 2 steps without dropout, asked to drop from step 1) is refused
+    train(TINY, 2, tmp_path / "d", save_every=2, progress=False)
+    with pytest.raises(ValueError, match="for 2 steps, which is not the same training"):
+        train(replace(later, cond_drop_start=1), 4, tmp_path / "d", progress=False)
+    with pytest.raises(ValueError, match="cond_drop_start must be a step >= 0, got -1"):
+        train(replace(later, cond_drop_start=-1), 1, tmp_path / "e", progress=False)
+    assert later.cond_drop_at(1) == 0.0 and later.cond_drop_at(2) == 0.5
+
+
+def test_guided_sampling_is_the_guidance_formula_on_both_velocities(tmp_path: Path) -> None:
+    from freeloc.shapes_model import _shifted
+
+    train(replace(TINY, cond_drop=0.5), 2, tmp_path, progress=False)
+    model, cfg = load(tmp_path)
+    cond = torch.stack([condition(random_spec(7)), condition(random_spec(8))])
+    guided = sample(model, cfg, cond, 4, steps=1, guidance=4.0, seed=3)
+    x = torch.randn(2, cfg.channels, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = float(_shifted(torch.tensor(1.0), cfg.shift))
+    with torch.no_grad():
+        v1 = model(x, torch.full((2,), t * 1000), cond[:, None], return_dict=False)[0]
+        v0 = model(x, torch.full((2,), t * 1000), torch.zeros_like(cond)[:, None], return_dict=False)[0]
+    torch.testing.assert_close(guided, decode(x - t * (v0 + 4.0 * (v1 - v0))), rtol=1e-5, atol=1e-5)
+
+
+def test_export_records_the_guidance_scale_and_refuses_it_without_dropout(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import freeloc.shapes_model as sm
+
+    train(TINY, 1, tmp_path / "plain", progress=False)
+    with pytest.raises(ValueError, match="guidance=3.0 needs a model trained with cond_drop > 0"):
+        sm.export(tmp_path / "plain", tmp_path / "x", guidance=3.0)
+    train(replace(TINY, cond_drop=0.2, cond_drop_start=1), 2, tmp_path / "drop", progress=False)
+    dest = sm.export(tmp_path / "drop", tmp_path / "ship", commit="abc1234", guidance=3.0)
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "classifier-free guidance 3" in card and "20% of the conditions replaced by zeros" in card
+    assert "from step 1 on" in card
+    monkeypatch.setattr(sm, "SHIPPED", dest)
+    assert sm.shipped_guidance() == 3.0
+    monkeypatch.setattr(sm, "SHIPPED", tmp_path / "plain-ship")
+    sm.export(tmp_path / "plain", tmp_path / "plain-ship")
+    assert sm.shipped_guidance() == 1.0

@@ -47,6 +47,12 @@ def test_demo_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["demo", "--clips", "9"])
     assert "--clips: expected 1 to 8, got 9" in capsys.readouterr().err
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+            demo(guidance=bad)
+    with pytest.raises(SystemExit):
+        main(["demo", "--guidance", "-2"])
+    assert "--guidance: expected a finite number >= 0 (1 = no guidance), got -2.0" in capsys.readouterr().err
 
 
 def test_random_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
