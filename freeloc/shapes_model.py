@@ -36,12 +36,13 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
-from .synthetic import BACKGROUND, CONDITION_DIM, SLOT_DIM, ClipSpec, condition, random_spec, render
+from .synthetic import BACKGROUND, CONDITION_DIM, MAX_SHAPES, SLOT_DIM, ClipSpec, condition, random_spec, render
 
 __all__ = [
     "SHIPPED",
     "ShapesConfig",
     "build_model",
+    "condition_tokens",
     "decode",
     "encode",
     "export",
@@ -86,6 +87,10 @@ class ShapesConfig:
     #: First training step with condition dropout (earlier steps keep every condition). A run saved
     #: before this step is a valid start for this config: up to it, the two trainings are the same.
     cond_drop_start: int = 0
+    #: How the condition reaches the model: ``False``, one token of all :data:`CONDITION_DIM` numbers;
+    #: ``True``, one token per shape slot (its numbers and the shape count), so that cross-attention
+    #: can tell the shapes apart.
+    slot_tokens: bool = False
 
     def cond_drop_at(self, step: int) -> float:
         """The condition dropout used at training step ``step`` (0-based)."""
@@ -112,8 +117,9 @@ def build_model(cfg: ShapesConfig) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     return WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-        in_channels=cfg.channels, out_channels=cfg.channels, text_dim=CONDITION_DIM, freq_dim=64,
-        ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, rope_max_seq_len=1024,
+        in_channels=cfg.channels, out_channels=cfg.channels,
+        text_dim=SLOT_DIM + 1 if cfg.slot_tokens else CONDITION_DIM, freq_dim=64, ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers, rope_max_seq_len=1024,
     )
 
 
@@ -146,10 +152,18 @@ def model_condition(spec: ClipSpec) -> Tensor:
     return out
 
 
+def condition_tokens(cfg: ShapesConfig, cond: Tensor) -> Tensor:
+    """Conditions (B, CONDITION_DIM) as the model's "text" tokens: (B, 1, 37), or (B, 3, 13) with ``slot_tokens``."""
+    if not cfg.slot_tokens:
+        return cond[:, None, :]
+    slots = cond[:, : MAX_SHAPES * SLOT_DIM].unflatten(1, (MAX_SHAPES, SLOT_DIM))
+    return torch.cat([slots, cond[:, None, -1:].expand(-1, MAX_SHAPES, 1)], dim=2)
+
+
 def _batch(cfg: ShapesConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     specs = [random_spec(generator, frame_size=cfg.frame_size) for _ in range(cfg.batch)]
     video = torch.stack([render(s, cfg.trained_frames) for s in specs])
-    cond = torch.stack([model_condition(s) for s in specs])[:, None, :]
+    cond = condition_tokens(cfg, torch.stack([model_condition(s) for s in specs]))
     return encode(video), cond
 
 
@@ -298,6 +312,12 @@ def _loss_png(losses: list[float], path: Path) -> None:
     plt.close(fig)
 
 
+def _condition_text(cfg: dict[str, Any]) -> str:
+    if cfg.get("slot_tokens", False):
+        return f"one token per shape slot ({MAX_SHAPES} tokens of {SLOT_DIM + 1} numbers, the last the shape count)"
+    return f"one token of {CONDITION_DIM} numbers"
+
+
 def _dropout_text(cfg: dict[str, Any]) -> str:
     drop, start = cfg.get("cond_drop", 0.0), cfg.get("cond_drop_start", 0)
     if not drop:
@@ -324,7 +344,7 @@ synthetic clips of one to three coloured squares or discs bouncing in a 32 x 32 
 - Architecture: {cfg["num_layers"]} layers, {cfg["num_heads"]} heads x {cfg["head_dim"]}, FFN {cfg["ffn_dim"]},
   patch (1, 2, 2) on a pixel-unshuffled latent (48 x 8 x 8 per frame, 16 tokens per frame, one latent
   frame per video frame); {meta["parameters"]:,} parameters; {meta["weights"]}.
-- Condition (the "text"): one token of 37 numbers: per shape present, colour, square or disc and
+- Condition (the "text"): {_condition_text(cfg)}: per shape present, colour, square or disc and
   velocity; the start positions are zeroed, so the model chooses the layout.
 - Trained length: **{cfg["trained_frames"]} frames**. Training: flow matching as in Wan (predict
   noise - x0, timestep shift {cfg["shift"]}), AdamW lr {cfg["lr"]} with {cfg["warmup"]} warm-up steps, batch
@@ -350,7 +370,7 @@ def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, 
     x0 = encode(render(spec, frames)[None])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(99))
     inputs = dict(hidden_states=0.5 * x0 + 0.5 * noise, timestep=torch.tensor([500.0]),
-                  encoder_hidden_states=model_condition(spec)[None, None], return_dict=False)
+                  encoder_hidden_states=condition_tokens(cfg, model_condition(spec)[None]), return_dict=False)
     plan = probe(model, frames, inputs=inputs, trained_frames=cfg.trained_frames, temporal_factor=1,
                  progress=progress)
     plan.meta["probe"]["inputs"] = "freeloc.shapes_model.probe_plan: a rendered clip (seed 99) at timestep 500"
@@ -405,12 +425,13 @@ def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Tensor, num_frames: 
     h = cfg.frame_size // UNSHUFFLE
     x = torch.randn(cond.shape[0], cfg.channels, num_frames, h, h, generator=g)
     ts = _shifted(torch.linspace(1, 0, steps + 1), cfg.shift)
-    both_conds = torch.cat([torch.zeros_like(cond), cond])
+    tokens = condition_tokens(cfg, cond)
+    both_conds = torch.cat([torch.zeros_like(tokens), tokens])
     for t, t_next in zip(ts[:-1], ts[1:], strict=True):
         if guidance == 1.0:
-            v = model(x, torch.full((x.shape[0],), float(t) * 1000), cond[:, None, :], return_dict=False)[0]
+            v = model(x, torch.full((x.shape[0],), float(t) * 1000), tokens, return_dict=False)[0]
         else:  # conditioned and null-conditioned velocities in one batch
-            both = model(torch.cat([x, x]), torch.full((2 * x.shape[0],), float(t) * 1000), both_conds[:, None, :],
+            both = model(torch.cat([x, x]), torch.full((2 * x.shape[0],), float(t) * 1000), both_conds,
                          return_dict=False)[0]
             v0, v1 = both.chunk(2)
             v = v0 + guidance * (v1 - v0)
@@ -426,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cond-drop", type=float, default=0.0,
                     help="fraction of conditions replaced by zeros in training, for classifier-free guidance")
+    ap.add_argument("--slot-tokens", action="store_true",
+                    help="give the model one condition token per shape slot instead of one token in all")
     ap.add_argument("--cond-drop-start", type=int, default=0,
                     help="first step with --cond-drop (a run saved before it in --out is continued)")
     ap.add_argument("--export", type=Path, default=None, metavar="DIR",
@@ -437,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.export is not None:
         print(f"wrote {export(args.out, args.export, commit=args.commit, guidance=args.guidance)}")
         return 0
-    cfg = ShapesConfig(seed=args.seed, cond_drop=args.cond_drop, cond_drop_start=args.cond_drop_start)
+    cfg = ShapesConfig(seed=args.seed, cond_drop=args.cond_drop, cond_drop_start=args.cond_drop_start,
+                       slot_tokens=args.slot_tokens)
     print(json.dumps(train(cfg, args.steps, args.out, save_every=args.save_every)))
     return 0
 

@@ -188,3 +188,22 @@ def test_export_records_the_guidance_scale_and_refuses_it_without_dropout(tmp_pa
     monkeypatch.setattr(sm, "SHIPPED", tmp_path / "plain-ship")
     sm.export(tmp_path / "plain", tmp_path / "plain-ship")
     assert sm.shipped_guidance() == 1.0
+
+
+def test_slot_tokens_give_one_condition_token_per_shape(tmp_path: Path) -> None:
+    from freeloc.shapes_model import condition_tokens
+    from freeloc.synthetic import CONDITION_DIM, SLOT_DIM
+
+    cond = torch.stack([condition(random_spec(7)), condition(random_spec(8))])
+    assert torch.equal(condition_tokens(TINY, cond), cond[:, None, :])
+    slots = replace(TINY, slot_tokens=True)
+    tokens = condition_tokens(slots, cond)
+    assert tokens.shape == (2, 3, SLOT_DIM + 1) and CONDITION_DIM == 3 * SLOT_DIM + 1
+    for i in range(3):
+        assert torch.equal(tokens[:, i, :SLOT_DIM], cond[:, i * SLOT_DIM:(i + 1) * SLOT_DIM])
+        assert torch.equal(tokens[:, i, -1], cond[:, -1])
+    train(replace(slots, cond_drop=0.5), 2, tmp_path, progress=False)
+    model, cfg = load(tmp_path)
+    assert cfg.slot_tokens and model.config.text_dim == SLOT_DIM + 1
+    video = sample(model, cfg, cond, 5, steps=2, guidance=2.0)
+    assert video.shape == (2, 5, 3, 32, 32) and torch.isfinite(video).all()
