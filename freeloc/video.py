@@ -197,9 +197,9 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
     print(f"\nFreeLOC plan (from freeloc probe on this model): {plan.methods}")
     print(f"wrote {results['videos']['direct']}, {results['videos']['freeloc']} and {results['png']} "
           f"in {results['seconds']} s")
-    print("\nThe model saw only 16-frame clips in training; both videos are 64 frames. Palette colours near 1 "
-          "with few shapes drawn means empty frames: this small model loses its shapes past its trained "
-          "length, and on it FreeLOC keeps only some of them (benchmarks/RESULTS.md compares every method).\n"
+    print(f"\nThe model saw only 16-frame clips in training; both videos are 64 frames (guidance {guidance:g}). "
+          "Past its trained length it leaves frames empty and loses the asked colours; FreeLOC keeps them "
+          "about as well as the model does at 16 frames (benchmarks/RESULTS.md compares every method).\n"
           "`freeloc demo --model random` runs the tiny random Wan pipeline instead.\nWith a real model:  "
           "freeloc generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt \"...\" --num-frames 321 "
           "--device cuda --dtype bfloat16 --out video.mp4")
