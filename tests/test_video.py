@@ -21,14 +21,19 @@ def is_mp4(path: Path) -> bool:
     return path.stat().st_size > 1000 and path.read_bytes()[4:8] == b"ftyp"
 
 
+def run_demo(args: list[str], out_dir: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``freeloc demo ARGS``, check both videos were written, return what it printed."""
+    t0 = time.perf_counter()
+    assert main(["demo", *args]) == 0
+    out = capsys.readouterr().out
+    print(f"demo took {time.perf_counter() - t0:.1f} s")
+    assert is_mp4(out_dir / "direct.mp4") and is_mp4(out_dir / "freeloc.mp4")
+    return out
+
+
 def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The default demo: the shipped shapes model, 64 frames (4x its 16), direct and FreeLOC (fewer steps here)."""
-    t0 = time.perf_counter()
-    assert main(["demo", "--out", str(tmp_path), "--steps", "3", "--clips", "1"]) == 0
-    seconds = time.perf_counter() - t0
-    out = capsys.readouterr().out
-    print(f"demo took {seconds:.1f} s")
-    assert is_mp4(tmp_path / "direct.mp4") and is_mp4(tmp_path / "freeloc.mp4")
+    out = run_demo(["--out", str(tmp_path), "--steps", "3", "--clips", "1"], tmp_path, capsys)
     assert (tmp_path / "frames.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "64 frames" in out and "freeloc generate --model" in out
     table = {line[:28].strip(): line[28:].split() for line in out.splitlines()
@@ -56,12 +61,7 @@ def test_demo_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_random_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    t0 = time.perf_counter()
-    assert main(["demo", "--model", "random", "--out", str(tmp_path), "--steps", "2"]) == 0
-    seconds = time.perf_counter() - t0
-    out = capsys.readouterr().out
-    print(f"demo took {seconds:.1f} s")
-    assert is_mp4(tmp_path / "direct.mp4") and is_mp4(tmp_path / "freeloc.mp4")
+    out = run_demo(["--model", "random", "--out", str(tmp_path), "--steps", "2"], tmp_path, capsys)
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tiny and random" in out and "freeloc generate --model" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("transformer ")]
