@@ -63,6 +63,8 @@ SHIPPED = Path(__file__).parent / "data" / "shapes"
 UNSHUFFLE = 4
 #: Latent scale: ``latent = (pixels - background) * SCALE`` (real clips then have an RMS near 0.55).
 SCALE = 4.0
+#: Where a learning-rate decay ends, as a fraction of ``lr`` (see :attr:`ShapesConfig.lr_decay_start`).
+LR_FLOOR = 0.05
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,19 @@ class ShapesConfig:
     #: ``True``, one token per shape slot (its numbers and the shape count), so that cross-attention
     #: can tell the shapes apart.
     slot_tokens: bool = False
+    #: Learning-rate decay: ``lr`` until step ``lr_decay_start``, then linearly down to
+    #: ``lr * LR_FLOOR`` at ``lr_decay_end`` and constant after. ``lr_decay_end <= lr_decay_start``
+    #: keeps ``lr`` throughout. A run saved before the start is a valid start for this config.
+    lr_decay_start: int = 0
+    lr_decay_end: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of training step ``step`` (0-based): warm-up, then the decay if one is set."""
+        lr = self.lr * min(1.0, (step + 1) / max(1, self.warmup))
+        if self.lr_decay_end <= self.lr_decay_start or step < self.lr_decay_start:
+            return lr
+        done = min(1.0, (step - self.lr_decay_start) / (self.lr_decay_end - self.lr_decay_start))
+        return lr * (1.0 - (1.0 - LR_FLOOR) * done)
 
     def cond_drop_at(self, step: int) -> float:
         """The condition dropout used at training step ``step`` (0-based)."""
@@ -98,12 +113,19 @@ class ShapesConfig:
 
     def same_training_until(self, other: ShapesConfig, step: int) -> bool:
         """Whether training with ``other`` for ``step`` steps is exactly training with this config."""
-        fixed = ("cond_drop", "cond_drop_start")
-        if {k: v for k, v in asdict(self).items() if k not in fixed} != {
-                k: v for k, v in asdict(other).items() if k not in fixed}:
+        scheduled = ("cond_drop", "cond_drop_start", "lr_decay_start", "lr_decay_end")
+        if {k: v for k, v in asdict(self).items() if k not in scheduled} != {
+                k: v for k, v in asdict(other).items() if k not in scheduled}:
             return False
         changes = {0, self.cond_drop_start, other.cond_drop_start}
-        return all(self.cond_drop_at(s) == other.cond_drop_at(s) for s in changes if s < step)
+        if any(self.cond_drop_at(s) != other.cond_drop_at(s) for s in changes if s < step):
+            return False
+        # both schedules are piecewise linear in the step: equal at every step before ``step`` iff equal
+        # at each of their breakpoints before it and at the last step before it
+        knots = {0, step - 1, self.warmup, other.warmup, self.lr_decay_start, other.lr_decay_start,
+                 self.lr_decay_end, other.lr_decay_end}
+        knots |= {k - 1 for k in knots} | {k + 1 for k in knots}
+        return all(self.lr_at(s) == other.lr_at(s) for s in knots if 0 <= s < step)
 
     @property
     def channels(self) -> int:
@@ -176,6 +198,9 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     out.mkdir(parents=True, exist_ok=True)
     if not 0.0 <= cfg.cond_drop < 1.0:
         raise ValueError(f"cond_drop must be in [0, 1), got {cfg.cond_drop}")
+    if cfg.lr_decay_start < 0 or cfg.lr_decay_end < 0:
+        raise ValueError(f"lr_decay_start and lr_decay_end must be steps >= 0, got {cfg.lr_decay_start} and "
+                         f"{cfg.lr_decay_end}")
     if cfg.cond_drop_start < 0:
         raise ValueError(f"cond_drop_start must be a step >= 0, got {cfg.cond_drop_start}")
     if cfg.num_heads * cfg.head_dim < 3 * (UNSHUFFLE * 2) ** 2:
@@ -224,7 +249,7 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            group["lr"] = cfg.lr_at(step)
         opt.step()
         with torch.no_grad():
             decay = min(cfg.ema, (1 + step) / (10 + step))
@@ -326,6 +351,14 @@ def _dropout_text(cfg: dict[str, Any]) -> str:
     return f"{drop:.0%} of the conditions replaced by zeros (the null condition) {where}"
 
 
+def _lr_text(cfg: dict[str, Any]) -> str:
+    start, end = cfg.get("lr_decay_start", 0), cfg.get("lr_decay_end", 0)
+    text = f"AdamW lr {cfg['lr']} with {cfg['warmup']} warm-up steps"
+    if end <= start:
+        return text
+    return f"{text}, decayed linearly from step {start} to {LR_FLOOR:g} x lr at step {end}"
+
+
 def _guidance_text(guidance: float) -> str:
     if guidance == 1.0:
         return "Euler flow sampling, no guidance."
@@ -347,7 +380,7 @@ synthetic clips of one to three coloured squares or discs bouncing in a 32 x 32 
 - Condition (the "text"): {_condition_text(cfg)}: per shape present, colour, square or disc and
   velocity; the start positions are zeroed, so the model chooses the layout.
 - Trained length: **{cfg["trained_frames"]} frames**. Training: flow matching as in Wan (predict
-  noise - x0, timestep shift {cfg["shift"]}), AdamW lr {cfg["lr"]} with {cfg["warmup"]} warm-up steps, batch
+  noise - x0, timestep shift {cfg["shift"]}), {_lr_text(cfg)}, batch
   {cfg["batch"]}, EMA {cfg["ema"]}, seed {cfg["seed"]}, {meta["steps"]} steps, on CPU; {_dropout_text(cfg)}.
 - Sampling: {_guidance_text(meta.get("guidance", 1.0))}
 - Final loss (mean of the last {meta["loss_window"]} steps): {meta["final_loss"]}. Curve: `loss.png`.
@@ -451,6 +484,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="give the model one condition token per shape slot instead of one token in all")
     ap.add_argument("--cond-drop-start", type=int, default=0,
                     help="first step with --cond-drop (a run saved before it in --out is continued)")
+    ap.add_argument("--lr-decay", type=int, nargs=2, default=(0, 0), metavar=("START", "END"),
+                    help="decay the learning rate linearly from step START to 5%% of it at step END "
+                         "(a run saved before START in --out is continued)")
     ap.add_argument("--export", type=Path, default=None, metavar="DIR",
                     help="do not train: write the run in --out as a shippable checkpoint in DIR")
     ap.add_argument("--commit", default=None, help="with --export: the commit of the training code")
@@ -461,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {export(args.out, args.export, commit=args.commit, guidance=args.guidance)}")
         return 0
     cfg = ShapesConfig(seed=args.seed, cond_drop=args.cond_drop, cond_drop_start=args.cond_drop_start,
-                       slot_tokens=args.slot_tokens)
+                       slot_tokens=args.slot_tokens, lr_decay_start=args.lr_decay[0],
+                       lr_decay_end=args.lr_decay[1])
     print(json.dumps(train(cfg, args.steps, args.out, save_every=args.save_every)))
     return 0
 

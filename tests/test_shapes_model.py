@@ -207,3 +207,31 @@ def test_slot_tokens_give_one_condition_token_per_shape(tmp_path: Path) -> None:
     assert cfg.slot_tokens and model.config.text_dim == SLOT_DIM + 1
     video = sample(model, cfg, cond, 5, steps=2, guidance=2.0)
     assert video.shape == (2, 5, 3, 32, 32) and torch.isfinite(video).all()
+
+
+def test_learning_rate_decay_from_a_step_continues_a_run_saved_before_it(tmp_path: Path) -> None:
+    """A constant-lr run continued with a decay starting at its step is that config trained from scratch."""
+    from freeloc.shapes_model import LR_FLOOR, _card
+
+    decayed = replace(TINY, warmup=1, lr_decay_start=2, lr_decay_end=4)
+    assert [decayed.lr_at(s) for s in range(6)] == pytest.approx(
+        [TINY.lr, TINY.lr, TINY.lr, TINY.lr * (1 - (1 - LR_FLOOR) / 2), TINY.lr * LR_FLOOR, TINY.lr * LR_FLOOR])
+    constant = replace(TINY, warmup=1)
+    train(constant, 2, tmp_path / "a", save_every=2, progress=False)
+    continued = train(decayed, 5, tmp_path / "a", save_every=5, progress=False)
+    scratch = train(decayed, 5, tmp_path / "b", save_every=5, progress=False)
+    assert continued["loss"] == pytest.approx(scratch["loss"], rel=1e-6)
+    for (name, a), b in zip(load(tmp_path / "a")[0].state_dict().items(), load(tmp_path / "b")[0].state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert train(constant, 5, tmp_path / "c", save_every=5, progress=False)["loss"] != scratch["loss"]
+    # a run already past the decay's start is refused, and so are negative steps
+    train(constant, 4, tmp_path / "d", save_every=4, progress=False)  # step 3 had lr, not the decayed lr
+    with pytest.raises(ValueError, match="for 4 steps, which is not the same training"):
+        train(decayed, 5, tmp_path / "d", progress=False)
+    with pytest.raises(ValueError, match="lr_decay_start and lr_decay_end must be steps >= 0, got -1 and 4"):
+        train(replace(decayed, lr_decay_start=-1), 1, tmp_path / "e", progress=False)
+    meta = {"config": decayed.__dict__, "parameters": 1, "weights": "w", "steps": 5, "loss_window": 1,
+            "final_loss": 0.1, "commit": "abc"}
+    assert "decayed linearly from step 2 to 0.05 x lr at step 4" in _card(meta, "")
+    assert "decayed" not in _card({**meta, "config": constant.__dict__}, "")
