@@ -132,16 +132,26 @@ def _tile(videos: torch.Tensor, scale: int = 4, columns: int = 4) -> torch.Tenso
     return grid.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
 
-def frames_png(rows: dict[str, torch.Tensor], path: Path, title: str, columns: int = 16) -> Path:
-    """A PNG with one row of ``columns`` evenly spaced frames per labelled (T, 3, H, W) video."""
+def frames_png(rows: dict[str, torch.Tensor], path: Path, title: str, columns: int = 16,
+               frames: list[int] | None = None) -> Path:
+    """A PNG with one row per labelled (T, 3, H, W) video: ``columns`` evenly spaced frames, or the
+    given ``frames`` (indices, for example consecutive ones to show motion)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frames = next(iter(rows.values())).shape[0]
-    idx = torch.linspace(0, frames - 1, columns).round().long()
-    fig, axes = plt.subplots(len(rows), 1, figsize=(columns * 0.75, 1.05 * len(rows) + 0.5))
+    length = min(v.shape[0] for v in rows.values())
+    if frames is not None:
+        bad = [i for i in frames if not 0 <= i < length]
+        if not frames or bad:
+            raise ValueError(f"frames must be a non-empty list of indices in [0, {length}), got {frames}")
+        idx = torch.tensor(frames)
+    else:
+        idx = torch.linspace(0, length - 1, columns).round().long()
+    columns = len(idx)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(columns * 0.75, 1.05 * len(rows) + 0.5), squeeze=False)
+    axes = axes[:, 0]
     for ax, (label, video) in zip(axes, rows.items(), strict=True):
         h = video.shape[-1] + 2
         row = torch.cat([torch.nn.functional.pad(video[i], (1, 1, 1, 1), value=1.0) for i in idx], dim=2)
@@ -160,7 +170,7 @@ def frames_png(rows: dict[str, torch.Tensor], path: Path, title: str, columns: i
 
 def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance: float | None) -> dict[str, Any]:
     from .shapes_model import load_shipped, model_condition, sample, shipped_guidance, shipped_plan
-    from .synthetic import evaluate_generated, random_spec
+    from .synthetic import evaluate_generated, random_spec, render
 
     t0 = time.perf_counter()
     model, cfg = load_shipped()
@@ -181,9 +191,16 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
             videos[label] = sample(model, cfg, cond, frames, steps=steps, seed=seed, guidance=guidance)
         results["videos"][label] = str(write_video(_tile(videos[label]), out_dir / f"{label}.mp4", fps=8))
         results["scores"][label] = evaluate_generated(videos[label], specs)
-    strip = {"direct": videos["direct"][0], "FreeLOC": videos["freeloc"][0]}
+    strip = {"asked (a real clip)": render(specs[0], frames), "direct": videos["direct"][0],
+             "FreeLOC": videos["freeloc"][0]}
     results["png"] = str(frames_png(strip, out_dir / "frames.png",
-                                    f"shapes model, {frames} frames = 4x its trained {trained}: clip 0"))
+                                    f"shapes model, {frames} frames = 4x its trained {trained}: clip 0, "
+                                    "16 frames evenly spaced (the real clip starts elsewhere: the model picks "
+                                    "the layout)"))
+    middle = list(range(frames // 2 - trained // 2, frames // 2 + trained - trained // 2))
+    results["motion_png"] = str(frames_png(strip, out_dir / "motion.png",
+                                           f"the same clips, {trained} consecutive frames from the middle "
+                                           f"({middle[0]}-{middle[-1]})", frames=middle))
     results["seconds"] = round(time.perf_counter() - t0, 2)
     names = [("palette_fidelity", "palette colours"), ("shape_presence", "shapes drawn / asked"),
              ("shape_count_consistency", "right shape count"),
@@ -195,8 +212,8 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
         print(f"{label:<28}{results['scores']['direct'][key]:>10.3f}{results['scores']['freeloc'][key]:>10.3f}"
               f"   {best}")
     print(f"\nFreeLOC plan (from freeloc probe on this model): {plan.methods}")
-    print(f"wrote {results['videos']['direct']}, {results['videos']['freeloc']} and {results['png']} "
-          f"in {results['seconds']} s")
+    print(f"wrote {results['videos']['direct']}, {results['videos']['freeloc']}, {results['png']} and "
+          f"{results['motion_png']} in {results['seconds']} s")
     print(f"\nThe model saw only 16-frame clips in training; both videos are 64 frames (guidance {guidance:g}). "
           "Past its trained length it leaves frames empty and loses the asked colours; FreeLOC keeps them "
           "about as well as the model does at 16 frames (benchmarks/RESULTS.md compares every method).\n"
@@ -231,8 +248,8 @@ def _demo_random(out_dir: Path, steps: int, size: int, seed: int, guidance: floa
     results["seconds"] = round(time.perf_counter() - t0, 2)
     print("\nper layer, FreeLOC (the direct run attends every pair, max |r| = "
           f"{latent - 1}):\n{sessions['freeloc'].report()}\n")
-    print(f"wrote {results['videos']['direct']}, {results['videos']['freeloc']} and {results['png']} "
-          f"in {results['seconds']} s")
+    print(f"wrote {results['videos']['direct']}, {results['videos']['freeloc']}, {results['png']} and "
+          f"{results['motion_png']} in {results['seconds']} s")
     print("\nThis model is tiny and random: both videos are noise. The demo shows the mechanics (the relative "
           "distances brought back into the trained range, the sparser attention), not quality.\nWith a real "
           "model:  freeloc generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt \"...\" --num-frames 321 "

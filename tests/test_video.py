@@ -34,8 +34,9 @@ def run_demo(args: list[str], out_dir: Path, capsys: pytest.CaptureFixture[str])
 def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The default demo: the shipped shapes model, 64 frames (4x its 16), direct and FreeLOC (fewer steps here)."""
     out = run_demo(["--out", str(tmp_path), "--steps", "3", "--clips", "1"], tmp_path, capsys)
-    assert (tmp_path / "frames.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "64 frames" in out and "freeloc generate --model" in out
+    for png in ("frames.png", "motion.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "64 frames" in out and "motion.png" in out and "freeloc generate --model" in out
     table = {line[:28].strip(): line[28:].split() for line in out.splitlines()
              if line.startswith(("palette", "right", "shapes"))}
     assert set(table) == {"palette colours", "shapes drawn / asked", "right shape count", "right colours"}
@@ -191,3 +192,15 @@ def test_generate_with_other_pipelines(model: str, build: Any, encode: Any, size
     assert side["settings"]["trained_frames"] == 9
     assert all(layer["calls"] > 0 for layer in side["layers"])
     assert max(layer["max_abs_distance"] for layer in side["layers"]) <= 2  # 9 frames = 3 latent: |r| <= 2
+
+
+def test_frames_png_takes_explicit_frames_and_rejects_bad_ones(tmp_path: Path) -> None:
+    from freeloc.video import frames_png
+
+    video = torch.rand(6, 3, 8, 8)
+    plain = frames_png({"a": video}, tmp_path / "even.png", "t", columns=3)
+    chosen = frames_png({"a": video, "b": video}, tmp_path / "chosen.png", "t", frames=[2, 3, 4])
+    assert plain.read_bytes()[:4] == chosen.read_bytes()[:4] == b"\x89PNG"
+    for bad in ([], [6], [-1, 2]):
+        with pytest.raises(ValueError, match=r"frames must be a non-empty list of indices in \[0, 6\), got"):
+            frames_png({"a": video}, tmp_path / "bad.png", "t", frames=bad)
