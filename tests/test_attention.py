@@ -274,3 +274,52 @@ def test_position_methods_need_rope(method: freeloc.Method) -> None:
     q = torch.randn(1, 24, 2, HEAD_DIM)
     with pytest.raises(ValueError, match="changes temporal positions, but rotary=None|needs the model's RotaryLayout"):
         attend(q, q, q, grid=(4, 2, 3), method=method, rotary=None)
+
+
+@pytest.mark.parametrize("cache_bytes", [None, 0], ids=["cached", "over-budget"])
+def test_chunked_masks_are_built_once_per_plan_and_outputs_do_not_change(
+        cache_bytes: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked backend keeps the masks its plan built; past the byte budget it rebuilds them per call."""
+    from freeloc.attention import chunked
+
+    if cache_bytes is not None:
+        monkeypatch.setattr(chunked, "MASK_CACHE_BYTES", cache_bytes)
+    chunked.plan_passes.cache_clear()
+    built: list[int] = []
+    original = chunked.Pass.mask
+    monkeypatch.setattr(chunked.Pass, "mask", lambda self, device: built.append(1) or original(self, device))
+    grid = (19, 3, 5)
+    method = freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12)
+    q, k, v = qkv(19 * 15, torch.float32, seed=5)
+    kw = dict(grid=grid, method=method, rotary=ROTARY)
+    ref = attend(q, k, v, backend="reference", **kw)
+    first = attend(q, k, v, backend="chunked", **kw)
+    after_first = len(built)
+    second = attend(q, k, v, backend="chunked", **kw)
+    third = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), backend="chunked", **kw)  # another dtype
+    print(f"masks built: {after_first} on the first call, {len(built)} after three calls")
+    assert after_first > 0 and torch.equal(first, second)
+    torch.testing.assert_close(first, ref, rtol=0, atol=TOL[torch.float32])
+    torch.testing.assert_close(third.float(), ref, rtol=0, atol=TOL[torch.bfloat16])
+    if cache_bytes is None:
+        assert len(built) == 2 * after_first  # the second call reused them; bf16 built its own prepared masks
+    else:
+        assert len(built) == 3 * after_first
+    chunked.plan_passes.cache_clear()
+
+
+def test_bands_with_equal_positions_share_one_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TSA's local and striped tiers use the original positions: q and k are rotated for them once."""
+    calls: list[int] = []
+    original = freeloc.RotaryLayout.rotate_temporal
+    monkeypatch.setattr(freeloc.RotaryLayout, "rotate_temporal",
+                        lambda self, x, cos, sin: calls.append(1) or original(self, x, cos, sin))
+    method = freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12)
+    bands = band_set_for(method, 19, 15, ROTARY)
+    assert [b.name for b in bands.bands] == ["local", "striped", "sink"]
+    q, k, v = qkv(19 * 15, torch.float32, seed=6)
+    out = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="chunked")
+    assert len(calls) == 4  # (local = striped, sink) for q and for k
+    monkeypatch.setattr(freeloc.RotaryLayout, "rotate_temporal", original)
+    ref = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL[torch.float32])

@@ -168,10 +168,17 @@ def attend(
     def rot_bands(x: Tensor, side: str) -> list[Tensor]:
         if rotary is None:
             return [x] * len(bands.bands)
-        # the spatial rotation once, then each band's temporal rotation on the temporal channels only
+        # the spatial rotation once, then each band's temporal rotation on the temporal channels only;
+        # bands with the same positions on this side (TSA's local and striped tiers) share one rotation
         base = rot(x, -1, side)
-        return [rotary.rotate_temporal(base, *_cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev)))
-                for i in range(len(bands.bands))]
+        out: list[Tensor] = []
+        for i, band in enumerate(bands.bands):
+            pos = band.q_pos if side == "q" else band.k_pos
+            same = next((j for j, other in enumerate(bands.bands[:i])
+                         if torch.equal(pos, other.q_pos if side == "q" else other.k_pos)), None)
+            out.append(out[same] if same is not None else
+                       rotary.rotate_temporal(base, *_cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))))
+        return out
 
     def orig_all(x: Tensor) -> Tensor:
         xv = rot(x[:, video], None, "q")

@@ -6,7 +6,8 @@ queries into spatial sub-blocks and gathers, per key frame, only the raster rang
 Each pass is one fused attention call with its LSE; passes are merged online, exactly, in float32.
 Memory is bounded by one pass (chunk queries x gathered keys); no [N, N] tensor is ever built, and
 the work is proportional to the band's density (up to the frame/sub-block rounding at the edges).
-The plan of passes depends only on the band set and the grid, and is cached.
+The plan of passes depends only on the band set and the grid, and is cached, and so are the masks
+its passes build (per device and dtype, up to :data:`MASK_CACHE_BYTES` per plan).
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..bands import Band, BandSet
-from .kernels import attention_with_lse, prepare_mask, uses_fused_cpu_kernel
+from .kernels import FUSED_DTYPES, attention_with_lse, prepare_mask
 from .merge import EMPTY_LSE, merge_into_
 
-__all__ = ["chunked_band_attention", "plan_cost", "plan_passes"]
+__all__ = ["PassPlan", "chunked_band_attention", "plan_cost", "plan_passes"]
 
 #: The planner's cost model, in units of one (query, key, channel) multiply-add (measured on CPU): the
 #: fixed overhead of one pass (launch, slicing, merge), the extra cost per masked (query, key) pair.
@@ -30,6 +31,42 @@ CALL_COST = 1_000_000
 MASK_COST = 4
 #: Cost of gathering one token's channel into a pass (a memory copy), per channel.
 GATHER_COST = 12
+#: Prepared masks a plan keeps between calls (bytes, per plan); past it they are rebuilt on each call.
+MASK_CACHE_BYTES = 64 * 2**20
+
+
+class PassPlan(tuple):
+    """The passes of one band set and grid (a tuple of :class:`Pass`), with the masks they built.
+
+    ``masks`` maps (mask pattern, device, dtype) to ``(bool mask, prepared bias or None)``.
+    """
+
+    masks: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]]
+    mask_bytes: int
+
+    def __new__(cls, passes: list[Pass]) -> PassPlan:
+        plan = super().__new__(cls, passes)
+        plan.masks, plan.mask_bytes = {}, 0
+        return plan
+
+    def mask_for(self, p: Pass, device: torch.device, dtype: torch.dtype,
+                 local: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]]) -> tuple[
+                     Tensor, tuple[Tensor, Tensor] | None]:
+        """The mask of pass ``p`` and its prepared form, from the plan's cache or ``local`` (this call's)."""
+        key = (p.pattern, str(device), dtype)
+        hit = self.masks.get(key) or local.get(key)
+        if hit is not None:
+            return hit
+        m = p.mask(device)
+        prepared = prepare_mask(m, dtype) if device.type == "cpu" and dtype in FUSED_DTYPES else None
+        entry = (m, prepared)
+        size = m.numel() * (1 + (0 if prepared is None else prepared[0].element_size()))
+        if self.mask_bytes + size <= MASK_CACHE_BYTES:
+            self.masks[key] = entry
+            self.mask_bytes += size
+        else:
+            local[key] = entry
+        return entry
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,7 +194,7 @@ def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -> tuple[Pass, ...]:
+def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -> PassPlan:
     """The passes the chunked backend runs for this band set (cached per band-set object).
 
     Each band gets its own query chunking: the number of frames per chunk (and, for a striped band,
@@ -181,7 +218,7 @@ def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -
         if not bool(touched[p.rows].any()):
             object.__setattr__(p, "first", True)
         touched[p.rows] = True
-    return tuple(out)
+    return PassPlan(out)
 
 
 def plan_cost(passes: tuple[Pass, ...]) -> int:
@@ -207,17 +244,14 @@ def chunked_band_attention(
     passes = plan_passes(band_set, tokens_per_frame, d)
     out = torch.zeros(b, n, h, d, dtype=torch.float32, device=v.device)
     lse = torch.full((b, n, h), EMPTY_LSE, dtype=torch.float32, device=v.device)
-    masks: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}
+    masks: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}  # this call's, past the cache
     for p in passes:
         q = qs[p.band][:, p.rows].transpose(1, 2)
         k = ks[p.band][:, p.keys].transpose(1, 2)
         vv = v[:, p.keys].transpose(1, 2)
         mask, prepared = None, None
         if p.pattern:
-            if p.pattern not in masks:
-                m = p.mask(v.device)
-                masks[p.pattern] = (m, prepare_mask(m, q.dtype) if uses_fused_cpu_kernel(q) else None)
-            mask, prepared = masks[p.pattern]
+            mask, prepared = passes.mask_for(p, v.device, q.dtype, masks)
         o, l_ = attention_with_lse(q, k, vv, mask, scale, prepared)
         o, l_ = o.transpose(1, 2), l_.transpose(1, 2)
         if p.first:

@@ -11,12 +11,15 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["attention_with_lse", "prepare_mask", "uses_fused_cpu_kernel"]
+__all__ = ["FUSED_DTYPES", "attention_with_lse", "prepare_mask", "uses_fused_cpu_kernel"]
+
+#: The dtypes of PyTorch's fused CPU flash kernel.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def uses_fused_cpu_kernel(q: Tensor) -> bool:
     """Whether :func:`attention_with_lse` runs PyTorch's fused CPU flash kernel for this query."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return q.device.type == "cpu" and q.dtype in FUSED_DTYPES
 
 
 def prepare_mask(mask: Bool[Tensor, "*batch q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
