@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -274,14 +275,57 @@ def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesCon
     return model.eval(), cfg
 
 
+#: The scores in the model card's table at the trained length: (key, column title, format).
+CARD_SCORES = (("shape_presence", "shapes drawn / asked", "{:.2f}"),
+               ("shape_count_consistency", "right count", "{:.2f}"),
+               ("color_consistency", "right colours", "{:.2f}"),
+               ("motion_error", "speed error (px/frame)", "{:.2f}"),
+               ("dynamic_degree", "speed / asked speed", "{:.2f}"))
+
+
+@torch.no_grad()
+def trained_length_scores(model: torch.nn.Module, cfg: ShapesConfig, guidances: list[float], *, clips: int = 8,
+                          steps: int = 20, progress: bool = True) -> dict[float, dict[str, float]]:
+    """Pixel scores (:func:`freeloc.synthetic.evaluate_generated`, mean of ``clips`` conditions, seeds
+    20000 + i) of the model at its trained length, with each classifier-free guidance scale."""
+    from .synthetic import evaluate_generated
+
+    if not 1 <= clips <= 64:
+        raise ValueError(f"clips must be between 1 and 64, got {clips}")
+    bad = [g for g in guidances if not (math.isfinite(g) and g >= 0)]
+    if not guidances or bad:
+        raise ValueError(f"guidances must be finite numbers >= 0 (1 = no guidance), got {guidances}")
+    specs = [random_spec(20_000 + i, frame_size=cfg.frame_size) for i in range(clips)]
+    cond = torch.stack([model_condition(sp) for sp in specs])
+    out = {}
+    for g in guidances:
+        if progress:
+            print(f"scoring {clips} clips of {cfg.trained_frames} frames with guidance {g:g} ...", flush=True)
+        out[float(g)] = evaluate_generated(sample(model, cfg, cond, cfg.trained_frames, steps=steps, guidance=g), specs)
+    return out
+
+
+def _scores_table(scores: dict[float, dict[str, float]], shipped: float, clips: int) -> str:
+    head = "| guidance | " + " | ".join(title for _, title, _ in CARD_SCORES) + " |"
+    rows = [head, "|" + "---|" * (len(CARD_SCORES) + 1)]
+    for g, sc in scores.items():
+        label = f"{g:g}" + (" (none)" if g == 1.0 else "") + (" (shipped default)" if g == shipped != 1.0 else "")
+        rows.append(f"| {label} | " + " | ".join(fmt.format(sc[key]) for key, _, fmt in CARD_SCORES) + " |")
+    return (f"\nAt its trained length, measured by `export` on the exported weights ({clips} conditions, "
+            f"seeds 20000-{20_000 + clips - 1}, 20 Euler steps; `freeloc.synthetic` pixel scores, 1 is a "
+            f"perfect clip, speed error 0):\n\n" + "\n".join(rows) + "\n")
+
+
 def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: str = "",
-           guidance: float = 1.0) -> Path:
+           guidance: float = 1.0, evaluate: list[float] | None = None, evaluate_clips: int = 8) -> Path:
     """Write a training run's weight average as a shippable checkpoint in ``dest``.
 
     ``dest`` receives ``model.safetensors`` (float16 weights), ``model.json`` (the config, the steps,
     the final loss, the data generator settings and ``commit``, the commit of the training code),
     ``plan.json`` (:func:`probe_plan` on the exported weights), ``loss.png`` and ``MODEL_CARD.md``.
     ``guidance`` is the classifier-free guidance scale to sample it with (``shipped_guidance()``).
+    ``evaluate``: guidance scales at which the card gets a table of :func:`trained_length_scores`
+    (``evaluate_clips`` conditions each; also stored in ``model.json``); None: no table.
     """
     from safetensors.torch import save_file
 
@@ -306,10 +350,16 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
                   condition="freeloc.shapes_model.model_condition (start positions left to the model)",
                   trained_frames=cfg.trained_frames),
     )
-    (dest / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     model = build_model(cfg)
     model.load_state_dict({k: v.to(torch.float16).float() for k, v in state["ema"].items()})
-    probe_plan(model.eval(), cfg).save(dest / "plan.json")
+    model.eval()
+    if evaluate:
+        scores = trained_length_scores(model, cfg, evaluate, clips=evaluate_clips)
+        meta["trained_length_scores"] = dict(clips=evaluate_clips, steps=20,
+                                             by_guidance={f"{g:g}": sc for g, sc in scores.items()})
+        note = _scores_table(scores, guidance, evaluate_clips) + note
+    (dest / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    probe_plan(model, cfg).save(dest / "plan.json")
     _loss_png(losses, dest / "loss.png")
     (dest / "MODEL_CARD.md").write_text(_card(meta, note))
     return dest
@@ -492,9 +542,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", default=None, help="with --export: the commit of the training code")
     ap.add_argument("--guidance", type=float, default=1.0,
                     help="with --export: the classifier-free guidance scale to sample the model with")
+    ap.add_argument("--evaluate", default=None, metavar="G1,G2,...",
+                    help="with --export: guidance scales for the model card's table at the trained length "
+                         "(default: 1 and --guidance; 'none' for no table)")
+    ap.add_argument("--evaluate-clips", type=int, default=8, help="with --export: conditions per table row")
     args = ap.parse_args(argv)
     if args.export is not None:
-        print(f"wrote {export(args.out, args.export, commit=args.commit, guidance=args.guidance)}")
+        if args.evaluate == "none":
+            evaluate = None
+        elif args.evaluate is None:
+            evaluate = sorted({1.0, args.guidance})
+        else:
+            try:
+                evaluate = [float(x) for x in args.evaluate.split(",")]
+            except ValueError:
+                ap.error(f"--evaluate: expected guidance scales like 1,3,5 or 'none', got {args.evaluate!r}")
+        dest = export(args.out, args.export, commit=args.commit, guidance=args.guidance, evaluate=evaluate,
+                      evaluate_clips=args.evaluate_clips)
+        print(f"wrote {dest}")
         return 0
     cfg = ShapesConfig(seed=args.seed, cond_drop=args.cond_drop, cond_drop_start=args.cond_drop_start,
                        slot_tokens=args.slot_tokens, lr_decay_start=args.lr_decay[0],

@@ -235,3 +235,30 @@ def test_learning_rate_decay_from_a_step_continues_a_run_saved_before_it(tmp_pat
             "final_loss": 0.1, "commit": "abc"}
     assert "decayed linearly from step 2 to 0.05 x lr at step 4" in _card(meta, "")
     assert "decayed" not in _card({**meta, "config": constant.__dict__}, "")
+
+
+def test_export_scores_the_model_at_its_trained_length_in_the_card(tmp_path: Path) -> None:
+    import json
+
+    from freeloc.shapes_model import export, main, trained_length_scores
+
+    train(replace(TINY, cond_drop=0.2), 1, tmp_path / "run", progress=False)
+    dest = export(tmp_path / "run", tmp_path / "ship", guidance=3.0, evaluate=[1.0, 3.0], evaluate_clips=2)
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "| guidance | shapes drawn / asked | right count | right colours |" in card
+    assert "| 1 (none) |" in card and "| 3 (shipped default) |" in card and "seeds 20000-20001" in card
+    stored = json.loads((dest / "model.json").read_text())["trained_length_scores"]
+    assert stored["clips"] == 2 and set(stored["by_guidance"]) == {"1", "3"}
+    model, cfg = load(tmp_path / "run")
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})  # the exported weights
+    again = trained_length_scores(model, cfg, [3.0], clips=2, progress=False)[3.0]
+    assert again == pytest.approx(stored["by_guidance"]["3"], nan_ok=True)  # the card's numbers are reproducible
+    for bad in ([], [-1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="guidances must be finite numbers >= 0"):
+            trained_length_scores(model, cfg, bad, progress=False)
+    with pytest.raises(ValueError, match="clips must be between 1 and 64, got 0"):
+        trained_length_scores(model, cfg, [1.0], clips=0, progress=False)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "x"), "--evaluate", "1,abc"])
+    main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "plain"), "--evaluate", "none"])
+    assert "| guidance |" not in (tmp_path / "plain" / "MODEL_CARD.md").read_text()
