@@ -26,7 +26,7 @@ import torch
 from .plan import LayerPlan
 from .session import Session, enable
 
-__all__ = ["DEMO_MODELS", "demo", "frames_png", "generate", "tiny_wan_pipeline", "write_video"]
+__all__ = ["DEMO_MODELS", "compare_frames", "demo", "frames_png", "generate", "tiny_wan_pipeline", "write_video"]
 
 #: The demo model's declared trained length (video frames) and its 4x length.
 DEMO_TRAINED_FRAMES = 81
@@ -132,6 +132,27 @@ def _tile(videos: torch.Tensor, scale: int = 4, columns: int = 4) -> torch.Tenso
     return grid.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
 
+def _label(text: str, height: int, width: int = 96) -> torch.Tensor:
+    """(3, height, width) white text on the page colour, for the left margin of a comparison video."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    ImageDraw.Draw(img).text((6, height // 2 - 6), text, fill=(0, 0, 0))
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    return pixels.view(height, width, 3).permute(2, 0, 1).float() / 255
+
+
+def compare_frames(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Labelled (T, 3, H, W) tiles (from :func:`_tile`) stacked top to bottom: one video to compare them."""
+    pieces = []
+    for i, (name, tile) in enumerate(rows.items()):
+        label = _label(name, tile.shape[2])[None].expand(tile.shape[0], -1, -1, -1)
+        pieces.append(torch.cat([label, tile], dim=3))
+        if i < len(rows) - 1:
+            pieces.append(torch.ones(tile.shape[0], 3, 16, pieces[-1].shape[3]))
+    return torch.cat(pieces, dim=2)
+
+
 def frames_png(rows: dict[str, torch.Tensor], path: Path, title: str, columns: int = 16,
                frames: list[int] | None = None) -> Path:
     """A PNG with one row per labelled (T, 3, H, W) video: ``columns`` evenly spaced frames, or the
@@ -191,6 +212,9 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
             videos[label] = sample(model, cfg, cond, frames, steps=steps, seed=seed, guidance=guidance)
         results["videos"][label] = str(write_video(_tile(videos[label]), out_dir / f"{label}.mp4", fps=8))
         results["scores"][label] = evaluate_generated(videos[label], specs)
+    results["compare"] = str(write_video(compare_frames({"direct": _tile(videos["direct"]),
+                                                         "FreeLOC": _tile(videos["freeloc"])}),
+                                         out_dir / "compare.mp4", fps=8))
     strip = {"asked (a real clip)": render(specs[0], frames), "direct": videos["direct"][0],
              "FreeLOC": videos["freeloc"][0]}
     results["png"] = str(frames_png(strip, out_dir / "frames.png",
@@ -212,8 +236,8 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
         print(f"{label:<28}{results['scores']['direct'][key]:>10.3f}{results['scores']['freeloc'][key]:>10.3f}"
               f"   {best}")
     print(f"\nFreeLOC plan (from freeloc probe on this model): {plan.methods}")
-    print(f"wrote {results['videos']['direct']}, {results['videos']['freeloc']}, {results['png']} and "
-          f"{results['motion_png']} in {results['seconds']} s")
+    print(f"wrote {results['compare']} (direct above FreeLOC), {results['videos']['direct']}, "
+          f"{results['videos']['freeloc']}, {results['png']} and {results['motion_png']} in {results['seconds']} s")
     print(f"\nThe model saw only 16-frame clips in training; both videos are 64 frames (guidance {guidance:g}). "
           "Past its trained length it leaves frames empty and loses the asked colours; FreeLOC keeps them "
           "about as well as the model does at 16 frames (benchmarks/RESULTS.md compares every method).\n"
@@ -248,8 +272,8 @@ def _demo_random(out_dir: Path, steps: int, size: int, seed: int, guidance: floa
     results["seconds"] = round(time.perf_counter() - t0, 2)
     print("\nper layer, FreeLOC (the direct run attends every pair, max |r| = "
           f"{latent - 1}):\n{sessions['freeloc'].report()}\n")
-    print(f"wrote {results['videos']['direct']}, {results['videos']['freeloc']}, {results['png']} and "
-          f"{results['motion_png']} in {results['seconds']} s")
+    print(f"wrote {results['compare']} (direct above FreeLOC), {results['videos']['direct']}, "
+          f"{results['videos']['freeloc']}, {results['png']} and {results['motion_png']} in {results['seconds']} s")
     print("\nThis model is tiny and random: both videos are noise. The demo shows the mechanics (the relative "
           "distances brought back into the trained range, the sparser attention), not quality.\nWith a real "
           "model:  freeloc generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt \"...\" --num-frames 321 "

@@ -37,6 +37,7 @@ def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pyte
     for png in ("frames.png", "motion.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "64 frames" in out and "motion.png" in out and "freeloc generate --model" in out
+    assert is_mp4(tmp_path / "compare.mp4")
     table = {line[:28].strip(): line[28:].split() for line in out.splitlines()
              if line.startswith(("palette", "right", "shapes"))}
     assert set(table) == {"palette colours", "shapes drawn / asked", "right shape count", "right colours"}
@@ -204,3 +205,15 @@ def test_frames_png_takes_explicit_frames_and_rejects_bad_ones(tmp_path: Path) -
     for bad in ([], [6], [-1, 2]):
         with pytest.raises(ValueError, match=r"frames must be a non-empty list of indices in \[0, 6\), got"):
             frames_png({"a": video}, tmp_path / "bad.png", "t", frames=bad)
+
+
+def test_compare_frames_stacks_labelled_tiles() -> None:
+    from freeloc.video import compare_frames
+
+    a, b = torch.rand(5, 3, 32, 48), torch.rand(5, 3, 32, 48)
+    both = compare_frames({"direct": a, "FreeLOC": b})
+    assert both.shape == (5, 3, 32 + 16 + 32, 96 + 48)
+    assert torch.equal(both[:, :, :32, 96:], a) and torch.equal(both[:, :, 48:, 96:], b)
+    label = both[0, :, :32, :96]
+    assert bool((label < 0.5).any()) and bool((label == 1).any())  # dark text on white
+    assert torch.equal(both[:, :, 32:48], torch.ones(5, 3, 16, 144))
