@@ -133,7 +133,7 @@ def _tile(videos: torch.Tensor, scale: int = 4, columns: int = 4) -> torch.Tenso
 
 
 def _label(text: str, height: int, width: int = 96) -> torch.Tensor:
-    """(3, height, width) white text on the page colour, for the left margin of a comparison video."""
+    """(3, height, width): black text on white, for the left margin of a comparison video."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (width, height), (255, 255, 255))

@@ -16,6 +16,12 @@ from freeloc.synthetic import BACKGROUND, condition, random_spec, render  # noqa
 TINY = ShapesConfig(num_layers=1, num_heads=2, head_dim=96, ffn_dim=32, batch=2, trained_frames=4)
 
 
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """The two training runs' weight averages are bit-identical."""
+    for (name, a), b in zip(load(run_a)[0].state_dict().items(), load(run_b)[0].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_patchifier_round_trip() -> None:
     video = torch.stack([render(random_spec(s), 5) for s in range(2)])
     latent = encode(video)
@@ -143,9 +149,7 @@ def test_condition_dropout_from_a_step_continues_a_run_saved_before_it(tmp_path:
     continued = train(later, 4, tmp_path / "a", save_every=2, progress=False)
     scratch = train(later, 4, tmp_path / "b", save_every=2, progress=False)
     assert continued["loss"] == pytest.approx(scratch["loss"], rel=1e-6)
-    for (name, a), b in zip(load(tmp_path / "a")[0].state_dict().items(), load(tmp_path / "b")[0].state_dict().values(),
-                            strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
     assert train(TINY, 4, tmp_path / "c", save_every=2, progress=False)["loss"] != scratch["loss"]
     # a run already past the start (here: 2 steps without dropout, asked to drop from step 1) is refused
     train(TINY, 2, tmp_path / "d", save_every=2, progress=False)
@@ -221,9 +225,7 @@ def test_learning_rate_decay_from_a_step_continues_a_run_saved_before_it(tmp_pat
     continued = train(decayed, 5, tmp_path / "a", save_every=5, progress=False)
     scratch = train(decayed, 5, tmp_path / "b", save_every=5, progress=False)
     assert continued["loss"] == pytest.approx(scratch["loss"], rel=1e-6)
-    for (name, a), b in zip(load(tmp_path / "a")[0].state_dict().items(), load(tmp_path / "b")[0].state_dict().values(),
-                            strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
     assert train(constant, 5, tmp_path / "c", save_every=5, progress=False)["loss"] != scratch["loss"]
     # a run already past the decay's start is refused, and so are negative steps
     train(constant, 4, tmp_path / "d", save_every=4, progress=False)  # step 3 had lr, not the decayed lr

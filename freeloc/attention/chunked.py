@@ -20,7 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..bands import Band, BandSet
-from .kernels import FUSED_DTYPES, attention_with_lse, prepare_mask
+from .kernels import attention_with_lse, prepare_mask, uses_fused_cpu_kernel
 from .merge import EMPTY_LSE, merge_into_
 
 __all__ = ["PassPlan", "chunked_band_attention", "plan_cost", "plan_passes"]
@@ -49,16 +49,16 @@ class PassPlan(tuple):
         plan.masks, plan.mask_bytes = {}, 0
         return plan
 
-    def mask_for(self, p: Pass, device: torch.device, dtype: torch.dtype,
-                 local: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]]) -> tuple[
-                     Tensor, tuple[Tensor, Tensor] | None]:
-        """The mask of pass ``p`` and its prepared form, from the plan's cache or ``local`` (this call's)."""
-        key = (p.pattern, str(device), dtype)
+    def mask_for(self, p: Pass, q: Tensor, local: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]]) -> tuple[
+            Tensor, tuple[Tensor, Tensor] | None]:
+        """The mask of pass ``p`` for queries like ``q`` (device, dtype) and its prepared form, from the
+        plan's cache or ``local`` (this call's)."""
+        key = (p.pattern, str(q.device), q.dtype)
         hit = self.masks.get(key) or local.get(key)
         if hit is not None:
             return hit
-        m = p.mask(device)
-        prepared = prepare_mask(m, dtype) if device.type == "cpu" and dtype in FUSED_DTYPES else None
+        m = p.mask(q.device)
+        prepared = prepare_mask(m, q.dtype) if uses_fused_cpu_kernel(q) else None
         entry = (m, prepared)
         size = m.numel() * (1 + (0 if prepared is None else prepared[0].element_size()))
         if self.mask_bytes + size <= MASK_CACHE_BYTES:
@@ -251,7 +251,7 @@ def chunked_band_attention(
         vv = v[:, p.keys].transpose(1, 2)
         mask, prepared = None, None
         if p.pattern:
-            mask, prepared = passes.mask_for(p, v.device, q.dtype, masks)
+            mask, prepared = passes.mask_for(p, q, masks)
         o, l_ = attention_with_lse(q, k, vv, mask, scale, prepared)
         o, l_ = o.transpose(1, 2), l_.transpose(1, 2)
         if p.first:

@@ -11,15 +11,12 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["FUSED_DTYPES", "attention_with_lse", "prepare_mask", "uses_fused_cpu_kernel"]
-
-#: The dtypes of PyTorch's fused CPU flash kernel.
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["attention_with_lse", "prepare_mask", "uses_fused_cpu_kernel"]
 
 
 def uses_fused_cpu_kernel(q: Tensor) -> bool:
     """Whether :func:`attention_with_lse` runs PyTorch's fused CPU flash kernel for this query."""
-    return q.device.type == "cpu" and q.dtype in FUSED_DTYPES
+    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
 def prepare_mask(mask: Bool[Tensor, "*batch q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
