@@ -124,6 +124,19 @@ def bench(device: str, shape: dict, reps: int) -> list[dict]:
     return rows
 
 
+def exactness(device: str, shape: dict) -> None:
+    """Max difference of the timed backend to ``chunked`` (exact, bounded memory) at the same shape."""
+    q, k, v = make(shape, device)
+    grid = (shape["frames"], shape["height"], shape["width"])
+    rot = freeloc.RotaryLayout.wan(shape["head_dim"])
+    for name in METHODS[1:]:
+        kw = dict(grid=grid, method=method_of(name), rotary=rot)
+        out = attend(q, k, v, backend=shape["backend"], **kw).float()
+        ref = attend(q, k, v, backend="chunked", **kw).float()
+        print(f"  {name}: {shape['backend']} vs chunked, max |difference| {(out - ref).abs().max().item():.2e} "
+              f"(outputs up to {ref.abs().max().item():.2f}, {shape['dtype']})")
+
+
 def target(r: dict) -> str:
     if r["method"] == "tsa":
         limit = 1.3 * r["block_density"]
@@ -171,13 +184,14 @@ def plot(results: dict[str, list[dict]], path: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--shapes", default="12x13,6x10", help="CPU latent shapes HxW, comma-separated")
+    ap.add_argument("--shapes", default="12x13,6x10",
+                    help="CPU latent shapes HxW, comma-separated; 'none' skips the CPU part")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--png", default=None, help="also plot the time ratios to this PNG")
     args = ap.parse_args()
     results: dict[str, list[dict]] = {}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    for spec in args.shapes.split(","):
+    for spec in [] if args.shapes == "none" else args.shapes.split(","):
         h, w = (int(x) for x in spec.lower().split("x"))
         shape = dict(CPU_SHAPE, height=h, width=w)
         label = f"CPU {shape['frames']}x{h * w}"
@@ -191,6 +205,7 @@ def main() -> None:
         print(f"\n{label}: flex backend, full Wan2.1-1.3B shape, 12 heads x 128, bf16")
         results[label] = bench("cuda", shape, args.reps)
         report(f"{label} (flex)", results[label])
+        exactness("cuda", shape)
     else:
         print("\nCUDA: not available on this machine; the flex / full-shape part was not run")
     if args.json:

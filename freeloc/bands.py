@@ -151,6 +151,28 @@ class BandSet:
         return (b.stripe is None and bool(b.pairs.all()) and torch.equal(b.q_pos, pos)
                 and torch.equal(b.k_pos, pos))
 
+    def aligned(self) -> BandSet:
+        """The same attention with query positions shared between bands wherever a shift allows.
+
+        A band's positions may be shifted by one constant on both sides (``q_pos + c``, ``k_pos + c``)
+        without changing a single relative distance. Each band whose query positions differ from an
+        earlier band's by a constant, on the query frames it holds, is shifted to take that band's
+        query positions. Backends then rotate the queries once per such group, and the ``flex``
+        backend runs one kernel per group (VRPR: near, mid and far; TSA: the local and striped tiers
+        together, and the sink).
+        """
+        out: list[Band] = []
+        for b in self.bands:
+            rows = b.pairs.any(1)
+            new = b
+            for a in out:
+                d = (a.q_pos - b.q_pos)[rows]
+                if d.numel() and bool(((d - d[0]).abs() <= 1e-9).all()):
+                    new = Band(b.name, b.pairs, a.q_pos, b.k_pos + d[0], b.stripe)
+                    break
+            out.append(new)
+        return BandSet(self.num_frames, tuple(out), self.t_freqs, self.label)
+
     def frame_pairs(self) -> Bool[Tensor, "F F"]:
         """Frame pairs attended by any band (ignoring stripes)."""
         out = torch.zeros(self.num_frames, self.num_frames, dtype=torch.bool)

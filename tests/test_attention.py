@@ -12,7 +12,7 @@ import torch.nn.functional as F  # noqa: N812
 import freeloc
 from freeloc.attention import attend, band_set_for, merge_lse
 from freeloc.attention.chunked import plan_cost, plan_passes
-from freeloc.attention.flex import BLOCK_SIZE, _block_masks
+from freeloc.attention.flex import BLOCK_SIZE, flex_groups
 from freeloc.attention.reference import MAX_TOKENS
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
@@ -204,20 +204,46 @@ def test_chunked_work_is_proportional_and_memory_bounded() -> None:
     assert v_cost <= 1.05
 
 
-@pytest.mark.parametrize("grid", [(12, 5, 7), (6, 16, 16)])
-def test_flex_block_masks_match_token_masks(grid: tuple[int, int, int]) -> None:
-    """Each band's BlockMask (partial + full blocks) is exactly the tiling of its token mask."""
+@pytest.mark.parametrize("method", [freeloc.TSA(d1=2, d2=6, stripe=0.2, cap=12), freeloc.VRPR(2, 4, 2, 3, 8)],
+                         ids=["tsa", "vrpr"])
+@pytest.mark.parametrize("grid", [(12, 5, 7), (6, 16, 16), (13, 1, 3)])
+def test_flex_block_masks_match_token_masks(grid: tuple[int, int, int], method: freeloc.Method) -> None:
+    """Each flex call's BlockMask (partial + full blocks) is exactly the tiling of its token mask, and its
+    mask_mod is that token mask."""
     f, h, w = grid
     s = h * w
-    bs = band_set_for(freeloc.TSA(d1=2, d2=6, stripe=0.2, cap=12), f, s, ROTARY)
+    bs = band_set_for(method, f, s, ROTARY).aligned()
     n = f * s
-    nb = -(-n // BLOCK_SIZE)
-    for band, bm in zip(bs.bands, _block_masks(bs, s, "cpu"), strict=True):
-        tok = torch.zeros(nb * BLOCK_SIZE, nb * BLOCK_SIZE, dtype=torch.bool)
-        tok[:n, :n] = band.token_pairs(s)
-        expected_any = tok.view(nb, BLOCK_SIZE, nb, BLOCK_SIZE).any(3).any(1)
-        dense = bm.to_dense()[0, 0].bool()
-        assert torch.equal(dense[:nb, :nb], expected_any)
+    groups = flex_groups(bs, s)
+    assert len(groups) < len(bs.bands)  # some bands share a call
+    covered = torch.zeros(n, n, dtype=torch.long)
+    for group in groups:
+        # expected token mask of the call: query token x key token of the concatenated segments
+        blocks = []
+        for rep, tokens, members in group.segments:
+            cols = torch.arange(n) if tokens is None else tokens
+            seg = torch.zeros(n, len(cols), dtype=torch.bool)
+            for i in members:
+                used = bs.bands[i].pairs.any(0)
+                assert torch.equal(bs.bands[i].k_pos[used], bs.bands[rep].k_pos[used])
+                assert torch.equal(bs.bands[i].q_pos, bs.bands[group.bands[0]].q_pos)
+                seg |= bs.bands[i].token_pairs(s)[:, cols]
+            blocks.append(seg)
+            covered[:, cols] += seg.long()
+        tok = torch.cat(blocks, dim=1)
+        nk = tok.shape[1]
+        bm = group.block_mask(s, torch.device("cpu"))
+        q_idx, kv_idx = torch.arange(n)[:, None], torch.arange(nk)[None, :]
+        assert torch.equal(bm.mask_mod(0, 0, q_idx, kv_idx), tok)
+        qb, kb = -(-n // BLOCK_SIZE), -(-nk // BLOCK_SIZE)
+        padded = torch.zeros(qb * BLOCK_SIZE, kb * BLOCK_SIZE, dtype=torch.bool)
+        padded[:n, :nk] = tok
+        tiles = padded.view(qb, BLOCK_SIZE, kb, BLOCK_SIZE)
+        any_t, full_t = group.block_table(s)
+        assert torch.equal(any_t, tiles.any(3).any(1))
+        assert torch.equal(full_t, tiles.all(3).all(1))
+        assert torch.equal(bm.to_dense()[0, 0].bool()[:qb, :kb], any_t)
+    assert torch.equal(covered.bool(), bs.token_mask(s)) and int(covered.max()) == 1  # each pair once
 
 
 @pytest.mark.parametrize("name,method", methods()[:6], ids=[m[0] for m in methods()[:6]])

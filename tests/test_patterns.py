@@ -298,3 +298,26 @@ def test_integer_parameters_are_accepted() -> None:
     pos = torch.arange(3)  # integer positions
     as_float = pos.double()
     torch.testing.assert_close(layout.rotate(x, pos, pos, pos), layout.rotate(x, as_float, as_float, as_float))
+
+
+@pytest.mark.parametrize("method,queries", [
+    (VRPR.for_length(81, 21), 3),  # near; mid-past + mid-future; far-past + far-future
+    (VRPR(3, 5, 2, 4, 12), 4),  # the far tiers reach the cap 12: past and future differ by more than a shift
+    (TSA(cap=20), 2),  # local + striped; sink
+    (SlidingWindow(4), 1),
+    (PI(2.0), 1),
+], ids=["vrpr-81", "vrpr-small", "tsa", "sliding", "pi"])
+def test_aligned_keeps_every_relative_distance_and_shares_queries(method: VRPR | TSA | PI | SlidingWindow,
+                                                                  queries: int) -> None:
+    bs = method.band_set(81, 15, RotaryLayout.wan(24))
+    al = bs.aligned()
+    assert len(al.bands) == len(bs.bands)
+    for b, a in zip(bs.bands, al.bands, strict=True):
+        assert a.name == b.name and a.stripe == b.stripe and torch.equal(a.pairs, b.pairs)
+        assert torch.equal(a.relative_distance()[b.pairs], b.relative_distance()[b.pairs])
+    distinct: list[torch.Tensor] = []
+    for a in al.bands:
+        if not any(torch.equal(a.q_pos, d) for d in distinct):
+            distinct.append(a.q_pos)
+    print(f"{type(method).__name__}: {len(bs.bands)} bands, {len(distinct)} query rotations after aligned()")
+    assert len(distinct) == queries

@@ -54,6 +54,11 @@ def band_set_for(method: Method | None, num_frames: int, tokens_per_frame: int,
     return method.band_set(num_frames, tokens_per_frame, rotary)
 
 
+@functools.lru_cache(maxsize=128)
+def _aligned(bands: BandSet) -> BandSet:
+    return bands.aligned()
+
+
 def _check_grid(grid: object) -> tuple[int, int, int]:
     ok = (isinstance(grid, (tuple, list)) and len(grid) == 3
           and all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid))
@@ -156,6 +161,8 @@ def attend(
         raise ValueError(f"{type(method).__name__} changes temporal positions, but rotary=None (a model without "
                          f"RoPE): only attention-pattern methods apply (TSA, SlidingWindow) or method=None")
     bands = band_set_for(method, f, s, rotary)
+    if backend != "reference":  # the reference keeps each band's own positions (the tests' check of this)
+        bands = _aligned(bands)
     video = slice(text_before, text_before + nv)
     dev = q.device
 
