@@ -338,6 +338,7 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
     losses: list[float] = state["losses"]
     dest.mkdir(parents=True, exist_ok=True)
     save_file({k: v.to(torch.float16).contiguous() for k, v in state["ema"].items()}, str(dest / "model.safetensors"))
+    (dest / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the package data must be readable
     window = min(200, len(losses))
     meta = dict(
         config=asdict(cfg), steps=state["step"], final_loss=round(sum(losses[-window:]) / window, 4),
