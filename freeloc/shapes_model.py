@@ -194,8 +194,13 @@ def _shifted(t: Tensor, shift: float) -> Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, progress: bool = True) -> dict[str, Any]:
-    """Train (or resume) for ``steps`` total steps; checkpoints and a loss log go to ``out``."""
+def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, progress: bool = True,
+          device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train (or resume) for ``steps`` total steps; checkpoints and a loss log go to ``out``.
+
+    ``device``: where the model trains (``"cuda"`` on a GPU). The clips, noise and timesteps are drawn
+    on the CPU from the same seeded streams whatever the device, so a run can move between devices.
+    """
     out.mkdir(parents=True, exist_ok=True)
     if not 0.0 <= cfg.cond_drop < 1.0:
         raise ValueError(f"cond_drop must be in [0, 1), got {cfg.cond_drop}")
@@ -207,8 +212,9 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     if cfg.num_heads * cfg.head_dim < 3 * (UNSHUFFLE * 2) ** 2:
         raise ValueError(f"num_heads * head_dim = {cfg.num_heads * cfg.head_dim} is narrower than a token "
                          f"({3 * (UNSHUFFLE * 2) ** 2} numbers): the model could not pass the noise through")
-    model = build_model(cfg).train()
-    ema = build_model(cfg).eval().requires_grad_(False)
+    device = torch.device(device)
+    model = build_model(cfg).train().to(device)
+    ema = build_model(cfg).eval().requires_grad_(False).to(device)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -216,7 +222,7 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     step, losses = 0, []
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if not ShapesConfig(**state["config"]).same_training_until(cfg, state["step"]):
             raise ValueError(f"{ckpt} was trained with {state['config']} for {state['step']} steps, which is not "
                              f"the same training as {asdict(cfg)}: use another --out")
@@ -241,8 +247,9 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
         if cfg.cond_drop_at(step) > 0:  # drawn only then: runs without dropout keep their random streams
             keep = torch.rand(cond.shape[0], generator=noise_gen) >= cfg.cond_drop_at(step)
             cond = cond * keep[:, None, None]
-        noise = torch.randn(x0.shape, generator=noise_gen)
-        t = _shifted(torch.rand(x0.shape[0], generator=noise_gen), cfg.shift)
+        noise = torch.randn(x0.shape, generator=noise_gen).to(device)
+        t = _shifted(torch.rand(x0.shape[0], generator=noise_gen), cfg.shift).to(device)
+        x0, cond = x0.to(device), cond.to(device)
         xt = (1 - t)[:, None, None, None, None] * x0 + t[:, None, None, None, None] * noise
         pred = model(xt, t * 1000, cond, return_dict=False)[0]
         loss = F.mse_loss(pred, noise - x0)
@@ -268,7 +275,7 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
 
 def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesConfig]:
     """The trained model (eval mode; the weight average unless ``average=False``) and its config."""
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     cfg = ShapesConfig(**state["config"])
     model = build_model(cfg)
     model.load_state_dict(state["ema" if average else "model"])
@@ -331,7 +338,7 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
 
     from . import synthetic
 
-    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
     cfg = ShapesConfig(**state["config"])
     if guidance != 1.0 and cfg.cond_drop == 0:
         raise ValueError(f"guidance={guidance} needs a model trained with cond_drop > 0; {run} has cond_drop 0")
@@ -507,20 +514,21 @@ def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Tensor, num_frames: 
     """
     g = torch.Generator().manual_seed(seed)
     h = cfg.frame_size // UNSHUFFLE
-    x = torch.randn(cond.shape[0], cfg.channels, num_frames, h, h, generator=g)
+    dev = next(model.parameters()).device  # noise drawn on the CPU: the same videos on any device
+    x = torch.randn(cond.shape[0], cfg.channels, num_frames, h, h, generator=g).to(dev)
     ts = _shifted(torch.linspace(1, 0, steps + 1), cfg.shift)
-    tokens = condition_tokens(cfg, cond)
+    tokens = condition_tokens(cfg, cond.to(dev))
     both_conds = torch.cat([torch.zeros_like(tokens), tokens])
     for t, t_next in zip(ts[:-1], ts[1:], strict=True):
         if guidance == 1.0:
-            v = model(x, torch.full((x.shape[0],), float(t) * 1000), tokens, return_dict=False)[0]
+            v = model(x, torch.full((x.shape[0],), float(t) * 1000, device=dev), tokens, return_dict=False)[0]
         else:  # conditioned and null-conditioned velocities in one batch
-            both = model(torch.cat([x, x]), torch.full((2 * x.shape[0],), float(t) * 1000), both_conds,
+            both = model(torch.cat([x, x]), torch.full((2 * x.shape[0],), float(t) * 1000, device=dev), both_conds,
                          return_dict=False)[0]
             v0, v1 = both.chunk(2)
             v = v0 + guidance * (v1 - v0)
         x = x + (t_next - t) * v
-    return decode(x)
+    return decode(x.float().cpu())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -538,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-decay", type=int, nargs=2, default=(0, 0), metavar=("START", "END"),
                     help="decay the learning rate linearly from step START to 5%% of it at step END "
                          "(a run saved before START in --out is continued)")
+    ap.add_argument("--device", default="cpu", help="train on this device, e.g. cuda (default cpu)")
     ap.add_argument("--export", type=Path, default=None, metavar="DIR",
                     help="do not train: write the run in --out as a shippable checkpoint in DIR")
     ap.add_argument("--commit", default=None, help="with --export: the commit of the training code")
@@ -565,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ShapesConfig(seed=args.seed, cond_drop=args.cond_drop, cond_drop_start=args.cond_drop_start,
                        slot_tokens=args.slot_tokens, lr_decay_start=args.lr_decay[0],
                        lr_decay_end=args.lr_decay[1])
-    print(json.dumps(train(cfg, args.steps, args.out, save_every=args.save_every)))
+    print(json.dumps(train(cfg, args.steps, args.out, save_every=args.save_every, device=args.device)))
     return 0
 
 

@@ -91,3 +91,22 @@ def test_repeated_calls_do_not_recompile() -> None:
     for method in methods:
         attend(q, k, v, grid=grid, method=method, rotary=rot)
     assert du.counters["stats"]["unique_graphs"] == before, "flex recompiled for a shape it had seen"
+
+
+def test_shapes_model_trains_on_cuda_and_moves_between_devices(tmp_path: object) -> None:
+    # a run trained on the GPU resumes on the CPU, and the same weights sample the same videos on both
+    from pathlib import Path
+
+    from freeloc.shapes_model import ShapesConfig, load, sample, train
+
+    tiny = ShapesConfig(num_layers=1, num_heads=2, head_dim=96, ffn_dim=32, batch=2, trained_frames=4)
+    run = Path(str(tmp_path)) / "run"
+    train(tiny, 2, run, save_every=2, progress=False, device="cuda")
+    assert train(tiny, 3, run, save_every=3, progress=False)["step"] == 3  # resumed on the CPU
+    model, cfg = load(run)
+    cond = torch.zeros(1, 37)
+    on_cpu = sample(model, cfg, cond, num_frames=8, steps=2)
+    on_gpu = sample(model.cuda(), cfg, cond, num_frames=8, steps=2)
+    assert on_gpu.device.type == "cpu" and on_gpu.shape == on_cpu.shape == (1, 8, 3, 32, 32)
+    print(f"max |gpu - cpu| {(on_gpu - on_cpu).abs().max().item():.2e}")
+    assert torch.allclose(on_gpu, on_cpu, atol=1e-3)

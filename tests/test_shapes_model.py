@@ -264,3 +264,11 @@ def test_export_scores_the_model_at_its_trained_length_in_the_card(tmp_path: Pat
         main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "x"), "--evaluate", "1,abc"])
     main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "plain"), "--evaluate", "none"])
     assert "| guidance |" not in (tmp_path / "plain" / "MODEL_CARD.md").read_text()
+
+
+def test_training_on_an_explicit_cpu_device_is_the_default_training(tmp_path: Path) -> None:
+    train(TINY, 2, tmp_path / "a", save_every=2, progress=False)
+    train(TINY, 2, tmp_path / "b", save_every=2, progress=False, device="cpu")
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    with pytest.raises((RuntimeError, ValueError), match="device|Device"):
+        train(TINY, 1, tmp_path / "c", progress=False, device="nonsense")
