@@ -111,12 +111,6 @@ class FlexGroup:
         f, c = self.width.shape[0] - 1, self.width.shape[1] - 1
         any_t, full_t = self.block_table(s)
 
-        def unit_and_raster(units: int) -> tuple[Tensor, Tensor]:
-            padded = -(-units * s // BLOCK_SIZE) * BLOCK_SIZE
-            tok = torch.arange(padded)
-            unit = torch.where(tok < units * s, tok // s, units)
-            return unit.to(device, torch.int32), (tok % s).to(device, torch.int32)
-
         width = self.width.to(device)
 
         # frame, key column and raster index by integer arithmetic on the token index (s is a constant
