@@ -4,7 +4,8 @@ A **band** is a set of (query frame, key frame) pairs, optionally filtered per t
 spatial *stripe*, together with the temporal positions that queries and keys use inside it.
 A :class:`BandSet` is what a method hands to :func:`freeloc.attention.attend`: disjoint bands that
 together cover every pair the method attends, plus an optional replacement of the temporal RoPE
-frequencies (NTK, YaRN, RIFLEx). Backends compute one attention pass per band and merge the passes
+frequencies (NTK, YaRN, RIFLEx). Backends compute each band's attention (``chunked``: in passes per
+band; ``flex``: one kernel per group of bands sharing their query rotation) and merge the results
 exactly by their log-sum-exp.
 
 Positions are per frame: inside band ``b`` a query token of frame ``i`` is rotated with temporal
