@@ -349,3 +349,27 @@ def test_bands_with_equal_positions_share_one_rotation(monkeypatch: pytest.Monke
     monkeypatch.setattr(freeloc.RotaryLayout, "rotate_temporal", original)
     ref = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="reference")
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL[torch.float32])
+
+
+def test_flex_falls_back_to_the_plain_kernel_where_tma_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch or GPU that refuses kernel_options={'USE_TMA': True}: one warning, the plain kernel from then on."""
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "_kernel_options", lambda device: None if str(device) in flex._NO_TMA
+                        else {"USE_TMA": True})
+    monkeypatch.setattr(flex, "_NO_TMA", set())
+    calls: list[object] = []
+
+    def fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(kw.get("kernel_options"))
+        if "kernel_options" in kw:
+            raise RuntimeError("USE_TMA is not supported here")
+        return q, q[..., 0]
+
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.warns(UserWarning, match=r"failed \(RuntimeError: USE_TMA is not supported here\); using the "
+                                         r"kernel without TMA on cpu"):
+        out, _ = flex._run(fake, q, q, q, None, 1.0)
+    assert torch.equal(out, q) and calls == [{"USE_TMA": True}, None] and flex._NO_TMA == {"cpu"}
+    flex._run(fake, q, q, q, None, 1.0)  # no second try with TMA
+    assert calls == [{"USE_TMA": True}, None, None]
