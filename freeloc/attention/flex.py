@@ -78,14 +78,12 @@ class FlexGroup:
     the band whose rotated keys it takes, the key token indices (None: every video token in order) and
     the bands whose pairs it holds;
     ``width``: [F + 1, C + 1] int32 per (query frame, key column), the stripe width of the pair's band
-    (``tokens_per_frame`` for a band without stripe, 0 for no band; last row and column: padding);
-    ``columns``: the key frame of each of the C key columns.
+    (``tokens_per_frame`` for a band without stripe, 0 for no band; last row and column: padding).
     """
 
     bands: tuple[int, ...]
     segments: tuple[tuple[int, Tensor | None, tuple[int, ...]], ...]
     width: Tensor
-    columns: Tensor
 
     def block_table(self, tokens_per_frame: int) -> tuple[Tensor, Tensor]:
         """(any, full) bool [Qb, Kb] tables of the call, from frame-level pieces (never N^2 tokens)."""
@@ -168,7 +166,7 @@ def flex_groups(band_set: BandSet, tokens_per_frame: int) -> tuple[FlexGroup, ..
             every = len(fr) == f  # every key frame, in order
             tokens = None if every else (fr[:, None] * s + torch.arange(s)).flatten()
             segments.append((rep, tokens, tuple(seg_bands)))
-        groups.append(FlexGroup(tuple(g), tuple(segments), width, torch.cat(frames)))
+        groups.append(FlexGroup(tuple(g), tuple(segments), width))
     return tuple(groups)
 
 
