@@ -172,7 +172,10 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         seed: seeds the synthetic inputs and the query sample.
         trained_frames: the trained length in video frames (default: the model's data).
         max_queries: sampled query tokens per layer.
-        margin, tsa_count: the selection rule (:func:`select`).
+        margin: TSA for a layer whose normalized context score exceeds its normalized position score
+            by more than this (:func:`select`).
+        tsa_count: instead of ``margin``, TSA for exactly this many layers, those with the largest
+            difference (:func:`select`).
         latent_size: (height, width) of the synthetic latents (default: the adapter's, e.g. Wan 480p).
         progress: show a progress bar over layers.
         temporal_factor: video frames per latent frame, as in :func:`freeloc.enable` (1 for a model

@@ -113,16 +113,19 @@ def attend(
     """Self-attention with a temporal-position or attention-pattern method, merged exactly by LSE.
 
     Args:
-        q, k, v: (batch, seq, heads, head_dim) **before** RoPE; seq = text_before + F*H'*W' + text_after.
+        q: (batch, seq, heads, head_dim) **before** RoPE; seq = text_before + F*H'*W' + text_after.
+        k: keys, shaped like ``q``, before RoPE.
+        v: values, shaped like ``q``.
         grid: ``(F, H', W')`` of the video tokens (frame-major order ``f*H'*W' + h*W' + w``).
         method: a method object, or ``None`` for plain RoPE attention over all pairs.
         rotary: the model's rotary layout (which channels are temporal, pairing, theta); ``None`` for a
             model without RoPE: nothing is rotated and only attention-pattern methods apply (TSA,
             sliding window; their band positions have no effect).
         backend: ``"auto"`` (``flex`` on CUDA, ``chunked`` elsewhere), ``"reference"``, ``"chunked"``, ``"flex"``.
-        text_before, text_after: numbers of non-video tokens before / after the video tokens. They are
-            not rotated (their own positions are left as they are), attend every token and are
-            attended by every token, densely, with the original positions of the video tokens.
+        text_before: number of non-video tokens before the video tokens. They are not rotated (their
+            own positions are left as they are), attend every token and are attended by every token,
+            densely, with the original positions of the video tokens.
+        text_after: number of non-video tokens after the video tokens, treated like ``text_before``'s.
         text_mask: (batch, text_before + text_after) bool, False for text tokens that no query may
             attend (prompt padding), in sequence order; None: every text token is attended.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
