@@ -373,3 +373,16 @@ def test_flex_falls_back_to_the_plain_kernel_where_tma_fails(monkeypatch: pytest
     assert torch.equal(out, q) and calls == [{"USE_TMA": True}, None] and flex._NO_TMA == {"cpu"}
     flex._run(fake, q, q, q, None, 1.0)  # no second try with TMA
     assert calls == [{"USE_TMA": True}, None, None]
+
+
+@pytest.mark.parametrize("name,method", [("vrpr", freeloc.VRPR(1, 2, 2, 2, 4)), ("tsa", freeloc.TSA(d1=1, d2=3, cap=4)),
+                                         ("sliding", freeloc.SlidingWindow(2, sink=False))],
+                         ids=["vrpr", "tsa", "sliding"])
+def test_flex_matches_reference_with_frames_larger_than_a_block(name: str, method: freeloc.Method) -> None:
+    """256 tokens per frame (two 128-token blocks): segments and tiles align with frames, unlike the small grids."""
+    grid = (7, 16, 16)
+    q, k, v = qkv(7 * 256 + 4, torch.float32, seed=21)
+    kw = dict(grid=grid, method=method, rotary=ROTARY, text_before=4)
+    out = attend(q, k, v, backend="flex", **kw)
+    ref = attend(q, k, v, backend="reference", **kw)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
