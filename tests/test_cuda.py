@@ -36,10 +36,9 @@ def methods() -> list[tuple[str, freeloc.Method | None]]:
 @pytest.fixture(autouse=True)
 def many_shapes() -> object:
     # one compiled kernel per shape: allow the test's many shapes without Dynamo's eager fallback
-    import torch._dynamo.config as cfg
+    from freeloc.attention.flex import recompile_limit_at_least
 
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    with cfg.patch(**{name: 256}):
+    with recompile_limit_at_least(256):
         yield
 
 

@@ -239,7 +239,7 @@ def chunked_band_attention(
     ``qs[b]``/``ks[b]`` are the queries/keys rotated with band ``b``'s positions, (batch, tokens, heads,
     dim). Each distinct tensor is copied once into the head-major layout (batch, heads, tokens, dim)
     that the fused kernel reads, so that a pass's rows and keys are views or plain row gathers there
-    (measured 5% faster for VRPR and 10% for TSA than slicing the token-major tensors per pass).
+    (in A/B runs 0-18% faster than slicing the token-major tensors per pass; ``benchmarks/RESULTS.md``).
     Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
     """
     b, n, h, d = v.shape

@@ -189,14 +189,19 @@ def _kernel_options(device: torch.device) -> dict[str, Any] | None:
     return {"USE_TMA": True}
 
 
-def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float) -> tuple[Tensor, Tensor]:
+def recompile_limit_at_least(n: int) -> Any:
+    """Context in which Dynamo compiles a function for up to ``n`` shapes (or its own larger limit)
+    before it falls back to running it eagerly (for flex: a kernel that materialises the scores)."""
     import torch._dynamo.config as dynamo_config
 
-    # one compiled kernel per (query, key) length: let a process see more shapes than Dynamo's
-    # default before it falls back to the eager kernel (which materialises the scores)
-    limit = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    return dynamo_config.patch(**{name: max(n, getattr(dynamo_config, name))})
+
+
+def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float) -> tuple[Tensor, Tensor]:
     options = _kernel_options(q.device)
-    with warnings.catch_warnings(), dynamo_config.patch(**{limit: max(64, getattr(dynamo_config, limit))}):
+    # one compiled kernel per (query, key) length
+    with warnings.catch_warnings(), recompile_limit_at_least(64):
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
         if options is None:
