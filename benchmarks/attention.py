@@ -4,11 +4,15 @@ CPU (always): the ``chunked`` backend at scaled-down Wan shapes: 81 latent frame
 fp32, with 12 x 13 = 156 tokens per frame (the target check; Wan 480p has 30 x 52 = 1560) and
 6 x 10 = 60 tokens per frame (small frames, where the fixed cost of each pass weighs most).
 CUDA (when present): the ``flex`` backend at the full Wan2.1-1.3B shape (81 frames x 1560 tokens,
-12 heads x 128, bf16).
+12 heads x 128, bf16). Dense is ``attend(method=None)``: SDPA on q/k rotated once, as the model does.
 
 Targets: TSA time <= 1.3 x block density x dense; VRPR time <= 1.5 x dense.
 
-    python benchmarks/attention.py [--reps 7] [--shapes 12x13,6x10] [--json out.json] [--png out.png]
+    python benchmarks/attention.py [--reps 7] [--shapes 12x13,6x10] [--flex-layouts packed,aligned]
+                                   [--json out.json] [--png out.png]
+
+``--flex-layouts`` adds rows such as ``tsa:packed`` on CUDA: the method with that flex token layout
+forced (see ``freeloc.attention.flex``), beside the default choice.
 
 Timing: every method is warmed up (plans, block masks, compilation), then the repetitions run
 interleaved (dense, TSA, VRPR, dense, ...) and each method's median is taken, so that a slow phase
@@ -27,10 +31,9 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 
 import freeloc
-from freeloc.attention import attend, band_set_for
+from freeloc.attention import attend, band_set_for, flex
 from freeloc.attention.chunked import plan_cost, plan_passes
 
 CPU_SHAPE = dict(frames=81, height=12, width=13, heads=2, head_dim=64, dtype="float32", backend="chunked")
@@ -48,26 +51,27 @@ def make(shape: dict, device: str) -> tuple[torch.Tensor, ...]:
 
 
 def method_of(name: str) -> freeloc.Method | None:
+    """``dense``, ``tsa``, ``vrpr``, or one of them with a flex layout: ``tsa:packed``, ``vrpr:aligned``."""
     return {"dense": None, "tsa": freeloc.TSA(cap=TRAINED - 1),
-            "vrpr": freeloc.VRPR.for_length(81, TRAINED)}[name]
+            "vrpr": freeloc.VRPR.for_length(81, TRAINED)}[name.split(":")[0]]
 
 
 def runner(name: str, shape: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Callable[[], torch.Tensor]:
     grid = (shape["frames"], shape["height"], shape["width"])
     rot = freeloc.RotaryLayout.wan(shape["head_dim"])
-    if name == "dense":
-        # plain SDPA on q/k rotated once (what the unmodified model computes)
-        t = torch.arange(grid[0], dtype=torch.float64).repeat_interleave(grid[1] * grid[2]).to(q.device)
-        hp = torch.arange(grid[1], dtype=torch.float64).repeat_interleave(grid[2]).repeat(grid[0]).to(q.device)
-        wp = torch.arange(grid[2], dtype=torch.float64).repeat(grid[0] * grid[1]).to(q.device)
-
-        def run() -> torch.Tensor:
-            qr, kr = rot.rotate(q, t, hp, wp), rot.rotate(k, t, hp, wp)
-            return F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2))
-
-        return run
     method = method_of(name)
-    return lambda: attend(q, k, v, grid=grid, method=method, rotary=rot, backend=shape["backend"])
+    # dense: plain SDPA on q/k rotated once at the original positions (what the unmodified model computes)
+    backend = shape["backend"] if method is not None else "auto"
+    layout = name.split(":")[1] if ":" in name else "auto"
+
+    def run() -> torch.Tensor:
+        flex.LAYOUT = layout
+        try:
+            return attend(q, k, v, grid=grid, method=method, rotary=rot, backend=backend)
+        finally:
+            flex.LAYOUT = "auto"
+
+    return run
 
 
 def sync(device: str) -> None:
@@ -87,11 +91,11 @@ def chunked_work(name: str, shape: dict) -> tuple[int, float]:
     return max(plan_cost((p,)) for p in passes), plan_cost(passes) / n**2
 
 
-def bench(device: str, shape: dict, reps: int) -> list[dict]:
+def bench(device: str, shape: dict, reps: int, names: tuple[str, ...] = METHODS) -> list[dict]:
     q, k, v = make(shape, device)
     s = shape["height"] * shape["width"]
     rot = freeloc.RotaryLayout.wan(shape["head_dim"])
-    fns = {name: runner(name, shape, q, k, v) for name in METHODS}
+    fns = {name: runner(name, shape, q, k, v) for name in names}
     peaks = {}
     for name, fn in fns.items():  # warm-up, and one call's peak memory on CUDA
         if device == "cuda":
@@ -101,7 +105,7 @@ def bench(device: str, shape: dict, reps: int) -> list[dict]:
         fn()
         sync(device)
         peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
-    times: dict[str, list[float]] = {name: [] for name in METHODS}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(reps):
         print(f"  repetition {r + 1}/{reps}", flush=True)
         for name, fn in fns.items():
@@ -111,7 +115,7 @@ def bench(device: str, shape: dict, reps: int) -> list[dict]:
             sync(device)
             times[name].append(time.perf_counter() - t0)
     rows = []
-    for name in METHODS:
+    for name in names:
         m = method_of(name)
         density = 1.0 if m is None else band_set_for(m, shape["frames"], s, rot).block_density(s, 128)
         call, computed = chunked_work(name, shape) if shape["backend"] == "chunked" else (0, float("nan"))
@@ -138,20 +142,20 @@ def exactness(device: str, shape: dict) -> None:
 
 
 def target(r: dict) -> str:
-    if r["method"] == "tsa":
+    if r["method"].startswith("tsa"):
         limit = 1.3 * r["block_density"]
         return f"<= {limit:.2f} (1.3 x density): {'met' if r['time_ratio'] <= limit else 'MISSED'}"
-    if r["method"] == "vrpr":
+    if r["method"].startswith("vrpr"):
         return f"<= 1.50: {'met' if r['time_ratio'] <= 1.5 else 'MISSED'}"
     return ""
 
 
 def report(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
-    print(f"{'method':7} {'time s':>8} {'x dense':>8} {'peak MiB':>9} {'x dense':>8} {'largest call':>13} "
+    print(f"{'method':12} {'time s':>8} {'x dense':>8} {'peak MiB':>9} {'x dense':>8} {'largest call':>13} "
           f"{'computed':>9} {'block dens':>10}  target")
     for r in rows:
-        print(f"{r['method']:7} {r['seconds']:8.4f} {r['time_ratio']:8.2f} {r['peak_mib']:9.1f} "
+        print(f"{r['method']:12} {r['seconds']:8.4f} {r['time_ratio']:8.2f} {r['peak_mib']:9.1f} "
               f"{r['memory_ratio']:8.2f} {r['largest_call']:13d} {r['computed']:9.3f} {r['block_density']:10.3f}"
               f"  {target(r)}")
 
@@ -186,6 +190,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--shapes", default="12x13,6x10",
                     help="CPU latent shapes HxW, comma-separated; 'none' skips the CPU part")
+    ap.add_argument("--flex-layouts", default="",
+                    help="CUDA: also time TSA and VRPR with these flex layouts forced (comma-separated: "
+                         "aligned, packed), beside the default choice, interleaved in the same run")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--png", default=None, help="also plot the time ratios to this PNG")
     args = ap.parse_args()
@@ -203,7 +210,8 @@ def main() -> None:
         shape = CUDA_SHAPE
         label = f"{torch.cuda.get_device_name()} 81x1560"
         print(f"\n{label}: flex backend, full Wan2.1-1.3B shape, 12 heads x 128, bf16")
-        results[label] = bench("cuda", shape, args.reps)
+        extra = tuple(f"{m}:{lay}" for lay in filter(None, args.flex_layouts.split(",")) for m in METHODS[1:])
+        results[label] = bench("cuda", shape, args.reps, METHODS + extra)
         report(f"{label} (flex)", results[label])
         exactness("cuda", shape)
     else:

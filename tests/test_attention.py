@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import freeloc
 from freeloc.attention import attend, band_set_for, merge_lse
 from freeloc.attention.chunked import plan_cost, plan_passes
-from freeloc.attention.flex import BLOCK_SIZE, flex_groups
+from freeloc.attention.flex import BLOCK_SIZE, flex_groups, padded_frame
+from freeloc.attention.merge import merge_stacked
 from freeloc.attention.reference import MAX_TOKENS
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
@@ -120,7 +123,8 @@ def test_vrpr_changes_attention_when_out_of_range() -> None:
     assert (out - plain).abs().max() > 1e-3
 
 
-def test_merge_is_exact_and_empty_band_weighs_zero() -> None:
+@pytest.mark.parametrize("merge", [merge_lse, merge_stacked], ids=["merge_lse", "merge_stacked"])
+def test_merge_is_exact_and_empty_band_weighs_zero(merge: object) -> None:
     g = torch.Generator().manual_seed(5)
     q, k, v = torch.randn(7, 8, generator=g), torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
     s = q @ k.T
@@ -133,17 +137,24 @@ def test_merge_is_exact_and_empty_band_weighs_zero() -> None:
         else:
             outs.append(torch.softmax(s[:, a:b], -1) @ v[a:b])
             lses.append(torch.logsumexp(s[:, a:b], -1))
-    out, lse = merge_lse(outs, lses)
-    torch.testing.assert_close(out, torch.softmax(s, -1) @ v, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+    outs[1][2] = 1.0  # a row with keys in no pass
+    lses = [torch.cat([x[:2], torch.tensor([float("-inf")]), x[3:]]) for x in lses]
+    out, lse = merge(outs, lses)
+    keep = torch.arange(7) != 2
+    torch.testing.assert_close(out[keep], (torch.softmax(s, -1) @ v)[keep], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse[keep], torch.logsumexp(s, -1)[keep])
+    assert torch.equal(out[2], torch.zeros(8)) and lse[2] == float("-inf")
 
 
-def test_merge_in_fp32_for_bf16_parts() -> None:
+@pytest.mark.parametrize("merge", [merge_lse, merge_stacked], ids=["merge_lse", "merge_stacked"])
+def test_merge_in_fp32_for_bf16_parts(merge: object) -> None:
     g = torch.Generator().manual_seed(6)
     outs = [torch.randn(4, 3, generator=g).bfloat16() for _ in range(2)]
     lses = [torch.randn(4, generator=g) for _ in range(2)]
-    out, _ = merge_lse(outs, lses)
+    out, _ = merge(outs, lses)
     assert out.dtype == torch.float32
+    w = torch.softmax(torch.stack(lses), 0)
+    torch.testing.assert_close(out, w[0, :, None] * outs[0].float() + w[1, :, None] * outs[1].float())
 
 
 def test_reference_refuses_long_sequences() -> None:
@@ -220,8 +231,8 @@ def test_flex_block_masks_match_token_masks(grid: tuple[int, int, int], method: 
     for group in groups:
         # expected token mask of the call: query token x key token of the concatenated segments
         blocks = []
-        for rep, tokens, members in group.segments:
-            cols = torch.arange(n) if tokens is None else tokens
+        for rep, frames, members in group.segments:
+            cols = torch.arange(n) if frames is None else (frames[:, None] * s + torch.arange(s)).flatten()
             seg = torch.zeros(n, len(cols), dtype=torch.bool)
             for i in members:
                 used = bs.bands[i].pairs.any(0)
@@ -244,6 +255,93 @@ def test_flex_block_masks_match_token_masks(grid: tuple[int, int, int], method: 
         assert torch.equal(full_t, tiles.all(3).all(1))
         assert torch.equal(bm.to_dense()[0, 0].bool()[:qb, :kb], any_t)
     assert torch.equal(covered.bool(), bs.token_mask(s)) and int(covered.max()) == 1  # each pair once
+
+
+@pytest.mark.parametrize("method", [freeloc.TSA(d1=2, d2=6, stripe=0.2, cap=12), freeloc.TSA(d1=1, d2=3, cap=4),
+                                    freeloc.VRPR(2, 4, 2, 3, 8), freeloc.SlidingWindow(2)],
+                         ids=["tsa", "tsa-wide-stripe", "vrpr", "sliding"])
+@pytest.mark.parametrize("grid", [(9, 5, 7), (5, 11, 11), (4, 16, 16), (3, 13, 11)])
+def test_flex_frame_aligned_tables_and_masks(grid: tuple[int, int, int], method: freeloc.Method) -> None:
+    """Frame-aligned layout (each frame padded to whole 128-token blocks): every call's block table is the
+    tiling of its token mask over the real queries, padding keys are never attended, the eager mask_mod
+    is the token mask, and the compiled kernel's mask_mod (stripe and padding test, no frame table) agrees
+    with it on every partial block, the only blocks where the compiled kernel evaluates it."""
+    f, h, w = grid
+    s = h * w
+    p = padded_frame(s)
+    bs = band_set_for(method, f, s, ROTARY).aligned()
+    groups = flex_groups(bs, s, by_stripe=True)
+    covered = torch.zeros(f * s, f * s, dtype=torch.long)
+    real_q = (torch.arange(f * p) % p) < s
+    for group in groups:
+        assert len({bs.bands[i].stripe for i in group.bands}) == 1  # one stripe width per call
+        c = group.num_key_frames
+        key_frames = torch.cat([torch.arange(f) if fr is None else fr for _, fr, _ in group.segments])
+        tok = torch.zeros(f, p, c, p, dtype=torch.bool)  # expected mask, padded coordinates
+        at = 0
+        for _rep, frames, members in group.segments:
+            cols = torch.arange(f) if frames is None else frames
+            for i in members:
+                band = bs.bands[i].token_pairs(s).view(f, s, f, s)[:, :, cols]
+                tok[:, :s, at:at + len(cols), :s] |= band
+            at += len(cols)
+        tok = tok.view(f * p, c * p)
+        tok[~real_q] = False  # padding queries: output dropped, their mask does not matter
+        real_tok = tok.view(f, p, c, p)[:, :s, :, :s]
+        cov = covered.view(f, s, f, s)
+        cov.index_add_(2, key_frames, real_tok.long())
+        nb = p // BLOCK_SIZE
+        tiles = tok.view(f * nb, BLOCK_SIZE, c * nb, BLOCK_SIZE)
+        rows = real_q.view(f * nb, BLOCK_SIZE)[:, :, None, None]
+        any_t, full_t = group.block_table(s, aligned=True)
+        assert torch.equal(any_t, tiles.any(3).any(1))
+        assert torch.equal(full_t, (tiles | ~rows).all(3).all(1))
+        q_idx, kv_idx = torch.arange(f * p)[:, None], torch.arange(c * p)[None, :]
+        eager = group.mask_mod(s, torch.device("cpu"), aligned=True)(0, 0, q_idx, kv_idx)
+        assert torch.equal(eager & real_q[:, None], tok)
+        assert not eager[:, (kv_idx[0] % p) >= s].any()  # padding keys never attended
+        cheap = group.mask_mod(s, torch.device("cpu"), aligned=True, frame_table=False)(0, 0, q_idx, kv_idx)
+        partial = (any_t & ~full_t).repeat_interleave(BLOCK_SIZE, 0).repeat_interleave(BLOCK_SIZE, 1)
+        assert torch.equal((cheap & partial)[real_q], (tok & partial)[real_q])
+        assert bool(partial.any()) == (bool(tok.any()) and (s % BLOCK_SIZE != 0 or group.stripe_width(s) < s))
+    assert torch.equal(covered.bool(), bs.token_mask(s)) and int(covered.max()) == 1  # each pair once
+
+
+@pytest.mark.parametrize("name,method", methods()[:6], ids=[m[0] for m in methods()[:6]])
+@pytest.mark.parametrize("text", [(0, 0), (6, 0), (0, 5)], ids=["video", "text-before", "text-after"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flex_frame_aligned_layout_matches_reference(name: str, method: freeloc.Method | None,
+                                                     text: tuple[int, int], dtype: torch.dtype,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frame-aligned layout (padded frames, calls split by stripe width) computes the same numbers."""
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    grid = (13, 5, 7)  # 35 tokens per frame, padded to 128
+    tb, ta = text
+    q, k, v = qkv(tb + 13 * 35 + ta, dtype, seed=len(name) + 7)
+    kw = dict(grid=grid, method=method, rotary=ROTARY, text_before=tb, text_after=ta)
+    out = attend(q, k, v, backend="flex", **kw)
+    ref = attend(q, k, v, backend="reference", **kw)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=TOL[dtype])
+
+
+def test_flex_layout_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: frame-aligned on CUDA for striped band sets (TSA) whose padding is small; packed otherwise."""
+    from freeloc.attention import flex
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    tsa, vrpr = (band_set_for(m, 81, 1560, ROTARY) for m in (freeloc.TSA(cap=20), freeloc.VRPR.for_length(81, 21)))
+    assert flex.use_aligned(tsa, 1560, cuda)  # pads 104 of 1560 tokens
+    assert not flex.use_aligned(vrpr, 1560, cuda)  # no stripe: packed
+    assert not flex.use_aligned(band_set_for(freeloc.TSA(cap=20), 81, 100, ROTARY), 100, cuda)  # pads 28 of 100
+    assert not flex.use_aligned(tsa, 1560, cpu)  # eager on CPU
+    monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    assert flex.use_aligned(vrpr, 100, cpu)
+    monkeypatch.setattr(flex, "LAYOUT", "tiled")
+    with pytest.raises(ValueError, match=r"LAYOUT must be 'auto', 'aligned' or 'packed', got 'tiled'"):
+        flex.use_aligned(vrpr, 100, cpu)
 
 
 @pytest.mark.parametrize("name,method", methods()[:6], ids=[m[0] for m in methods()[:6]])
@@ -386,3 +484,48 @@ def test_flex_matches_reference_with_frames_larger_than_a_block(name: str, metho
     out = attend(q, k, v, backend="flex", **kw)
     ref = attend(q, k, v, backend="reference", **kw)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+
+
+def test_fused_steps_fall_back_to_eager_where_compiling_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA rotations and merges run compiled; where compiling fails: one warning, then the eager function."""
+    from freeloc.attention import fused
+
+    tries: list[str] = []
+
+    def broken(fn: object) -> object:
+        def run(*args: object) -> torch.Tensor:
+            tries.append(fn.__name__)
+            raise RuntimeError("no C compiler")
+        return run
+
+    monkeypatch.setattr(fused, "_fuse_here", lambda device: True)
+    monkeypatch.setattr(fused, "_compiled", broken)
+    monkeypatch.setattr(fused, "_EAGER", set())
+    x = torch.randn(2, 6, 3, HEAD_DIM)
+    cos, sin = ROTARY.cos_sin(torch.arange(6.0), torch.zeros(6), torch.arange(6.0))
+    rotate = fused.on_device(freeloc.RotaryLayout.apply, x.device)
+    with pytest.warns(UserWarning, match=r"compiling RotaryLayout.apply failed \(RuntimeError: no C compiler\); "
+                                         r"running it eagerly"):
+        out = rotate(ROTARY, x, cos, sin)
+    assert torch.equal(out, ROTARY.apply(x, cos, sin))
+    rotate(ROTARY, x, cos, sin)
+    fused.on_device(freeloc.RotaryLayout.apply, x.device)(ROTARY, x, cos, sin)
+    assert tries == ["apply"]  # not tried again
+
+
+@given(st.integers(1, 6), st.integers(1, 7), st.integers(2, 9), st.data())
+@settings(max_examples=60, deadline=None)
+def test_flex_packed_mask_intervals_equal_the_width_table(f: int, c: int, s: int, data: st.DataObject) -> None:
+    """The packed layout's mask_mod (a few intervals per query frame) is exactly ``width[qf, kc] > |raster
+    distance|`` for any table of stripe widths, padding rows and columns included."""
+    from freeloc.attention.flex import FlexGroup
+
+    cells = data.draw(st.lists(st.sampled_from([0, 0, 1, 2, s - 1, s, s + 3]), min_size=f * c, max_size=f * c))
+    width = torch.zeros(f + 1, c + 1, dtype=torch.int32)
+    width[:f, :c] = torch.tensor(cells, dtype=torch.int32).view(f, c)
+    group = FlexGroup((0,), ((0, None, (0,)),), width)
+    nq, nk = f * s + 5, c * s + 7  # with padding tokens past the last frame and column
+    q_idx, kv_idx = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+    got = group.mask_mod(s, torch.device("cpu"))(0, 0, q_idx, kv_idx)
+    qf, kc = (q_idx // s).clamp(max=f), (kv_idx // s).clamp(max=c)
+    assert torch.equal(got, width[qf, kc] > (q_idx % s - kv_idx % s).abs())

@@ -36,7 +36,7 @@ def methods() -> list[tuple[str, freeloc.Method | None]]:
 @pytest.fixture(autouse=True)
 def many_shapes() -> object:
     # one compiled kernel per shape: allow the test's many shapes without Dynamo's eager fallback
-    from freeloc.attention.flex import recompile_limit_at_least
+    from freeloc.attention.fused import recompile_limit_at_least
 
     with recompile_limit_at_least(256):
         yield
@@ -62,6 +62,26 @@ def test_compiled_flex_matches_reference(name: str, method: freeloc.Method | Non
     assert out.dtype == dtype and out.shape == q.shape
     err = (out.float() - ref.float()).abs().max().item()
     print(f"{name} {grid} text={text} {dtype}: max error {err:.2e}")
+    assert err <= TOL[dtype], err
+
+
+@pytest.mark.parametrize("name,method", [m for m in methods() if m[0] in ("vrpr", "tsa", "tsa-default", "sliding")],
+                         ids=["vrpr", "tsa", "tsa-default", "sliding"])
+@pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_flex_frame_aligned_layout(name: str, method: freeloc.Method, text: tuple[int, int],
+                                            dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 121 tokens per frame, padded to one 128-token block: the frame-aligned layout (auto picks it for TSA
+    # here), whose compiled mask_mod tests only the stripe and the padding
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    grid = (9, 11, 11)
+    tb, ta = text
+    q, k, v = qkv(tb + 9 * 121 + ta, 64, dtype, seed=len(name) * 7)
+    kw = dict(grid=grid, method=method, rotary=freeloc.RotaryLayout.wan(64), text_before=tb, text_after=ta)
+    err = (attend(q, k, v, **kw).float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
+    print(f"aligned {name} text={text} {dtype}: max error {err:.2e}")
     assert err <= TOL[dtype], err
 
 
@@ -96,6 +116,8 @@ def test_shapes_model_trains_on_cuda_and_moves_between_devices(tmp_path: object)
     # a run trained on the GPU resumes on the CPU, and the same weights sample the same videos on both
     from pathlib import Path
 
+    pytest.importorskip("diffusers", reason="the shapes model is a diffusers Wan transformer: diffusers is not "
+                                            "installed here")
     from freeloc.shapes_model import ShapesConfig, load, sample, train
 
     tiny = ShapesConfig(num_layers=1, num_heads=2, head_dim=96, ffn_dim=32, batch=2, trained_frames=4)

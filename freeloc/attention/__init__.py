@@ -34,6 +34,7 @@ from ..methods import Method
 from ..rotary import RotaryLayout
 from .chunked import chunked_band_attention
 from .flex import flex_band_attention
+from .fused import on_device
 from .merge import merge_lse
 from .reference import MAX_TOKENS, reference_attention
 
@@ -173,7 +174,7 @@ def attend(
         if rotary is None:  # no RoPE: positions are not part of the logits
             return x
         cos, sin = _cos_sin(bands, band, side, (f, hh, ww), rotary, str(dev))
-        return rotary.apply(x, cos, sin)
+        return on_device(RotaryLayout.apply, dev)(rotary, x, cos, sin)
 
     def rot_bands(x: Tensor, side: str) -> list[Tensor]:
         if rotary is None:
@@ -181,13 +182,14 @@ def attend(
         # the spatial rotation once, then each band's temporal rotation on the temporal channels only;
         # bands with the same positions on this side (TSA's local and striped tiers) share one rotation
         base = rot(x, -1, side)
+        rotate = on_device(RotaryLayout.rotate_temporal, dev)
         out: list[Tensor] = []
         for i, band in enumerate(bands.bands):
             pos = band.q_pos if side == "q" else band.k_pos
             same = next((j for j, other in enumerate(bands.bands[:i])
                          if torch.equal(pos, other.q_pos if side == "q" else other.k_pos)), None)
             out.append(out[same] if same is not None else
-                       rotary.rotate_temporal(base, *_cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))))
+                       rotate(rotary, base, *_cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))))
         return out
 
     def orig_all(x: Tensor) -> Tensor:

@@ -9,13 +9,25 @@ no per-band launch, epilogue or merge, and no load imbalance between a band of p
 future keys. Groups are merged exactly by their LSE.
 
 Each group's :class:`~torch.nn.attention.flex_attention.BlockMask` is built with
-``BlockMask.from_kv_blocks`` from frame-level tables (never ``create_block_mask`` over N^2 tokens),
-with a ``mask_mod`` that cuts partial blocks exactly: one lookup in a small table (query frame, key
-column -> stripe width of the pair's band, 0 for none) against the raster distance of the two tokens.
-Eager flex ignores the block table and evaluates ``mask_mod`` everywhere, so the two must agree, and
-they do. The table is a captured tensor: calls with the same shapes reuse one compiled kernel. On
-Hopper GPUs the kernel loads its tiles with TMA (``USE_TMA``), falling back to the plain kernel where
-that fails.
+``BlockMask.from_kv_blocks`` from frame-level tables (never ``create_block_mask`` over N^2 tokens).
+Two token layouts:
+
+* **packed**: the frames' tokens back to back, as the model has them. Blocks of 128 tokens cut across
+  frames (1560 tokens per frame at Wan 480p is not a multiple of 128), so the ``mask_mod`` cuts the
+  partial blocks: per query frame a few intervals of key frames, each with a stripe width
+  (:meth:`FlexGroup.intervals`), read once per query row; per token pair it is integer arithmetic,
+  with no table load (a per-pair table lookup made partial blocks cost several full ones).
+* **frame-aligned** (the default on CUDA for band sets with a stripe, when padding adds at most 1/8
+  to a frame): each frame is padded with zero tokens to a whole number of blocks, so that every block
+  lies in one frame and the block table alone says which frame pairs are attended. Groups then also
+  split by stripe width, and the compiled kernel's ``mask_mod`` is the stripe and the padding test
+  alone: the TSA stripe's partial blocks, most of a striped tier, become cheap. The padding costs
+  ``(padded / S)^2`` more work on full blocks (1.14 at S = 1560), which is why VRPR stays packed.
+
+Eager flex ignores the block table and evaluates ``mask_mod`` everywhere, so the eager ``mask_mod`` is
+exact on every pair; the tests check that the compiled one agrees with it on every partial block.
+The tables are captured tensors: calls with the same shapes reuse one compiled kernel. On Hopper GPUs
+the kernel loads its tiles with TMA (``USE_TMA``), falling back to the plain kernel where that fails.
 
 On CUDA the compiled kernel is used (the default backend there). On CPU the eager implementation
 runs, which materialises the score matrix: it is for checking semantics on small shapes and refuses
@@ -35,10 +47,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..bands import BandSet
-from .merge import MergeAccumulator
+from .fused import on_device, recompile_limit_at_least
+from .merge import merge_stacked
 from .reference import MAX_TOKENS
 
-__all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE"]
+__all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE", "LAYOUT", "padded_frame",
+           "use_aligned"]
 
 BLOCK_SIZE = 128
 
@@ -70,25 +84,44 @@ def _pieces(units: int, s: int, padded: int) -> tuple[Tensor, Tensor, Tensor, Te
     return start // BLOCK_SIZE, unit, start - unit * s, end - unit * s
 
 
+def padded_frame(tokens_per_frame: int) -> int:
+    """Tokens per frame in the frame-aligned layout: ``tokens_per_frame`` rounded up to whole blocks."""
+    return -(-tokens_per_frame // BLOCK_SIZE) * BLOCK_SIZE
+
+
 @dataclass(frozen=True, eq=False)
 class FlexGroup:
     """One ``flex_attention`` call: bands that share their query rotation.
 
     ``bands``: the band indices (the queries are those of ``bands[0]``); ``segments``: per key segment,
-    the band whose rotated keys it takes, the key token indices (None: every video token in order) and
-    the bands whose pairs it holds;
+    the band whose rotated keys it takes, its key frames (None: every frame in order) and the bands
+    whose pairs it holds;
     ``width``: [F + 1, C + 1] int32 per (query frame, key column), the stripe width of the pair's band
     (``tokens_per_frame`` for a band without stripe, 0 for no band; last row and column: padding).
+
+    Two token layouts: *packed* (frames of ``S`` tokens back to back, blocks cut across frames) and
+    *frame-aligned* (each frame padded to :func:`padded_frame` tokens, so that every block lies in one
+    frame and the frame pattern is carried by the block table alone; see :meth:`block_mask`).
     """
 
     bands: tuple[int, ...]
     segments: tuple[tuple[int, Tensor | None, tuple[int, ...]], ...]
     width: Tensor
 
-    def block_table(self, tokens_per_frame: int) -> tuple[Tensor, Tensor]:
+    @property
+    def num_frames(self) -> int:
+        return self.width.shape[0] - 1
+
+    @property
+    def num_key_frames(self) -> int:
+        return self.width.shape[1] - 1
+
+    def block_table(self, tokens_per_frame: int, aligned: bool = False) -> tuple[Tensor, Tensor]:
         """(any, full) bool [Qb, Kb] tables of the call, from frame-level pieces (never N^2 tokens)."""
+        if aligned:
+            return self._aligned_block_table(tokens_per_frame)
         s = tokens_per_frame
-        f, c = self.width.shape[0] - 1, self.width.shape[1] - 1
+        f, c = self.num_frames, self.num_key_frames
         qb, qu, qlo, qhi = _pieces(f, s, -(-f * s // BLOCK_SIZE) * BLOCK_SIZE)
         kb, ku, klo, khi = _pieces(c, s, -(-c * s // BLOCK_SIZE) * BLOCK_SIZE)
         w = self.width[qu[:, None], ku[None, :]]
@@ -102,41 +135,142 @@ class FlexGroup:
 
         return per_tile(w > gap) > 0, per_tile(w > span) == per_tile(torch.ones_like(w))
 
-    def block_mask(self, tokens_per_frame: int, device: torch.device) -> Any:
+    def stripe_width(self, tokens_per_frame: int) -> int:
+        """The one stripe width of the call's pairs (``tokens_per_frame``: no stripe); frame-aligned calls
+        hold bands of one width (:func:`flex_groups` with ``by_stripe``)."""
+        widths = torch.unique(self.width[self.width > 0])
+        if len(widths) != 1:
+            raise ValueError(f"a frame-aligned flex call needs bands of one stripe width, got {widths.tolist()}")
+        return min(int(widths[0]), tokens_per_frame)
+
+    def _aligned_block_table(self, tokens_per_frame: int) -> tuple[Tensor, Tensor]:
+        s, p = tokens_per_frame, padded_frame(tokens_per_frame)
+        w = self.stripe_width(s)
+        nb = p // BLOCK_SIZE
+        lo = torch.arange(nb) * BLOCK_SIZE
+        hi = (lo + BLOCK_SIZE - 1).clamp(max=s - 1)  # last real raster index of each block of a frame
+        gap = torch.maximum(lo[None, :] - hi[:, None], lo[:, None] - hi[None, :]).clamp(min=0)
+        span = torch.maximum(hi[:, None] - lo[None, :], hi[None, :] - lo[:, None])
+        tile_any = w > gap  # [q block, k block] inside one (query frame, key column) pair
+        tile_full = (w > span) & (lo + BLOCK_SIZE <= s)[None, :]  # and no padding key in the block
+        pair = self.width[:-1, :-1] > 0
+        f, c = pair.shape
+
+        def expand(tile: Tensor) -> Tensor:
+            return (pair[:, None, :, None] & tile[None, :, None, :]).reshape(f * nb, c * nb)
+
+        return expand(tile_any), expand(tile_full)
+
+    def mask_mod(self, tokens_per_frame: int, device: torch.device, aligned: bool = False,
+                 frame_table: bool = True) -> Any:
+        """The call's ``mask_mod``, exact on every token pair; in the frame-aligned layout with
+        ``frame_table=False``, exact on the partial blocks of :meth:`block_table` only (see :meth:`block_mask`)."""
+        s = tokens_per_frame
+        f = self.num_frames
+        if aligned:
+            p, w = padded_frame(s), self.stripe_width(s)
+            pair = (self.width[:-1, :-1] > 0).to(device)
+
+            @typing.no_type_check  # traced by flex_attention: no runtime type-checking wrapper around it
+            def aligned_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+                sk = kv_idx % p
+                keep = sk < s  # not a padding key
+                if w < s:
+                    keep = keep & ((q_idx % p - sk).abs() < w)
+                if frame_table:
+                    keep = keep & pair[q_idx // p, kv_idx // p]
+                return keep
+
+            return aligned_mask
+        table = self.intervals(s).to(device)
+        r_max = table.shape[1]
+        striped = bool((table[:, :, 2] < s).any())
+
+        # per query frame a few (first column, end column, stripe width) intervals: loads per query row only,
+        # integer arithmetic per token pair; padding rows / columns fall in no interval
+        @typing.no_type_check  # traced by flex_attention: no runtime type-checking wrapper around it
+        def packed_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            qf = torch.clamp(q_idx // s, max=f)
+            kc = kv_idx // s
+            dist = (q_idx % s - kv_idx % s).abs() if striped else None
+            keep = None
+            for r in range(r_max):
+                inside = (table[qf, r, 0] <= kc) & (kc < table[qf, r, 1])
+                if striped:
+                    inside = inside & (dist < table[qf, r, 2])
+                keep = inside if keep is None else keep | inside
+            return keep
+
+        return packed_mask
+
+    def intervals(self, tokens_per_frame: int) -> Tensor:
+        """[F + 1, R, 3] int32: per query frame, R intervals (first key column, end column, stripe width)
+        whose union is the call's pattern: a pair is attended where its key column lies in an interval
+        whose width exceeds the raster distance (the last row and unused intervals are empty).
+
+        Widths are taken level by level (largest first); at each level the columns of at least that
+        width are cut into contiguous runs, so ``width[i, c] > d`` holds exactly where some interval
+        holds ``c`` with a width above ``d``.
+        """
+        s = tokens_per_frame
+        width = self.width[:-1, :-1].clamp(max=s)
+        rows: list[list[tuple[int, int, int]]] = []
+        for row in width:
+            found: list[tuple[int, int, int]] = []
+            for w in sorted({int(x) for x in row.tolist() if x > 0}, reverse=True):
+                cols = torch.nonzero(row >= w).flatten()
+                cuts = torch.nonzero(cols[1:] != cols[:-1] + 1).flatten() + 1
+                for run in torch.tensor_split(cols, cuts):
+                    found.append((int(run[0]), int(run[-1]) + 1, w))
+            rows.append(found)
+        r_max = max(1, max(len(x) for x in rows))
+        table = torch.zeros(len(rows) + 1, r_max, 3, dtype=torch.int32)
+        for i, found in enumerate(rows):
+            if found:
+                table[i, :len(found)] = torch.tensor(found, dtype=torch.int32)
+        return table
+
+    def block_mask(self, tokens_per_frame: int, device: torch.device, aligned: bool = False) -> Any:
+        """The call's ``BlockMask`` (on ``device``) in the packed or the frame-aligned layout.
+
+        Packed: the ``mask_mod`` looks up the (query frame, key column) table and compares the stripe
+        width with the raster distance. Frame-aligned: every block lies in one frame, the block table
+        alone decides which frame pairs are attended, and on CUDA (where the compiled kernel evaluates
+        ``mask_mod`` on partial blocks only) the ``mask_mod`` is the stripe and the padding test alone:
+        integer arithmetic on the token index, no table load per pair. Eager flex (CPU) evaluates
+        ``mask_mod`` on every pair, so there it also looks up the frame pair.
+        """
         from torch.nn.attention.flex_attention import BlockMask
 
         s = tokens_per_frame
-        f, c = self.width.shape[0] - 1, self.width.shape[1] - 1
-        any_t, full_t = self.block_table(s)
-
-        width = self.width.to(device)
-
-        # frame, key column and raster index by integer arithmetic on the token index (s is a constant
-        # of the compiled kernel, like the shape); padding tokens map to the zero last row / column
-        @typing.no_type_check  # traced by flex_attention: no runtime type-checking wrapper around it
-        def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            qf = torch.clamp(q_idx // s, max=f)
-            kc = torch.clamp(kv_idx // s, max=c)
-            return width[qf, kc] > (q_idx % s - kv_idx % s).abs()
-
+        any_t, full_t = self.block_table(s, aligned)
         kv_num, kv_idx = _table_to_indices(any_t & ~full_t)
         full_num, full_idx = _table_to_indices(full_t)
+        per_frame = padded_frame(s) if aligned else s
         return BlockMask.from_kv_blocks(
             kv_num.to(device), kv_idx.to(device), full_num.to(device), full_idx.to(device),
-            BLOCK_SIZE=BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=(f * s, c * s),
+            BLOCK_SIZE=BLOCK_SIZE, mask_mod=self.mask_mod(s, device, aligned, frame_table=device.type != "cuda"),
+            seq_lengths=(self.num_frames * per_frame, self.num_key_frames * per_frame),
         )
 
 
-def flex_groups(band_set: BandSet, tokens_per_frame: int) -> tuple[FlexGroup, ...]:
-    """The ``flex_attention`` calls of a band set: bands with equal query positions share one call."""
+def flex_groups(band_set: BandSet, tokens_per_frame: int, *, by_stripe: bool = False) -> tuple[FlexGroup, ...]:
+    """The ``flex_attention`` calls of a band set: bands with equal query positions share one call
+    (with ``by_stripe``: equal query positions and equal stripe widths, for the frame-aligned layout)."""
     s = tokens_per_frame
     f = band_set.num_frames
     bands = band_set.bands
+
+    def stripe(i: int) -> int:
+        st = bands[i].stripe
+        return s if st is None else min(st, s)
+
     members: list[list[int]] = []
     for i, b in enumerate(bands):
         if b.is_empty():
             continue
-        group = next((g for g in members if torch.equal(bands[g[0]].q_pos, b.q_pos)), None)
+        group = next((g for g in members if torch.equal(bands[g[0]].q_pos, b.q_pos)
+                      and (not by_stripe or stripe(g[0]) == stripe(i))), None)
         if group is None:
             members.append([i])
         else:
@@ -159,24 +293,48 @@ def flex_groups(band_set: BandSet, tokens_per_frame: int) -> tuple[FlexGroup, ..
         off = 0
         for (rep, seg_bands, _), fr in zip(segs, frames, strict=True):
             for i in seg_bands:
-                b = bands[i]
-                block = width[:f, off:off + len(fr)]
-                block.masked_fill_(b.pairs[:, fr], s if b.stripe is None else min(b.stripe, s))
+                width[:f, off:off + len(fr)].masked_fill_(bands[i].pairs[:, fr], stripe(i))
             off += len(fr)
-            every = len(fr) == f  # every key frame, in order
-            tokens = None if every else (fr[:, None] * s + torch.arange(s)).flatten()
-            segments.append((rep, tokens, tuple(seg_bands)))
+            segments.append((rep, None if len(fr) == f else fr, tuple(seg_bands)))  # None: every frame, in order
         groups.append(FlexGroup(tuple(g), tuple(segments), width))
     return tuple(groups)
 
 
+#: Token layout of the flex calls: ``"auto"`` (frame-aligned on CUDA for band sets with a stripe, when it
+#: pads frames by at most 1/8 of their tokens; packed otherwise), ``"aligned"`` or ``"packed"``.
+LAYOUT = "auto"
+
+
+def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device) -> bool:
+    """Whether :func:`flex_band_attention` pads frames to whole blocks here (see :data:`LAYOUT`).
+
+    Measured on an H200 at 81 x 1560 tokens: TSA (with its stripe) runs in 0.56 x dense SDPA aligned,
+    0.64 packed; VRPR (no stripe: only frame-boundary blocks are partial) in 1.37 packed, 1.47 aligned.
+    """
+    if LAYOUT not in ("auto", "aligned", "packed"):
+        raise ValueError(f"freeloc.attention.flex.LAYOUT must be 'auto', 'aligned' or 'packed', got {LAYOUT!r}")
+    if LAYOUT != "auto":
+        return LAYOUT == "aligned"
+    s = tokens_per_frame
+    striped = any(b.stripe is not None and b.stripe < s and not b.is_empty() for b in band_set.bands)
+    return device.type == "cuda" and striped and 8 * (padded_frame(s) - s) <= s
+
+
 @functools.lru_cache(maxsize=64)
-def _plan(band_set: BandSet, s: int, device_str: str) -> tuple[tuple[FlexGroup, Any, tuple], ...]:
-    """Per call: the group, its block mask and its segments as (band of the keys, key tokens on the device)."""
+def _plan(band_set: BandSet, s: int, device_str: str, aligned: bool) -> tuple[tuple[FlexGroup, Any, tuple], ...]:
+    """Per call: the group, its block mask and its segments as (band of the keys, key frames: None for
+    every frame, a slice for consecutive ones, else an index tensor on the device)."""
     device = torch.device(device_str)
-    return tuple((g, g.block_mask(s, device), tuple((rep, None if tok is None else tok.to(device))
-                                                   for rep, tok, _ in g.segments))
-                 for g in flex_groups(band_set, s))
+    out = []
+    for g in flex_groups(band_set, s, by_stripe=aligned):
+        segs = []
+        for rep, frames, _ in g.segments:
+            if frames is not None and int(frames[-1]) - int(frames[0]) + 1 == len(frames):
+                segs.append((rep, slice(int(frames[0]), int(frames[-1]) + 1)))
+            else:
+                segs.append((rep, None if frames is None else frames.to(device)))
+        out.append((g, g.block_mask(s, device, aligned), tuple(segs)))
+    return tuple(out)
 
 
 _NO_TMA: set[str] = set()  # devices where the kernel with TMA loads failed once
@@ -187,15 +345,6 @@ def _kernel_options(device: torch.device) -> dict[str, Any] | None:
     if device.type != "cuda" or str(device) in _NO_TMA or torch.cuda.get_device_capability(device)[0] < 9:
         return None
     return {"USE_TMA": True}
-
-
-def recompile_limit_at_least(n: int) -> Any:
-    """Context in which Dynamo compiles a function for up to ``n`` shapes (or its own larger limit)
-    before it falls back to running it eagerly (for flex: a kernel that materialises the scores)."""
-    import torch._dynamo.config as dynamo_config
-
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    return dynamo_config.patch(**{name: max(n, getattr(dynamo_config, name))})
 
 
 def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float) -> tuple[Tensor, Tensor]:
@@ -215,6 +364,31 @@ def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float
             return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
 
 
+def _frames_of(x: Tensor, frames: slice | Tensor | None, s: int) -> Tensor:
+    """(B, H, F*s, D) -> (B, H, C, s, D): the given key frames (None: all; a slice: a view; a tensor: a gather)."""
+    b, h, n, d = x.shape
+    framed = x.view(b, h, n // s, s, d)
+    if frames is None:
+        return framed
+    if isinstance(frames, slice):
+        return framed[:, :, frames]
+    return framed.index_select(2, frames)
+
+
+def _pad_into(dst: Tensor, parts: list[Tensor], s: int, p: int) -> Tensor:
+    """Write (B, H, C_i, s, D) parts one after the other into ``dst`` (B, H, sum C_i * p, D), each frame
+    padded with zeros to ``p`` tokens."""
+    b, h, _, d = dst.shape
+    framed = dst.view(b, h, -1, p, d)
+    at = 0
+    for part in parts:
+        framed[:, :, at:at + part.shape[2], :s].copy_(part)
+        at += part.shape[2]
+    if p > s:
+        framed[:, :, :, s:].zero_()
+    return dst
+
+
 def flex_band_attention(
     qs: list[Float[Tensor, "batch heads n dim"]],
     ks: list[Float[Tensor, "batch heads n dim"]],
@@ -226,17 +400,39 @@ def flex_band_attention(
     """Merged attention of every video query over the bands' video keys (float32 output, LSE)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    n = v.shape[2]
+    b, h, n, d = v.shape
+    s = tokens_per_frame
+    f = n // s
     if v.device.type == "cpu" and n > MAX_TOKENS:
         raise ValueError(f"flex on CPU runs eagerly and materialises the scores; it accepts N <= {MAX_TOKENS} "
                          f"video tokens, got N={n}; use backend='chunked' on CPU")
     fn = _compiled_flex() if v.device.type == "cuda" else flex_attention
-    acc = MergeAccumulator()
-    for group, bm, segments in _plan(band_set, tokens_per_frame, str(v.device)):
-        parts = [(ks[rep], v) if tokens is None else (ks[rep].index_select(2, tokens), v.index_select(2, tokens))
-                 for rep, tokens in segments]
-        k_cat = parts[0][0] if len(parts) == 1 else torch.cat([p[0] for p in parts], dim=2)
-        v_cat = parts[0][1] if len(parts) == 1 else torch.cat([p[1] for p in parts], dim=2)
-        out, lse = _run(fn, qs[group.bands[0]], k_cat, v_cat, bm, scale)
-        acc.add(out, lse)
-    return acc.result()
+    aligned = use_aligned(band_set, s, v.device)
+    p = padded_frame(s) if aligned else s
+    outs: list[Tensor] = []
+    lses: list[Tensor] = []
+    padded_q: dict[int, Tensor] = {}
+    for group, bm, segments in _plan(band_set, s, str(v.device), aligned):
+        rep_q = group.bands[0]
+        if aligned:
+            q = padded_q.get(rep_q)
+            if q is None:
+                q = padded_q[rep_q] = _pad_into(v.new_empty(b, h, f * p, d), [_frames_of(qs[rep_q], None, s)], s, p)
+            c = group.num_key_frames
+            k_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(ks[rep], fr, s) for rep, fr in segments], s, p)
+            v_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(v, fr, s) for _, fr in segments], s, p)
+        else:
+            q = qs[rep_q]
+            parts = [(ks[rep], v) if fr is None else (_frames_of(ks[rep], fr, s), _frames_of(v, fr, s))
+                     for rep, fr in segments]
+            k_cat = parts[0][0] if len(parts) == 1 and segments[0][1] is None else torch.cat(
+                [x.reshape(b, h, -1, d) for x, _ in parts], dim=2)
+            v_cat = parts[0][1] if len(parts) == 1 and segments[0][1] is None else torch.cat(
+                [y.reshape(b, h, -1, d) for _, y in parts], dim=2)
+        out, lse = _run(fn, q, k_cat, v_cat, bm, scale)
+        if aligned and p > s:  # views of the real tokens: the merge reads them in place
+            out, lse = out.view(b, h, f, p, d)[:, :, :, :s], lse.view(b, h, f, p)[:, :, :, :s]
+        outs.append(out)
+        lses.append(lse)
+    out, lse = on_device(merge_stacked, v.device)(outs, lses)
+    return out.reshape(b, h, n, d), lse.reshape(b, h, n)

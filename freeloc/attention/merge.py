@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse", "merge_pair", "MergeAccumulator"]
+__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse", "merge_pair", "merge_stacked", "MergeAccumulator"]
 
 #: A finite stand-in for ``-inf`` in running LSEs: ``exp(EMPTY_LSE - x)`` is exactly 0 for any real
 #: LSE ``x``, and unlike ``-inf`` it never makes ``-inf - (-inf) = nan``, so no guards are needed.
@@ -30,6 +30,25 @@ def merge_pair(
     safe = torch.where(torch.isneginf(new), 0.0, new)
     out = out_a * torch.exp(lse_a - safe)[..., None] + out_b * torch.exp(lse_b - safe)[..., None]
     return out, new
+
+
+def merge_stacked(
+    outs: list[Float[Tensor, "*rows dim"]], lses: list[Float[Tensor, " *rows"]]
+) -> tuple[Float[Tensor, "*rows dim"], Float[Tensor, " *rows"]]:
+    """:func:`merge_lse` in one expression of all passes at once (float32 result; inputs in any dtype,
+    views are fine): compiled on CUDA it is a single kernel that reads each pass once. Rows without keys
+    in a pass (``lse = -inf``) weigh zero whatever that pass's output; rows without keys in any pass
+    get output 0 and LSE ``-inf``."""
+    lse = torch.stack([x.float() for x in lses])
+    top = lse.amax(0)
+    top = torch.where(torch.isneginf(top), 0.0, top)
+    weight = torch.exp(lse - top)
+    total = weight.sum(0)
+    out = torch.zeros(outs[0].shape, dtype=torch.float32, device=outs[0].device)
+    for i, o in enumerate(outs):
+        out = out + torch.where(weight[i, ..., None] > 0, o.float() * weight[i, ..., None], 0.0)
+    out = torch.where(total[..., None] > 0, out / total.clamp_min(1e-30)[..., None], 0.0)
+    return out, top + torch.log(total)
 
 
 def merge_into_(

@@ -1,0 +1,64 @@
+"""Small elementwise steps compiled into one kernel each on CUDA (eagerly elsewhere).
+
+Eager PyTorch runs a rotation or a merge of attention passes as about ten elementwise kernels over
+float32 temporaries; at video sizes (a hundred thousand tokens x 12 heads x 128 channels) each pass
+is a fraction of a millisecond, and together they add up next to the attention kernels. On CUDA
+:func:`on_device` returns the function compiled with ``torch.compile`` (one kernel, inputs read
+once); where compiling fails it warns once and the eager function runs from then on.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["on_device", "recompile_limit_at_least"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_EAGER: set[str] = set()  # functions whose compiled version failed once on this torch
+
+
+def recompile_limit_at_least(n: int) -> Any:
+    """Context in which Dynamo compiles a function for up to ``n`` shapes (or its own larger limit)
+    before it falls back to running it eagerly (for flex: a kernel that materialises the scores)."""
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    return dynamo_config.patch(**{name: max(n, getattr(dynamo_config, name))})
+
+
+def _fuse_here(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+@functools.cache
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # the undecorated function: a run-time type-checking wrapper (jaxtyping's import hook) is not traceable
+    return torch.compile(inspect.unwrap(fn), dynamic=False)
+
+
+def on_device(fn: F, device: torch.device) -> F:
+    """``fn`` compiled for CUDA devices, ``fn`` itself elsewhere or where compiling it failed before."""
+    name = fn.__qualname__
+    if not _fuse_here(device) or name in _EAGER:
+        return fn
+
+    def run(*args: Any) -> Any:
+        if name in _EAGER:
+            return fn(*args)
+        try:
+            with recompile_limit_at_least(64):
+                return _compiled(fn)(*args)
+        except Exception as err:  # no working compiler here: the eager function, from now on
+            _EAGER.add(name)
+            warnings.warn(f"compiling {name} failed ({type(err).__name__}: {err}); running it eagerly",
+                          stacklevel=2)
+            return fn(*args)
+
+    return run  # type: ignore[return-value]
