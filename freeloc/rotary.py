@@ -165,19 +165,32 @@ class RotaryLayout:
         x: Float[Tensor, "batch tokens heads dim"],
         cos: Float[Tensor, "tokens pairs"],
         sin: Float[Tensor, "tokens pairs"],
+        out: Float[Tensor, "batch tokens heads dim"] | None = None,
     ) -> Float[Tensor, "batch tokens heads dim"]:
-        """Rotate ``x`` by precomputed per-pair ``cos``/``sin`` (from :meth:`cos_sin`)."""
-        xf = x.float()
+        """Rotate ``x`` by precomputed per-pair ``cos``/``sin`` (from :meth:`cos_sin`).
+
+        ``out``: a tensor shaped like ``x`` (any strides, e.g. a transposed view of a head-major buffer)
+        to write the result into and return; the numbers are the same.
+        """
         c = cos[None, :, None, :]
         s = sin[None, :, None, :]
+        if out is not None:
+            if self.interleaved:
+                pairs = (x[..., 0::2], x[..., 1::2]), (out[..., 0::2], out[..., 1::2])
+            else:
+                half = self.head_dim // 2
+                pairs = (x[..., :half], x[..., half:]), (out[..., :half], out[..., half:])
+            _rotate_pairs_into(*pairs, c, s)
+            return out
+        xf = x.float()
         if self.interleaved:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
-            out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+            rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
         else:
             half = self.head_dim // 2
             x1, x2 = xf[..., :half], xf[..., half:]
-            out = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-        return out.to(x.dtype)
+            rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+        return rotated.to(x.dtype)
 
     def temporal_cos_sin(
         self, t_pos: Real[Tensor, " tokens"], t_freqs: Float[Tensor, " t_pairs"] | None = None
@@ -192,21 +205,34 @@ class RotaryLayout:
         x: Float[Tensor, "batch tokens heads dim"],
         cos: Float[Tensor, "tokens t_pairs"],
         sin: Float[Tensor, "tokens t_pairs"],
+        out: Float[Tensor, "batch tokens heads dim"] | None = None,
     ) -> Float[Tensor, "batch tokens heads dim"]:
         """Rotate only the temporal channel pairs of ``x``; the other channels are returned as they are.
 
         Rotations add their angles, so rotating a tensor that carries its spatial rotation only
         (temporal position 0) by temporal angles gives exactly the full rotation at those positions.
+        ``out``: as in :meth:`apply`.
         """
         tp = self.t_dim // 2
+        half = self.head_dim // 2
         c = cos[None, :, None, :]
         s = sin[None, :, None, :]
+        if out is not None:
+            if self.interleaved:
+                t = self.t_dim
+                out[..., t:] = x[..., t:]
+                pairs = (x[..., 0:t:2], x[..., 1:t:2]), (out[..., 0:t:2], out[..., 1:t:2])
+            else:
+                out[..., tp:half] = x[..., tp:half]
+                out[..., half + tp:] = x[..., half + tp:]
+                pairs = (x[..., :tp], x[..., half:half + tp]), (out[..., :tp], out[..., half:half + tp])
+            _rotate_pairs_into(*pairs, c, s)
+            return out
         if self.interleaved:
             xt = x[..., : self.t_dim].float()
             x1, x2 = xt[..., 0::2], xt[..., 1::2]
             rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).to(x.dtype)
             return torch.cat((rot, x[..., self.t_dim:]), dim=-1)
-        half = self.head_dim // 2
         x1, x2 = x[..., :tp].float(), x[..., half:half + tp].float()
         return torch.cat(((x1 * c - x2 * s).to(x.dtype), x[..., tp:half], (x1 * s + x2 * c).to(x.dtype),
                           x[..., half + tp:]), dim=-1)
@@ -223,3 +249,15 @@ class RotaryLayout:
         pairing = "interleaved" if self.interleaved else "rotate-half"
         return (f"RotaryLayout(t={self.t_dim}, h={self.h_dim}, w={self.w_dim}, theta={self.theta:g}, "
                 f"{pairing}; temporal wavelength {2 * math.pi:.2f}..{2 * math.pi * self.theta:.3g} frames)")
+
+
+def _rotate_pairs_into(xs: tuple[Tensor, Tensor], outs: tuple[Tensor, Tensor], c: Tensor, s: Tensor) -> None:
+    """``outs = (x1 c - x2 s, x1 s + x2 c)``, computed in float32 and written into the given views."""
+    (x1, x2), (o1, o2) = xs, outs
+    if x1.dtype == torch.float32 and o1.dtype == torch.float32:
+        torch.sub(x1 * c, x2 * s, out=o1)
+        torch.add(x1 * s, x2 * c, out=o2)
+        return
+    x1, x2 = x1.float(), x2.float()
+    o1.copy_(x1 * c - x2 * s)
+    o2.copy_(x1 * s + x2 * c)

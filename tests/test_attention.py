@@ -437,7 +437,7 @@ def test_bands_with_equal_positions_share_one_rotation(monkeypatch: pytest.Monke
     calls: list[int] = []
     original = freeloc.RotaryLayout.rotate_temporal
     monkeypatch.setattr(freeloc.RotaryLayout, "rotate_temporal",
-                        lambda self, x, cos, sin: calls.append(1) or original(self, x, cos, sin))
+                        lambda self, x, cos, sin, out=None: calls.append(1) or original(self, x, cos, sin, out))
     method = freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12)
     bands = band_set_for(method, 19, 15, ROTARY)
     assert [b.name for b in bands.bands] == ["local", "striped", "sink"]

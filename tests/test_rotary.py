@@ -361,3 +361,22 @@ def test_wrongly_typed_layouts(kwargs: dict[str, object]) -> None:
 def test_wan_constructor_rejects_odd_split(head_dim: int) -> None:
     with pytest.raises(ValueError, match="t_dim"):
         RotaryLayout.wan(head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.describe())
+def test_rotation_into_out_gives_the_same_numbers(layout: RotaryLayout, dtype: torch.dtype) -> None:
+    """``out=`` (here a head-major buffer seen as (batch, tokens, heads, dim)) gets exactly what the
+    allocating call returns, for the full rotation and the temporal one."""
+    g = torch.Generator().manual_seed(3)
+    b, n, h, d = 2, 30, 3, layout.head_dim
+    x = torch.randn(b, n, h, d, generator=g).to(dtype)
+    t, hp, wp = (torch.randint(0, 9, (n,), generator=g).double() for _ in range(3))
+    cos, sin = layout.cos_sin(t, hp, wp)
+    tcos, tsin = layout.temporal_cos_sin(t * 1.5)
+    for fn, args in ((layout.apply, (cos, sin)), (layout.rotate_temporal, (tcos, tsin))):
+        want = fn(x, *args)
+        out = torch.full((b, h, n, d), float("nan"), dtype=dtype).transpose(1, 2)
+        got = fn(x, *args, out=out)
+        assert got is out and got.dtype == dtype
+        assert torch.equal(got, want)

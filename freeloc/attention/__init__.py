@@ -174,7 +174,9 @@ def attend(
         if rotary is None:  # no RoPE: positions are not part of the logits
             return x
         cos, sin = _cos_sin(bands, band, side, (f, hh, ww), rotary, str(dev))
-        return on_device(RotaryLayout.apply, dev)(rotary, x, cos, sin)
+        if dev.type == "cuda":  # one compiled kernel
+            return on_device(RotaryLayout.apply, dev)(rotary, x, cos, sin)
+        return rotary.apply(x, cos, sin, out=torch.empty_like(x))  # eager: fewer passes than without out
 
     def rot_bands(x: Tensor, side: str) -> list[Tensor]:
         if rotary is None:
@@ -188,8 +190,15 @@ def attend(
             pos = band.q_pos if side == "q" else band.k_pos
             same = next((j for j, other in enumerate(bands.bands[:i])
                          if torch.equal(pos, other.q_pos if side == "q" else other.k_pos)), None)
-            out.append(out[same] if same is not None else
-                       rotate(rotary, base, *_cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))))
+            if same is not None:
+                out.append(out[same])
+                continue
+            cos, sin = _cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))
+            if backend == "chunked":  # written head-major, the layout the chunked passes read
+                b_, n_, h_, d_ = base.shape
+                out.append(rotary.rotate_temporal(base, cos, sin, out=base.new_empty(b_, h_, n_, d_).transpose(1, 2)))
+            else:
+                out.append(rotate(rotary, base, cos, sin))
         return out
 
     def orig_all(x: Tensor) -> Tensor:
