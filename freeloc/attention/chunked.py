@@ -237,9 +237,11 @@ def chunked_band_attention(
     """Merged attention of every video query over the bands' video keys.
 
     ``qs[b]``/``ks[b]`` are the queries/keys rotated with band ``b``'s positions, (batch, tokens, heads,
-    dim). Each distinct tensor is copied once into the head-major layout (batch, heads, tokens, dim)
-    that the fused kernel reads, so that a pass's rows and keys are views or plain row gathers there
-    (in A/B runs 0-18% faster than slicing the token-major tensors per pass; ``benchmarks/RESULTS.md``).
+    dim). The passes read each distinct tensor in the head-major layout (batch, heads, tokens, dim), so
+    that a pass's rows and keys are views or plain row gathers there (in A/B runs 0-18% faster than
+    slicing token-major tensors per pass; ``benchmarks/RESULTS.md``). :func:`~freeloc.attention.attend`
+    writes the band rotations head-major already (seen through a transposed view); other tensors are
+    copied once.
     Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
     """
     b, n, h, d = v.shape
