@@ -327,6 +327,22 @@ def test_flex_frame_aligned_layout_matches_reference(name: str, method: freeloc.
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=TOL[dtype])
 
 
+def test_flex_frame_aligned_pads_each_query_rotation_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TSA's local and striped calls share one query rotation, so they share one padded copy of it."""
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    pads: list[int] = []
+    original = flex._pad_into
+    monkeypatch.setattr(flex, "_pad_into", lambda dst, parts, s, p: pads.append(1) or original(dst, parts, s, p))
+    q, k, v = qkv(19 * 15, torch.float32, seed=4)
+    method = freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12)
+    out = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="flex")
+    assert len(pads) == 2 + 3 * 2  # queries: local = striped, sink; keys and values of the three calls
+    ref = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="reference")
+    torch.testing.assert_close(out, ref, rtol=0, atol=TOL[torch.float32])
+
+
 def test_flex_layout_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """auto: frame-aligned on CUDA for striped band sets (TSA) whose padding is small; packed otherwise."""
     from freeloc.attention import flex

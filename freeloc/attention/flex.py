@@ -233,12 +233,13 @@ class FlexGroup:
     def block_mask(self, tokens_per_frame: int, device: torch.device, aligned: bool = False) -> Any:
         """The call's ``BlockMask`` (on ``device``) in the packed or the frame-aligned layout.
 
-        Packed: the ``mask_mod`` looks up the (query frame, key column) table and compares the stripe
-        width with the raster distance. Frame-aligned: every block lies in one frame, the block table
-        alone decides which frame pairs are attended, and on CUDA (where the compiled kernel evaluates
-        ``mask_mod`` on partial blocks only) the ``mask_mod`` is the stripe and the padding test alone:
-        integer arithmetic on the token index, no table load per pair. Eager flex (CPU) evaluates
-        ``mask_mod`` on every pair, so there it also looks up the frame pair.
+        Packed: the ``mask_mod`` tests the key frame against the query frame's intervals
+        (:meth:`intervals`) and the raster distance against their stripe widths. Frame-aligned: every
+        block lies in one frame, the block table alone decides which frame pairs are attended, and on
+        CUDA (where the compiled kernel evaluates ``mask_mod`` on partial blocks only) the ``mask_mod``
+        is the stripe and the padding test alone: integer arithmetic on the token index, no table load
+        per pair. Eager flex (CPU) evaluates ``mask_mod`` on every pair, so there it also looks up the
+        frame pair.
         """
         from torch.nn.attention.flex_attention import BlockMask
 
@@ -411,13 +412,14 @@ def flex_band_attention(
     p = padded_frame(s) if aligned else s
     outs: list[Tensor] = []
     lses: list[Tensor] = []
-    padded_q: dict[int, Tensor] = {}
+    padded_q: dict[int, Tensor] = {}  # per distinct query rotation (TSA's local and striped calls share one)
     for group, bm, segments in _plan(band_set, s, str(v.device), aligned):
         rep_q = group.bands[0]
         if aligned:
-            q = padded_q.get(rep_q)
+            q = padded_q.get(qs[rep_q].data_ptr())
             if q is None:
-                q = padded_q[rep_q] = _pad_into(v.new_empty(b, h, f * p, d), [_frames_of(qs[rep_q], None, s)], s, p)
+                q = _pad_into(v.new_empty(b, h, f * p, d), [_frames_of(qs[rep_q], None, s)], s, p)
+                padded_q[qs[rep_q].data_ptr()] = q
             c = group.num_key_frames
             k_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(ks[rep], fr, s) for rep, fr in segments], s, p)
             v_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(v, fr, s) for _, fr in segments], s, p)
