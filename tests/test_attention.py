@@ -15,7 +15,6 @@ import freeloc
 from freeloc.attention import attend, band_set_for, merge_lse
 from freeloc.attention.chunked import plan_cost, plan_passes
 from freeloc.attention.flex import BLOCK_SIZE, flex_groups, padded_frame
-from freeloc.attention.merge import merge_stacked
 from freeloc.attention.reference import MAX_TOKENS
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
@@ -123,8 +122,7 @@ def test_vrpr_changes_attention_when_out_of_range() -> None:
     assert (out - plain).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("merge", [merge_lse, merge_stacked], ids=["merge_lse", "merge_stacked"])
-def test_merge_is_exact_and_empty_band_weighs_zero(merge: object) -> None:
+def test_merge_is_exact_and_empty_band_weighs_zero() -> None:
     g = torch.Generator().manual_seed(5)
     q, k, v = torch.randn(7, 8, generator=g), torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
     s = q @ k.T
@@ -139,19 +137,18 @@ def test_merge_is_exact_and_empty_band_weighs_zero(merge: object) -> None:
             lses.append(torch.logsumexp(s[:, a:b], -1))
     outs[1][2] = 1.0  # a row with keys in no pass
     lses = [torch.cat([x[:2], torch.tensor([float("-inf")]), x[3:]]) for x in lses]
-    out, lse = merge(outs, lses)
+    out, lse = merge_lse(outs, lses)
     keep = torch.arange(7) != 2
     torch.testing.assert_close(out[keep], (torch.softmax(s, -1) @ v)[keep], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse[keep], torch.logsumexp(s, -1)[keep])
     assert torch.equal(out[2], torch.zeros(8)) and lse[2] == float("-inf")
 
 
-@pytest.mark.parametrize("merge", [merge_lse, merge_stacked], ids=["merge_lse", "merge_stacked"])
-def test_merge_in_fp32_for_bf16_parts(merge: object) -> None:
+def test_merge_in_fp32_for_bf16_parts() -> None:
     g = torch.Generator().manual_seed(6)
     outs = [torch.randn(4, 3, generator=g).bfloat16() for _ in range(2)]
     lses = [torch.randn(4, generator=g) for _ in range(2)]
-    out, _ = merge(outs, lses)
+    out, _ = merge_lse(outs, lses)
     assert out.dtype == torch.float32
     w = torch.softmax(torch.stack(lses), 0)
     torch.testing.assert_close(out, w[0, :, None] * outs[0].float() + w[1, :, None] * outs[1].float())

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from ..bands import BandSet
 from .fused import on_device, recompile_limit_at_least
-from .merge import merge_stacked
+from .merge import merge_lse
 from .reference import MAX_TOKENS
 
 __all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE", "LAYOUT", "padded_frame",
@@ -436,5 +436,5 @@ def flex_band_attention(
             out, lse = out.view(b, h, f, p, d)[:, :, :, :s], lse.view(b, h, f, p)[:, :, :, :s]
         outs.append(out)
         lses.append(lse)
-    out, lse = on_device(merge_stacked, v.device)(outs, lses)
+    out, lse = on_device(merge_lse, v.device)(outs, lses)
     return out.reshape(b, h, n, d), lse.reshape(b, h, n)

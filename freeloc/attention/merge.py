@@ -12,33 +12,34 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse", "merge_pair", "merge_stacked", "MergeAccumulator"]
+__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse"]
 
 #: A finite stand-in for ``-inf`` in running LSEs: ``exp(EMPTY_LSE - x)`` is exactly 0 for any real
 #: LSE ``x``, and unlike ``-inf`` it never makes ``-inf - (-inf) = nan``, so no guards are needed.
 EMPTY_LSE = -1e30
 
 
-def merge_pair(
-    out_a: Float[Tensor, "*rows dim"], lse_a: Float[Tensor, " *rows"],
-    out_b: Float[Tensor, "*rows dim"], lse_b: Float[Tensor, " *rows"],
-) -> tuple[Float[Tensor, "*rows dim"], Float[Tensor, " *rows"]]:
-    """Merge two passes (float32). Rows with ``lse = -inf`` (no keys) weigh zero, whatever their output."""
-    out_a = torch.where(torch.isneginf(lse_a)[..., None], 0.0, out_a.float())
-    out_b = torch.where(torch.isneginf(lse_b)[..., None], 0.0, out_b.float())
-    new = torch.logaddexp(lse_a, lse_b)
-    safe = torch.where(torch.isneginf(new), 0.0, new)
-    out = out_a * torch.exp(lse_a - safe)[..., None] + out_b * torch.exp(lse_b - safe)[..., None]
-    return out, new
-
-
-def merge_stacked(
+def merge_lse(
     outs: list[Float[Tensor, "*rows dim"]], lses: list[Float[Tensor, " *rows"]]
 ) -> tuple[Float[Tensor, "*rows dim"], Float[Tensor, " *rows"]]:
-    """:func:`merge_lse` in one expression of all passes at once (float32 result; inputs in any dtype,
-    views are fine): compiled on CUDA it is a single kernel that reads each pass once. Rows without keys
-    in a pass (``lse = -inf``) weigh zero whatever that pass's output; rows without keys in any pass
-    get output 0 and LSE ``-inf``."""
+    """Merge passes exactly; returns the merged output (float32) and the merged LSE.
+
+    One expression of all passes at once (inputs in any dtype, views are fine): compiled on CUDA it is
+    a single kernel that reads each pass once. Rows without keys in a pass (``lse = -inf``) weigh zero
+    whatever that pass's output; rows without keys in any pass get output 0 and LSE ``-inf``.
+
+    Example:
+        >>> import torch
+        >>> q, k, v = torch.randn(4, 8), torch.randn(10, 8), torch.randn(10, 8)
+        >>> s = q @ k.T
+        >>> parts = [(torch.softmax(s[:, a:b], -1) @ v[a:b], torch.logsumexp(s[:, a:b], -1))
+        ...          for a, b in [(0, 3), (3, 10)]]
+        >>> out, _ = merge_lse([p[0] for p in parts], [p[1] for p in parts])
+        >>> torch.allclose(out, torch.softmax(s, -1) @ v, atol=1e-6)
+        True
+    """
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"merge_lse needs as many outputs as LSEs (>= 1), got {len(outs)} and {len(lses)}")
     lse = torch.stack([x.float() for x in lses])
     top = lse.amax(0)
     top = torch.where(torch.isneginf(top), 0.0, top)
@@ -65,47 +66,3 @@ def merge_into_(
     new = torch.logaddexp(acc_lse, lse)
     acc_out.mul_(torch.exp(acc_lse - new)[..., None]).add_(out * torch.exp(lse - new)[..., None])
     acc_lse.copy_(new)
-
-
-def merge_lse(
-    outs: list[Float[Tensor, "*rows dim"]], lses: list[Float[Tensor, " *rows"]]
-) -> tuple[Float[Tensor, "*rows dim"], Float[Tensor, " *rows"]]:
-    """Merge passes exactly; returns the merged output (float32) and the merged LSE.
-
-    Example:
-        >>> import torch
-        >>> q, k, v = torch.randn(4, 8), torch.randn(10, 8), torch.randn(10, 8)
-        >>> s = q @ k.T
-        >>> parts = [(torch.softmax(s[:, a:b], -1) @ v[a:b], torch.logsumexp(s[:, a:b], -1))
-        ...          for a, b in [(0, 3), (3, 10)]]
-        >>> out, _ = merge_lse([p[0] for p in parts], [p[1] for p in parts])
-        >>> torch.allclose(out, torch.softmax(s, -1) @ v, atol=1e-6)
-        True
-    """
-    if not outs or len(outs) != len(lses):
-        raise ValueError(f"merge_lse needs as many outputs as LSEs (>= 1), got {len(outs)} and {len(lses)}")
-    acc = MergeAccumulator()
-    for o, lse in zip(outs, lses, strict=True):
-        acc.add(o, lse)
-    return acc.result()
-
-
-class MergeAccumulator:
-    """Online version of :func:`merge_lse`: add passes one at a time, keep only the running result."""
-
-    def __init__(self) -> None:
-        self.out: Tensor | None = None
-        self.lse: Tensor | None = None
-
-    def add(self, out: Float[Tensor, "*rows dim"], lse: Float[Tensor, " *rows"]) -> None:
-        lse = lse.float()
-        if self.out is None or self.lse is None:
-            # rows without keys: lse -inf; kernels may leave NaN or garbage in their output
-            self.out, self.lse = torch.where(torch.isneginf(lse)[..., None], 0.0, out.float()), lse
-            return
-        self.out, self.lse = merge_pair(self.out, self.lse, out, lse)
-
-    def result(self) -> tuple[Tensor, Tensor]:
-        if self.out is None or self.lse is None:
-            raise ValueError("no attention pass was added")
-        return self.out, self.lse
