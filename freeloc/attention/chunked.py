@@ -1,8 +1,10 @@
 """The ``chunked`` backend: exact band attention that computes only what each band needs.
 
 Queries are processed in chunks of whole frames, chosen per band. For each chunk and band, only the
-key frames that the band pairs with the chunk's frames are gathered; a striped band additionally splits the chunk's
-queries into spatial sub-blocks and gathers, per key frame, only the raster range within the stripe.
+key frames that the band pairs with the chunk's frames are read; a striped band additionally splits
+the chunk's queries into spatial sub-blocks and reads, per key frame, only the raster range within
+the stripe. A pass's rows and keys are a slice of whole frames or a :class:`Window` (runs of
+consecutive frames x one raster range), read as strided views: no gather of token indices.
 Each pass is one fused attention call with its LSE; passes are merged online, exactly, in float32.
 Memory is bounded by one pass (chunk queries x gathered keys); no [N, N] tensor is ever built, and
 the work is proportional to the band's density (up to the frame/sub-block rounding at the edges).
@@ -79,8 +81,8 @@ class Pass:
     """
 
     band: int
-    rows: Tensor | slice
-    keys: Tensor | slice
+    rows: slice | Window
+    keys: slice | Window
     frame_ok: Tensor | None
     near: Tensor | None
     row_len: int
@@ -89,9 +91,6 @@ class Pass:
     first: bool = False  # no earlier pass touched these rows: write instead of merging
 
     def __post_init__(self) -> None:
-        # whole consecutive rows/keys become slices (views instead of gathers)
-        object.__setattr__(self, "rows", _as_slice(self.rows))
-        object.__setattr__(self, "keys", _as_slice(self.keys))
         if self.frame_ok is not None or self.near is not None:
             ok = b"" if self.frame_ok is None else self.frame_ok.numpy().tobytes()
             shape = () if self.frame_ok is None else tuple(self.frame_ok.shape)
@@ -110,25 +109,47 @@ class Pass:
         return m
 
 
-def _as_slice(index: Tensor | slice) -> Tensor | slice:
-    if isinstance(index, slice) or len(index) == 0:
-        return index
-    first, last = int(index[0]), int(index[-1])
-    if last - first + 1 == len(index) and bool((index[1:] > index[:-1]).all()):
-        return slice(first, last + 1)
-    return index
+@dataclass(frozen=True)
+class Window:
+    """Tokens of a pass: the same raster range ``[r0, r1)`` in each frame of a few runs of consecutive
+    frames, in frame-major order. Read as strided views (a copy with long contiguous runs), never as a
+    gather of token indices."""
+
+    runs: tuple[tuple[int, int], ...]  # [first, end) frames
+    raster: tuple[int, int]  # [first, end) raster index inside a frame
+
+    def __len__(self) -> int:
+        return sum(b - a for a, b in self.runs) * (self.raster[1] - self.raster[0])
+
+    def tokens(self, s: int) -> Tensor:
+        frames = torch.cat([torch.arange(a, b) for a, b in self.runs])
+        return (frames[:, None] * s + torch.arange(*self.raster)[None, :]).flatten()
+
+    def framed(self, x: Tensor, s: int) -> Tensor:
+        """(B, H, F*s, *rest) -> view (B, H, frames, raster, *rest) of the single run (for writing rows)."""
+        (a, b), (r0, r1) = self.runs[0], self.raster
+        return x.unflatten(2, (-1, s))[:, :, a:b, r0:r1]
+
+    def take(self, x: Tensor, s: int) -> Tensor:
+        """(B, H, F*s, D) -> (B, H, len, D): the window's tokens (one copy)."""
+        framed = x.unflatten(2, (-1, s))
+        parts = [framed[:, :, a:b, self.raster[0]:self.raster[1]] for a, b in self.runs]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        return t.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
 
 
-def _length(index: Tensor | slice) -> int:
+def _window(frames: Tensor, raster: tuple[int, int], s: int) -> slice | Window:
+    """Tokens of the given frames (ascending) at this raster range: a slice for whole consecutive frames."""
+    cuts = (torch.nonzero(frames[1:] != frames[:-1] + 1).flatten() + 1).tolist()
+    bounds = [0, *cuts, len(frames)]
+    runs = tuple((int(frames[a]), int(frames[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    if len(runs) == 1 and raster == (0, s):
+        return slice(runs[0][0] * s, runs[0][1] * s)
+    return Window(runs, raster)
+
+
+def _length(index: slice | Window) -> int:
     return index.stop - index.start if isinstance(index, slice) else len(index)
-
-
-def _frames_to_tokens(frames: Tensor, s: int) -> Tensor | slice:
-    """Token indices of whole frames; a slice when the frames are consecutive."""
-    f0, f1 = int(frames[0]), int(frames[-1]) + 1
-    if f1 - f0 == len(frames):
-        return slice(f0 * s, f1 * s)
-    return (frames[:, None] * s + torch.arange(s)[None, :]).flatten()
 
 
 def _plan_band(band_id: int, band: Band, g: int, s: int, sub_block: int) -> list[Pass]:
@@ -152,12 +173,11 @@ def _plan_band(band_id: int, band: Band, g: int, s: int, sub_block: int) -> list
         sub = rows_pairs[:, key_frames]  # [g, kf]
         frame_ok = None if bool(sub.all()) else sub
         if band.stripe is None:
-            passes.append(Pass(band_id, slice(f0 * s, f1 * s), _frames_to_tokens(key_frames, s), frame_ok,
-                               None, s, s))
+            passes.append(Pass(band_id, slice(f0 * s, f1 * s), _window(key_frames, (0, s), s), frame_ok, None, s, s))
             continue
         for q_raster, k_raster, near in stripe_blocks:
-            rows = (torch.arange(f0, f1)[:, None] * s + q_raster[None, :]).flatten()
-            keys = (key_frames[:, None] * s + k_raster[None, :]).flatten()
+            rows = _window(torch.arange(f0, f1), (int(q_raster[0]), int(q_raster[-1]) + 1), s)
+            keys = _window(key_frames, (int(k_raster[0]), int(k_raster[-1]) + 1), s)
             passes.append(Pass(band_id, rows, keys, frame_ok, near, len(q_raster), len(k_raster)))
     return passes
 
@@ -215,9 +235,10 @@ def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -
         out.extend(_plan_band(b_id, band, g, s, sb))
     touched = torch.zeros(band_set.num_frames * s, dtype=torch.bool)
     for p in out:
-        if not bool(touched[p.rows].any()):
+        rows = p.rows if isinstance(p.rows, slice) else p.rows.tokens(s)
+        if not bool(touched[rows].any()):
             object.__setattr__(p, "first", True)
-        touched[p.rows] = True
+        touched[rows] = True
     return PassPlan(out)
 
 
@@ -257,20 +278,26 @@ def chunked_band_attention(
     out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
     lse = torch.full((b, h, n), EMPTY_LSE, dtype=torch.float32, device=v.device)
     masks: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}  # this call's, past the cache
+    s = tokens_per_frame
+
+    def take(x: Tensor, index: slice | Window) -> Tensor:
+        return x[:, :, index] if isinstance(index, slice) else index.take(x, s)
+
     for p in passes:
-        q = qh[p.band][:, :, p.rows]
+        q = take(qh[p.band], p.rows)
         mask, prepared = None, None
         if p.pattern:
             mask, prepared = passes.mask_for(p, q, masks)
-        o, l_ = attention_with_lse(q, kh[p.band][:, :, p.keys], vh[:, :, p.keys], mask, scale, prepared)
-        if p.first:
-            out[:, :, p.rows] = o
-            lse[:, :, p.rows] = l_.clamp_min(EMPTY_LSE)
-        elif isinstance(p.rows, slice):
-            merge_into_(out[:, :, p.rows], lse[:, :, p.rows], o.float(), l_)
-        else:
+        o, l_ = attention_with_lse(q, take(kh[p.band], p.keys), take(vh, p.keys), mask, scale, prepared)
+        if isinstance(p.rows, slice):
             acc_o, acc_l = out[:, :, p.rows], lse[:, :, p.rows]
+        else:  # views of the window's rows, shaped (batch, heads, frames, raster[, dim])
+            acc_o, acc_l = p.rows.framed(out, s), p.rows.framed(lse, s)
+            o, l_ = o.reshape(acc_o.shape), l_.reshape(acc_l.shape)
+        if p.first:
+            acc_o.copy_(o)
+            acc_l.copy_(l_.clamp_min(EMPTY_LSE))
+        else:
             merge_into_(acc_o, acc_l, o.float(), l_)
-            out[:, :, p.rows], lse[:, :, p.rows] = acc_o, acc_l
     lse = lse.masked_fill_(lse <= EMPTY_LSE / 2, float("-inf"))
     return out, lse
