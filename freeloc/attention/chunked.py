@@ -37,13 +37,17 @@ GATHER_COST = 12
 MASK_CACHE_BYTES = 64 * 2**20
 
 
+#: A pass's bool mask and its prepared form for the fused CPU kernel (``prepare_mask``), or None.
+MaskEntry = tuple[Tensor, tuple[Tensor, Tensor | None] | None]
+
+
 class PassPlan(tuple):
     """The passes of one band set and grid (a tuple of :class:`Pass`), with the masks they built.
 
     ``masks`` maps (mask pattern, device, dtype) to ``(bool mask, prepared bias or None)``.
     """
 
-    masks: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]]
+    masks: dict[tuple, MaskEntry]
     mask_bytes: int
 
     def __new__(cls, passes: list[Pass]) -> PassPlan:
@@ -51,8 +55,7 @@ class PassPlan(tuple):
         plan.masks, plan.mask_bytes = {}, 0
         return plan
 
-    def mask_for(self, p: Pass, q: Tensor, local: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]]) -> tuple[
-            Tensor, tuple[Tensor, Tensor] | None]:
+    def mask_for(self, p: Pass, q: Tensor, local: dict[tuple, MaskEntry]) -> MaskEntry:
         """The mask of pass ``p`` for queries like ``q`` (device, dtype) and its prepared form, from the
         plan's cache or ``local`` (this call's)."""
         key = (p.pattern, str(q.device), q.dtype)
@@ -277,7 +280,7 @@ def chunked_band_attention(
     qh, kh, vh = [bhnd(x) for x in qs], [bhnd(x) for x in ks], bhnd(v)
     out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
     lse = torch.full((b, h, n), EMPTY_LSE, dtype=torch.float32, device=v.device)
-    masks: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor] | None]] = {}  # this call's, past the cache
+    masks: dict[tuple, MaskEntry] = {}  # this call's, past the cache
     s = tokens_per_frame
 
     def take(x: Tensor, index: slice | Window) -> Tensor:

@@ -19,10 +19,12 @@ def uses_fused_cpu_kernel(q: Tensor) -> bool:
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
-def prepare_mask(mask: Bool[Tensor, "*batch q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(additive bias in dtype, rows that have a key)`` of a bool mask, for :func:`attention_with_lse`."""
+def prepare_mask(mask: Bool[Tensor, "*batch q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """``(additive bias in dtype, rows that have a key)`` of a bool mask, for :func:`attention_with_lse`;
+    the rows are None when every row has a key (checked here once, not on every call)."""
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
-    return bias, mask.any(-1)
+    has_key = mask.any(-1)
+    return bias, None if bool(has_key.all()) else has_key
 
 
 def attention_with_lse(
@@ -31,7 +33,7 @@ def attention_with_lse(
     v: Float[Tensor, "batch heads k dim"],
     mask: Bool[Tensor, "*batch q k"] | None,
     scale: float,
-    prepared: tuple[Tensor, Tensor] | None = None,
+    prepared: tuple[Tensor, Tensor | None] | None = None,
 ) -> tuple[Float[Tensor, "batch heads q dim"], Float[Tensor, "batch heads q"]]:
     """Softmax attention of ``q`` over ``k``/``v`` restricted to ``mask`` (None: all pairs).
 
@@ -57,6 +59,6 @@ def attention_with_lse(
         p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
         out = torch.matmul(p, v.float()).to(q.dtype)
     lse = lse.float()
-    if has_key is not None and not bool(has_key.all()):
+    if has_key is not None:
         lse = lse.masked_fill(~has_key, float("-inf"))
     return out, lse
