@@ -170,20 +170,27 @@ def attend(
     video = slice(text_before, text_before + nv)
     dev = q.device
 
-    def rot(x: Tensor, band: int | None, side: str) -> Tensor:
+    head_major = backend == "chunked"  # the layout the chunked passes read: rotations are written in it
+
+    def rot(x: Tensor, band: int | None, side: str, layout_for_passes: bool = False) -> Tensor:
         if rotary is None:  # no RoPE: positions are not part of the logits
             return x
         cos, sin = _cos_sin(bands, band, side, (f, hh, ww), rotary, str(dev))
         if dev.type == "cuda":  # one compiled kernel
             return on_device(RotaryLayout.apply, dev)(rotary, x, cos, sin)
-        return rotary.apply(x, cos, sin, out=torch.empty_like(x))  # eager: fewer passes than without out
+        # eager: fewer passes with out= than without
+        return rotary.apply(x, cos, sin, out=empty_head_major(x) if layout_for_passes else torch.empty_like(x))
+
+    def empty_head_major(x: Tensor) -> Tensor:
+        b_, n_, h_, d_ = x.shape
+        return x.new_empty(b_, h_, n_, d_).transpose(1, 2)
 
     def rot_bands(x: Tensor, side: str) -> list[Tensor]:
         if rotary is None:
             return [x] * len(bands.bands)
         # the spatial rotation once, then each band's temporal rotation on the temporal channels only;
         # bands with the same positions on this side (TSA's local and striped tiers) share one rotation
-        base = rot(x, -1, side)
+        base = rot(x, -1, side, layout_for_passes=head_major)
         rotate = on_device(RotaryLayout.rotate_temporal, dev)
         out: list[Tensor] = []
         for i, band in enumerate(bands.bands):
@@ -192,13 +199,13 @@ def attend(
                          if torch.equal(pos, other.q_pos if side == "q" else other.k_pos)), None)
             if same is not None:
                 out.append(out[same])
-                continue
-            cos, sin = _cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))
-            if backend == "chunked":  # written head-major, the layout the chunked passes read
-                b_, n_, h_, d_ = base.shape
-                out.append(rotary.rotate_temporal(base, cos, sin, out=base.new_empty(b_, h_, n_, d_).transpose(1, 2)))
+            elif not bool(pos.any()):  # temporal position 0 everywhere (TSA's sink keys): the spatial rotation
+                out.append(base)
+            elif head_major:
+                cos, sin = _cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))
+                out.append(rotary.rotate_temporal(base, cos, sin, out=empty_head_major(base)))
             else:
-                out.append(rotate(rotary, base, cos, sin))
+                out.append(rotate(rotary, base, *_cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))))
         return out
 
     def orig_all(x: Tensor) -> Tensor:
