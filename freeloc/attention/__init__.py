@@ -172,10 +172,12 @@ def attend(
 
     head_major = backend == "chunked"  # the layout the chunked passes read: rotations are written in it
 
-    def rot(x: Tensor, band: int | None, side: str, layout_for_passes: bool = False) -> Tensor:
+    def rot(x: Tensor, band: int | None, layout_for_passes: bool = False) -> Tensor:
+        """The full rotation, at the original positions (``band=None``) or temporal position 0 (``-1``):
+        the same for queries and keys, so one cached table serves both."""
         if rotary is None:  # no RoPE: positions are not part of the logits
             return x
-        cos, sin = _cos_sin(bands, band, side, (f, hh, ww), rotary, str(dev))
+        cos, sin = _cos_sin(bands, band, "q", (f, hh, ww), rotary, str(dev))
         if dev.type == "cuda":  # one compiled kernel
             return on_device(RotaryLayout.apply, dev)(rotary, x, cos, sin)
         # eager: fewer passes with out= than without
@@ -190,7 +192,7 @@ def attend(
             return [x] * len(bands.bands)
         # the spatial rotation once, then each band's temporal rotation on the temporal channels only;
         # bands with the same positions on this side (TSA's local and striped tiers) share one rotation
-        base = rot(x, -1, side, layout_for_passes=head_major)
+        base = rot(x, -1, layout_for_passes=head_major)
         rotate = on_device(RotaryLayout.rotate_temporal, dev)
         out: list[Tensor] = []
         for i, band in enumerate(bands.bands):
@@ -209,7 +211,7 @@ def attend(
         return out
 
     def orig_all(x: Tensor) -> Tensor:
-        xv = rot(x[:, video], None, "q")
+        xv = rot(x[:, video], None)
         return torch.cat([x[:, :text_before], xv, x[:, video.stop:]], dim=1) if n != nv else xv
 
     def bhsd(x: Tensor) -> Tensor:
