@@ -203,11 +203,10 @@ def attend(
                 out.append(out[same])
             elif not bool(pos.any()):  # temporal position 0 everywhere (TSA's sink keys): the spatial rotation
                 out.append(base)
-            elif head_major:
-                cos, sin = _cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))
-                out.append(rotary.rotate_temporal(base, cos, sin, out=empty_head_major(base)))
             else:
-                out.append(rotate(rotary, base, *_cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))))
+                cos, sin = _cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))
+                out.append(rotary.rotate_temporal(base, cos, sin, out=empty_head_major(base)) if head_major
+                           else rotate(rotary, base, cos, sin))
         return out
 
     def orig_all(x: Tensor) -> Tensor:
