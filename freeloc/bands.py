@@ -86,22 +86,16 @@ class Band:
         The token axis is cut at frame and block boundaries into segments; each segment pair is
         judged by its frame pair and, for a striped band, by the spatial distance of the segments.
         """
-        blk, frm, lo, hi = _segments(self.num_frames, tokens_per_frame, block_size)
+        blk, frm, lo, hi = token_pieces(self.num_frames, tokens_per_frame, block_size)
         allowed = self.pairs[frm[:, None], frm[None, :]]
         if self.stripe is None:
             seg_any = seg_full = allowed
         else:
-            gap = torch.maximum(lo[:, None] - hi[None, :], lo[None, :] - hi[:, None]).clamp(min=0)
-            span = torch.maximum(hi[:, None] - lo[None, :], hi[None, :] - lo[:, None])
+            gap, span = gap_and_span(lo, hi, lo, hi)
             seg_any = allowed & (gap < self.stripe)
             seg_full = allowed & (span < self.stripe)
-        nb = int(blk.max()) + 1
-        idx = (blk[:, None] * nb + blk[None, :]).flatten()
-
-        def per_tile(x: Tensor) -> Tensor:
-            return torch.zeros(nb * nb, dtype=torch.long).index_add_(0, idx, x.flatten().long()).view(nb, nb)
-
-        return per_tile(seg_any), per_tile(seg_full), per_tile(torch.ones_like(allowed))
+        return (count_per_tile(blk, blk, seg_any), count_per_tile(blk, blk, seg_full),
+                count_per_tile(blk, blk, torch.ones_like(allowed)))
 
     def block_table(self, tokens_per_frame: int, block_size: int = 128) -> tuple[Tensor, Tensor]:
         """(any, full) bool tables [Qb, Kb] of this band alone, for a block-sparse kernel."""
@@ -215,13 +209,35 @@ class BandSet:
         return float(any_t.float().mean())
 
 
-def _segments(num_frames: int, tokens_per_frame: int, block_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Split the video token axis at frame and block boundaries.
+def token_pieces(units: int, tokens_per_unit: int, block_size: int,
+                 padded_to: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Cut a token axis of ``units`` x ``tokens_per_unit`` tokens (frames or key columns), optionally
+    padded to ``padded_to`` tokens, at unit and block boundaries.
 
-    Returns per segment: block index, frame index, first raster index, last raster index (inclusive).
+    Returns per piece: block index, unit index (``units`` for padding), first and last raster index
+    inside the unit (inclusive).
     """
-    n = num_frames * tokens_per_frame
-    cuts = torch.unique(torch.cat([
-        torch.arange(0, n, tokens_per_frame), torch.arange(0, n, block_size), torch.tensor([n])]))
+    s = tokens_per_unit
+    total = units * s
+    end_at = total if padded_to is None else padded_to
+    cuts = torch.unique(torch.cat([torch.arange(0, total, s), torch.arange(0, end_at, block_size),
+                                   torch.tensor([total, end_at])]))
     start, end = cuts[:-1], cuts[1:] - 1
-    return start // block_size, start // tokens_per_frame, start % tokens_per_frame, end % tokens_per_frame
+    unit = torch.where(start < total, start // s, units)
+    return start // block_size, unit, start - unit * s, end - unit * s
+
+
+def gap_and_span(q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor) -> tuple[Tensor, Tensor]:
+    """[Q, K] smallest and largest raster distance between query pieces ``[q_lo, q_hi]`` and key pieces
+    ``[k_lo, k_hi]``: a stripe of width ``w`` attends some pair where ``w > gap``, every pair where
+    ``w > span``."""
+    gap = torch.maximum(k_lo[None, :] - q_hi[:, None], q_lo[:, None] - k_hi[None, :]).clamp(min=0)
+    span = torch.maximum(q_hi[:, None] - k_lo[None, :], k_hi[None, :] - q_lo[:, None])
+    return gap, span
+
+
+def count_per_tile(q_block: Tensor, k_block: Tensor, x: Tensor) -> Tensor:
+    """Sum a [Q pieces, K pieces] table into [Qb, Kb] tiles (pieces from :func:`token_pieces`)."""
+    nqb, nkb = int(q_block[-1]) + 1, int(k_block[-1]) + 1
+    idx = (q_block[:, None] * nkb + k_block[None, :]).flatten()
+    return torch.zeros(nqb * nkb, dtype=torch.long).index_add_(0, idx, x.flatten().long()).view(nqb, nkb)

@@ -46,7 +46,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..bands import BandSet
+from ..bands import BandSet, count_per_tile, gap_and_span, token_pieces
 from .fused import on_device, recompile_limit_at_least
 from .merge import merge_lse
 from .reference import MAX_TOKENS
@@ -71,21 +71,9 @@ def _table_to_indices(table: Tensor) -> tuple[Tensor, Tensor]:
     return num[None, None], order[None, None]
 
 
-def _pieces(units: int, s: int, padded: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Cut a token axis of ``units`` x ``s`` tokens, padded to ``padded``, at unit and block boundaries.
-
-    Returns per piece: block, unit (``units`` for padding), first and last raster index in the unit.
-    """
-    total = units * s
-    cuts = torch.unique(torch.cat([torch.arange(0, total, s), torch.arange(0, padded, BLOCK_SIZE),
-                                   torch.tensor([total, padded])]))
-    start, end = cuts[:-1], cuts[1:] - 1
-    unit = torch.where(start < total, start // s, units)
-    return start // BLOCK_SIZE, unit, start - unit * s, end - unit * s
-
-
 def padded_frame(tokens_per_frame: int) -> int:
-    """Tokens per frame in the frame-aligned layout: ``tokens_per_frame`` rounded up to whole blocks."""
+    """Tokens per frame in the frame-aligned layout: ``tokens_per_frame`` rounded up to whole blocks
+    (also: any token count rounded up to whole blocks)."""
     return -(-tokens_per_frame // BLOCK_SIZE) * BLOCK_SIZE
 
 
@@ -122,18 +110,12 @@ class FlexGroup:
             return self._aligned_block_table(tokens_per_frame)
         s = tokens_per_frame
         f, c = self.num_frames, self.num_key_frames
-        qb, qu, qlo, qhi = _pieces(f, s, -(-f * s // BLOCK_SIZE) * BLOCK_SIZE)
-        kb, ku, klo, khi = _pieces(c, s, -(-c * s // BLOCK_SIZE) * BLOCK_SIZE)
+        qb, qu, qlo, qhi = token_pieces(f, s, BLOCK_SIZE, padded_frame(f * s))
+        kb, ku, klo, khi = token_pieces(c, s, BLOCK_SIZE, padded_frame(c * s))
         w = self.width[qu[:, None], ku[None, :]]
-        gap = torch.maximum(klo[None, :] - qhi[:, None], qlo[:, None] - khi[None, :]).clamp(min=0)
-        span = torch.maximum(qhi[:, None] - klo[None, :], khi[None, :] - qlo[:, None])
-        nqb, nkb = int(qb[-1]) + 1, int(kb[-1]) + 1
-        idx = (qb[:, None] * nkb + kb[None, :]).flatten()
-
-        def per_tile(x: Tensor) -> Tensor:
-            return torch.zeros(nqb * nkb, dtype=torch.long).index_add_(0, idx, x.flatten().long()).view(nqb, nkb)
-
-        return per_tile(w > gap) > 0, per_tile(w > span) == per_tile(torch.ones_like(w))
+        gap, span = gap_and_span(qlo, qhi, klo, khi)
+        return (count_per_tile(qb, kb, w > gap) > 0,
+                count_per_tile(qb, kb, w > span) == count_per_tile(qb, kb, torch.ones_like(w)))
 
     def stripe_width(self, tokens_per_frame: int) -> int:
         """The one stripe width of the call's pairs (``tokens_per_frame``: no stripe); frame-aligned calls
@@ -149,8 +131,7 @@ class FlexGroup:
         nb = p // BLOCK_SIZE
         lo = torch.arange(nb) * BLOCK_SIZE
         hi = (lo + BLOCK_SIZE - 1).clamp(max=s - 1)  # last real raster index of each block of a frame
-        gap = torch.maximum(lo[None, :] - hi[:, None], lo[:, None] - hi[None, :]).clamp(min=0)
-        span = torch.maximum(hi[:, None] - lo[None, :], hi[None, :] - lo[:, None])
+        gap, span = gap_and_span(lo, hi, lo, hi)
         tile_any = w > gap  # [q block, k block] inside one (query frame, key column) pair
         tile_full = (w > span) & (lo + BLOCK_SIZE <= s)[None, :]  # and no padding key in the block
         pair = self.width[:-1, :-1] > 0
