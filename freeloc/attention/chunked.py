@@ -262,7 +262,7 @@ def chunked_band_attention(
 
     ``qs[b]``/``ks[b]`` are the queries/keys rotated with band ``b``'s positions, (batch, tokens, heads,
     dim). The passes read each distinct tensor in the head-major layout (batch, heads, tokens, dim), so
-    that a pass's rows and keys are views or plain row gathers there (in A/B runs 0-18% faster than
+    that a pass's rows and keys are views or strided copies there (in A/B runs 0-18% faster than
     slicing token-major tensors per pass; ``benchmarks/RESULTS.md``). :func:`~freeloc.attention.attend`
     writes the band rotations head-major already (seen through a transposed view); other tensors are
     copied once.
