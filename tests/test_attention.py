@@ -15,6 +15,7 @@ import freeloc
 from freeloc.attention import attend, band_set_for, merge_lse
 from freeloc.attention.chunked import plan_cost, plan_passes
 from freeloc.attention.flex import BLOCK_SIZE, flex_groups, padded_frame
+from freeloc.attention.merge import EMPTY_LSE, merge_into_
 from freeloc.attention.reference import MAX_TOKENS
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
@@ -142,6 +143,25 @@ def test_merge_is_exact_and_empty_band_weighs_zero() -> None:
     torch.testing.assert_close(out[keep], (torch.softmax(s, -1) @ v)[keep], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(lse[keep], torch.logsumexp(s, -1)[keep])
     assert torch.equal(out[2], torch.zeros(8)) and lse[2] == float("-inf")
+
+
+def test_running_merge_equals_merge_lse_with_rows_without_keys() -> None:
+    """merge_into_ (the chunked backend's running merge) against merge_lse, pass by pass, with rows that
+    have no key in some passes (lse -inf, output 0) and rows that had none yet (EMPTY_LSE)."""
+    g = torch.Generator().manual_seed(9)
+    rows, dim, passes = 11, 5, 4
+    outs = [torch.randn(rows, dim, generator=g) for _ in range(passes)]
+    lses = [torch.randn(rows, generator=g) * 4 for _ in range(passes)]
+    for i, empty in enumerate([[0, 3], [3, 5], [], [3, 7]]):  # row 3 has keys only in pass 2
+        outs[i][empty] = 0.0
+        lses[i][empty] = float("-inf")
+    acc_o, acc_l = torch.zeros(rows, dim), torch.full((rows,), EMPTY_LSE)
+    for o, lse_ in zip(outs, lses, strict=True):
+        merge_into_(acc_o, acc_l, o, lse_)
+    want_o, want_l = merge_lse(outs, lses)
+    torch.testing.assert_close(acc_o, want_o, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(acc_l, want_l)
+    torch.testing.assert_close(acc_o[3], outs[2][3], atol=0, rtol=0)  # one pass: its output, bit for bit
 
 
 def test_merge_in_fp32_for_bf16_parts() -> None:

@@ -58,11 +58,13 @@ def merge_into_(
 ) -> None:
     """Merge a pass into a running (output, LSE) in place (both float32; views are fine).
 
-    The running LSE uses :data:`EMPTY_LSE` for rows without keys yet, and the pass's output must
-    be finite (0) on its rows without keys, as :func:`~freeloc.attention.kernels.attention_with_lse`
-    returns it. Convert the final LSE with ``lse.masked_fill(lse <= EMPTY_LSE / 2, -inf)``.
+    The running LSE uses :data:`EMPTY_LSE` for rows without keys yet; the pass's LSE may be ``-inf``
+    there, and its output must be finite (0) on its rows without keys, as
+    :func:`~freeloc.attention.kernels.attention_with_lse` returns it. Convert the final LSE with
+    ``lse.masked_fill(lse <= EMPTY_LSE / 2, -inf)``.
     """
-    lse = lse.clamp_min(EMPTY_LSE)
-    new = torch.logaddexp(acc_lse, lse)
-    acc_out.mul_(torch.exp(acc_lse - new)[..., None]).add_(out * torch.exp(lse - new)[..., None])
-    acc_lse.copy_(new)
+    # the pass's weight in the merged output is exp(lse - new) = sigmoid(lse - acc_lse): three in-place
+    # operations (a pass with lse = -inf weighs 0, a running LSE at EMPTY_LSE weighs 0 against a real one)
+    w = torch.sigmoid(lse - acc_lse)
+    acc_out.lerp_(out, w[..., None])
+    torch.logaddexp(acc_lse, lse, out=acc_lse)
