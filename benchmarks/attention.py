@@ -88,7 +88,7 @@ def chunked_work(name: str, shape: dict) -> tuple[int, float]:
         return n * n, 1.0
     bands = band_set_for(m, shape["frames"], s, freeloc.RotaryLayout.wan(shape["head_dim"]))
     passes = plan_passes(bands, s, shape["head_dim"])
-    return max(plan_cost((p,)) for p in passes), plan_cost(passes) / n**2
+    return max(plan_cost((p,), s) for p in passes), plan_cost(passes, s) / n**2
 
 
 def bench(device: str, shape: dict, reps: int, names: tuple[str, ...] = METHODS) -> list[dict]:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import freeloc
 from freeloc.attention import attend, band_set_for, merge_lse
-from freeloc.attention.chunked import plan_cost, plan_passes
+from freeloc.attention.chunked import Stack, plan_cost, plan_passes
 from freeloc.attention.flex import BLOCK_SIZE, flex_groups, padded_frame
 from freeloc.attention.merge import EMPTY_LSE, merge_into_
 from freeloc.attention.reference import MAX_TOKENS
@@ -22,6 +22,7 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
 
 # (frames, height, width): tokens per frame 15 and 21, neither a multiple of 8 nor of 128
 GRIDS = [(30, 3, 5), (17, 7, 3)]
+VRPR_81 = freeloc.VRPR.for_length(81, 21)
 HEAD_DIM = 24
 ROTARY = freeloc.RotaryLayout.wan(HEAD_DIM)
 
@@ -220,16 +221,136 @@ def test_chunked_work_is_proportional_and_memory_bounded() -> None:
     rot = freeloc.RotaryLayout.wan(128)
     tsa = band_set_for(freeloc.TSA(), f, s, rot)
     passes = plan_passes(tsa, s, 128)
-    computed = plan_cost(passes) / n**2
+    computed = plan_cost(passes, s) / n**2
     density = tsa.token_density(s)
     print(f"TSA: computed {computed:.3f} of dense, token density {density:.3f}")
     assert computed <= 1.15 * density
-    largest = max(p.rows.stop - p.rows.start if isinstance(p.rows, slice) else len(p.rows) for p in passes)
+    # rows a call reads at once: a pass's chunk, or one frame per batch entry of a stack (whose entries
+    # are views, no copies)
+    largest = max(s if isinstance(p, Stack) else p.rows.stop - p.rows.start if isinstance(p.rows, slice)
+                  else len(p.rows) for p in passes)
     assert largest <= 4096
     vrpr = band_set_for(freeloc.VRPR.for_length(f, 21), f, s, rot)
-    v_cost = plan_cost(plan_passes(vrpr, s, 128)) / n**2
+    v_cost = plan_cost(plan_passes(vrpr, s, 128), s) / n**2
     print(f"VRPR: computed {v_cost:.3f} of dense")
     assert v_cost <= 1.05
+
+
+def plan_coverage(bands: freeloc.BandSet, s: int, head_dim: int) -> tuple[torch.Tensor, list[Stack]]:
+    """[bands, F, F] how many times the chunked plan computes each frame pair of each band (stacks and
+    unstriped passes), and the plan's stacks."""
+    f = bands.num_frames
+    count = torch.zeros(len(bands.bands), f, f, dtype=torch.long)
+    stacks = []
+    for p in plan_passes(bands, s, head_dim):
+        if isinstance(p, Stack):
+            stacks.append(p)
+            for i in range(*p.frames):
+                for x in range(i + p.offset, i + p.offset + p.length):
+                    count[p.key_bands[x // f], i, x % f] += 1
+        elif bands.bands[p.band].stripe is None:
+            rows = torch.arange(p.rows.start // s, p.rows.stop // s)
+            keys = torch.arange(p.keys.start // s, p.keys.stop // s) if isinstance(p.keys, slice) else \
+                torch.cat([torch.arange(a, b) for a, b in p.keys.runs])
+            ok = torch.ones(len(rows), len(keys), dtype=torch.bool) if p.frame_ok is None else p.frame_ok
+            count[p.band, rows[:, None], keys[None, :]] += ok.long()
+    return count, stacks
+
+
+@pytest.mark.parametrize("name,method,f,s", [("vrpr", freeloc.VRPR.for_length(30, 13), 30, 15),
+                                             ("vrpr-81", VRPR_81, 81, 60), ("tsa-81", freeloc.TSA(cap=20), 81, 60),
+                                             ("sliding", freeloc.SlidingWindow(4), 30, 15)],
+                         ids=["vrpr", "vrpr-81", "tsa-81", "sliding"])
+def test_stacks_and_passes_cover_each_pair_once(name: str, method: freeloc.Method, f: int, s: int) -> None:
+    """The chunked plan's stacks (sliding key windows in one call) and passes compute every attended
+    frame pair of every unstriped band exactly once; VRPR's far tiers run as one stack over a buffer of
+    both their key rotations; stacks never hold a striped band."""
+    bands = band_set_for(method, f, s, ROTARY).aligned()
+    count, stacks = plan_coverage(bands, s, HEAD_DIM)
+    print(f"{name}: {len(stacks)} stacks " + ", ".join(
+        f"{p.key_bands} frames {p.frames} window {p.offset:+d}..{p.offset + p.length:+d}" for p in stacks))
+    assert stacks
+    for b, band in enumerate(bands.bands):
+        if band.stripe is None:
+            assert torch.equal(count[b], band.pairs.long()), band.name
+    for p in stacks:
+        assert all(bands.bands[b].stripe is None for b in p.key_bands)
+        assert all(torch.equal(bands.bands[b].q_pos, bands.bands[p.band].q_pos) for b in p.key_bands)
+    if name.startswith("vrpr"):
+        names = {tuple(bands.bands[b].name for b in p.key_bands) for p in stacks}
+        assert ("far-future", "far-past") in names, names
+
+
+@pytest.mark.parametrize("method", [freeloc.VRPR.for_length(30, 13), dict(methods())["tsa"], freeloc.SlidingWindow(4)],
+                         ids=["vrpr", "tsa", "sliding"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_with_and_without_stacks_matches_reference(method: freeloc.Method, dtype: torch.dtype,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both planner modes, stacks on (the default) and off, give the reference's numbers (batch 3: one
+    stacked call per sample)."""
+    from freeloc.attention import chunked
+
+    grid = (30, 6, 10)
+    q, k, v = qkv(6 + 30 * 60, dtype, seed=21, batch=3)
+    kw = dict(grid=grid, method=method, rotary=ROTARY, text_before=6)
+    ref = attend(q, k, v, backend="reference", **kw).float()
+    for stacking in (True, False):
+        monkeypatch.setattr(chunked, "STACKING", stacking)
+        chunked.plan_passes.cache_clear()
+        plan = plan_passes(band_set_for(method, 30, 60, ROTARY).aligned(), 60, HEAD_DIM)
+        assert any(isinstance(p, Stack) for p in plan) == stacking
+        err = (attend(q, k, v, backend="chunked", **kw).float() - ref).abs().max().item()
+        print(f"stacking={stacking}: {len(plan)} calls, max error {err:.2e}")
+        assert err < TOL[dtype]
+    chunked.plan_passes.cache_clear()
+
+
+def test_stack_key_buffer_is_written_in_place_by_attend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """attend writes VRPR's far-past and far-future keys into one buffer (no copy for the far stack);
+    given separate tensors, the chunked backend copies them into one and computes the same numbers."""
+    from freeloc.attention import chunked
+
+    grid, s = (30, 6, 10), 60
+    method = freeloc.VRPR.for_length(30, 13)
+    bands = band_set_for(method, 30, s, ROTARY).aligned()
+    assert chunked.key_groups(bands, s, HEAD_DIM)
+    found: list[bool] = []
+    original = chunked._consecutive
+    monkeypatch.setattr(chunked, "_consecutive", lambda parts: found.append(original(parts) is not None)
+                        or original(parts))
+    q, k, v = qkv(30 * s, torch.float32, seed=23)
+    out = attend(q, k, v, grid=grid, method=method, rotary=ROTARY, backend="chunked")
+    assert found and all(found)
+    # the same bands' rotations as separate tensors (the copy path)
+    t, hp, wp = (x.float() for x in freeloc.attention._spatial_positions(*grid))
+    qs = [ROTARY.rotate(q, b.q_pos[t.long()], hp, wp, bands.t_freqs) for b in bands.bands]
+    ks = [ROTARY.rotate(k, b.k_pos[t.long()], hp, wp, bands.t_freqs) for b in bands.bands]
+    found.clear()
+    o, _ = chunked.chunked_band_attention(qs, ks, v, bands, s, 1 / math.sqrt(HEAD_DIM))
+    assert found and not any(found)
+    torch.testing.assert_close(o.transpose(1, 2), out, atol=1e-5, rtol=1e-5)
+
+
+@given(st.integers(1, 9), st.integers(1, 14), st.integers(0, 2**32 - 1), st.floats(0.2, 0.95))
+@settings(max_examples=150, deadline=None)
+def test_largest_window_is_the_largest(f: int, m: int, seed: int, density: float) -> None:
+    """The planner's window search against brute force over every (rows, offset, length)."""
+    from freeloc.attention.chunked import _largest_window
+
+    keys = torch.rand(f, m, generator=torch.Generator().manual_seed(seed)) < density
+    area, f0, f1, off, length = _largest_window(keys)
+    best = 0
+    for i0 in range(f):
+        for i1 in range(i0 + 1, f + 1):
+            for c in range(-f, m + 1):
+                for n in range(1, m + 1):
+                    if all(0 <= i + c and i + c + n <= m and bool(keys[i, i + c:i + c + n].all())
+                           for i in range(i0, i1)):
+                        best = max(best, (i1 - i0) * n)
+    assert area == best
+    if area:
+        assert (f1 - f0) * length == area
+        assert all(bool(keys[i, i + off:i + off + length].all()) and i + off >= 0 for i in range(f0, f1))
 
 
 @pytest.mark.parametrize("method", [freeloc.TSA(d1=2, d2=6, stripe=0.2, cap=12), freeloc.VRPR(2, 4, 2, 3, 8)],

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..bands import BandSet
 from ..methods import Method
 from ..rotary import RotaryLayout
-from .chunked import chunked_band_attention
+from .chunked import chunked_band_attention, key_groups
 from .flex import flex_band_attention
 from .fused import on_device
 from .merge import merge_lse
@@ -194,6 +194,13 @@ def attend(
         # bands with the same positions on this side (TSA's local and striped tiers) share one rotation
         base = rot(x, -1, layout_for_passes=head_major)
         rotate = on_device(RotaryLayout.rotate_temporal, dev)
+        slots: dict[int, Tensor] = {}  # keys the chunked backend reads as one buffer: written into one
+        if head_major and side == "k":
+            b_, n_, h_, d_ = base.shape
+            for group in key_groups(bands, s, d_):
+                if not slots.keys() & set(group):
+                    buf = base.new_empty(b_, h_, len(group) * n_, d_)
+                    slots.update({i: buf[:, :, r * n_:(r + 1) * n_].transpose(1, 2) for r, i in enumerate(group)})
         out: list[Tensor] = []
         for i, band in enumerate(bands.bands):
             pos = band.q_pos if side == "q" else band.k_pos
@@ -205,7 +212,8 @@ def attend(
                 out.append(base)
             else:
                 cos, sin = _cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))
-                out.append(rotary.rotate_temporal(base, cos, sin, out=empty_head_major(base)) if head_major
+                target = slots[i] if i in slots else empty_head_major(base)
+                out.append(rotary.rotate_temporal(base, cos, sin, out=target) if head_major
                            else rotate(rotary, base, cos, sin))
         return out
 

@@ -5,6 +5,10 @@ key frames that the band pairs with the chunk's frames are read; a striped band 
 the chunk's queries into spatial sub-blocks and reads, per key frame, only the raster range within
 the stripe. A pass's rows and keys are a slice of whole frames or a :class:`Window` (runs of
 consecutive frames x one raster range), read as strided views: no gather of token indices.
+Where a band's (or two bands') key frames form a window that slides one frame per query frame (VRPR's
+and TSA's near tiers, VRPR's far tiers read from one buffer of their two key rotations), the frames
+run as one :class:`Stack`: one fused call whose batch entries are the query frames, each reading its
+window as an overlapping strided view. The rest of the band is planned in passes as above.
 Each pass is one fused attention call with its LSE; passes are merged online, exactly, in float32.
 Memory is bounded by one pass (chunk queries x gathered keys); no [N, N] tensor is ever built, and
 the work is proportional to the band's density (up to the frame/sub-block rounding at the edges).
@@ -25,7 +29,7 @@ from ..bands import Band, BandSet
 from .kernels import attention_with_lse, prepare_mask, uses_fused_cpu_kernel
 from .merge import EMPTY_LSE, merge_into_
 
-__all__ = ["PassPlan", "chunked_band_attention", "plan_cost", "plan_passes"]
+__all__ = ["Pass", "PassPlan", "Stack", "chunked_band_attention", "key_groups", "plan_cost", "plan_passes"]
 
 #: The planner's cost model, in units of one (query, key, channel) multiply-add (measured on CPU): the
 #: fixed overhead of one pass (launch, slicing, merge), the extra cost per masked (query, key) pair.
@@ -33,6 +37,8 @@ CALL_COST = 1_000_000
 MASK_COST = 4
 #: Cost of gathering one token's channel into a pass (a memory copy), per channel.
 GATHER_COST = 12
+#: Whether the planner runs sliding key windows as :class:`Stack` calls (off: passes only).
+STACKING = True
 #: Prepared masks a plan keeps between calls (bytes, per plan); past it they are rebuilt on each call.
 MASK_CACHE_BYTES = 64 * 2**20
 
@@ -42,7 +48,8 @@ MaskEntry = tuple[Tensor, tuple[Tensor, Tensor | None] | None]
 
 
 class PassPlan(tuple):
-    """The passes of one band set and grid (a tuple of :class:`Pass`), with the masks they built.
+    """The stacks and passes of one band set and grid (a tuple of :class:`Stack` and :class:`Pass`), with
+    the masks the passes built.
 
     ``masks`` maps (mask pattern, device, dtype) to ``(bool mask, prepared bias or None)``.
     """
@@ -50,7 +57,7 @@ class PassPlan(tuple):
     masks: dict[tuple, MaskEntry]
     mask_bytes: int
 
-    def __new__(cls, passes: list[Pass]) -> PassPlan:
+    def __new__(cls, passes: list[Pass | Stack]) -> PassPlan:
         plan = super().__new__(cls, passes)
         plan.masks, plan.mask_bytes = {}, 0
         return plan
@@ -141,6 +148,62 @@ class Window:
         return t.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
 
 
+@dataclass(frozen=True, eq=False)
+class Stack:
+    """Consecutive query frames ``frames = [f0, f1)`` in one call, one batch entry per frame: frame ``i``
+    attends the ``length`` key frames that start at frame ``i + offset`` of the concatenation of the key
+    rotations of ``key_bands`` (frame ``x`` of it is frame ``x % F`` of band ``key_bands[x // F]``).
+
+    The entries are overlapping strided views of the query and key tensors (no copy), and the call has
+    no mask: every pair of every window belongs to the stack's bands.
+    """
+
+    band: int  # the query rotation
+    key_bands: tuple[int, ...]
+    frames: tuple[int, int]
+    offset: int
+    length: int
+    rows: slice  # the query tokens, frames[0] * S .. frames[1] * S
+    first: bool = False
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames[1] - self.frames[0]
+
+
+def _frame_windows(x: Tensor, batch: int, start: int, count: int, length: int, s: int) -> Tensor:
+    """(B, H, T, D) tensor -> (count, H, length * s, D) view: entry ``n`` is the ``length`` frames from
+    frame ``start + n`` on, of sample ``batch`` (entries overlap when ``length > 1``)."""
+    sb, sh, st, sd = x.stride()
+    return x.as_strided((count, x.shape[1], length * s, x.shape[3]), (s * st, sh, st, sd),
+                        x.storage_offset() + batch * sb + start * s * st)
+
+
+def _consecutive(parts: list[Tensor]) -> Tensor | None:
+    """The (B, H, len(parts) * T, D) tensor whose consecutive token ranges are ``parts`` (each
+    (B, H, T, D), tokens contiguous), when they lie that way in memory; else None."""
+    first = parts[0]
+    bsz, heads, t, d = first.shape
+    size = first.element_size()
+    sb, sh, st, sd = first.stride()
+    if (sd, st) != (1, d) or sh < len(parts) * t * d or (bsz > 1 and sb < heads * sh):
+        return None
+    for k, x in enumerate(parts):
+        if (x.shape != first.shape or x.stride() != first.stride() or x.dtype != first.dtype
+                or x.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or x.data_ptr() != first.data_ptr() + k * t * d * size):
+            return None
+    return first.as_strided((bsz, heads, len(parts) * t, d), first.stride())
+
+
+def key_groups(band_set: BandSet, tokens_per_frame: int, head_dim: int) -> list[tuple[int, ...]]:
+    """Bands whose rotated keys a stack reads as one buffer, in that order. A caller that writes them
+    as consecutive token ranges of one head-major (B, H, len * T, D) tensor saves the copy that
+    :func:`chunked_band_attention` makes otherwise (``attend`` does)."""
+    plan = plan_passes(band_set, tokens_per_frame, head_dim)
+    return sorted({p.key_bands for p in plan if isinstance(p, Stack) and len(p.key_bands) > 1})
+
+
 def _window(frames: Tensor, raster: tuple[int, int], s: int) -> slice | Window:
     """Tokens of the given frames (ascending) at this raster range: a slice for whole consecutive frames."""
     cuts = (torch.nonzero(frames[1:] != frames[:-1] + 1).flatten() + 1).tolist()
@@ -216,25 +279,112 @@ def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
     return (pairs + GATHER_COST * gathered) * head_dim + MASK_COST * masked + CALL_COST * calls
 
 
+def _band_cost(band: Band, s: int, head_dim: int) -> tuple[int, int, int]:
+    """(planner cost, frames per chunk, sub-block) of the cheapest passes for ``band`` (0 for no pairs)."""
+    f = band.num_frames
+    if band.is_empty():
+        return 0, 1, s
+    frame_options = sorted({g for g in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64) if g <= f} | {1})
+    frame_options = [g for g in frame_options if g * s <= max(s, 4096)]
+    if band.stripe is None:
+        sub_options = [s]
+    else:
+        sub_options = sorted({max(1, min(s, x)) for x in (band.stripe // 2, band.stripe, 2 * band.stripe,
+                                                          4 * band.stripe, s)})
+    return min((_estimate(band, g, s, sb, head_dim), g, sb) for g in frame_options for sb in sub_options)
+
+
+def _largest_window(keys: Tensor) -> tuple[int, int, int, int, int]:
+    """The stack that covers the most pairs of ``keys`` [F, M] (query frame x key frame still to do):
+    ``(frame pairs, f0, f1, offset, length)`` with ``keys[i, i + offset : i + offset + length]`` all
+    True for every ``i`` in ``[f0, f1)``: a largest rectangle under the histograms of window lengths
+    (one per offset), found by window width."""
+    f, m = keys.shape
+    run = torch.zeros(f, m + 1, dtype=torch.int32)  # consecutive True from each column on
+    for x in range(m - 1, -1, -1):
+        run[:, x] = (run[:, x + 1] + 1) * keys[:, x]
+    i = torch.arange(f)
+    c = torch.arange(-(f - 1), m)
+    x = i[None, :] + c[:, None]  # [C, F]
+    r = torch.where((x >= 0) & (x < m), run[i[None, :].expand_as(x), x.clamp(0, m)], 0)
+    best = (0, 0, 0, 0, 0)
+    low = r  # low[:, i0] = min of r over query frames [i0, i0 + w)
+    for w in range(1, f + 1):
+        if w > 1:
+            low = torch.minimum(low[:, :-1], r[:, w - 1:])
+        top = int(low.max())
+        if top * w > best[0]:
+            flat = int(low.argmax())
+            ci, i0 = flat // low.shape[1], flat % low.shape[1]
+            best = (top * w, i0, i0 + w, int(c[ci]), top)
+        elif top * f <= best[0]:  # no wider window can beat it
+            break
+    return best
+
+
+def _stack_candidate(combo: tuple[int, ...], bands: list[Band], cost: dict[int, int], s: int,
+                     head_dim: int) -> tuple | None:
+    """The largest stack of these bands' remaining pairs, if it lowers the planner's cost:
+    ``(gain, combo, remaining bands, their costs, (f0, f1, offset, length))``."""
+    f = bands[combo[0]].num_frames
+    keys = torch.cat([bands[b].pairs for b in combo], dim=1)
+    area, f0, f1, off, length = _largest_window(keys)
+    if area == 0:
+        return None
+    i = torch.arange(f)[:, None]
+    x = torch.arange(keys.shape[1])[None, :]
+    covered = (i >= f0) & (i < f1) & (x >= i + off) & (x < i + off + length)
+    left = {b: Band(bands[b].name, bands[b].pairs & ~covered[:, n * f:(n + 1) * f], bands[b].q_pos,
+                    bands[b].k_pos) for n, b in enumerate(combo)}
+    left_cost = {b: _band_cost(band, s, head_dim)[0] for b, band in left.items()}
+    copy = GATHER_COST * 2 * len(combo) * f * s * head_dim if len(combo) > 1 else 0  # its key/value buffer
+    gain = sum(cost[b] - left_cost[b] for b in combo) - (area * s * s * head_dim + CALL_COST + copy)
+    return (gain, combo, left, left_cost, (f0, f1, off, length)) if gain > 0 else None
+
+
+def _stacks(band_set: BandSet, s: int, head_dim: int) -> tuple[list[Stack], list[Band]]:
+    """The stacks worth running (greedy, while the planner's cost goes down), and each band's pairs that
+    remain for passes. Candidates: each unstriped band alone, and each ordered pair of unstriped bands
+    with the same query positions (their keys read from one buffer of both rotations)."""
+    bands = list(band_set.bands)
+    if not STACKING:
+        return [], bands
+    plain = [b for b, band in enumerate(bands) if band.stripe is None and not band.is_empty()]
+    combos = [(b,) for b in plain] + [(a, b) for a in plain for b in plain
+                                       if a != b and torch.equal(bands[a].q_pos, bands[b].q_pos)]
+    cost = {b: _band_cost(bands[b], s, head_dim)[0] for b in plain}
+    stacks: list[Stack] = []
+    found: dict[tuple[int, ...], tuple | None] = {}  # per combo (gain, ...), until one of its bands changes
+    while True:
+        for combo in combos:
+            if combo not in found:
+                found[combo] = _stack_candidate(combo, bands, cost, s, head_dim)
+        live = [(v[0], n, v) for n, v in enumerate(found[c] for c in combos) if v is not None]
+        if not live:
+            break
+        _, _, (_, combo, left, left_cost, (f0, f1, off, length)) = max(live)
+        stacks.append(Stack(combo[0], combo, (f0, f1), off, length, slice(f0 * s, f1 * s)))
+        for b in combo:
+            bands[b], cost[b] = left[b], left_cost[b]
+        found = {k: v for k, v in found.items() if not set(k) & set(combo)}
+    return stacks, bands
+
+
 @functools.lru_cache(maxsize=64)
 def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -> PassPlan:
-    """The passes the chunked backend runs for this band set (cached per band-set object).
+    """The stacks and passes the chunked backend runs for this band set (cached per band-set object).
 
-    Each band gets its own query chunking: the number of frames per chunk (and, for a striped band,
-    the spatial sub-block) that minimises computed pairs x head_dim + :data:`CALL_COST` per call.
+    First the stacks (:func:`_stacks`); then each band's remaining pairs get their own query chunking:
+    the number of frames per chunk (and, for a striped band, the spatial sub-block) that minimises
+    computed pairs x head_dim + :data:`CALL_COST` per call.
     """
     s = tokens_per_frame
-    f = band_set.num_frames
-    out: list[Pass] = []
-    for b_id, band in enumerate(band_set.bands):
-        frame_options = sorted({g for g in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64) if g <= f} | {1})
-        frame_options = [g for g in frame_options if g * s <= max(s, 4096)]
-        if band.stripe is None:
-            sub_options = [s]
-        else:
-            sub_options = sorted({max(1, min(s, x)) for x in (band.stripe // 2, band.stripe, 2 * band.stripe,
-                                                              4 * band.stripe, s)})
-        _, g, sb = min((_estimate(band, g, s, sb, head_dim), g, sb) for g in frame_options for sb in sub_options)
+    stacks, bands = _stacks(band_set, s, head_dim)
+    out: list[Pass | Stack] = list(stacks)
+    for b_id, band in enumerate(bands):
+        if band.is_empty():
+            continue
+        _, g, sb = _band_cost(band, s, head_dim)
         out.extend(_plan_band(b_id, band, g, s, sb))
     touched = torch.zeros(band_set.num_frames * s, dtype=torch.bool)
     for p in out:
@@ -245,9 +395,11 @@ def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -
     return PassPlan(out)
 
 
-def plan_cost(passes: tuple[Pass, ...]) -> int:
+def plan_cost(passes: tuple[Pass | Stack, ...], tokens_per_frame: int) -> int:
     """Number of (query, key) token pairs the passes compute (including masked-out ones)."""
-    return sum(_length(p.rows) * _length(p.keys) for p in passes)
+    s = tokens_per_frame
+    return sum(p.num_frames * s * p.length * s if isinstance(p, Stack) else _length(p.rows) * _length(p.keys)
+               for p in passes)
 
 
 def chunked_band_attention(
@@ -264,8 +416,8 @@ def chunked_band_attention(
     dim). The passes read each distinct tensor in the head-major layout (batch, heads, tokens, dim), so
     that a pass's rows and keys are views or strided copies there (in A/B runs 0-18% faster than
     slicing token-major tensors per pass; ``benchmarks/RESULTS.md``). :func:`~freeloc.attention.attend`
-    writes the band rotations head-major already (seen through a transposed view); other tensors are
-    copied once.
+    writes the band rotations head-major already (seen through a transposed view), and the keys of
+    each :func:`key_groups` group into one buffer; other tensors are copied once.
     Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
     """
     b, n, h, d = v.shape
@@ -274,10 +426,17 @@ def chunked_band_attention(
 
     def bhnd(x: Tensor) -> Tensor:
         if id(x) not in head_major:
-            head_major[id(x)] = x.transpose(1, 2).contiguous()
+            t = x.transpose(1, 2)
+            head_major[id(x)] = t if t.stride(-1) == 1 and t.stride(-2) == d else t.contiguous()
         return head_major[id(x)]
 
-    qh, kh, vh = [bhnd(x) for x in qs], [bhnd(x) for x in ks], bhnd(v)
+    # values: head-major, repeated once per band of the widest stack buffer (consecutive, one tensor)
+    reps = max((len(p.key_bands) for p in passes if isinstance(p, Stack)), default=1)
+    v_rep = v.new_empty(b, h, reps * n, d)
+    v_rep[:, :, :n].copy_(v.transpose(1, 2))
+    for r in range(1, reps):
+        v_rep[:, :, r * n:(r + 1) * n].copy_(v_rep[:, :, :n])
+    qh, kh, vh = [bhnd(x) for x in qs], [bhnd(x) for x in ks], v_rep[:, :, :n]
     out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
     lse = torch.full((b, h, n), EMPTY_LSE, dtype=torch.float32, device=v.device)
     masks: dict[tuple, MaskEntry] = {}  # this call's, past the cache
@@ -286,7 +445,31 @@ def chunked_band_attention(
     def take(x: Tensor, index: slice | Window) -> Tensor:
         return x[:, :, index] if isinstance(index, slice) else index.take(x, s)
 
+    buffers: dict[tuple[int, ...], Tensor] = {}  # a stack's keys: its bands' rotations, one after the other
+
+    def accumulate(acc_o: Tensor, acc_l: Tensor, o: Tensor, l_: Tensor, first: bool) -> None:
+        if first:
+            acc_o.copy_(o)
+            acc_l.copy_(l_.clamp_min(EMPTY_LSE))
+        else:
+            merge_into_(acc_o, acc_l, o.float(), l_)
+
     for p in passes:
+        if isinstance(p, Stack):
+            if p.key_bands not in buffers:
+                parts = [kh[i] for i in p.key_bands]
+                joined = parts[0] if len(parts) == 1 else _consecutive(parts)
+                # not allocated together (see key_groups): one copy
+                buffers[p.key_bands] = torch.cat(parts, dim=2) if joined is None else joined
+            kb, vb = buffers[p.key_bands], v_rep[:, :, :len(p.key_bands) * n]
+            f0, nf = p.frames[0], p.num_frames
+            for i in range(b):  # frames are the kernel's batch: one call per sample
+                o, l_ = attention_with_lse(_frame_windows(qh[p.band], i, f0, nf, 1, s),
+                                           _frame_windows(kb, i, f0 + p.offset, nf, p.length, s),
+                                           _frame_windows(vb, i, f0 + p.offset, nf, p.length, s), None, scale)
+                accumulate(out[i, :, p.rows].unflatten(1, (nf, s)).transpose(0, 1),
+                           lse[i, :, p.rows].unflatten(1, (nf, s)).transpose(0, 1), o, l_, p.first)
+            continue
         q = take(qh[p.band], p.rows)
         mask, prepared = None, None
         if p.pattern:
@@ -297,10 +480,6 @@ def chunked_band_attention(
         else:  # views of the window's rows, shaped (batch, heads, frames, raster[, dim])
             acc_o, acc_l = p.rows.framed(out, s), p.rows.framed(lse, s)
             o, l_ = o.reshape(acc_o.shape), l_.reshape(acc_l.shape)
-        if p.first:
-            acc_o.copy_(o)
-            acc_l.copy_(l_.clamp_min(EMPTY_LSE))
-        else:
-            merge_into_(acc_o, acc_l, o.float(), l_)
+        accumulate(acc_o, acc_l, o, l_, p.first)
     lse = lse.masked_fill_(lse <= EMPTY_LSE / 2, float("-inf"))
     return out, lse
