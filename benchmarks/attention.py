@@ -19,7 +19,9 @@ interleaved (dense, TSA, VRPR, dense, ...) and each method's median is taken, so
 of the machine hits every method alike. Memory: on CUDA the peak of one call
 (``torch.cuda.max_memory_allocated``); on CPU, where PyTorch keeps no allocator statistics, the
 largest single attention call in query x key tokens (dense: one N x N call that the fused kernel
-tiles; chunked: bounded by a chunk) and the fraction of the N x N pairs the plan computes.
+tiles; chunked: a pass, bounded by a chunk, or a stack of one-frame batch entries over their key
+windows, which the kernel tiles like dense and which needs no mask and no key copy) and the fraction
+of the N x N pairs the plan computes.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def chunked_work(name: str, shape: dict) -> tuple[int, float]:
     m = method_of(name)
     if m is None:
         return n * n, 1.0
-    bands = band_set_for(m, shape["frames"], s, freeloc.RotaryLayout.wan(shape["head_dim"]))
+    # the band set attend plans with (bands sharing query positions aligned)
+    bands = band_set_for(m, shape["frames"], s, freeloc.RotaryLayout.wan(shape["head_dim"])).aligned()
     passes = plan_passes(bands, s, shape["head_dim"])
     return max(plan_cost((p,), s) for p in passes), plan_cost(passes, s) / n**2
 

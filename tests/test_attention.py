@@ -305,6 +305,36 @@ def test_chunked_with_and_without_stacks_matches_reference(method: freeloc.Metho
     chunked.plan_passes.cache_clear()
 
 
+def test_stacks_off_the_fused_kernel_run_in_bounded_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float64 (no fused CPU kernel: the logits are materialised) splits each stack into groups of query
+    frames under STACK_LOGITS, and still matches the reference."""
+    from freeloc.attention import chunked
+
+    calls: list[tuple[int, int]] = []  # stacked calls (query frames as the batch): (frames, logits)
+    original = chunked.attention_with_lse
+
+    def record(q: torch.Tensor, k: torch.Tensor, *a: object, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.stride(0) == 60 * HEAD_DIM:
+            calls.append((q.shape[0], q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]))
+        return original(q, k, *a, **kw)
+
+    monkeypatch.setattr(chunked, "attention_with_lse", record)
+    grid = (30, 6, 10)
+    method = freeloc.VRPR.for_length(30, 13)
+    q, k, v = qkv(30 * 60, torch.float64, seed=25, batch=2)
+    kw = dict(grid=grid, method=method, rotary=ROTARY)
+    ref = attend(q, k, v, backend="reference", **kw)
+    limit = 3 * 3 * 60 * 60 * 12  # three query frames of 3 heads over 12-frame windows
+    monkeypatch.setattr(chunked, "STACK_LOGITS", limit)
+    out = attend(q, k, v, backend="chunked", **kw)
+    print(f"stacked calls (frames, logits): {sorted(set(calls))}")
+    stacks = [p for p in plan_passes(band_set_for(method, 30, 60, ROTARY).aligned(), 60, HEAD_DIM)
+              if isinstance(p, Stack)]
+    assert max(n for _, n in calls) <= limit
+    assert len(calls) > 2 * len(stacks)  # split: more calls than one per stack and sample
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+
+
 def test_stack_key_buffer_is_written_in_place_by_attend(monkeypatch: pytest.MonkeyPatch) -> None:
     """attend writes VRPR's far-past and far-future keys into one buffer (no copy for the far stack);
     given separate tensors, the chunked backend copies them into one and computes the same numbers."""

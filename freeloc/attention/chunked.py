@@ -39,6 +39,8 @@ MASK_COST = 4
 GATHER_COST = 12
 #: Whether the planner runs sliding key windows as :class:`Stack` calls (off: passes only).
 STACKING = True
+#: Off the fused CPU kernel (which tiles), the most logits one stacked call may materialise.
+STACK_LOGITS = 2**26
 #: Prepared masks a plan keeps between calls (bytes, per plan); past it they are rebuilt on each call.
 MASK_CACHE_BYTES = 64 * 2**20
 
@@ -462,13 +464,19 @@ def chunked_band_attention(
                 # not allocated together (see key_groups): one copy
                 buffers[p.key_bands] = torch.cat(parts, dim=2) if joined is None else joined
             kb, vb = buffers[p.key_bands], v_rep[:, :, :len(p.key_bands) * n]
-            f0, nf = p.frames[0], p.num_frames
-            for i in range(b):  # frames are the kernel's batch: one call per sample
-                o, l_ = attention_with_lse(_frame_windows(qh[p.band], i, f0, nf, 1, s),
-                                           _frame_windows(kb, i, f0 + p.offset, nf, p.length, s),
-                                           _frame_windows(vb, i, f0 + p.offset, nf, p.length, s), None, scale)
-                accumulate(out[i, :, p.rows].unflatten(1, (nf, s)).transpose(0, 1),
-                           lse[i, :, p.rows].unflatten(1, (nf, s)).transpose(0, 1), o, l_, p.first)
+            # one call per sample, its query frames the kernel's batch; off the fused CPU kernel, which
+            # materialises the logits, in groups of frames of at most STACK_LOGITS logits
+            per_frame = h * s * p.length * s
+            step = p.num_frames if uses_fused_cpu_kernel(v) else max(1, STACK_LOGITS // per_frame)
+            for i in range(b):
+                for f0 in range(p.frames[0], p.frames[1], step):
+                    nf = min(step, p.frames[1] - f0)
+                    rows = slice(f0 * s, (f0 + nf) * s)
+                    o, l_ = attention_with_lse(_frame_windows(qh[p.band], i, f0, nf, 1, s),
+                                               _frame_windows(kb, i, f0 + p.offset, nf, p.length, s),
+                                               _frame_windows(vb, i, f0 + p.offset, nf, p.length, s), None, scale)
+                    accumulate(out[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1),
+                               lse[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1), o, l_, p.first)
             continue
         q = take(qh[p.band], p.rows)
         mask, prepared = None, None
