@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float, Real
 from torch import Tensor
+from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["RotaryLayout"]
 
@@ -172,6 +173,8 @@ class RotaryLayout:
         ``out``: a tensor shaped like ``x`` (any strides, e.g. a transposed view of a head-major buffer)
         to write the result into and return; the numbers are the same.
         """
+        if self.interleaved and x.device.type == "cpu":  # pairs as complex numbers: one multiplication
+            return _rotate_complex_into(x, out if out is not None else torch.empty_like(x), cos, sin)
         c = cos[None, :, None, :]
         s = sin[None, :, None, :]
         if out is not None:
@@ -215,6 +218,12 @@ class RotaryLayout:
         """
         tp = self.t_dim // 2
         half = self.head_dim // 2
+        if self.interleaved and x.device.type == "cpu":  # pairs as complex numbers: one multiplication
+            t = self.t_dim
+            target = out if out is not None else torch.empty_like(x)
+            target[..., t:] = x[..., t:]
+            _rotate_complex_into(x[..., :t], target[..., :t], cos, sin)
+            return target
         c = cos[None, :, None, :]
         s = sin[None, :, None, :]
         if out is not None:
@@ -261,3 +270,34 @@ def _rotate_pairs_into(xs: tuple[Tensor, Tensor], outs: tuple[Tensor, Tensor], c
     x1, x2 = x1.float(), x2.float()
     o1.copy_(x1 * c - x2 * s)
     o2.copy_(x1 * s + x2 * c)
+
+
+#: Complex ``cos + i sin`` tables, per cos tensor (callers cache their cos/sin tables and reuse them; a
+#: table must not be changed in place after its first use).
+_CIS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _pairs_as_complex(x: Tensor) -> Tensor | None:
+    """``x``'s interleaved channel pairs seen as complex numbers (a view), or None when its layout or
+    dtype does not allow one."""
+    if x.dtype != torch.float32 or x.stride(-1) != 1 or x.storage_offset() % 2 or any(st % 2 for st in x.stride()[:-1]):
+        return None
+    return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+
+
+def _rotate_complex_into(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Interleaved pairs: ``out = x * (cos + i sin)`` pair by pair, computed in float32 (CPU)."""
+    hit = _CIS.get(cos)
+    if hit is None or hit[0] is not sin:
+        hit = (sin, torch.complex(cos.float(), sin.float())[None, :, None, :])
+        _CIS[cos] = hit
+    cis = hit[1]
+    xc = _pairs_as_complex(x)
+    if xc is None:
+        xc = _pairs_as_complex(x.float().contiguous())
+    oc = _pairs_as_complex(out)
+    if oc is not None:
+        torch.mul(xc, cis, out=oc)
+    else:  # another dtype (or layout): one rounding into it
+        out.copy_(torch.view_as_real(xc * cis).flatten(-2))
+    return out
