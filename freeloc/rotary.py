@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float, Real
+from jaxtyping import Complex, Float, Real
 from torch import Tensor
 from torch.utils.weak import WeakTensorKeyDictionary
 
@@ -277,7 +277,7 @@ def _rotate_pairs_into(xs: tuple[Tensor, Tensor], outs: tuple[Tensor, Tensor], c
 _CIS: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
-def _pairs_as_complex(x: Tensor) -> Tensor | None:
+def _pairs_as_complex(x: Float[Tensor, "*shape dim"]) -> Complex[Tensor, "*shape pairs"] | None:
     """``x``'s interleaved channel pairs seen as complex numbers (a view), or None when its layout or
     dtype does not allow one."""
     if x.dtype != torch.float32 or x.stride(-1) != 1 or x.storage_offset() % 2 or any(st % 2 for st in x.stride()[:-1]):
@@ -285,7 +285,10 @@ def _pairs_as_complex(x: Tensor) -> Tensor | None:
     return torch.view_as_complex(x.unflatten(-1, (-1, 2)))
 
 
-def _rotate_complex_into(x: Tensor, out: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _rotate_complex_into(
+    x: Float[Tensor, "batch tokens heads dim"], out: Float[Tensor, "batch tokens heads dim"],
+    cos: Float[Tensor, "tokens pairs"], sin: Float[Tensor, "tokens pairs"],
+) -> Float[Tensor, "batch tokens heads dim"]:
     """Interleaved pairs: ``out = x * (cos + i sin)`` pair by pair, computed in float32 (CPU)."""
     hit = _CIS.get(cos)
     if hit is None or hit[0] is not sin:

@@ -22,7 +22,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..bands import Band, BandSet
@@ -173,7 +173,8 @@ class Stack:
         return self.frames[1] - self.frames[0]
 
 
-def _frame_windows(x: Tensor, batch: int, start: int, count: int, length: int, s: int) -> Tensor:
+def _frame_windows(x: Float[Tensor, "batch heads tokens dim"], batch: int, start: int, count: int, length: int,
+                   s: int) -> Float[Tensor, "count heads window dim"]:
     """(B, H, T, D) tensor -> (count, H, length * s, D) view: entry ``n`` is the ``length`` frames from
     frame ``start + n`` on, of sample ``batch`` (entries overlap when ``length > 1``)."""
     sb, sh, st, sd = x.stride()
@@ -181,7 +182,7 @@ def _frame_windows(x: Tensor, batch: int, start: int, count: int, length: int, s
                         x.storage_offset() + batch * sb + start * s * st)
 
 
-def _consecutive(parts: list[Tensor]) -> Tensor | None:
+def _consecutive(parts: list[Float[Tensor, "batch heads tokens dim"]]) -> Float[Tensor, "batch heads all dim"] | None:
     """The (B, H, len(parts) * T, D) tensor whose consecutive token ranges are ``parts`` (each
     (B, H, T, D), tokens contiguous), when they lie that way in memory; else None."""
     first = parts[0]
@@ -296,7 +297,7 @@ def _band_cost(band: Band, s: int, head_dim: int) -> tuple[int, int, int]:
     return min((_estimate(band, g, s, sb, head_dim), g, sb) for g in frame_options for sb in sub_options)
 
 
-def _largest_window(keys: Tensor) -> tuple[int, int, int, int, int]:
+def _largest_window(keys: Bool[Tensor, "frames keys"]) -> tuple[int, int, int, int, int]:
     """The stack that covers the most pairs of ``keys`` [F, M] (query frame x key frame still to do):
     ``(frame pairs, f0, f1, offset, length)`` with ``keys[i, i + offset : i + offset + length]`` all
     True for every ``i`` in ``[f0, f1)``: a largest rectangle under the histograms of window lengths
