@@ -361,6 +361,39 @@ def test_stack_key_buffer_is_written_in_place_by_attend(monkeypatch: pytest.Monk
     torch.testing.assert_close(o.transpose(1, 2), out, atol=1e-5, rtol=1e-5)
 
 
+@st.composite
+def any_method(draw: st.DrawFn) -> freeloc.Method:
+    kind = draw(st.sampled_from(["vrpr", "tsa", "sliding"]))
+    if kind == "vrpr":
+        w1 = draw(st.integers(1, 6))
+        w2 = draw(st.integers(w1 + 1, 12))
+        g1 = draw(st.integers(1, 3))
+        g2 = draw(st.integers(g1 + 1, 6))
+        return freeloc.VRPR(w1, w2, g1, g2, draw(st.integers(w2, 30)))
+    if kind == "tsa":
+        d1 = draw(st.integers(0, 5))
+        return freeloc.TSA(d1=d1, d2=draw(st.integers(d1 + 1, 12)), stripe=draw(st.sampled_from([0.1, 0.3, 0.6])),
+                           sink_group=draw(st.integers(1, 4)), sink_window=draw(st.integers(1, 6)), cap=30)
+    return freeloc.SlidingWindow(draw(st.integers(0, 8)), sink=draw(st.booleans()))
+
+
+@given(any_method(), st.integers(2, 40), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None)
+def test_chunked_plans_are_exact_for_any_method(method: freeloc.Method, f: int, h: int, w: int, seed: int) -> None:
+    """Whatever stacks and passes the planner picks (any tier widths, lengths, frame sizes), the chunked
+    backend gives the reference's numbers, and its stacks and passes compute every frame pair of every
+    unstriped band once."""
+    bands = band_set_for(method, f, h * w, ROTARY).aligned()
+    count, _ = plan_coverage(bands, h * w, HEAD_DIM)
+    for b, band in enumerate(bands.bands):
+        if band.stripe is None:
+            assert torch.equal(count[b], band.pairs.long()), band.name
+    q, k, v = qkv(f * h * w, torch.float32, seed=seed, batch=2, heads=2)
+    kw = dict(grid=(f, h, w), method=method, rotary=ROTARY)
+    err = (attend(q, k, v, backend="chunked", **kw) - attend(q, k, v, backend="reference", **kw)).abs().max()
+    assert err < TOL[torch.float32]
+
+
 @given(st.integers(1, 9), st.integers(1, 14), st.integers(0, 2**32 - 1), st.floats(0.2, 0.95))
 @settings(max_examples=150, deadline=None)
 def test_largest_window_is_the_largest(f: int, m: int, seed: int, density: float) -> None:
