@@ -10,8 +10,9 @@ and TSA's near tiers, VRPR's far tiers read from one buffer of their two key rot
 run as one :class:`Stack`: one fused call whose batch entries are the query frames, each reading its
 window as an overlapping strided view. The rest of the band is planned in passes as above.
 Each pass is one fused attention call with its LSE; passes are merged online, exactly, in float32.
-Memory is bounded by one pass (chunk queries x gathered keys); no [N, N] tensor is ever built, and
-the work is proportional to the band's density (up to the frame/sub-block rounding at the edges).
+Memory is bounded by one pass (chunk queries x gathered keys); a stack copies nothing, but the values
+are held once per band of the widest stack buffer (twice for VRPR). No [N, N] tensor is ever built,
+and the work is proportional to the band's density (up to the frame/sub-block rounding at the edges).
 The plan of passes depends only on the band set and the grid, and is cached, and so are the masks
 its passes build (per device and dtype, up to :data:`MASK_CACHE_BYTES` per plan).
 """
