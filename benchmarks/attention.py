@@ -16,19 +16,27 @@ forced (see ``freeloc.attention.flex``), beside the default choice.
 
 Timing: every method is warmed up (plans, block masks, compilation), then the repetitions run
 interleaved (dense, TSA, VRPR, dense, ...) and each method's median is taken, so that a slow phase
-of the machine hits every method alike. Memory: on CUDA the peak of one call
-(``torch.cuda.max_memory_allocated``); on CPU, where PyTorch keeps no allocator statistics, the
-largest single attention call in query x key tokens (dense: one N x N call that the fused kernel
-tiles; chunked: a pass, bounded by a chunk, or a stack of one-frame batch entries over their key
-windows, which the kernel tiles like dense and which needs no mask and no key copy) and the fraction
-of the N x N pairs the plan computes.
+of the machine hits every method alike. Memory: the peak of one call above what was allocated
+before it. On CUDA from ``torch.cuda.max_memory_allocated``; on CPU, where PyTorch keeps no allocator
+statistics, from the resident-memory high-water mark of a fresh process per method (Linux ``VmHWM``,
+reset through ``/proc/self/clear_refs`` after a warm-up call; glibc told to return every block of
+64 KiB or more to the system when it is freed, so that the mark is the call's live memory). On CPU
+the table also gives the largest single attention call in query x key tokens (dense: one N x N call
+that the fused kernel tiles; chunked: a pass, bounded by a chunk, or a stack of one-frame batch
+entries over their key windows, which the kernel tiles like dense and which needs no mask and no key
+copy) and the fraction of the N x N pairs the plan computes.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -108,6 +116,9 @@ def bench(device: str, shape: dict, reps: int, names: tuple[str, ...] = METHODS)
         fn()
         sync(device)
         peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+    if device == "cpu":
+        print("  peak memory: one fresh process per method", flush=True)
+        peaks = {name: cpu_peak_mib(name, shape) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(reps):
         print(f"  repetition {r + 1}/{reps}", flush=True)
@@ -129,6 +140,41 @@ def bench(device: str, shape: dict, reps: int, names: tuple[str, ...] = METHODS)
         r["time_ratio"] = r["seconds"] / dense["seconds"]
         r["memory_ratio"] = r["peak_mib"] / dense["peak_mib"] if dense["peak_mib"] > 0 else float("nan")
     return rows
+
+
+def _status_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", open("/proc/self/status").read(), re.MULTILINE)
+    if match is None:
+        raise OSError(f"no {field} in /proc/self/status")
+    return int(match.group(1))
+
+
+def peak_of_one_call(name: str, shape: dict) -> float:
+    """In this process: MiB by which one call (after a warm-up call) raises resident memory at its peak."""
+    q, k, v = make(shape, "cpu")
+    fn = runner(name, shape, q, k, v)
+    fn()
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:  # reset the high-water mark to the current RSS
+        fh.write("5")
+    out = fn()
+    peak = _status_kib("VmHWM")
+    del out
+    return (peak - before) / 1024
+
+
+def cpu_peak_mib(name: str, shape: dict) -> float:
+    """:func:`peak_of_one_call` in a fresh process, glibc returning freed blocks of 64 KiB or more to the
+    system (so that resident memory is live memory); NaN where that cannot be measured (not Linux)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    cmd = [sys.executable, __file__, "--peak-of", name, "--shapes", f"{shape['height']}x{shape['width']}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    try:
+        return float(run.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        print(f"  peak memory of {name}: not measured ({run.stderr.strip().splitlines()[-1:]})")
+        return float("nan")
 
 
 def exactness(device: str, shape: dict) -> None:
@@ -198,7 +244,12 @@ def main() -> None:
                          "aligned, packed), beside the default choice, interleaved in the same run")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--png", default=None, help="also plot the time ratios to this PNG")
+    ap.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # the child of cpu_peak_mib
     args = ap.parse_args()
+    if args.peak_of:
+        h, w = (int(x) for x in args.shapes.lower().split("x"))
+        print(f"{peak_of_one_call(args.peak_of, dict(CPU_SHAPE, height=h, width=w)):.3f}")
+        return
     results: dict[str, list[dict]] = {}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     for spec in [] if args.shapes == "none" else args.shapes.split(","):
