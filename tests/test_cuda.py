@@ -96,6 +96,26 @@ def test_compiled_flex_head_dims_not_a_power_of_two(dim: int) -> None:
     assert err <= TOL[torch.bfloat16], err
 
 
+@pytest.mark.parametrize("name,method", [m for m in methods() if m[0] in ("vrpr", "tsa", "sliding")],
+                         ids=["vrpr", "tsa", "sliding"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_stacks_on_cuda_match_reference(name: str, method: freeloc.Method, dtype: torch.dtype) -> None:
+    """The chunked backend on the GPU (the benchmark's exact reference there): its stacks, overlapping
+    strided windows through the plain float32 path, in bounded groups of frames."""
+    from freeloc.attention import chunked
+
+    grid = (30, 6, 10)
+    q, k, v = qkv(30 * 60, 64, dtype, seed=41)
+    kw = dict(grid=grid, method=method, rotary=freeloc.RotaryLayout.wan(64))
+    bands = freeloc.attention.band_set_for(method, 30, 60, freeloc.RotaryLayout.wan(64)).aligned()
+    assert any(isinstance(p, chunked.Stack) for p in chunked.plan_passes(bands, 60, 64))
+    ref = attend(q, k, v, backend="reference", **kw)
+    out = attend(q, k, v, backend="chunked", **kw)
+    err = (out.float() - ref.float()).abs().max().item()
+    print(f"chunked {name} {dtype}: max error {err:.2e}")
+    assert err <= TOL[dtype], err
+
+
 def test_repeated_calls_do_not_recompile() -> None:
     # the mask reads captured tensors only: later calls at the same shapes reuse the compiled kernels
     import torch._dynamo.utils as du

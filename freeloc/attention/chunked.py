@@ -40,7 +40,8 @@ MASK_COST = 4
 GATHER_COST = 12
 #: Whether the planner runs sliding key windows as :class:`Stack` calls (off: passes only).
 STACKING = True
-#: Off the fused CPU kernel (which tiles), the most logits one stacked call may materialise.
+#: Off the fused CPU kernel (which tiles), the most logits one stacked call may materialise (a call has
+#: at least one query frame, like a pass).
 STACK_LOGITS = 2**26
 #: Prepared masks a plan keeps between calls (bytes, per plan); past it they are rebuilt on each call.
 MASK_CACHE_BYTES = 64 * 2**20
