@@ -38,6 +38,9 @@ CALL_COST = 1_000_000
 MASK_COST = 4
 #: Cost of gathering one token's channel into a pass (a memory copy), per channel.
 GATHER_COST = 12
+#: A call over several of a striped band's spatial sub-blocks copies at most this many key tokens (per
+#: sample and head); they are its batch entries (see :class:`Window`).
+BATCH_KEYS = 65536
 #: Whether the planner runs sliding key windows as :class:`Stack` calls (off: passes only).
 STACKING = True
 #: Off the fused CPU kernel (which tiles), the most logits one stacked call may materialise (a call has
@@ -127,29 +130,48 @@ class Pass:
 class Window:
     """Tokens of a pass: the same raster range ``[r0, r1)`` in each frame of a few runs of consecutive
     frames, in frame-major order. Read as strided views (a copy with long contiguous runs), never as a
-    gather of token indices."""
+    gather of token indices.
+
+    ``blocks > 1``: that many such windows, each ``step`` raster positions after the previous one, read
+    together as the batch of one kernel call (a striped band's spatial sub-blocks away from the frame
+    edges, which all have the same shape and stripe pattern).
+    """
 
     runs: tuple[tuple[int, int], ...]  # [first, end) frames
-    raster: tuple[int, int]  # [first, end) raster index inside a frame
+    raster: tuple[int, int]  # [first, end) raster index inside a frame (of the first block)
+    blocks: int = 1
+    step: int = 0
 
     def __len__(self) -> int:
+        """Tokens of one block."""
         return sum(b - a for a, b in self.runs) * (self.raster[1] - self.raster[0])
 
     def tokens(self, s: int) -> Tensor:
         frames = torch.cat([torch.arange(a, b) for a, b in self.runs])
-        return (frames[:, None] * s + torch.arange(*self.raster)[None, :]).flatten()
+        raster = (torch.arange(*self.raster)[None, :] + self.step * torch.arange(self.blocks)[:, None]).flatten()
+        return (frames[:, None] * s + raster[None, :]).flatten()
+
+    def _view(self, x: Tensor, s: int, run: tuple[int, int]) -> Tensor:
+        """(B, H, F*s, *rest) -> view (blocks, B, H, frames of the run, raster, *rest)."""
+        (a, b), (r0, r1) = run, self.raster
+        sb, sh, st, *rest = x.stride()
+        return x.as_strided((self.blocks, x.shape[0], x.shape[1], b - a, r1 - r0, *x.shape[3:]),
+                            (self.step * st, sb, sh, s * st, st, *rest), x.storage_offset() + (a * s + r0) * st)
 
     def framed(self, x: Tensor, s: int) -> Tensor:
-        """(B, H, F*s, *rest) -> view (B, H, frames, raster, *rest) of the single run (for writing rows)."""
-        (a, b), (r0, r1) = self.runs[0], self.raster
-        return x.unflatten(2, (-1, s))[:, :, a:b, r0:r1]
+        """(B, H, F*s, *rest) -> view (B, H, frames, raster, *rest) of the single run (for writing rows);
+        with blocks, (blocks, B, H, frames, raster, *rest)."""
+        view = self._view(x, s, self.runs[0])
+        return view[0] if self.blocks == 1 else view
 
     def take(self, x: Tensor, s: int) -> Tensor:
-        """(B, H, F*s, D) -> (B, H, len, D): the window's tokens (one copy)."""
-        framed = x.unflatten(2, (-1, s))
-        parts = [framed[:, :, a:b, self.raster[0]:self.raster[1]] for a, b in self.runs]
-        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        return t.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+        """(B, H, F*s, D) -> (B, H, len, D): the window's tokens (one copy); with blocks,
+        (blocks, B*H, len, D)."""
+        parts = [self._view(x, s, run) for run in self.runs]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+        if self.blocks == 1:
+            return t[0].reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
+        return t.reshape(self.blocks, x.shape[0] * x.shape[1], -1, x.shape[-1])
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,32 +231,51 @@ def key_groups(band_set: BandSet, tokens_per_frame: int, head_dim: int) -> list[
     return sorted({p.key_bands for p in plan if isinstance(p, Stack) and len(p.key_bands) > 1})
 
 
-def _window(frames: Tensor, raster: tuple[int, int], s: int) -> slice | Window:
+def _window(frames: Tensor, raster: tuple[int, int], s: int, blocks: int = 1, step: int = 0) -> slice | Window:
     """Tokens of the given frames (ascending) at this raster range: a slice for whole consecutive frames."""
     cuts = (torch.nonzero(frames[1:] != frames[:-1] + 1).flatten() + 1).tolist()
     bounds = [0, *cuts, len(frames)]
     runs = tuple((int(frames[a]), int(frames[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:], strict=True))
-    if len(runs) == 1 and raster == (0, s):
+    if len(runs) == 1 and raster == (0, s) and blocks == 1:
         return slice(runs[0][0] * s, runs[0][1] * s)
-    return Window(runs, raster)
+    return Window(runs, raster, blocks, step)
 
 
 def _length(index: slice | Window) -> int:
     return index.stop - index.start if isinstance(index, slice) else len(index)
 
 
+def _chunk_key_frames(band: Band, g: int) -> Bool[Tensor, "chunks frames"]:
+    """The key frames of each query chunk of ``g`` frames (the union of the chunk's rows)."""
+    f = band.num_frames
+    chunks = -(-f // g)
+    padded = torch.zeros(chunks * g, f, dtype=torch.bool)
+    padded[:f] = band.pairs
+    return padded.view(chunks, g, f).any(1)
+
+
+def _blocks_per_call(key_frames: int, key_len: int) -> int:
+    """How many of a striped band's interior sub-blocks one call takes (:data:`BATCH_KEYS`)."""
+    return max(1, BATCH_KEYS // max(1, key_frames * key_len))
+
+
 def _plan_band(band_id: int, band: Band, g: int, s: int, sub_block: int) -> list[Pass]:
     """Passes of one band with query chunks of ``g`` frames (and spatial sub-blocks for a stripe)."""
     passes = []
-    stripe_blocks = []
+    stripe_blocks = []  # (first query raster, query length, first key raster, key length, blocks, near)
     if band.stripe is not None:
         ds = band.stripe
+        batch = _blocks_per_call(int(_chunk_key_frames(band, g).sum(1).max()), sub_block + 2 * ds - 2)
         for s0 in range(0, s, sub_block):
             s1 = min(s, s0 + sub_block)
-            q_raster = torch.arange(s0, s1)
-            k_raster = torch.arange(max(0, s0 - ds + 1), min(s, s1 + ds - 1))
-            near = (q_raster[:, None] - k_raster[None, :]).abs() < ds
-            stripe_blocks.append((q_raster, k_raster, None if bool(near.all()) else near))
+            k0, k1 = max(0, s0 - ds + 1), min(s, s1 + ds - 1)
+            prev = stripe_blocks[-1] if stripe_blocks else None
+            if (prev is not None and prev[4] < batch and (s1 - s0, k1 - k0) == (prev[1], prev[3])
+                    and k0 - prev[2] == s0 - prev[0] == prev[4] * sub_block):
+                stripe_blocks[-1] = (*prev[:4], prev[4] + 1, prev[5])  # same shape and stripe, shifted: one call
+                continue
+            near = (torch.arange(s0, s1)[:, None] - torch.arange(k0, k1)[None, :]).abs() < ds
+            stripe_blocks.append((s0, s1 - s0, k0, k1 - k0, 1, None if bool(near.all()) else near))
     for f0 in range(0, band.num_frames, g):
         f1 = min(band.num_frames, f0 + g)
         rows_pairs = band.pairs[f0:f1]
@@ -246,10 +287,10 @@ def _plan_band(band_id: int, band: Band, g: int, s: int, sub_block: int) -> list
         if band.stripe is None:
             passes.append(Pass(band_id, slice(f0 * s, f1 * s), _window(key_frames, (0, s), s), frame_ok, None, s, s))
             continue
-        for q_raster, k_raster, near in stripe_blocks:
-            rows = _window(torch.arange(f0, f1), (int(q_raster[0]), int(q_raster[-1]) + 1), s)
-            keys = _window(key_frames, (int(k_raster[0]), int(k_raster[-1]) + 1), s)
-            passes.append(Pass(band_id, rows, keys, frame_ok, near, len(q_raster), len(k_raster)))
+        for q0, q_len, k0, k_len, blocks, near in stripe_blocks:
+            rows = _window(torch.arange(f0, f1), (q0, q0 + q_len), s, blocks, sub_block)
+            keys = _window(key_frames, (k0, k0 + k_len), s, blocks, sub_block)
+            passes.append(Pass(band_id, rows, keys, frame_ok, near, q_len, k_len))
     return passes
 
 
@@ -275,7 +316,11 @@ def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
         k_len = torch.clamp(s1 + band.stripe - 1, max=s) - torch.clamp(s0 - band.stripe + 1, min=0)
         per_chunk = (s1 - s0) * k_len
         pairs = int(((rows * key_frames)[live, None] * per_chunk[None, :]).sum())
-        calls = int(live.sum()) * len(s0)
+        # interior sub-blocks (whole, window inside the frame) run in batches of one call each
+        full = sub_block + 2 * band.stripe - 2
+        interior = int(((s1 - s0 == sub_block) & (k_len == full) & (s0 >= band.stripe - 1)).sum())
+        batch = _blocks_per_call(int(key_frames.max()), full)
+        calls = int(live.sum()) * (len(s0) - interior + -(-interior // batch))
         masked = pairs
         if sub_block < s:  # strided windows: keys (and values) are gathered, and so are rows when g > 1
             gathered = 2 * int((key_frames[live, None] * k_len[None, :]).sum())
@@ -403,7 +448,8 @@ def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -
 def plan_cost(passes: tuple[Pass | Stack, ...], tokens_per_frame: int) -> int:
     """Number of (query, key) token pairs the passes compute (including masked-out ones)."""
     s = tokens_per_frame
-    return sum(p.num_frames * s * p.length * s if isinstance(p, Stack) else _length(p.rows) * _length(p.keys)
+    return sum(p.num_frames * s * p.length * s if isinstance(p, Stack) else
+               _length(p.rows) * _length(p.keys) * (p.rows.blocks if isinstance(p.rows, Window) else 1)
                for p in passes)
 
 
