@@ -3,7 +3,8 @@
 Queries are processed in chunks of whole frames, chosen per band. For each chunk and band, only the
 key frames that the band pairs with the chunk's frames are read; a striped band additionally splits
 the chunk's queries into spatial sub-blocks and reads, per key frame, only the raster range within
-the stripe. A pass's rows and keys are a slice of whole frames or a :class:`Window` (runs of
+the stripe; the sub-blocks away from the frame edges (same shape, same stripe pattern) run as the
+batch of one call. A pass's rows and keys are a slice of whole frames or a :class:`Window` (runs of
 consecutive frames x one raster range), read as strided views: no gather of token indices.
 Where a band's (or two bands') key frames form a window that slides one frame per query frame (VRPR's
 and TSA's near tiers, VRPR's far tiers read from one buffer of their two key rotations), the frames
