@@ -20,7 +20,8 @@ of the machine hits every method alike. Memory: the peak of one call above what 
 before it. On CUDA from ``torch.cuda.max_memory_allocated``; on CPU, where PyTorch keeps no allocator
 statistics, from the resident-memory high-water mark of a fresh process per method (Linux ``VmHWM``,
 reset through ``/proc/self/clear_refs`` after a warm-up call; glibc told to return every block of
-64 KiB or more to the system when it is freed, so that the mark is the call's live memory). On CPU
+64 KiB or more to the system when it is freed, so that the mark is the call's live memory), after all
+timings, since the load of those processes slows the timings that follow them. On CPU
 the table also gives the largest single attention call in query x key tokens (dense: one N x N call
 that the fused kernel tiles; chunked: a pass, bounded by a chunk, or a stack of one-frame batch
 entries over their key windows, which the kernel tiles like dense and which needs no mask and no key
@@ -116,9 +117,6 @@ def bench(device: str, shape: dict, reps: int, names: tuple[str, ...] = METHODS)
         fn()
         sync(device)
         peaks[name] = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
-    if device == "cpu":
-        print("  peak memory: one fresh process per method", flush=True)
-        peaks = {name: cpu_peak_mib(name, shape) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(reps):
         print(f"  repetition {r + 1}/{reps}", flush=True)
@@ -138,8 +136,23 @@ def bench(device: str, shape: dict, reps: int, names: tuple[str, ...] = METHODS)
     dense = rows[0]
     for r in rows:
         r["time_ratio"] = r["seconds"] / dense["seconds"]
-        r["memory_ratio"] = r["peak_mib"] / dense["peak_mib"] if dense["peak_mib"] > 0 else float("nan")
+    memory_ratios(rows)
     return rows
+
+
+def memory_ratios(rows: list[dict]) -> None:
+    dense = rows[0]
+    for r in rows:
+        r["memory_ratio"] = r["peak_mib"] / dense["peak_mib"] if dense["peak_mib"] > 0 else float("nan")
+
+
+def add_cpu_memory(rows: list[dict], shape: dict) -> None:
+    """Peak memory of each method's call at this CPU shape (:func:`cpu_peak_mib`), into ``rows``. Run after
+    all timings: the measuring processes' load slows the chunked path's timing right after them."""
+    print(f"  peak memory at {shape['height']}x{shape['width']}: one fresh process per method", flush=True)
+    for r in rows:
+        r["peak_mib"] = cpu_peak_mib(r["method"], shape)
+    memory_ratios(rows)
 
 
 def _status_kib(field: str) -> int:
@@ -251,6 +264,7 @@ def main() -> None:
         print(f"{peak_of_one_call(args.peak_of, dict(CPU_SHAPE, height=h, width=w)):.3f}")
         return
     results: dict[str, list[dict]] = {}
+    cpu_shapes: dict[str, dict] = {}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
     for spec in [] if args.shapes == "none" else args.shapes.split(","):
         h, w = (int(x) for x in spec.lower().split("x"))
@@ -259,6 +273,12 @@ def main() -> None:
         print(f"\n{label}: chunked backend, {shape['frames']} frames x {h}x{w} = {h * w} tokens/frame, "
               f"{shape['heads']} heads x {shape['head_dim']}, {shape['dtype']}")
         results[label] = bench("cpu", shape, args.reps)
+        cpu_shapes[label] = shape
+    if cpu_shapes:
+        print("\nCPU peak memory, measured after all timings")
+    for label, shape in cpu_shapes.items():
+        add_cpu_memory(results[label], shape)
+    for label in cpu_shapes:
         report(f"{label} (chunked)", results[label])
     if torch.cuda.is_available():
         shape = CUDA_SHAPE
