@@ -246,13 +246,13 @@ def _length(index: slice | Window) -> int:
     return index.stop - index.start if isinstance(index, slice) else len(index)
 
 
-def _chunk_key_frames(band: Band, g: int) -> Bool[Tensor, "chunks frames"]:
-    """The key frames of each query chunk of ``g`` frames (the union of the chunk's rows)."""
+def _chunked_pairs(band: Band, g: int) -> Bool[Tensor, "chunks g frames"]:
+    """The band's frame pairs by query chunk of ``g`` frames (the last chunk padded with no pairs)."""
     f = band.num_frames
     chunks = -(-f // g)
     padded = torch.zeros(chunks * g, f, dtype=torch.bool)
     padded[:f] = band.pairs
-    return padded.view(chunks, g, f).any(1)
+    return padded.view(chunks, g, f)
 
 
 def _blocks_per_call(key_frames: int, key_len: int) -> int:
@@ -266,7 +266,7 @@ def _plan_band(band_id: int, band: Band, g: int, s: int, sub_block: int) -> list
     stripe_blocks = []  # (first query raster, query length, first key raster, key length, blocks, near)
     if band.stripe is not None:
         ds = band.stripe
-        batch = _blocks_per_call(int(_chunk_key_frames(band, g).sum(1).max()), sub_block + 2 * ds - 2)
+        batch = _blocks_per_call(int(_chunked_pairs(band, g).any(1).sum(1).max()), sub_block + 2 * ds - 2)
         for s0 in range(0, s, sub_block):
             s1 = min(s, s0 + sub_block)
             k0, k1 = max(0, s0 - ds + 1), min(s, s1 + ds - 1)
@@ -299,13 +299,11 @@ def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
     """Planner cost of :func:`_plan_band` with these choices, without building its masks."""
     f = band.num_frames
     starts = torch.arange(0, f, g)
-    # key frames per chunk: union of the chunk rows
-    padded = torch.zeros(len(starts) * g, f, dtype=torch.bool)
-    padded[:f] = band.pairs
-    key_frames = padded.view(len(starts), g, f).any(1).sum(1)
+    chunked = _chunked_pairs(band, g)
+    key_frames = chunked.any(1).sum(1)  # key frames per chunk: union of the chunk rows
     rows = torch.clamp(f - starts, max=g)
     live = key_frames > 0
-    chunk_pairs = padded.view(len(starts), g, f).sum((1, 2))
+    chunk_pairs = chunked.sum((1, 2))
     gathered = 0
     if band.stripe is None:
         pairs = int((rows * s * key_frames * s)[live].sum())
