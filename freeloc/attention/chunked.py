@@ -40,8 +40,10 @@ MASK_COST = 4
 #: Cost of gathering one token's channel into a pass (a memory copy), per channel.
 GATHER_COST = 12
 #: A call over several of a striped band's spatial sub-blocks copies at most this many key tokens (per
-#: sample and head); they are its batch entries (see :class:`Window`).
-BATCH_KEYS = 65536
+#: sample and head); they are its batch entries (see :class:`Window`). Small frames batch many
+#: sub-blocks (the calls are small, their fixed cost weighs most); at Wan's 1560 tokens per frame one
+#: sub-block's keys pass the limit, so the calls and their copies stay one per sub-block.
+BATCH_KEYS = 16384
 #: Whether the planner runs sliding key windows as :class:`Stack` calls (off: passes only).
 STACKING = True
 #: Off the fused CPU kernel (which tiles), the most logits one stacked call may materialise (a call has
