@@ -156,7 +156,8 @@ def add_cpu_memory(rows: list[dict], shape: dict) -> None:
 
 
 def _status_kib(field: str) -> int:
-    match = re.search(rf"^{field}:\s+(\d+) kB", open("/proc/self/status").read(), re.MULTILINE)
+    with open("/proc/self/status") as fh:
+        match = re.search(rf"^{field}:\s+(\d+) kB", fh.read(), re.MULTILINE)
     if match is None:
         raise OSError(f"no {field} in /proc/self/status")
     return int(match.group(1))
