@@ -236,13 +236,14 @@ def test_chunked_work_is_proportional_and_memory_bounded() -> None:
     assert v_cost <= 1.05
 
 
-def plan_coverage(bands: freeloc.BandSet, s: int, head_dim: int) -> tuple[torch.Tensor, list[Stack]]:
-    """[bands, F, F] how many times the chunked plan computes each frame pair of each band (stacks and
-    unstriped passes), and the plan's stacks."""
+def plan_coverage(bands: freeloc.BandSet, s: int, head_dim: int,
+                  plan: tuple | None = None) -> tuple[torch.Tensor, list[Stack]]:
+    """[bands, F, F] how many times the chunked plan (or ``plan``) computes each frame pair of each band
+    (stacks and unstriped passes), and the plan's stacks."""
     f = bands.num_frames
     count = torch.zeros(len(bands.bands), f, f, dtype=torch.long)
     stacks = []
-    for p in plan_passes(bands, s, head_dim):
+    for p in plan_passes(bands, s, head_dim) if plan is None else plan:
         if isinstance(p, Stack):
             stacks.append(p)
             for i in range(*p.frames):
@@ -279,6 +280,34 @@ def test_stacks_and_passes_cover_each_pair_once(name: str, method: freeloc.Metho
     if name.startswith("vrpr"):
         names = {tuple(bands.bands[b].name for b in p.key_bands) for p in stacks}
         assert ("far-future", "far-past") in names, names
+
+
+@pytest.mark.parametrize("name,method,f", [("vrpr", freeloc.VRPR.for_length(30, 13), 30),
+                                           ("vrpr-81", VRPR_81, 81), ("tsa-81", freeloc.TSA(cap=20), 81),
+                                           ("sliding", freeloc.SlidingWindow(4), 30)],
+                         ids=["vrpr", "vrpr-81", "tsa-81", "sliding"])
+@pytest.mark.parametrize("min_frames", [1, 8, 40])
+def test_plan_stacks_and_the_rest_cover_each_pair_once(name: str, method: freeloc.Method, f: int,
+                                                       min_frames: int) -> None:
+    """``plan_stacks`` (the stacks ``flex.UNSTRIPED = "stacks"`` runs on the dense kernel) and the band set it
+    leaves hold every pair once; its stacks span at least ``min_frames`` query frames."""
+    from freeloc.attention.chunked import plan_stacks
+
+    bands = band_set_for(method, f, 60, ROTARY).aligned()
+    plan, rest = plan_stacks(bands, 60, min_frames)
+    count, stacks = plan_coverage(bands, 60, HEAD_DIM, plan)
+    assert len(stacks) == len(plan)
+    left = torch.zeros_like(count) if rest is None else torch.stack([b.pairs.long() for b in rest.bands])
+    covered = sum(p.num_frames * p.length for p in stacks)
+    total = sum(int(b.pairs.sum()) for b in bands.bands)
+    print(f"{name}, min_frames={min_frames}: {len(stacks)} stacks cover {covered} of {total} frame pairs")
+    assert torch.equal(count + left, torch.stack([b.pairs.long() for b in bands.bands]))
+    assert all(p.num_frames >= min_frames for p in stacks)
+    assert all(bands.bands[b].stripe is None for p in stacks for b in p.key_bands)
+    if rest is not None:
+        assert [b.stripe for b in rest.bands] == [b.stripe for b in bands.bands]
+    if min_frames <= 8 and f == 81:  # VRPR: nearly all; TSA: its local tier, a third of its pairs
+        assert covered >= (0.95 if name == "vrpr-81" else 0.35) * total
 
 
 @pytest.mark.parametrize("grid", [(30, 3, 5), (19, 6, 10), (20, 10, 12)], ids=["15", "60", "120"])
@@ -576,6 +605,77 @@ def test_flex_frame_aligned_pads_each_query_rotation_once(monkeypatch: pytest.Mo
     assert len(pads) == 2 + 3 * 2  # queries: local = striped, sink; keys and values of the three calls
     ref = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="reference")
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("name,method", methods()[:6], ids=[m[0] for m in methods()[:6]])
+@pytest.mark.parametrize("text", [(0, 0), (6, 0), (0, 5)], ids=["video", "text-before", "text-after"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["packed", "aligned"])
+@pytest.mark.parametrize("mode", ["chunked", "stacks"])
+def test_flex_with_a_part_on_chunked_matches_reference(
+        name: str, method: freeloc.Method | None, text: tuple[int, int], dtype: torch.dtype, layout: str,
+        mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``flex.UNSTRIPED = "chunked"``: the bands without a stripe run as the chunked backend runs them, the
+    striped ones on flex; ``"stacks"``: the sliding windows of the unstriped bands run as stacks, the rest
+    on flex. Merged by LSE: the same numbers."""
+    from freeloc.attention import chunked, flex
+
+    monkeypatch.setattr(flex, "UNSTRIPED", mode)
+    monkeypatch.setattr(flex, "LAYOUT", layout)
+    ran: dict[str, list[str]] = {"chunked": [], "flex": []}
+    for mod, fn in ((chunked, "chunked_band_attention"), (flex, "flex_band_attention")):
+        original = getattr(mod, fn)
+
+        def spy(*args: object, _original: object = original, _key: str = mod.__name__.split(".")[-1]) -> object:
+            ran[_key] += [b.name for b in args[3].bands if not b.is_empty()]  # type: ignore[attr-defined]
+            return _original(*args)  # type: ignore[operator]
+
+        monkeypatch.setattr(mod, fn, spy)
+        import freeloc.attention as attention_module
+
+        monkeypatch.setattr(attention_module, fn, spy)
+    grid = (19, 5, 7)
+    tb, ta = text
+    q, k, v = qkv(tb + 19 * 35 + ta, dtype, seed=len(name) + 11)
+    kw = dict(grid=grid, method=method, rotary=ROTARY, text_before=tb, text_after=ta)
+    out = attend(q, k, v, backend="flex", **kw)
+    ref = attend(q, k, v, backend="reference", **kw)
+    print(f"{name}: on chunked {ran['chunked']}, on flex {ran['flex']}")
+    bands = band_set_for(method, 19, 35, ROTARY).bands if method is not None else ()
+    striped = {b.name for b in bands if b.stripe is not None and b.stripe < 35 and not b.is_empty()}
+    if mode == "chunked":
+        assert set(ran["flex"]) == striped
+        assert not striped & set(ran["chunked"])
+    else:  # the chunked part is the stacks' plan; flex gets what they leave, striped bands included
+        assert striped <= set(ran["flex"])
+    if method is not None:
+        assert ran["chunked"]  # every method here has bands without a stripe, and sliding windows
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=TOL[dtype])
+
+
+def test_split_striped_keeps_band_indices() -> None:
+    from freeloc.attention import flex
+
+    bs = band_set_for(freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12), 19, 35, ROTARY)
+    unstriped, striped = flex.split_striped(bs, 35)
+    assert unstriped is not None and striped is not None
+    assert len(unstriped.bands) == len(striped.bands) == len(bs.bands)
+    for whole, a, b in zip(bs.bands, unstriped.bands, striped.bands, strict=True):
+        assert torch.equal(a.pairs | b.pairs, whole.pairs) and not bool((a.pairs & b.pairs).any())
+        assert torch.equal(a.q_pos, whole.q_pos) and torch.equal(b.k_pos, whole.k_pos)
+    assert [b.name for b in striped.bands if not b.is_empty()] == ["striped"]
+    vrpr = band_set_for(freeloc.VRPR.for_length(30, 13), 30, 35, ROTARY)
+    assert flex.split_striped(vrpr, 35)[1] is None  # no stripe: all on chunked
+
+
+def test_unstriped_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "UNSTRIPED", "cudnn")
+    q, k, v = qkv(9 * 15, torch.float32, seed=2)
+    with pytest.raises(ValueError, match=r"UNSTRIPED must be one of \('flex', 'stacks', 'chunked'\), got 'cudnn'"):
+        attend(q, k, v, grid=(9, 3, 5), method=freeloc.SlidingWindow(2), rotary=ROTARY, backend="flex")
 
 
 def test_flex_layout_choice(monkeypatch: pytest.MonkeyPatch) -> None:

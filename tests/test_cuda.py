@@ -101,8 +101,9 @@ def test_compiled_flex_head_dims_not_a_power_of_two(dim: int) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_chunked_stacks_on_cuda_match_reference(name: str, method: freeloc.Method, dtype: torch.dtype) -> None:
     """The chunked backend on the GPU (the benchmark's exact reference there): its stacks, overlapping
-    strided windows through the plain float32 path, in bounded groups of frames."""
-    from freeloc.attention import chunked
+    strided windows, through the checked fused kernel (bf16) or the float32 path in bounded groups of
+    frames (fp32, where no fused kernel passes its check)."""
+    from freeloc.attention import chunked, kernels
 
     grid = (30, 6, 10)
     q, k, v = qkv(30 * 60, 64, dtype, seed=41)
@@ -112,7 +113,79 @@ def test_chunked_stacks_on_cuda_match_reference(name: str, method: freeloc.Metho
     ref = attend(q, k, v, backend="reference", **kw)
     out = attend(q, k, v, backend="chunked", **kw)
     err = (out.float() - ref.float()).abs().max().item()
-    print(f"chunked {name} {dtype}: max error {err:.2e}")
+    print(f"chunked {name} {dtype}: max error {err:.2e}; kernels chosen: {kernels.checked_kernels()}")
+    assert err <= TOL[dtype], err
+
+
+CASES = [(dt, m, o) for dt in (torch.bfloat16, torch.float16, torch.float32)
+         for m in (False, True) for o in (False, True)]
+
+
+@pytest.mark.parametrize("dtype,masked,overlapping", CASES,
+                         ids=[f"{str(d)[6:]}-{'masked' if m else 'plain'}-{'overlap' if o else 'separate'}"
+                              for d, m, o in CASES])
+def test_fused_kernels_with_lse_on_this_gpu(dtype: torch.dtype, masked: bool, overlapping: bool) -> None:
+    """``attention_with_lse`` on CUDA: the kernel that passed its check (cuDNN, flash or memory-efficient)
+    against a plain float64 computation on a larger odd-sized problem, with a row without keys."""
+    from freeloc.attention import kernels
+
+    g = torch.Generator().manual_seed(7)
+    b, h, nq, nk, d = 3, 5, 301, 517, 128
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to("cuda", dtype)
+
+    q = rand(b, h, nq, d)
+    if overlapping:  # a stack's sliding key windows: batch entry i reads tokens [40 i, 40 i + nk)
+        base_k, base_v = rand(1, h, nk + 80, d), rand(1, h, nk + 80, d)
+        k = base_k.as_strided((b, h, nk, d), (40 * d, base_k.stride(1), d, 1))
+        v = base_v.as_strided((b, h, nk, d), (40 * d, base_v.stride(1), d, 1))
+    else:
+        k, v = rand(b, h, nk, d), rand(b, h, nk, d)
+    mask = None
+    if masked:
+        mask = torch.rand(b, 1, nq, nk, generator=g).to("cuda") < 0.5
+        mask[2, 0, 17] = False  # no key for this row: output 0, LSE -inf
+    out, lse = kernels.attention_with_lse(q, k, v, mask, d**-0.5)
+    chosen = kernels.fused_kernel_for(q, masked, overlapping)
+    s = (q.double() @ k.double().transpose(-1, -2)) * d**-0.5
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    want_lse = torch.logsumexp(s, -1)
+    want = (torch.softmax(s, -1).nan_to_num(0.0) @ v.double())
+    err_o = (out.double() - want).abs().max().item()
+    finite = torch.isfinite(want_lse)
+    err_l = (lse.double() - want_lse)[finite].abs().max().item()
+    print(f"{dtype} masked={masked} overlapping={overlapping}: kernel {None if chosen is None else chosen.name}, "
+          f"max error out {err_o:.2e}, lse {err_l:.2e}")
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert err_o <= tol and err_l <= tol
+    assert torch.equal(torch.isneginf(lse), ~finite)
+    if masked:
+        assert bool((out[2, :, 17] == 0).all())
+    if dtype != torch.float32 and not masked and not overlapping:
+        assert chosen is not None, "no fused kernel with LSE passed its check on this GPU"
+
+
+@pytest.mark.parametrize("name,method", [m for m in methods() if m[0] in ("vrpr", "tsa", "tsa-default", "sliding")],
+                         ids=["vrpr", "tsa", "tsa-default", "sliding"])
+@pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["stacks", "chunked"])
+def test_flex_with_a_part_on_chunked(name: str, method: freeloc.Method, text: tuple[int, int], dtype: torch.dtype,
+                                     mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # flex.UNSTRIPED: the sliding windows ("stacks") or all the unstriped bands ("chunked") on the chunked
+    # backend's fused dense calls, the rest on compiled flex (frame-aligned for TSA at 121 tokens per
+    # frame), merged by LSE
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "UNSTRIPED", mode)
+    grid = (30, 11, 11)
+    tb, ta = text
+    q, k, v = qkv(tb + 30 * 121 + ta, 64, dtype, seed=len(name) * 5)
+    kw = dict(grid=grid, method=method, rotary=freeloc.RotaryLayout.wan(64), text_before=tb, text_after=ta)
+    err = (attend(q, k, v, **kw).float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
+    print(f"flex + chunked ({mode}) {name} text={text} {dtype}: max error {err:.2e}")
     assert err <= TOL[dtype], err
 
 

@@ -32,8 +32,8 @@ from torch import Tensor
 from ..bands import BandSet
 from ..methods import Method
 from ..rotary import RotaryLayout
-from .chunked import chunked_band_attention, key_groups
-from .flex import flex_band_attention
+from .chunked import chunked_band_attention, key_groups, plan_stacks
+from .flex import flex_band_attention, split_striped, unstriped_mode
 from .fused import on_device
 from .merge import merge_lse
 from .reference import MAX_TOKENS, reference_attention
@@ -245,8 +245,24 @@ def attend(
     if backend == "chunked":
         out_v, lse_v = chunked_band_attention(qs, ks, v[:, video], bands, s, scale)
     else:
-        out_v, lse_v = flex_band_attention([bhsd(x) for x in qs], [bhsd(x) for x in ks], v_all[:, :, video],
-                                           bands, s, scale)
+        # flex, with a part left to the chunked backend's fused dense calls (flex.UNSTRIPED)
+        mode, dense_plan = unstriped_mode(), None
+        if mode == "chunked":
+            dense_part, flex_part = split_striped(bands, s)
+        elif mode == "stacks":
+            dense_plan, flex_part = plan_stacks(bands, s)
+            dense_part = bands if dense_plan else None
+        else:
+            dense_part, flex_part = None, bands
+        parts = []
+        if dense_part is not None:
+            parts.append(chunked_band_attention(qs, ks, v[:, video], dense_part, s, scale, dense_plan))
+        if flex_part is not None:
+            parts.append(flex_band_attention([bhsd(x) for x in qs], [bhsd(x) for x in ks], v_all[:, :, video],
+                                             flex_part, s, scale))
+        out_v, lse_v = parts[0]
+        if len(parts) == 2:
+            out_v, lse_v = on_device(merge_lse, dev)([parts[0][0], parts[1][0]], [parts[0][1], parts[1][1]])
     if n == nv:
         return out_v.to(q.dtype).transpose(1, 2)
 

@@ -21,17 +21,18 @@ its passes build (per device and dtype, up to :data:`MASK_CACHE_BYTES` per plan)
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..bands import Band, BandSet
-from .kernels import attention_with_lse, prepare_mask, uses_fused_cpu_kernel
+from .kernels import attention_with_lse, prepare_mask, uses_fused_kernel
 from .merge import EMPTY_LSE, merge_into_
 
-__all__ = ["Pass", "PassPlan", "Stack", "chunked_band_attention", "key_groups", "plan_cost", "plan_passes"]
+__all__ = ["Pass", "PassPlan", "Stack", "chunked_band_attention", "key_groups", "plan_cost", "plan_passes",
+           "plan_stacks"]
 
 #: The planner's cost model, in units of one (query, key, channel) multiply-add (measured on CPU): the
 #: fixed overhead of one pass (launch, slicing, merge), the extra cost per masked (query, key) pair.
@@ -46,14 +47,14 @@ GATHER_COST = 12
 BATCH_KEYS = 16384
 #: Whether the planner runs sliding key windows as :class:`Stack` calls (off: passes only).
 STACKING = True
-#: Off the fused CPU kernel (which tiles), the most logits one stacked call may materialise (a call has
+#: Off the fused kernels (which tile), the most logits one stacked call may materialise (a call has
 #: at least one query frame, like a pass).
 STACK_LOGITS = 2**26
 #: Prepared masks a plan keeps between calls (bytes, per plan); past it they are rebuilt on each call.
 MASK_CACHE_BYTES = 64 * 2**20
 
 
-#: A pass's bool mask and its prepared form for the fused CPU kernel (``prepare_mask``), or None.
+#: A pass's bool mask and its prepared form for a fused kernel (``prepare_mask``), or None.
 MaskEntry = tuple[Tensor, tuple[Tensor, Tensor | None] | None]
 
 
@@ -80,7 +81,7 @@ class PassPlan(tuple):
         if hit is not None:
             return hit
         m = p.mask(q.device)
-        prepared = prepare_mask(m, q.dtype) if uses_fused_cpu_kernel(q) else None
+        prepared = prepare_mask(m, q.dtype) if uses_fused_kernel(q, masked=True) else None
         entry = (m, prepared)
         size = m.numel() * (1 + (0 if prepared is None else prepared[0].element_size()))
         if self.mask_bytes + size <= MASK_CACHE_BYTES:
@@ -437,13 +438,52 @@ def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -
             continue
         _, g, sb = _band_cost(band, s, head_dim)
         out.extend(_plan_band(b_id, band, g, s, sb))
-    touched = torch.zeros(band_set.num_frames * s, dtype=torch.bool)
+    _mark_first(out, band_set.num_frames, s)
+    return PassPlan(out)
+
+
+def _mark_first(out: list[Pass | Stack], num_frames: int, s: int) -> None:
+    """Flag each pass or stack that is the first to touch its rows (it writes instead of merging)."""
+    touched = torch.zeros(num_frames * s, dtype=torch.bool)
     for p in out:
         rows = p.rows if isinstance(p.rows, slice) else p.rows.tokens(s)
         if not bool(touched[rows].any()):
             object.__setattr__(p, "first", True)
         touched[rows] = True
-    return PassPlan(out)
+
+
+@functools.lru_cache(maxsize=64)
+def plan_stacks(band_set: BandSet, tokens_per_frame: int, min_frames: int = 8) -> tuple[PassPlan, BandSet | None]:
+    """The band set's sliding key windows as stacks, and what they leave (None: nothing).
+
+    Largest first (in frame pairs), over each unstriped band alone and each pair of unstriped bands with
+    the same query positions (keys read from one buffer of both rotations, as :func:`plan_passes` does),
+    while the largest spans at least ``min_frames`` query frames. No cost model: for a caller that runs
+    the stacks on a fused dense kernel and the rest elsewhere (``freeloc.attention.flex.UNSTRIPED``).
+    The rest is ``band_set`` with the stacks' pairs removed, band indices unchanged.
+    """
+    s = tokens_per_frame
+    f = band_set.num_frames
+    bands = list(band_set.bands)
+    plain = [b for b, band in enumerate(bands) if band.stripe is None and not band.is_empty()]
+    combos = [(b,) for b in plain] + [(a, b) for a in plain for b in plain
+                                       if a != b and torch.equal(bands[a].q_pos, bands[b].q_pos)]
+    stacks: list[Pass | Stack] = []
+    i = torch.arange(f)[:, None]
+    while combos:
+        best = max((_largest_window(torch.cat([bands[b].pairs for b in c], dim=1)), c) for c in combos)
+        (area, f0, f1, off, length), combo = best
+        if area == 0 or f1 - f0 < min_frames:
+            break
+        x = torch.arange(len(combo) * f)[None, :]
+        covered = (i >= f0) & (i < f1) & (x >= i + off) & (x < i + off + length)
+        for n, b in enumerate(combo):
+            bands[b] = replace(bands[b], pairs=bands[b].pairs & ~covered[:, n * f:(n + 1) * f])
+        stacks.append(Stack(combo[0], combo, (f0, f1), off, length, slice(f0 * s, f1 * s)))
+    _mark_first(stacks, f, s)
+    rest = None if all(b.is_empty() for b in bands) else BandSet(f, tuple(bands), band_set.t_freqs,
+                                                                    f"{band_set.label} (after stacks)")
+    return PassPlan(stacks), rest
 
 
 def plan_cost(passes: tuple[Pass | Stack, ...], tokens_per_frame: int) -> int:
@@ -461,8 +501,10 @@ def chunked_band_attention(
     band_set: BandSet,
     tokens_per_frame: int,
     scale: float,
+    plan: PassPlan | None = None,
 ) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
-    """Merged attention of every video query over the bands' video keys.
+    """Merged attention of every video query over the bands' video keys (by default; ``plan``: over the
+    pairs of that plan's stacks and passes only, rows outside it get output 0 and LSE ``-inf``).
 
     ``qs[b]``/``ks[b]`` are the queries/keys rotated with band ``b``'s positions, (batch, tokens, heads,
     dim). The passes read each distinct tensor in the head-major layout (batch, heads, tokens, dim), so
@@ -473,7 +515,7 @@ def chunked_band_attention(
     Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
     """
     b, n, h, d = v.shape
-    passes = plan_passes(band_set, tokens_per_frame, d)
+    passes = plan_passes(band_set, tokens_per_frame, d) if plan is None else plan
     head_major: dict[int, Tensor] = {}  # bands that share a rotation share the tensor, and its copy
 
     def bhnd(x: Tensor) -> Tensor:
@@ -514,10 +556,11 @@ def chunked_band_attention(
                 # not allocated together (see key_groups): one copy
                 buffers[p.key_bands] = torch.cat(parts, dim=2) if joined is None else joined
             kb, vb = buffers[p.key_bands], v_rep[:, :, :len(p.key_bands) * n]
-            # one call per sample, its query frames the kernel's batch; off the fused CPU kernel, which
-            # materialises the logits, in groups of frames of at most STACK_LOGITS logits
+            # one call per sample, its query frames the kernel's batch; off the fused kernels, which
+            # materialise the logits, in groups of frames of at most STACK_LOGITS logits
             per_frame = h * s * p.length * s
-            step = p.num_frames if uses_fused_cpu_kernel(v) else max(1, STACK_LOGITS // per_frame)
+            fused = uses_fused_kernel(v, overlapping=p.length > 1)
+            step = p.num_frames if fused else max(1, STACK_LOGITS // per_frame)
             for i in range(b):
                 for f0 in range(p.frames[0], p.frames[1], step):
                     nf = min(step, p.frames[1] - f0)

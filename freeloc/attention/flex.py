@@ -39,20 +39,20 @@ from __future__ import annotations
 import functools
 import typing
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..bands import BandSet, count_per_tile, gap_and_span, token_pieces
+from ..bands import Band, BandSet, count_per_tile, gap_and_span, token_pieces
 from .fused import on_device, recompile_limit_at_least
 from .merge import merge_lse
 from .reference import MAX_TOKENS
 
-__all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE", "LAYOUT", "padded_frame",
-           "use_aligned"]
+__all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE", "LAYOUT", "UNSTRIPED", "padded_frame",
+           "split_striped", "unstriped_mode", "use_aligned"]
 
 BLOCK_SIZE = 128
 
@@ -300,6 +300,44 @@ def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device) 
     s = tokens_per_frame
     striped = any(b.stripe is not None and b.stripe < s and not b.is_empty() for b in band_set.bands)
     return device.type == "cuda" and striped and 8 * (padded_frame(s) - s) <= s
+
+
+#: What the ``flex`` backend leaves to the chunked backend's fused dense calls (on CUDA: cuDNN's or
+#: FlashAttention's kernel, whichever passes its check, see :mod:`freeloc.attention.kernels`):
+#: ``"flex"``: nothing, every band runs in flex calls; ``"stacks"``: the sliding key windows of the bands
+#: without a stripe (:func:`~freeloc.attention.chunked.plan_stacks`: one call per window, its query
+#: frames as the batch, no mask), the rest on flex; ``"chunked"``: every band without a stripe, as the
+#: chunked backend plans it, the striped bands on flex. The parts merge by LSE.
+UNSTRIPED = "flex"
+UNSTRIPED_MODES = ("flex", "stacks", "chunked")
+
+
+def _striped(band: Band, tokens_per_frame: int) -> bool:
+    return band.stripe is not None and band.stripe < tokens_per_frame and not band.is_empty()
+
+
+@functools.lru_cache(maxsize=64)
+def split_striped(band_set: BandSet, tokens_per_frame: int) -> tuple[BandSet | None, BandSet | None]:
+    """``(bands without a stripe, bands with one)``: each part is ``band_set`` with the other part's bands
+    emptied, so that band ``i`` keeps its index (and its rotations); None for a part without pairs."""
+    s = tokens_per_frame
+
+    def keep(striped: bool) -> BandSet | None:
+        bands = tuple(b if _striped(b, s) == striped else replace(b, pairs=torch.zeros_like(b.pairs))
+                      for b in band_set.bands)
+        if all(b.is_empty() for b in bands):
+            return None
+        part = "striped" if striped else "unstriped"
+        return BandSet(band_set.num_frames, bands, band_set.t_freqs, f"{band_set.label} ({part} bands)")
+
+    return keep(False), keep(True)
+
+
+def unstriped_mode() -> str:
+    """:data:`UNSTRIPED`, checked."""
+    if UNSTRIPED not in UNSTRIPED_MODES:
+        raise ValueError(f"freeloc.attention.flex.UNSTRIPED must be one of {UNSTRIPED_MODES}, got {UNSTRIPED!r}")
+    return UNSTRIPED
 
 
 @functools.lru_cache(maxsize=64)

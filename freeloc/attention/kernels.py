@@ -1,22 +1,183 @@
 """One attention pass that also returns its log-sum-exp (the building block of every backend).
 
-On CPU this uses PyTorch's fused flash kernel for CPU, which returns the LSE exactly; elsewhere a
-plain float32 computation bounded by the size of the pass. Rows with no allowed key get
-``lse = -inf`` (the fused kernel reports 0 for them, so the caller passes which rows have keys).
+On CPU this uses PyTorch's fused flash kernel for CPU, which returns the LSE exactly. On CUDA it uses
+a fused kernel that returns the LSE (cuDNN's, then FlashAttention's, then the memory-efficient one:
+:data:`CUDA_KERNELS`), the first one that is **checked** to work here: on first use for a (device,
+dtype, head dim, masked or not, overlapping key windows or not), each candidate runs a small random
+problem of that kind and its output and LSE are compared with a plain float32 computation; a
+candidate that raises or disagrees is skipped from then on (``checked_kernels`` says what was
+chosen). PyTorch reaches these kernels through private operators whose signatures and return
+layouts have changed between releases; the check makes a wrong or missing one a slower call
+instead of a wrong result. Elsewhere (float64, or no kernel passed) a plain float32 computation
+runs, in row chunks of at most :data:`FLOAT_LOGITS` logits.
+Rows with no allowed key get ``lse = -inf`` and a zero output (the fused kernels report 0 or NaN
+for them, so the caller passes which rows have keys).
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["attention_with_lse", "prepare_mask", "uses_fused_cpu_kernel"]
+__all__ = ["CUDA_KERNELS", "FLOAT_LOGITS", "FusedKernel", "attention_with_lse", "checked_kernels",
+           "choose_kernel", "fused_kernel_for", "prepare_mask", "uses_fused_cpu_kernel", "uses_fused_kernel"]
+
+#: The most logits the plain float32 computation materialises at once (it runs in row chunks).
+FLOAT_LOGITS = 2**26
 
 
 def uses_fused_cpu_kernel(q: Tensor) -> bool:
     """Whether :func:`attention_with_lse` runs PyTorch's fused CPU flash kernel for this query."""
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class FusedKernel:
+    """A fused attention kernel that returns the LSE: ``run(q, k, v, bias or None, scale) -> (out, lse)``
+    with q, k, v (batch, heads, tokens, dim) and ``bias`` additive, (batch, heads, q, k), in q's dtype."""
+
+    name: str
+    run: Callable[[Tensor, Tensor, Tensor, Tensor | None, float], tuple[Tensor, Tensor]]
+    dtypes: tuple[torch.dtype, ...]
+    masked: bool  # accepts a bias
+    max_head_dim: int
+
+
+def _lse_rows(lse: Tensor, q: Tensor) -> Tensor:
+    """The kernels' LSE as (batch, heads, q): some add a trailing 1, some pad the rows."""
+    b, h, n, _ = q.shape
+    return lse.reshape(b, h, -1)[:, :, :n]
+
+
+def _cudnn(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+    return res[0], _lse_rows(res[1], q)
+
+
+def _flash(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+    return res[0], _lse_rows(res[1], q)
+
+
+def _efficient(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    if bias is not None:
+        # the kernel reads the bias rows 16-element aligned: pad the key dim, pass a view of the real keys
+        nk = bias.shape[-1]
+        padded = -(-nk // 16) * 16
+        if padded != nk or bias.stride(-2) % 16:
+            full = bias.new_empty(*bias.shape[:-1], padded)
+            full[..., :nk].copy_(bias)
+            bias = full[..., :nk]
+        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], nk)
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)
+    return res[0], _lse_rows(res[1], q)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+#: The CUDA candidates, in order of preference (cuDNN's kernel is the one PyTorch's SDPA picks on Hopper).
+CUDA_KERNELS: tuple[FusedKernel, ...] = (
+    FusedKernel("cudnn", _cudnn, _HALF, masked=False, max_head_dim=128),
+    FusedKernel("flash", _flash, _HALF, masked=False, max_head_dim=256),
+    FusedKernel("efficient", _efficient, (torch.float32, *_HALF), masked=True, max_head_dim=512),
+)
+
+#: (device, dtype, head dim, masked, overlapping keys) -> the kernel that passed its check, or None.
+_CHOSEN: dict[tuple[str, torch.dtype, int, bool, bool], FusedKernel | None] = {}
+
+
+def checked_kernels() -> dict[tuple[str, torch.dtype, int, bool, bool], str | None]:
+    """What :func:`fused_kernel_for` chose so far, per (device, dtype, head dim, masked, overlapping
+    key windows): the kernel's name, or None where every candidate failed its check."""
+    return {key: None if k is None else k.name for key, k in _CHOSEN.items()}
+
+
+def _overlapping(k: Tensor) -> bool:
+    """Whether the batch entries of ``k`` share memory (a stack's sliding key windows)."""
+    return k.shape[0] > 1 and 0 < k.stride(0) < k.shape[2] * k.stride(2)
+
+
+def _float_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """Plain float32 attention, in row chunks of at most :data:`FLOAT_LOGITS` logits."""
+    b, h, n, _ = q.shape
+    step = max(1, FLOAT_LOGITS // max(1, b * h * k.shape[2]))
+    outs, lses = [], []
+    kf, vf = k.float().transpose(-1, -2), v.float()
+    for r in range(0, n, step):
+        s = torch.matmul(q[:, :, r:r + step].float() * scale, kf)
+        if mask is not None:
+            s = s.masked_fill(~mask[..., r:r + step, :], float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
+        outs.append(torch.matmul(p, vf).to(q.dtype))
+        lses.append(lse)
+    return (outs[0], lses[0]) if len(outs) == 1 else (torch.cat(outs, 2), torch.cat(lses, 2))
+
+
+def _check(kernel: FusedKernel, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool,
+           overlapping: bool) -> bool:
+    """Run ``kernel`` on a small random problem of this kind and compare with :func:`_float_attention`."""
+    g = torch.Generator().manual_seed(0)
+    b, h, nq, nk = 2, 3, 37, 53
+
+    def rand(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g).to(device, dtype)
+
+    q = rand(b, h, nq, head_dim)
+    if overlapping:  # sliding windows of one buffer, as a stack reads them (batch stride < window)
+        base_q = rand(1, h, b * nq, head_dim)
+        q = base_q.as_strided((b, h, nq, head_dim), (nq * head_dim, base_q.stride(1), head_dim, 1))
+        base_k, base_v = rand(1, h, nk + 11, head_dim), rand(1, h, nk + 11, head_dim)
+        k = base_k.as_strided((b, h, nk, head_dim), (11 * head_dim, base_k.stride(1), head_dim, 1))
+        v = base_v.as_strided((b, h, nk, head_dim), (11 * head_dim, base_v.stride(1), head_dim, 1))
+    else:
+        k, v = rand(b, h, nk, head_dim), rand(b, h, nk, head_dim)
+    mask = torch.rand(b, 1, nq, nk, generator=g).to(device) < 0.7 if masked else None
+    if mask is not None:
+        mask[..., 0] = True
+    scale = head_dim**-0.5
+    want_o, want_l = _float_attention(q, k, v, mask, scale)
+    try:
+        bias = None if mask is None else prepare_mask(mask, dtype)[0]
+        out, lse = kernel.run(q, k, v, bias, scale)
+        tol = 1e-3 if dtype == torch.float32 else 3e-2
+        return (out.shape == want_o.shape and lse.shape == want_l.shape
+                and bool(torch.allclose(out.float(), want_o.float(), atol=tol, rtol=tol))
+                and bool(torch.allclose(lse.float(), want_l, atol=tol, rtol=tol)))
+    except Exception as err:  # not built, not for this GPU or this layout: the next candidate
+        warnings.warn(f"fused attention kernel {kernel.name!r} unavailable for {dtype}, head dim {head_dim}"
+                      f"{', masked' if masked else ''}{', overlapping keys' if overlapping else ''} on {device} "
+                      f"({type(err).__name__}: {str(err)[:200]}); trying the next one", stacklevel=4)
+        return False
+
+
+def fused_kernel_for(q: Tensor, masked: bool = False, overlapping: bool = False) -> FusedKernel | None:
+    """The checked CUDA kernel for calls like this one (see the module docstring), or None: queries like
+    ``q``, with a mask or not, with key windows that overlap between batch entries or not."""
+    if q.device.type != "cuda":
+        return None
+    key = (str(q.device), q.dtype, q.shape[-1], masked, overlapping)
+    if key not in _CHOSEN:
+        _CHOSEN[key] = choose_kernel(CUDA_KERNELS, q.device, q.dtype, q.shape[-1], masked, overlapping)
+    return _CHOSEN[key]
+
+
+def choose_kernel(candidates: tuple[FusedKernel, ...], device: torch.device, dtype: torch.dtype, head_dim: int,
+                  masked: bool, overlapping: bool) -> FusedKernel | None:
+    """The first of ``candidates`` made for this kind of call that passes its check here, or None."""
+    return next((c for c in candidates
+                 if dtype in c.dtypes and head_dim <= c.max_head_dim and (c.masked or not masked)
+                 and _check(c, device, dtype, head_dim, masked, overlapping)), None)
+
+
+def uses_fused_kernel(q: Tensor, masked: bool = False, overlapping: bool = False) -> bool:
+    """Whether :func:`attention_with_lse` runs a fused kernel (which tiles: its memory does not grow with
+    the number of logits) for calls like this one (see :func:`fused_kernel_for`)."""
+    return uses_fused_cpu_kernel(q) or fused_kernel_for(q, masked, overlapping) is not None
 
 
 def prepare_mask(mask: Bool[Tensor, "*batch q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -43,7 +204,8 @@ def attention_with_lse(
     across calls with the same mask). Returns the output (``q.dtype``) and the natural-log LSE of
     the scaled logits (float32).
     """
-    if mask is not None and prepared is None:
+    cuda_kernel = fused_kernel_for(q, mask is not None, _overlapping(k))
+    if mask is not None and prepared is None and (cuda_kernel is not None or uses_fused_cpu_kernel(q)):
         prepared = prepare_mask(mask, q.dtype)
     has_key = None if prepared is None else prepared[1]
     if uses_fused_cpu_kernel(q):
@@ -51,14 +213,13 @@ def attention_with_lse(
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )
+    elif cuda_kernel is not None:
+        out, lse = cuda_kernel.run(q, k, v, None if prepared is None else prepared[0], scale)
     else:
-        s = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - torch.where(torch.isneginf(lse), 0.0, lse)[..., None])
-        out = torch.matmul(p, v.float()).to(q.dtype)
+        out, lse = _float_attention(q, k, v, mask, scale)
     lse = lse.float()
     if has_key is not None:
         lse = lse.masked_fill(~has_key, float("-inf"))
+        if cuda_kernel is not None:
+            out = out.masked_fill(~has_key[..., None], 0.0)
     return out, lse

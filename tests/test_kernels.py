@@ -1,0 +1,134 @@
+"""The single attention pass with its LSE (``freeloc.attention.kernels``): the plain float32 path in row
+chunks, and the choice of a fused kernel by checking each candidate on a small problem first.
+
+The CUDA candidates themselves run in ``tests/test_cuda.py``; here, CPU stand-ins (right, wrong, failing)
+exercise the choice.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+
+import pytest
+import torch
+
+from freeloc.attention import kernels
+from freeloc.attention.kernels import FusedKernel, attention_with_lse, choose_kernel, prepare_mask
+
+CPU = torch.device("cpu")
+
+
+def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    return p @ v.double(), lse
+
+
+def cpu_flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias,
+                                                                          scale=scale)
+    return out, lse
+
+
+def ignores_bias(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return cpu_flash(q, k, v, None, scale)
+
+
+def base2_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out, lse = cpu_flash(q, k, v, bias, scale)
+    return out, lse / math.log(2)  # log2 instead of the natural log: some kernels keep it that way
+
+
+def contiguous_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if k.shape[0] > 1 and k.stride(0) < k.shape[2] * k.stride(2):
+        raise RuntimeError("overlapping batch strides are not supported")
+    return cpu_flash(q, k, v, bias, scale)
+
+
+def broken(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    raise RuntimeError("no kernel image is available for execution on the device")
+
+
+FLOATS = (torch.float32, torch.bfloat16)
+
+
+def kernel(name: str, run: object, masked: bool = True) -> FusedKernel:
+    return FusedKernel(name, run, FLOATS, masked=masked, max_head_dim=256)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
+@pytest.mark.parametrize("overlapping", [False, True], ids=["separate", "overlapping"])
+def test_the_first_candidate_that_passes_its_check_is_chosen(masked: bool, overlapping: bool) -> None:
+    candidates = (kernel("broken", broken), kernel("base2", base2_lse), kernel("no-bias", ignores_bias),
+                  kernel("contiguous", contiguous_only), kernel("right", cpu_flash))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chosen = choose_kernel(candidates, CPU, torch.float32, 48, masked, overlapping)
+    # the candidates that raised are named in a warning; the ones that answered wrong are skipped quietly
+    raised = {m.group(1) for w in caught if (m := re.search(r"kernel '([\w-]+)' unavailable", str(w.message)))}
+    assert raised == ({"broken", "contiguous"} if overlapping and masked else {"broken"})
+    assert chosen is not None
+    # the base-2 LSE always fails; ignoring the bias fails only when there is one; refusing
+    # overlapping windows fails (raises) only for them
+    want = {(False, False): "no-bias", (True, False): "contiguous", (False, True): "no-bias",
+            (True, True): "right"}[masked, overlapping]
+    print(f"masked={masked}, overlapping={overlapping}: chose {chosen.name}")
+    assert chosen.name == want
+
+
+def test_no_candidate_passing_gives_none_and_unmasked_kernels_are_not_asked_for_masks() -> None:
+    assert choose_kernel((kernel("base2", base2_lse),), CPU, torch.bfloat16, 32, False, False) is None
+    calls: list[str] = []
+
+    def spy(*args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append("called")
+        return cpu_flash(*args)  # type: ignore[arg-type]
+
+    assert choose_kernel((kernel("plain-only", spy, masked=False),), CPU, torch.float32, 32, True, False) is None
+    assert calls == []
+    # a head dim above the kernel's limit, or a dtype it does not take, is not tried either
+    assert choose_kernel((kernel("small", spy),), CPU, torch.float32, 512, False, False) is None
+    assert choose_kernel((kernel("small", spy),), CPU, torch.float64, 32, False, False) is None
+    assert calls == []
+    assert choose_kernel((kernel("spy", spy),), CPU, torch.float32, 32, False, False) is not None
+    assert calls == ["called"]
+
+
+def test_float_path_in_row_chunks_matches_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 20, generator=g, dtype=torch.float64) for n in (41, 29, 29))
+    mask = torch.rand(2, 1, 41, 29, generator=g) < 0.6
+    mask[1, 0, 5] = False  # a row without keys: zero output, LSE -inf
+    want_o, want_l = dense(q, k, v, mask, 0.3)
+    whole = attention_with_lse(q, k, v, mask, 0.3)
+    monkeypatch.setattr(kernels, "FLOAT_LOGITS", 2 * 3 * 29 * 4)  # four query rows per chunk
+    chunked = attention_with_lse(q, k, v, mask, 0.3)
+    for out, lse in (whole, chunked):
+        torch.testing.assert_close(out, want_o.to(out.dtype), atol=1e-5, rtol=1e-5)  # computed in float32
+        torch.testing.assert_close(lse, want_l.float(), atol=1e-6, rtol=1e-6)
+    assert bool(torch.isneginf(chunked[1][1, :, 5]).all()) and bool((chunked[0][1, :, 5] == 0).all())
+
+
+def test_prepare_mask_reports_rows_without_keys() -> None:
+    mask = torch.tensor([[True, False], [False, False]])
+    bias, has_key = prepare_mask(mask, torch.bfloat16)
+    assert bias.dtype == torch.bfloat16 and bias[0, 0] == 0 and bool(torch.isneginf(bias[0, 1]))
+    assert has_key is not None and has_key.tolist() == [True, False]
+    assert prepare_mask(torch.ones(3, 4, dtype=torch.bool), torch.float32)[1] is None
+
+
+def test_fused_kernels_are_for_cuda_only() -> None:
+    q = torch.randn(1, 2, 5, 16)
+    assert kernels.fused_kernel_for(q) is None
+    assert kernels.uses_fused_kernel(q) and not kernels.uses_fused_kernel(q.double())
