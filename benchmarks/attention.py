@@ -8,11 +8,16 @@ CUDA (when present): the ``flex`` backend at the full Wan2.1-1.3B shape (81 fram
 
 Targets: TSA time <= 1.3 x block density x dense; VRPR time <= 1.5 x dense.
 
-    python benchmarks/attention.py [--reps 7] [--shapes 12x13,6x10] [--flex-layouts packed,aligned]
+    python benchmarks/attention.py [--reps 7] [--shapes 12x13,6x10] [--variants packed,aligned,stacks]
                                    [--json out.json] [--png out.png]
 
-``--flex-layouts`` adds rows such as ``tsa:packed`` on CUDA: the method with that flex token layout
-forced (see ``freeloc.attention.flex``), beside the default choice.
+``--variants`` (or ``--flex-layouts``) adds rows such as ``tsa:packed`` on CUDA, beside the default
+choice: ``aligned`` / ``packed`` force that flex token layout; ``stacks`` runs the sliding key windows
+of the bands without a stripe as stacks (one fused dense call each, no mask: cuDNN's kernel where it
+passes its check) and the rest on flex (``flex.UNSTRIPED = "stacks"``); ``split`` runs every band
+without a stripe as the chunked backend does and the striped ones on flex (``flex.UNSTRIPED =
+"chunked"``); ``chunked`` runs the chunked backend for the whole call (see ``freeloc.attention.flex``
+and ``.kernels``).
 
 Timing: every method is warmed up (plans, block masks, compilation), then the repetitions run
 interleaved (dense, TSA, VRPR, dense, ...) and each method's median is taken, so that a slow phase
@@ -61,8 +66,15 @@ def make(shape: dict, device: str) -> tuple[torch.Tensor, ...]:
                  for _ in range(3))
 
 
+#: Settings a CUDA row may force (``tsa:stacks``...): the flex token layout (``aligned``, ``packed``); a
+#: part of the call on the chunked backend's fused dense calls: the sliding windows of the unstriped bands
+#: (``stacks``: ``flex.UNSTRIPED = "stacks"``) or all the unstriped bands (``split``: ``flex.UNSTRIPED =
+#: "chunked"``); or the chunked backend for the whole call (``chunked``).
+VARIANTS = ("auto", "aligned", "packed", "stacks", "split", "chunked")
+
+
 def method_of(name: str) -> freeloc.Method | None:
-    """``dense``, ``tsa``, ``vrpr``, or one of them with a flex layout: ``tsa:packed``, ``vrpr:aligned``."""
+    """``dense``, ``tsa``, ``vrpr``, or one of them with a variant: ``tsa:packed``, ``vrpr:chunked``."""
     return {"dense": None, "tsa": freeloc.TSA(cap=TRAINED - 1),
             "vrpr": freeloc.VRPR.for_length(81, TRAINED)}[name.split(":")[0]]
 
@@ -73,14 +85,20 @@ def runner(name: str, shape: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     method = method_of(name)
     # dense: plain SDPA on q/k rotated once at the original positions (what the unmodified model computes)
     backend = shape["backend"] if method is not None else "auto"
-    layout = name.split(":")[1] if ":" in name else "auto"
+    variant = name.split(":")[1] if ":" in name else "auto"
+    if variant not in VARIANTS:
+        raise SystemExit(f"unknown variant {variant!r} in {name!r}; accepted: {', '.join(VARIANTS)}")
+    layout = variant if variant in ("aligned", "packed") else "auto"
+    unstriped = {"stacks": "stacks", "split": "chunked"}.get(variant, "flex")
+    if variant == "chunked":
+        backend = "chunked"
 
     def run() -> torch.Tensor:
-        flex.LAYOUT = layout
+        flex.LAYOUT, flex.UNSTRIPED = layout, unstriped
         try:
             return attend(q, k, v, grid=grid, method=method, rotary=rot, backend=backend)
         finally:
-            flex.LAYOUT = "auto"
+            flex.LAYOUT, flex.UNSTRIPED = "auto", "flex"
 
     return run
 
@@ -191,16 +209,21 @@ def cpu_peak_mib(name: str, shape: dict) -> float:
         return float("nan")
 
 
-def exactness(device: str, shape: dict) -> None:
-    """Max difference of the timed backend to ``chunked`` (exact, bounded memory) at the same shape."""
+def exactness(device: str, shape: dict, names: tuple[str, ...] = METHODS[1:]) -> None:
+    """Max difference of each timed row to the ``chunked`` backend (exact, bounded memory) at the same shape."""
     q, k, v = make(shape, device)
     grid = (shape["frames"], shape["height"], shape["width"])
     rot = freeloc.RotaryLayout.wan(shape["head_dim"])
-    for name in METHODS[1:]:
-        kw = dict(grid=grid, method=method_of(name), rotary=rot)
-        out = attend(q, k, v, backend=shape["backend"], **kw).float()
-        ref = attend(q, k, v, backend="chunked", **kw).float()
-        print(f"  {name}: {shape['backend']} vs chunked, max |difference| {(out - ref).abs().max().item():.2e} "
+    refs: dict[str, torch.Tensor] = {}
+    for name in names:
+        if name.endswith(":chunked"):
+            continue
+        base = name.split(":")[0]
+        if base not in refs:
+            refs[base] = attend(q, k, v, grid=grid, method=method_of(base), rotary=rot, backend="chunked").float()
+        ref = refs[base]
+        out = runner(name, shape, q, k, v)().float()
+        print(f"  {name}: vs chunked, max |difference| {(out - ref).abs().max().item():.2e} "
               f"(outputs up to {ref.abs().max().item():.2f}, {shape['dtype']})")
 
 
@@ -253,9 +276,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--shapes", default="12x13,6x10",
                     help="CPU latent shapes HxW, comma-separated; 'none' skips the CPU part")
-    ap.add_argument("--flex-layouts", default="",
-                    help="CUDA: also time TSA and VRPR with these flex layouts forced (comma-separated: "
-                         "aligned, packed), beside the default choice, interleaved in the same run")
+    ap.add_argument("--flex-layouts", "--variants", default="",
+                    help="CUDA: also time TSA and VRPR with these settings (comma-separated: aligned, packed: "
+                         "that flex layout forced; hybrid: unstriped bands on the chunked backend's fused calls; "
+                         "chunked: the chunked backend), beside the default choice, interleaved in the same run")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--png", default=None, help="also plot the time ratios to this PNG")
     ap.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # the child of cpu_peak_mib
@@ -288,7 +312,10 @@ def main() -> None:
         extra = tuple(f"{m}:{lay}" for lay in filter(None, args.flex_layouts.split(",")) for m in METHODS[1:])
         results[label] = bench("cuda", shape, args.reps, METHODS + extra)
         report(f"{label} (flex)", results[label])
-        exactness("cuda", shape)
+        from freeloc.attention.kernels import checked_kernels
+
+        print(f"fused kernels chosen for the chunked calls: {checked_kernels() or 'none used'}")
+        exactness("cuda", shape, METHODS[1:] + extra)
     else:
         print("\nCUDA: not available on this machine; the flex / full-shape part was not run")
     if args.json:
