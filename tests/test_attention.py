@@ -296,13 +296,17 @@ def test_plan_stacks_and_the_rest_cover_each_pair_once(name: str, method: freelo
     bands = band_set_for(method, f, 60, ROTARY).aligned()
     plan, rest = plan_stacks(bands, 60, min_frames)
     count, stacks = plan_coverage(bands, 60, HEAD_DIM, plan)
-    assert len(stacks) == len(plan)
+    blocks = [p for p in plan if not isinstance(p, Stack)]  # unmasked passes: query frames x key frames
+    assert len(stacks) + len(blocks) == len(plan)
     left = torch.zeros_like(count) if rest is None else torch.stack([b.pairs.long() for b in rest.bands])
-    covered = sum(p.num_frames * p.length for p in stacks)
+    covered = int(count.sum())
     total = sum(int(b.pairs.sum()) for b in bands.bands)
-    print(f"{name}, min_frames={min_frames}: {len(stacks)} stacks cover {covered} of {total} frame pairs")
+    print(f"{name}, min_frames={min_frames}: {len(stacks)} stacks and {len(blocks)} blocks cover {covered} of "
+          f"{total} frame pairs")
     assert torch.equal(count + left, torch.stack([b.pairs.long() for b in bands.bands]))
     assert all(p.num_frames >= min_frames for p in stacks)
+    assert all(p.frame_ok is None and p.near is None and (p.rows.stop - p.rows.start) // 60 >= min_frames
+               and bands.bands[p.band].stripe is None for p in blocks)
     assert all(bands.bands[b].stripe is None for p in stacks for b in p.key_bands)
     if rest is not None:
         assert [b.stripe for b in rest.bands] == [b.stripe for b in bands.bands]
@@ -477,6 +481,21 @@ def test_largest_window_is_the_largest(f: int, m: int, seed: int, density: float
     if area:
         assert (f1 - f0) * length == area
         assert all(bool(keys[i, i + off:i + off + length].all()) and i + off >= 0 for i in range(f0, f1))
+
+
+@given(st.integers(1, 9), st.integers(1, 10), st.integers(1, 4), st.integers(0, 2**32 - 1), st.floats(0.3, 0.97))
+@settings(max_examples=150, deadline=None)
+def test_largest_rectangle_is_the_largest(f: int, m: int, min_rows: int, seed: int, density: float) -> None:
+    """``plan_stacks``'s block search against brute force over every (row range, column range)."""
+    from freeloc.attention.chunked import _largest_rectangle
+
+    pairs = torch.rand(f, m, generator=torch.Generator().manual_seed(seed)) < density
+    area, f0, f1, k0, k1 = _largest_rectangle(pairs, min_rows)
+    best = max([(i1 - i0) * (c1 - c0) for i0 in range(f) for i1 in range(i0 + min_rows, f + 1)
+                for c0 in range(m) for c1 in range(c0 + 1, m + 1) if bool(pairs[i0:i1, c0:c1].all())], default=0)
+    assert area == best
+    if area:
+        assert (f1 - f0) * (k1 - k0) == area and f1 - f0 >= min_rows and bool(pairs[f0:f1, k0:k1].all())
 
 
 @pytest.mark.parametrize("method", [freeloc.TSA(d1=2, d2=6, stripe=0.2, cap=12), freeloc.VRPR(2, 4, 2, 3, 8)],

@@ -132,3 +132,38 @@ def test_fused_kernels_are_for_cuda_only() -> None:
     q = torch.randn(1, 2, 5, 16)
     assert kernels.fused_kernel_for(q) is None
     assert kernels.uses_fused_kernel(q) and not kernels.uses_fused_kernel(q.double())
+
+
+def test_a_kernel_that_fails_on_a_real_call_gives_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that passed its check but raises on a later call is replaced by the next candidate that
+    passes (or the float32 path) for that kind of call, with a warning, and the call still returns the
+    right numbers."""
+    def small_only(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if q.shape[2] > 100:
+            raise RuntimeError("sequence too long for this kernel")
+        return dense_kernel(q, k, v, bias, scale)
+
+    used: list[str] = []
+
+    def dense_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        used.append("dense")
+        s = (q @ k.transpose(-1, -2)) * scale + (0 if bias is None else bias)
+        return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+    f64 = (torch.float64,)
+    monkeypatch.setattr(kernels, "FUSED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    monkeypatch.setattr(kernels, "CUDA_KERNELS", (FusedKernel("small", small_only, f64, True, 64),
+                                                  FusedKernel("dense", dense_kernel, f64, True, 64)))
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g, dtype=torch.float64) for n in (150, 70, 70))
+    assert kernels.fused_kernel_for(q).name == "small"  # passed its check (a small problem)
+    used.clear()
+    with pytest.warns(UserWarning, match=r"'small' failed on a call of shape q \(2, 3, 150, 16\).*using 'dense'"):
+        out, lse = attention_with_lse(q, k, v, None, 0.25)
+    assert kernels.fused_kernel_for(q).name == "dense" and "dense" in used
+    want_o, want_l = dense(q, k, v, None, 0.25)
+    torch.testing.assert_close(out, want_o, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(lse, want_l.float(), atol=1e-6, rtol=1e-6)

@@ -452,15 +452,38 @@ def _mark_first(out: list[Pass | Stack], num_frames: int, s: int) -> None:
         touched[rows] = True
 
 
+def _largest_rectangle(pairs: Bool[Tensor, "frames keys"], min_rows: int) -> tuple[int, int, int, int, int]:
+    """The largest all-True block of ``pairs`` (consecutive query frames x consecutive key frames) with at
+    least ``min_rows`` rows: ``(frame pairs, f0, f1, k0, k1)``, area 0 if none (largest rectangle under
+    the per-row histograms of consecutive True columns going up)."""
+    rows = pairs.tolist()
+    m = len(rows[0]) if rows else 0
+    height = [0] * m
+    best = (0, 0, 0, 0, 0)
+    for r, row in enumerate(rows):
+        height = [h + 1 if ok else 0 for h, ok in zip(height, row, strict=True)]
+        stack: list[tuple[int, int]] = []  # (first column, height), heights increasing
+        for c, h in enumerate([*height, 0]):
+            start = c
+            while stack and stack[-1][1] >= h:
+                start, top = stack.pop()
+                if top >= min_rows and top * (c - start) > best[0]:
+                    best = (top * (c - start), r + 1 - top, r + 1, start, c)
+            stack.append((start, h))
+    return best
+
+
 @functools.lru_cache(maxsize=64)
 def plan_stacks(band_set: BandSet, tokens_per_frame: int, min_frames: int = 8) -> tuple[PassPlan, BandSet | None]:
     """The band set's sliding key windows as stacks, and what they leave (None: nothing).
 
     Largest first (in frame pairs), over each unstriped band alone and each pair of unstriped bands with
     the same query positions (keys read from one buffer of both rotations, as :func:`plan_passes` does),
-    while the largest spans at least ``min_frames`` query frames. No cost model: for a caller that runs
-    the stacks on a fused dense kernel and the rest elsewhere (``freeloc.attention.flex.UNSTRIPED``).
-    The rest is ``band_set`` with the stacks' pairs removed, band indices unchanged.
+    while the largest spans at least ``min_frames`` query frames; then, per unstriped band, the largest
+    blocks of consecutive query frames x consecutive key frames (TSA's sink: every frame past ``D2`` x
+    frame 0) of at least ``min_frames`` query frames, as unmasked passes. No cost model: for a caller
+    that runs them on a fused dense kernel and the rest elsewhere (``freeloc.attention.flex.UNSTRIPED``).
+    The rest is ``band_set`` with those pairs removed, band indices unchanged.
     """
     s = tokens_per_frame
     f = band_set.num_frames
@@ -480,6 +503,15 @@ def plan_stacks(band_set: BandSet, tokens_per_frame: int, min_frames: int = 8) -
         for n, b in enumerate(combo):
             bands[b] = replace(bands[b], pairs=bands[b].pairs & ~covered[:, n * f:(n + 1) * f])
         stacks.append(Stack(combo[0], combo, (f0, f1), off, length, slice(f0 * s, f1 * s)))
+    for b in plain:
+        while True:
+            area, f0, f1, k0, k1 = _largest_rectangle(bands[b].pairs, min_frames)
+            if area == 0:
+                break
+            pairs = bands[b].pairs.clone()
+            pairs[f0:f1, k0:k1] = False
+            bands[b] = replace(bands[b], pairs=pairs)
+            stacks.append(Pass(b, slice(f0 * s, f1 * s), slice(k0 * s, k1 * s), None, None, s, s))
     _mark_first(stacks, f, s)
     rest = None if all(b.is_empty() for b in bands) else BandSet(f, tuple(bands), band_set.t_freqs,
                                                                     f"{band_set.label} (after stacks)")

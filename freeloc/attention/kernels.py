@@ -24,11 +24,13 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["CUDA_KERNELS", "FLOAT_LOGITS", "FusedKernel", "attention_with_lse", "checked_kernels",
+__all__ = ["CUDA_KERNELS", "FLOAT_LOGITS", "FUSED_DEVICES", "FusedKernel", "attention_with_lse", "checked_kernels",
            "choose_kernel", "fused_kernel_for", "prepare_mask", "uses_fused_cpu_kernel", "uses_fused_kernel"]
 
 #: The most logits the plain float32 computation materialises at once (it runs in row chunks).
 FLOAT_LOGITS = 2**26
+#: Device types on which :data:`CUDA_KERNELS` are tried.
+FUSED_DEVICES = ("cuda",)
 
 
 def uses_fused_cpu_kernel(q: Tensor) -> bool:
@@ -158,12 +160,24 @@ def _check(kernel: FusedKernel, device: torch.device, dtype: torch.dtype, head_d
 def fused_kernel_for(q: Tensor, masked: bool = False, overlapping: bool = False) -> FusedKernel | None:
     """The checked CUDA kernel for calls like this one (see the module docstring), or None: queries like
     ``q``, with a mask or not, with key windows that overlap between batch entries or not."""
-    if q.device.type != "cuda":
+    if q.device.type not in FUSED_DEVICES or uses_fused_cpu_kernel(q):
         return None
     key = (str(q.device), q.dtype, q.shape[-1], masked, overlapping)
     if key not in _CHOSEN:
         _CHOSEN[key] = choose_kernel(CUDA_KERNELS, q.device, q.dtype, q.shape[-1], masked, overlapping)
     return _CHOSEN[key]
+
+
+def _after_failure(kernel: FusedKernel, q: Tensor, masked: bool, overlapping: bool, err: Exception) -> None:
+    """A checked kernel failed on a real call: the next candidate that passes its check takes its place
+    for this kind of call (or none: the float32 path)."""
+    key = (str(q.device), q.dtype, q.shape[-1], masked, overlapping)
+    later = CUDA_KERNELS[CUDA_KERNELS.index(kernel) + 1:] if kernel in CUDA_KERNELS else ()
+    _CHOSEN[key] = choose_kernel(later, q.device, q.dtype, q.shape[-1], masked, overlapping)
+    warnings.warn(f"fused attention kernel {kernel.name!r} failed on a call of shape q {tuple(q.shape)} "
+                  f"({type(err).__name__}: {str(err)[:200]}); using "
+                  f"{'the float32 path' if _CHOSEN[key] is None else repr(_CHOSEN[key].name)} for such calls",
+                  stacklevel=3)
 
 
 def choose_kernel(candidates: tuple[FusedKernel, ...], device: torch.device, dtype: torch.dtype, head_dim: int,
@@ -214,7 +228,11 @@ def attention_with_lse(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
         )
     elif cuda_kernel is not None:
-        out, lse = cuda_kernel.run(q, k, v, None if prepared is None else prepared[0], scale)
+        try:
+            out, lse = cuda_kernel.run(q, k, v, None if prepared is None else prepared[0], scale)
+        except RuntimeError as err:  # passed its check, fails here (a size or layout it does not take)
+            _after_failure(cuda_kernel, q, mask is not None, _overlapping(k), err)
+            return attention_with_lse(q, k, v, mask, scale, prepared)
     else:
         out, lse = _float_attention(q, k, v, mask, scale)
     lse = lse.float()
