@@ -65,6 +65,16 @@ def test_compiled_flex_matches_reference(name: str, method: freeloc.Method | Non
     assert err <= TOL[dtype], err
 
 
+def error_at_121_tokens_per_frame(frames: int, method: freeloc.Method, text: tuple[int, int], dtype: torch.dtype,
+                                  seed: int) -> float:
+    """Max |attend (default backend) - reference| at ``frames`` x 11 x 11 tokens, head dim 64."""
+    tb, ta = text
+    q, k, v = qkv(tb + frames * 121 + ta, 64, dtype, seed=seed)
+    kw = dict(grid=(frames, 11, 11), method=method, rotary=freeloc.RotaryLayout.wan(64), text_before=tb,
+              text_after=ta)
+    return (attend(q, k, v, **kw).float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
+
+
 @pytest.mark.parametrize("name,method", [m for m in methods() if m[0] in ("vrpr", "tsa", "tsa-default", "sliding")],
                          ids=["vrpr", "tsa", "tsa-default", "sliding"])
 @pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
@@ -76,11 +86,7 @@ def test_compiled_flex_frame_aligned_layout(name: str, method: freeloc.Method, t
     from freeloc.attention import flex
 
     monkeypatch.setattr(flex, "LAYOUT", "aligned")
-    grid = (9, 11, 11)
-    tb, ta = text
-    q, k, v = qkv(tb + 9 * 121 + ta, 64, dtype, seed=len(name) * 7)
-    kw = dict(grid=grid, method=method, rotary=freeloc.RotaryLayout.wan(64), text_before=tb, text_after=ta)
-    err = (attend(q, k, v, **kw).float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
+    err = error_at_121_tokens_per_frame(9, method, text, dtype, seed=len(name) * 7)
     print(f"aligned {name} text={text} {dtype}: max error {err:.2e}")
     assert err <= TOL[dtype], err
 
@@ -180,11 +186,7 @@ def test_flex_with_a_part_on_chunked(name: str, method: freeloc.Method, text: tu
     from freeloc.attention import flex
 
     monkeypatch.setattr(flex, "UNSTRIPED", mode)
-    grid = (30, 11, 11)
-    tb, ta = text
-    q, k, v = qkv(tb + 30 * 121 + ta, 64, dtype, seed=len(name) * 5)
-    kw = dict(grid=grid, method=method, rotary=freeloc.RotaryLayout.wan(64), text_before=tb, text_after=ta)
-    err = (attend(q, k, v, **kw).float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
+    err = error_at_121_tokens_per_frame(30, method, text, dtype, seed=len(name) * 5)
     print(f"flex + chunked ({mode}) {name} text={text} {dtype}: max error {err:.2e}")
     assert err <= TOL[dtype], err
 

@@ -167,3 +167,53 @@ def test_a_kernel_that_fails_on_a_real_call_gives_way(monkeypatch: pytest.Monkey
     want_o, want_l = dense(q, k, v, None, 0.25)
     torch.testing.assert_close(out, want_o, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, want_l.float(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["chunked", "flex-stacks", "flex-split", "text-mask"])
+def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The code path the GPU takes (a checked fused kernel for stacks, passes and the text pass, with
+    overlapping key windows, biases of both shapes and rows without keys), run on the CPU in float64
+    through a stand-in kernel, against the reference."""
+    import freeloc
+    from freeloc.attention import attend, flex
+
+    calls: list[tuple[int, bool, bool]] = []  # (batch entries, biased, overlapping windows)
+
+    def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append((q.shape[0], bias is not None, kernels._overlapping(k)))
+        s = (q @ k.transpose(-1, -2)) * scale + (0 if bias is None else bias)
+        return torch.softmax(s, -1), torch.logsumexp(s, -1)  # NaN rows where a bias masks every key
+
+    def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        p, lse = naive(q, k, v, bias, scale)
+        return p @ v, lse
+
+    monkeypatch.setattr(kernels, "FUSED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(kernels, "_CHOSEN", {})
+    monkeypatch.setattr(kernels, "CUDA_KERNELS", (FusedKernel("stand-in", fused, (torch.float64,), True, 64),))
+    if case.startswith("flex"):
+        monkeypatch.setattr(flex, "UNSTRIPED", "stacks" if case == "flex-stacks" else "chunked")
+    rotary = freeloc.RotaryLayout.wan(24)
+    grid, tb, ta = (19, 5, 7), 5, 3
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(2, tb + 19 * 35 + ta, 3, 24, generator=g, dtype=torch.float64) for _ in range(3))
+    text_mask = None
+    if case == "text-mask":  # prompt padding: the second sample attends no text token
+        text_mask = torch.ones(2, tb + ta, dtype=torch.bool)
+        text_mask[1] = False
+    backend = "flex" if case.startswith("flex") else "chunked"
+    for method in (freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12),
+                   freeloc.VRPR.for_length(19, 9)):
+        kw = dict(grid=grid, method=method, rotary=rotary, text_before=tb, text_after=ta, text_mask=text_mask)
+        calls.clear()
+        out = attend(q, k, v, backend=backend, **kw)
+        ref = attend(q, k, v, backend="reference", **kw)
+        print(f"{case} {type(method).__name__}: {len(calls)} fused calls, "
+              f"{sum(o for _, _, o in calls)} over overlapping windows, {sum(b for _, b, _ in calls)} biased")
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)  # the merge runs in float32
+        assert calls and any(o for _, _, o in calls)  # stacks read overlapping windows through the kernel
+        if case == "text-mask":
+            assert any(b for _, b, _ in calls)  # the text pass, with its per-sample bias
+    assert kernels.checked_kernels()  # the stand-in passed its checks
