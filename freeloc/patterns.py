@@ -76,21 +76,11 @@ class TSA(Method):
 
     @classmethod
     def for_length(cls, num_frames: int, trained_frames: int) -> TSA | None:
-        """The tiers for a model trained on ``T = trained_frames`` temporal tokens; ``None`` (plain attention)
-        when ``num_frames`` is not longer.
-
-        ``cap = T - 1``, and the tiers scale with it as the reference's do with Wan's ``T = 21``:
-        ``d1 = round(0.4 * cap)``, ``d2 = round(1.2 * cap)`` (halves rounded up), so that the local and
-        striped tiers, which keep the original positions, reach ``1.2 x`` the trained distances and no
-        further: ``d1 = 8``, ``d2 = 24`` at ``T = 21`` (the reference), ``5`` and ``14`` at ``T = 13``
-        (CogVideoX), ``13`` and ``38`` at ``T = 33`` (HunyuanVideo). The stripe and the sink constants
-        are the reference's.
-        """
+        """Default tiers with ``cap = trained_frames - 1``; ``None`` (plain attention) when not longer."""
         _check_frames(num_frames, trained_frames)
         if num_frames <= trained_frames:
             return None
-        cap = trained_frames - 1
-        return cls(d1=(4 * cap + 5) // 10, d2=max(1, (12 * cap + 5) // 10), cap=cap)
+        return cls(cap=trained_frames - 1)
 
     def stripe_tokens(self, tokens_per_frame: int) -> int:
         """``Ds = floor(stripe * S)``, at least 1 (reference: 195 at S = 1560)."""
