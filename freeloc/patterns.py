@@ -76,7 +76,13 @@ class TSA(Method):
 
     @classmethod
     def for_length(cls, num_frames: int, trained_frames: int) -> TSA | None:
-        """Default tiers with ``cap = trained_frames - 1``; ``None`` (plain attention) when not longer."""
+        """Default tiers with ``cap = trained_frames - 1``; ``None`` (plain attention) when not longer.
+
+        The tiers stay the reference's (``d1 = 8``, ``d2 = 24``) whatever the trained length, although they
+        were set for ``T = 21``: scaling them with the cap (``d1 = round(0.4 cap)``, ``d2 = round(1.2 cap)``,
+        so 6 and 18 for the shipped shapes model's ``T = 16``) measured slightly worse there at 2x, 4x and
+        8x (``benchmarks/RESULTS.md``). Pass ``TSA(d1=..., d2=...)`` to choose other tiers.
+        """
         _check_frames(num_frames, trained_frames)
         if num_frames <= trained_frames:
             return None
