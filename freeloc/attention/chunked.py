@@ -374,6 +374,21 @@ def _largest_window(keys: Bool[Tensor, "frames keys"]) -> tuple[int, int, int, i
     return best
 
 
+def _stack_combos(bands: list[Band]) -> tuple[list[int], list[tuple[int, ...]]]:
+    """The unstriped bands with pairs, and the stack candidates among them: each alone, and each ordered
+    pair with the same query positions (their keys read from one buffer of both rotations)."""
+    plain = [b for b, band in enumerate(bands) if band.stripe is None and not band.is_empty()]
+    return plain, [(b,) for b in plain] + [(a, b) for a in plain for b in plain
+                                            if a != b and torch.equal(bands[a].q_pos, bands[b].q_pos)]
+
+
+def _window_pairs(f: int, keys: int, f0: int, f1: int, offset: int, length: int) -> Bool[Tensor, "f keys"]:
+    """[query frame, key column] pairs of the stack over frames [f0, f1) with this window."""
+    i = torch.arange(f)[:, None]
+    x = torch.arange(keys)[None, :]
+    return (i >= f0) & (i < f1) & (x >= i + offset) & (x < i + offset + length)
+
+
 def _stack_candidate(combo: tuple[int, ...], bands: list[Band], cost: dict[int, int], s: int,
                      head_dim: int) -> tuple | None:
     """The largest stack of these bands' remaining pairs, if it lowers the planner's cost:
@@ -383,9 +398,7 @@ def _stack_candidate(combo: tuple[int, ...], bands: list[Band], cost: dict[int, 
     area, f0, f1, off, length = _largest_window(keys)
     if area == 0:
         return None
-    i = torch.arange(f)[:, None]
-    x = torch.arange(keys.shape[1])[None, :]
-    covered = (i >= f0) & (i < f1) & (x >= i + off) & (x < i + off + length)
+    covered = _window_pairs(f, keys.shape[1], f0, f1, off, length)
     left = {b: Band(bands[b].name, bands[b].pairs & ~covered[:, n * f:(n + 1) * f], bands[b].q_pos,
                     bands[b].k_pos) for n, b in enumerate(combo)}
     left_cost = {b: _band_cost(band, s, head_dim)[0] for b, band in left.items()}
@@ -401,9 +414,7 @@ def _stacks(band_set: BandSet, s: int, head_dim: int) -> tuple[list[Stack], list
     bands = list(band_set.bands)
     if not STACKING:
         return [], bands
-    plain = [b for b, band in enumerate(bands) if band.stripe is None and not band.is_empty()]
-    combos = [(b,) for b in plain] + [(a, b) for a in plain for b in plain
-                                       if a != b and torch.equal(bands[a].q_pos, bands[b].q_pos)]
+    plain, combos = _stack_combos(bands)
     cost = {b: _band_cost(bands[b], s, head_dim)[0] for b in plain}
     stacks: list[Stack] = []
     found: dict[tuple[int, ...], tuple | None] = {}  # per combo (gain, ...), until one of its bands changes
@@ -488,18 +499,14 @@ def plan_stacks(band_set: BandSet, tokens_per_frame: int, min_frames: int = 8) -
     s = tokens_per_frame
     f = band_set.num_frames
     bands = list(band_set.bands)
-    plain = [b for b, band in enumerate(bands) if band.stripe is None and not band.is_empty()]
-    combos = [(b,) for b in plain] + [(a, b) for a in plain for b in plain
-                                       if a != b and torch.equal(bands[a].q_pos, bands[b].q_pos)]
+    plain, combos = _stack_combos(bands)
     stacks: list[Pass | Stack] = []
-    i = torch.arange(f)[:, None]
     while combos:
         best = max((_largest_window(torch.cat([bands[b].pairs for b in c], dim=1)), c) for c in combos)
         (area, f0, f1, off, length), combo = best
         if area == 0 or f1 - f0 < min_frames:
             break
-        x = torch.arange(len(combo) * f)[None, :]
-        covered = (i >= f0) & (i < f1) & (x >= i + off) & (x < i + off + length)
+        covered = _window_pairs(f, len(combo) * f, f0, f1, off, length)
         for n, b in enumerate(combo):
             bands[b] = replace(bands[b], pairs=bands[b].pairs & ~covered[:, n * f:(n + 1) * f])
         stacks.append(Stack(combo[0], combo, (f0, f1), off, length, slice(f0 * s, f1 * s)))

@@ -287,6 +287,10 @@ def flex_groups(band_set: BandSet, tokens_per_frame: int, *, by_stripe: bool = F
 LAYOUT = "auto"
 
 
+def _striped(band: Band, tokens_per_frame: int) -> bool:
+    return band.stripe is not None and band.stripe < tokens_per_frame and not band.is_empty()
+
+
 def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device) -> bool:
     """Whether :func:`flex_band_attention` pads frames to whole blocks here (see :data:`LAYOUT`).
 
@@ -298,7 +302,7 @@ def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device) 
     if LAYOUT != "auto":
         return LAYOUT == "aligned"
     s = tokens_per_frame
-    striped = any(b.stripe is not None and b.stripe < s and not b.is_empty() for b in band_set.bands)
+    striped = any(_striped(b, s) for b in band_set.bands)
     return device.type == "cuda" and striped and 8 * (padded_frame(s) - s) <= s
 
 
@@ -310,10 +314,6 @@ def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device) 
 #: chunked backend plans it, the striped bands on flex. The parts merge by LSE.
 UNSTRIPED = "flex"
 UNSTRIPED_MODES = ("flex", "stacks", "chunked")
-
-
-def _striped(band: Band, tokens_per_frame: int) -> bool:
-    return band.stripe is not None and band.stripe < tokens_per_frame and not band.is_empty()
 
 
 @functools.lru_cache(maxsize=64)
