@@ -51,6 +51,7 @@ import torch
 import freeloc
 from freeloc.attention import attend, band_set_for, flex
 from freeloc.attention.chunked import plan_cost, plan_passes
+from freeloc.attention.kernels import checked_kernels
 
 CPU_SHAPE = dict(frames=81, height=12, width=13, heads=2, head_dim=64, dtype="float32", backend="chunked")
 CUDA_SHAPE = dict(frames=81, height=30, width=52, heads=12, head_dim=128, dtype="bfloat16", backend="flex")
@@ -278,8 +279,9 @@ def main() -> None:
                     help="CPU latent shapes HxW, comma-separated; 'none' skips the CPU part")
     ap.add_argument("--flex-layouts", "--variants", default="",
                     help="CUDA: also time TSA and VRPR with these settings (comma-separated: aligned, packed: "
-                         "that flex layout forced; hybrid: unstriped bands on the chunked backend's fused calls; "
-                         "chunked: the chunked backend), beside the default choice, interleaved in the same run")
+                         "that flex layout forced; stacks: sliding windows of unstriped bands on the dense kernel, "
+                         "the rest on flex; split: unstriped bands on the chunked backend; chunked: the chunked "
+                         "backend), beside the default choice, interleaved in the same run")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--png", default=None, help="also plot the time ratios to this PNG")
     ap.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # the child of cpu_peak_mib
@@ -312,8 +314,6 @@ def main() -> None:
         extra = tuple(f"{m}:{lay}" for lay in filter(None, args.flex_layouts.split(",")) for m in METHODS[1:])
         results[label] = bench("cuda", shape, args.reps, METHODS + extra)
         report(f"{label} (flex)", results[label])
-        from freeloc.attention.kernels import checked_kernels
-
         print(f"fused kernels chosen for the chunked calls: {checked_kernels() or 'none used'}")
         exactness("cuda", shape, METHODS[1:] + extra)
     else:
