@@ -14,8 +14,9 @@ Targets: TSA time <= 1.3 x block density x dense; VRPR time <= 1.5 x dense.
 ``--variants`` (or ``--flex-layouts``) adds rows such as ``tsa:packed`` on CUDA, beside the default
 choice: ``aligned`` / ``packed`` force that flex token layout; ``stacks`` runs the sliding key windows
 of the bands without a stripe as stacks (one fused dense call each, no mask: cuDNN's kernel where it
-passes its check) and the rest on flex (``flex.UNSTRIPED = "stacks"``); ``split`` runs every band
-without a stripe as the chunked backend does and the striped ones on flex (``flex.UNSTRIPED =
+passes its check) and the rest on flex (``flex.UNSTRIPED = "stacks"``, the default where such a
+kernel passes); ``flex`` runs every band on flex (``flex.UNSTRIPED = "flex"``); ``split`` runs every
+band without a stripe as the chunked backend does and the striped ones on flex (``flex.UNSTRIPED =
 "chunked"``); ``chunked`` runs the chunked backend for the whole call (see ``freeloc.attention.flex``
 and ``.kernels``).
 
@@ -67,11 +68,11 @@ def make(shape: dict, device: str) -> tuple[torch.Tensor, ...]:
                  for _ in range(3))
 
 
-#: Settings a CUDA row may force (``tsa:stacks``...): the flex token layout (``aligned``, ``packed``); a
-#: part of the call on the chunked backend's fused dense calls: the sliding windows of the unstriped bands
-#: (``stacks``: ``flex.UNSTRIPED = "stacks"``) or all the unstriped bands (``split``: ``flex.UNSTRIPED =
-#: "chunked"``); or the chunked backend for the whole call (``chunked``).
-VARIANTS = ("auto", "aligned", "packed", "stacks", "split", "chunked")
+#: Settings a CUDA row may force (``tsa:stacks``...): the flex token layout (``aligned``, ``packed``); what
+#: part of the call runs on the chunked backend's fused dense calls: the sliding windows of the unstriped
+#: bands (``stacks``: ``flex.UNSTRIPED = "stacks"``), nothing (``flex``) or all the unstriped bands
+#: (``split``: ``flex.UNSTRIPED = "chunked"``); or the chunked backend for the whole call (``chunked``).
+VARIANTS = ("auto", "aligned", "packed", "stacks", "flex", "split", "chunked")
 
 
 def method_of(name: str) -> freeloc.Method | None:
@@ -90,7 +91,7 @@ def runner(name: str, shape: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r} in {name!r}; accepted: {', '.join(VARIANTS)}")
     layout = variant if variant in ("aligned", "packed") else "auto"
-    unstriped = {"stacks": "stacks", "split": "chunked"}.get(variant, "flex")
+    unstriped = {"stacks": "stacks", "flex": "flex", "split": "chunked"}.get(variant, "auto")
     if variant == "chunked":
         backend = "chunked"
 
@@ -99,7 +100,7 @@ def runner(name: str, shape: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         try:
             return attend(q, k, v, grid=grid, method=method, rotary=rot, backend=backend)
         finally:
-            flex.LAYOUT, flex.UNSTRIPED = "auto", "flex"
+            flex.LAYOUT, flex.UNSTRIPED = "auto", "auto"
 
     return run
 

@@ -287,31 +287,39 @@ def test_stacks_and_passes_cover_each_pair_once(name: str, method: freeloc.Metho
                                            ("sliding", freeloc.SlidingWindow(4), 30)],
                          ids=["vrpr", "vrpr-81", "tsa-81", "sliding"])
 @pytest.mark.parametrize("min_frames", [1, 8, 40])
+@pytest.mark.parametrize("small_blocks", [0, 16, 64])
 def test_plan_stacks_and_the_rest_cover_each_pair_once(name: str, method: freeloc.Method, f: int,
-                                                       min_frames: int) -> None:
+                                                       min_frames: int, small_blocks: int) -> None:
     """``plan_stacks`` (the stacks ``flex.UNSTRIPED = "stacks"`` runs on the dense kernel) and the band set it
-    leaves hold every pair once; its stacks span at least ``min_frames`` query frames."""
+    leaves hold every pair once; its stacks span at least ``min_frames`` query frames, and so do its
+    blocks, but for at most ``small_blocks`` smaller ones, used only where they finish every unstriped band."""
     from freeloc.attention.chunked import plan_stacks
 
     bands = band_set_for(method, f, 60, ROTARY).aligned()
-    plan, rest = plan_stacks(bands, 60, min_frames)
+    plan, rest = plan_stacks(bands, 60, min_frames, small_blocks)
     count, stacks = plan_coverage(bands, 60, HEAD_DIM, plan)
     blocks = [p for p in plan if not isinstance(p, Stack)]  # unmasked passes: query frames x key frames
+    small = [p for p in blocks if (p.rows.stop - p.rows.start) // 60 < min_frames]
     assert len(stacks) + len(blocks) == len(plan)
     left = torch.zeros_like(count) if rest is None else torch.stack([b.pairs.long() for b in rest.bands])
     covered = int(count.sum())
     total = sum(int(b.pairs.sum()) for b in bands.bands)
-    print(f"{name}, min_frames={min_frames}: {len(stacks)} stacks and {len(blocks)} blocks cover {covered} of "
-          f"{total} frame pairs")
+    print(f"{name}, min_frames={min_frames}, small_blocks={small_blocks}: {len(stacks)} stacks and "
+          f"{len(blocks)} blocks ({len(small)} small) cover {covered} of {total} frame pairs")
     assert torch.equal(count + left, torch.stack([b.pairs.long() for b in bands.bands]))
     assert all(p.num_frames >= min_frames for p in stacks)
-    assert all(p.frame_ok is None and p.near is None and (p.rows.stop - p.rows.start) // 60 >= min_frames
-               and bands.bands[p.band].stripe is None for p in blocks)
-    assert all(bands.bands[b].stripe is None for p in stacks for b in p.key_bands)
+    assert all(p.frame_ok is None and p.near is None and bands.bands[p.band].stripe is None for p in blocks)
+    assert len(small) <= small_blocks
+    if small:  # they finish the unstriped bands: the rest is striped pairs alone
+        assert rest is None or all(b.stripe is not None or b.is_empty() for b in rest.bands)
     if rest is not None:
         assert [b.stripe for b in rest.bands] == [b.stripe for b in bands.bands]
     if min_frames <= 8 and f == 81:  # VRPR: nearly all; TSA: its local tier, a third of its pairs
         assert covered >= (0.95 if name == "vrpr-81" else 0.35) * total
+    if name == "tsa-81" and min_frames == 8 and small_blocks >= 16:  # all but the striped tier
+        assert len(small) == 14 and [b.name for b in rest.bands if not b.is_empty()] == ["striped"]
+    if name == "vrpr-81" and min_frames == 8:  # 44 small blocks finish it, or none are used
+        assert (rest is None) == (small_blocks >= 44) and len(small) == (44 if small_blocks >= 44 else 0)
 
 
 @pytest.mark.parametrize("grid", [(30, 3, 5), (19, 6, 10), (20, 10, 12)], ids=["15", "60", "120"])
@@ -693,7 +701,8 @@ def test_unstriped_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(flex, "UNSTRIPED", "cudnn")
     q, k, v = qkv(9 * 15, torch.float32, seed=2)
-    with pytest.raises(ValueError, match=r"UNSTRIPED must be one of \('flex', 'stacks', 'chunked'\), got 'cudnn'"):
+    want = r"UNSTRIPED must be one of \('auto', 'flex', 'stacks', 'chunked'\), got 'cudnn'"
+    with pytest.raises(ValueError, match=want):
         attend(q, k, v, grid=(9, 3, 5), method=freeloc.SlidingWindow(2), rotary=ROTARY, backend="flex")
 
 

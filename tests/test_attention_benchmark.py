@@ -29,3 +29,15 @@ def test_attention_benchmark_prints_times_memory_and_targets(tmp_path: Path, mon
     else:
         print("peak memory not checked: no /proc/self/clear_refs on this system")
     assert "(1.3 x density):" in text and "<= 1.50:" in text
+
+
+def test_striped_tier_benchmark_says_it_needs_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``benchmarks/striped_tier.py`` times CUDA kernels at the full Wan shape; without CUDA it stops
+    with a message that says so (not a traceback)."""
+    import torch
+
+    script = SCRIPT.parent / "striped_tier.py"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sys, "argv", [str(script), "--reps", "1"])
+    with pytest.raises(SystemExit, match="no CUDA device here"):
+        runpy.run_path(str(script), run_name="__main__")

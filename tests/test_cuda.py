@@ -58,7 +58,7 @@ def test_compiled_flex_matches_reference(name: str, method: freeloc.Method | Non
     q, k, v = qkv(tb + f * h * w + ta, 64, dtype, seed=len(name) * 31 + f)
     kw = dict(grid=grid, method=method, rotary=freeloc.RotaryLayout.wan(64), text_before=tb, text_after=ta)
     ref = attend(q, k, v, backend="reference", **kw)
-    out = attend(q, k, v, **kw)  # auto: flex on CUDA
+    out = attend(q, k, v, **kw)  # auto: flex on CUDA, its unstriped windows on the fused dense kernel
     assert out.dtype == dtype and out.shape == q.shape
     err = (out.float() - ref.float()).abs().max().item()
     print(f"{name} {grid} text={text} {dtype}: max error {err:.2e}")
@@ -82,10 +82,11 @@ def error_at_121_tokens_per_frame(frames: int, method: freeloc.Method, text: tup
 def test_compiled_flex_frame_aligned_layout(name: str, method: freeloc.Method, text: tuple[int, int],
                                             dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     # 121 tokens per frame, padded to one 128-token block: the frame-aligned layout (auto picks it for TSA
-    # here), whose compiled mask_mod tests only the stripe and the padding
+    # here), whose compiled mask_mod tests only the stripe and the padding; every band on flex
     from freeloc.attention import flex
 
     monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    monkeypatch.setattr(flex, "UNSTRIPED", "flex")
     err = error_at_121_tokens_per_frame(9, method, text, dtype, seed=len(name) * 7)
     print(f"aligned {name} text={text} {dtype}: max error {err:.2e}")
     assert err <= TOL[dtype], err
@@ -177,12 +178,12 @@ def test_fused_kernels_with_lse_on_this_gpu(dtype: torch.dtype, masked: bool, ov
                          ids=["vrpr", "tsa", "tsa-default", "sliding"])
 @pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("mode", ["stacks", "chunked"])
+@pytest.mark.parametrize("mode", ["stacks", "chunked", "flex"])
 def test_flex_with_a_part_on_chunked(name: str, method: freeloc.Method, text: tuple[int, int], dtype: torch.dtype,
                                      mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # flex.UNSTRIPED: the sliding windows ("stacks") or all the unstriped bands ("chunked") on the chunked
-    # backend's fused dense calls, the rest on compiled flex (frame-aligned for TSA at 121 tokens per
-    # frame), merged by LSE
+    # flex.UNSTRIPED: the sliding windows ("stacks", the default here) or all the unstriped bands
+    # ("chunked") on the chunked backend's fused dense calls, the rest on compiled flex (frame-aligned for
+    # TSA at 121 tokens per frame), merged by LSE; or every band on flex ("flex")
     from freeloc.attention import flex
 
     monkeypatch.setattr(flex, "UNSTRIPED", mode)

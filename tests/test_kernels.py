@@ -169,7 +169,7 @@ def test_a_kernel_that_fails_on_a_real_call_gives_way(monkeypatch: pytest.Monkey
     torch.testing.assert_close(lse, want_l.float(), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["chunked", "flex-stacks", "flex-split", "text-mask"])
+@pytest.mark.parametrize("case", ["chunked", "flex-stacks", "flex-split", "flex-auto", "text-mask"])
 def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The code path the GPU takes (a checked fused kernel for stacks, passes and the text pass, with
     overlapping key windows, biases of both shapes and rows without keys), run on the CPU in float64
@@ -193,7 +193,7 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
     monkeypatch.setattr(kernels, "FUSED_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(kernels, "_CHOSEN", {})
     monkeypatch.setattr(kernels, "CUDA_KERNELS", (FusedKernel("stand-in", fused, (torch.float64,), True, 64),))
-    if case.startswith("flex"):
+    if case in ("flex-stacks", "flex-split"):
         monkeypatch.setattr(flex, "UNSTRIPED", "stacks" if case == "flex-stacks" else "chunked")
     rotary = freeloc.RotaryLayout.wan(24)
     grid, tb, ta = (19, 5, 7), 5, 3
@@ -204,6 +204,8 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
         text_mask = torch.ones(2, tb + ta, dtype=torch.bool)
         text_mask[1] = False
     backend = "flex" if case.startswith("flex") else "chunked"
+    if case == "flex-auto":  # the default: stacks, since a fused kernel passes its check for them
+        assert flex.UNSTRIPED == "auto" and flex.unstriped_mode(q) == "stacks"
     for method in (freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12),
                    freeloc.VRPR.for_length(19, 9)):
         kw = dict(grid=grid, method=method, rotary=rotary, text_before=tb, text_after=ta, text_mask=text_mask)
@@ -217,3 +219,13 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
         if case == "text-mask":
             assert any(b for _, b, _ in calls)  # the text pass, with its per-sample bias
     assert kernels.checked_kernels()  # the stand-in passed its checks
+
+
+def test_unstriped_auto_is_flex_without_a_fused_kernel() -> None:
+    """``flex.UNSTRIPED = "auto"`` runs the stacks on a fused kernel only where one passes its check: on
+    the CPU (no fused kernel with an LSE for overlapping windows here) every band stays on flex."""
+    from freeloc.attention import flex
+
+    q = torch.randn(1, 30, 2, 16)
+    assert flex.UNSTRIPED == "auto"
+    assert flex.unstriped_mode(q) == "flex" and flex.unstriped_mode() == "auto"

@@ -246,7 +246,7 @@ def attend(
         out_v, lse_v = chunked_band_attention(qs, ks, v[:, video], bands, s, scale)
     else:
         # flex, with a part left to the chunked backend's fused dense calls (flex.UNSTRIPED)
-        mode, dense_plan = unstriped_mode(), None
+        mode, dense_plan = unstriped_mode(q), None
         if mode == "chunked":
             dense_part, flex_part = split_striped(bands, s)
         elif mode == "stacks":

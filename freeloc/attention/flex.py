@@ -310,10 +310,14 @@ def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device) 
 #: FlashAttention's kernel, whichever passes its check, see :mod:`freeloc.attention.kernels`):
 #: ``"flex"``: nothing, every band runs in flex calls; ``"stacks"``: the sliding key windows of the bands
 #: without a stripe (:func:`~freeloc.attention.chunked.plan_stacks`: one call per window, its query
-#: frames as the batch, no mask), the rest on flex; ``"chunked"``: every band without a stripe, as the
-#: chunked backend plans it, the striped bands on flex. The parts merge by LSE.
-UNSTRIPED = "flex"
-UNSTRIPED_MODES = ("flex", "stacks", "chunked")
+#: frames as the batch, no mask) and the blocks that finish those bands, the rest on flex; ``"chunked"``:
+#: every band without a stripe, as the chunked backend plans it, the striped bands on flex. The parts
+#: merge by LSE. ``"auto"`` (the default): ``"stacks"`` where a fused dense kernel passes its check for
+#: such calls (CUDA), else ``"flex"``. On an H100 at the Wan 1.3B shape, ``"stacks"`` took TSA from 0.55
+#: to 0.53 x dense and VRPR from 1.35 to 1.22, at a higher peak memory (VRPR: 8.6 instead of 5.2 x dense
+#: attention's; ``benchmarks/RESULTS.md``): ``"flex"`` where memory is short.
+UNSTRIPED = "auto"
+UNSTRIPED_MODES = ("auto", "flex", "stacks", "chunked")
 
 
 @functools.lru_cache(maxsize=64)
@@ -333,11 +337,15 @@ def split_striped(band_set: BandSet, tokens_per_frame: int) -> tuple[BandSet | N
     return keep(False), keep(True)
 
 
-def unstriped_mode() -> str:
-    """:data:`UNSTRIPED`, checked."""
+def unstriped_mode(q: Tensor | None = None) -> str:
+    """:data:`UNSTRIPED`, checked, with ``"auto"`` resolved for queries like ``q`` (None: not resolved)."""
     if UNSTRIPED not in UNSTRIPED_MODES:
         raise ValueError(f"freeloc.attention.flex.UNSTRIPED must be one of {UNSTRIPED_MODES}, got {UNSTRIPED!r}")
-    return UNSTRIPED
+    if UNSTRIPED != "auto" or q is None:
+        return UNSTRIPED
+    from .kernels import fused_kernel_for
+
+    return "stacks" if fused_kernel_for(q, masked=False, overlapping=True) is not None else "flex"
 
 
 @functools.lru_cache(maxsize=64)

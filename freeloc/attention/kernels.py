@@ -2,8 +2,9 @@
 
 On CPU this uses PyTorch's fused flash kernel for CPU, which returns the LSE exactly. On CUDA it uses
 a fused kernel that returns the LSE (cuDNN's, then FlashAttention's, then the memory-efficient one:
-:data:`CUDA_KERNELS`), the first one that is **checked** to work here: on first use for a (device,
-dtype, head dim, masked or not, overlapping key windows or not), each candidate runs a small random
+:data:`CUDA_KERNELS`; with a mask, cuDNN's or the memory-efficient one), the first one that is
+**checked** to work here: on first use for a (device, dtype, head dim, masked or not, overlapping key
+windows or not), each candidate runs a small random
 problem of that kind and its output and LSE are compared with a plain float32 computation; a
 candidate that raises or disagrees is skipped from then on (``checked_kernels`` says what was
 chosen). PyTorch reaches these kernels through private operators whose signatures and return
@@ -56,8 +57,23 @@ def _lse_rows(lse: Tensor, q: Tensor) -> Tensor:
     return lse.reshape(b, h, -1)[:, :, :n]
 
 
+def _aligned_bias(bias: Tensor | None, q: Tensor) -> Tensor | None:
+    """The bias as (batch, heads, q, k), its rows 16-element aligned in memory (the kernels read them
+    so): the key dim padded, a view of the real keys passed."""
+    if bias is None:
+        return None
+    nk = bias.shape[-1]
+    padded = -(-nk // 16) * 16
+    if padded != nk or bias.stride(-2) % 16:
+        full = bias.new_empty(*bias.shape[:-1], padded)
+        full[..., :nk].copy_(bias)
+        bias = full[..., :nk]
+    return bias.expand(q.shape[0], q.shape[1], q.shape[2], nk)
+
+
 def _cudnn(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False, scale=scale)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, _aligned_bias(bias, q), True, 0.0, False,
+                                                             False, scale=scale)
     return res[0], _lse_rows(res[1], q)
 
 
@@ -67,23 +83,15 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -
 
 
 def _efficient(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    if bias is not None:
-        # the kernel reads the bias rows 16-element aligned: pad the key dim, pass a view of the real keys
-        nk = bias.shape[-1]
-        padded = -(-nk // 16) * 16
-        if padded != nk or bias.stride(-2) % 16:
-            full = bias.new_empty(*bias.shape[:-1], padded)
-            full[..., :nk].copy_(bias)
-            bias = full[..., :nk]
-        bias = bias.expand(q.shape[0], q.shape[1], q.shape[2], nk)
-    res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, False, scale=scale)
+    res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, _aligned_bias(bias, q), True, 0.0, False,
+                                                                 scale=scale)
     return res[0], _lse_rows(res[1], q)
 
 
 _HALF = (torch.float16, torch.bfloat16)
 #: The CUDA candidates, in order of preference (cuDNN's kernel is the one PyTorch's SDPA picks on Hopper).
 CUDA_KERNELS: tuple[FusedKernel, ...] = (
-    FusedKernel("cudnn", _cudnn, _HALF, masked=False, max_head_dim=128),
+    FusedKernel("cudnn", _cudnn, _HALF, masked=True, max_head_dim=128),
     FusedKernel("flash", _flash, _HALF, masked=False, max_head_dim=256),
     FusedKernel("efficient", _efficient, (torch.float32, *_HALF), masked=True, max_head_dim=512),
 )
