@@ -173,7 +173,7 @@ class RotaryLayout:
         ``out``: a tensor shaped like ``x`` (any strides, e.g. a transposed view of a head-major buffer)
         to write the result into and return; the numbers are the same.
         """
-        if self.interleaved and x.device.type == "cpu":  # pairs as complex numbers: one multiplication
+        if self.interleaved and x.device.type == "cpu" and not torch.compiler.is_compiling():  # complex pairs
             return _rotate_complex_into(x, out if out is not None else torch.empty_like(x), cos, sin)
         c = cos[None, :, None, :]
         s = sin[None, :, None, :]
@@ -218,7 +218,7 @@ class RotaryLayout:
         """
         tp = self.t_dim // 2
         half = self.head_dim // 2
-        if self.interleaved and x.device.type == "cpu":  # pairs as complex numbers: one multiplication
+        if self.interleaved and x.device.type == "cpu" and not torch.compiler.is_compiling():  # complex pairs
             t = self.t_dim
             target = out if out is not None else torch.empty_like(x)
             target[..., t:] = x[..., t:]

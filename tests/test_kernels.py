@@ -169,13 +169,15 @@ def test_a_kernel_that_fails_on_a_real_call_gives_way(monkeypatch: pytest.Monkey
     torch.testing.assert_close(lse, want_l.float(), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["chunked", "flex-stacks", "flex-split", "flex-auto", "text-mask"])
+@pytest.mark.parametrize("case", ["chunked", "flex-stacks", "flex-split", "flex-auto", "text-mask", "compiled"])
 def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The code path the GPU takes (a checked fused kernel for stacks, passes and the text pass, with
     overlapping key windows, biases of both shapes and rows without keys), run on the CPU in float64
-    through a stand-in kernel, against the reference."""
+    through a stand-in kernel, against the reference. ``compiled``: also the GPU's compiled steps
+    (rotations written straight into head-major buffers, merges of passes), compiled for the CPU."""
     import freeloc
     from freeloc.attention import attend, flex
+    from freeloc.attention import fused as compiled_steps
 
     calls: list[tuple[int, bool, bool]] = []  # (batch entries, biased, overlapping windows)
 
@@ -203,9 +205,30 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
     if case == "text-mask":  # prompt padding: the second sample attends no text token
         text_mask = torch.ones(2, tb + ta, dtype=torch.bool)
         text_mask[1] = False
-    backend = "flex" if case.startswith("flex") else "chunked"
+    backend = "flex" if case.startswith("flex") or case == "compiled" else "chunked"
     if case == "flex-auto":  # the default: stacks, since a fused kernel passes its check for them
         assert flex.UNSTRIPED == "auto" and flex.unstriped_mode(q) == "stacks"
+    compiled: list[str] = []
+    if case == "compiled":  # what on_device compiles on CUDA, compiled here (and seen to be)
+        monkeypatch.setattr(compiled_steps, "_fuse_here", lambda device: True)
+        real = compiled_steps._compiled
+
+        def spy(fn: object) -> object:
+            compiled.append(getattr(fn, "__qualname__", str(fn)))
+            return real(fn)
+
+        monkeypatch.setattr(compiled_steps, "_compiled", spy)
+        import freeloc.attention as attention_module
+
+        real_chunked = attention_module.chunked_band_attention
+        head_major: list[bool] = []
+
+        def chunked_spy(qs: list[torch.Tensor], ks: list[torch.Tensor], v: torch.Tensor, *args: object) -> object:
+            # the rotations arrive written head-major (no copy for the passes, no key concatenation)
+            head_major.extend(x.transpose(1, 2).stride(-2) == v.shape[-1] for x in qs + ks)
+            return real_chunked(qs, ks, v, *args)
+
+        monkeypatch.setattr(attention_module, "chunked_band_attention", chunked_spy)
     for method in (freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12),
                    freeloc.VRPR.for_length(19, 9)):
         kw = dict(grid=grid, method=method, rotary=rotary, text_before=tb, text_after=ta, text_mask=text_mask)
@@ -219,6 +242,10 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
         if case == "text-mask":
             assert any(b for _, b, _ in calls)  # the text pass, with its per-sample bias
     assert kernels.checked_kernels()  # the stand-in passed its checks
+    if case == "compiled":
+        print("compiled:", sorted(set(compiled)))
+        assert {"write_into", "merge_pass_into_", "merge_lse"} <= set(compiled) and not compiled_steps._EAGER
+        assert head_major and all(head_major)
 
 
 def test_unstriped_auto_is_flex_without_a_fused_kernel() -> None:

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import torch
@@ -34,7 +35,7 @@ from ..methods import Method
 from ..rotary import RotaryLayout
 from .chunked import chunked_band_attention, key_groups, plan_stacks
 from .flex import flex_band_attention, split_striped, unstriped_mode
-from .fused import on_device
+from .fused import compiles_on, on_device, write_into
 from .merge import merge_lse
 from .reference import MAX_TOKENS, reference_attention
 
@@ -95,6 +96,11 @@ def _cos_sin(bands: BandSet, band: int | None, side: str, grid: tuple[int, int, 
         b = bands.bands[band]
         cos, sin = rotary.temporal_cos_sin((b.q_pos if side == "q" else b.k_pos)[t_frame.long()], bands.t_freqs)
     return cos.to(device), sin.to(device)
+
+
+# the rotations as written, for compiled calls: a run-time type-checking wrapper is not traceable
+_APPLY = inspect.unwrap(RotaryLayout.apply)
+_ROTATE_TEMPORAL = inspect.unwrap(RotaryLayout.rotate_temporal)
 
 
 def attend(
@@ -170,7 +176,11 @@ def attend(
     video = slice(text_before, text_before + nv)
     dev = q.device
 
-    head_major = backend == "chunked"  # the layout the chunked passes read: rotations are written in it
+    # the part the chunked backend's fused calls run beside flex (flex.UNSTRIPED), before the rotations
+    mode = unstriped_mode(q) if backend == "flex" else None
+    # the layout the chunked passes read: rotations are written in it
+    head_major = backend == "chunked" or mode in ("stacks", "chunked")
+    fused = compiles_on(dev)  # rotations compiled into one kernel each
 
     def rot(x: Tensor, band: int | None, layout_for_passes: bool = False) -> Tensor:
         """The full rotation, at the original positions (``band=None``) or temporal position 0 (``-1``):
@@ -178,7 +188,9 @@ def attend(
         if rotary is None:  # no RoPE: positions are not part of the logits
             return x
         cos, sin = _cos_sin(bands, band, "q", (f, hh, ww), rotary, str(dev))
-        if dev.type == "cuda":  # one compiled kernel
+        if fused:  # one compiled kernel, written head-major where the chunked passes read it
+            if layout_for_passes:
+                return on_device(write_into, dev)(_APPLY, empty_head_major(x), rotary, x, cos, sin)
             return on_device(RotaryLayout.apply, dev)(rotary, x, cos, sin)
         # eager: fewer passes with out= than without
         return rotary.apply(x, cos, sin, out=empty_head_major(x) if layout_for_passes else torch.empty_like(x))
@@ -212,9 +224,12 @@ def attend(
                 out.append(base)
             else:
                 cos, sin = _cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))
+                if not head_major:
+                    out.append(rotate(rotary, base, cos, sin))
+                    continue
                 target = slots[i] if i in slots else empty_head_major(base)
-                out.append(rotary.rotate_temporal(base, cos, sin, out=target) if head_major
-                           else rotate(rotary, base, cos, sin))
+                out.append(on_device(write_into, dev)(_ROTATE_TEMPORAL, target, rotary, base, cos, sin) if fused
+                           else rotary.rotate_temporal(base, cos, sin, out=target))
         return out
 
     def orig_all(x: Tensor) -> Tensor:
@@ -246,7 +261,7 @@ def attend(
         out_v, lse_v = chunked_band_attention(qs, ks, v[:, video], bands, s, scale)
     else:
         # flex, with a part left to the chunked backend's fused dense calls (flex.UNSTRIPED)
-        mode, dense_plan = unstriped_mode(q), None
+        dense_plan = None
         if mode == "chunked":
             dense_part, flex_part = split_striped(bands, s)
         elif mode == "stacks":

@@ -28,8 +28,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..bands import Band, BandSet
+from .fused import compiles_on, on_device
 from .kernels import attention_with_lse, prepare_mask, uses_fused_kernel
-from .merge import EMPTY_LSE, merge_into_
+from .merge import EMPTY_LSE, merge_into_, merge_pass_into_
 
 __all__ = ["Pass", "PassPlan", "Stack", "chunked_band_attention", "key_groups", "plan_cost", "plan_passes",
            "plan_stacks", "SMALL_BLOCKS"]
@@ -605,10 +606,14 @@ def chunked_band_attention(
 
     buffers: dict[tuple[int, ...], Tensor] = {}  # a stack's keys: its bands' rotations, one after the other
 
+    merge = on_device(merge_pass_into_, v.device) if compiles_on(v.device) else None
+
     def accumulate(acc_o: Tensor, acc_l: Tensor, o: Tensor, l_: Tensor, first: bool) -> None:
         if first:
             acc_o.copy_(o)
             acc_l.copy_(l_.clamp_min(EMPTY_LSE))
+        elif merge is not None:  # one compiled kernel
+            merge(acc_o, acc_l, o, l_)
         else:
             merge_into_(acc_o, acc_l, o.float(), l_)
 

@@ -314,8 +314,8 @@ def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device) 
 #: every band without a stripe, as the chunked backend plans it, the striped bands on flex. The parts
 #: merge by LSE. ``"auto"`` (the default): ``"stacks"`` where a fused dense kernel passes its check for
 #: such calls (CUDA), else ``"flex"``. On an H100 at the Wan 1.3B shape, ``"stacks"`` took TSA from 0.55
-#: to 0.53 x dense and VRPR from 1.35 to 1.22, at a higher peak memory (VRPR: 8.6 instead of 5.2 x dense
-#: attention's; ``benchmarks/RESULTS.md``): ``"flex"`` where memory is short.
+#: to 0.53 x dense and VRPR from 1.35 to 1.22, at a higher peak memory in that run (VRPR: 8.6 instead of
+#: 5.2 x dense attention's, from copies of the rotations since removed; ``benchmarks/RESULTS.md``).
 UNSTRIPED = "auto"
 UNSTRIPED_MODES = ("auto", "flex", "stacks", "chunked")
 

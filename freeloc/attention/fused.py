@@ -16,8 +16,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+from torch import Tensor
 
-__all__ = ["on_device", "recompile_limit_at_least"]
+__all__ = ["compiles_on", "on_device", "recompile_limit_at_least", "write_into"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -35,6 +36,17 @@ def recompile_limit_at_least(n: int) -> Any:
 
 def _fuse_here(device: torch.device) -> bool:
     return device.type == "cuda"
+
+
+def compiles_on(device: torch.device) -> bool:
+    """Whether :func:`on_device` compiles for this device (CUDA)."""
+    return _fuse_here(device)
+
+
+def write_into(fn: Callable[..., Tensor], out: Tensor, *args: Any) -> Tensor:
+    """``out.copy_(fn(*args))``; returns ``out``. Compiled through :func:`on_device` the result is stored
+    straight into ``out`` (any strides: a transposed view of a head-major buffer), with no temporary."""
+    return out.copy_(fn(*args))
 
 
 @functools.cache

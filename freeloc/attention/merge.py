@@ -8,11 +8,13 @@ in float32 whatever the input dtype.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse"]
+__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse", "merge_pass_into_"]
 
 #: A finite stand-in for ``-inf`` in running LSEs: ``exp(EMPTY_LSE - x)`` is exactly 0 for any real
 #: LSE ``x``, and unlike ``-inf`` it never makes ``-inf - (-inf) = nan``, so no guards are needed.
@@ -68,3 +70,16 @@ def merge_into_(
     w = torch.sigmoid(lse - acc_lse)
     acc_out.lerp_(out, w[..., None])
     torch.logaddexp(acc_lse, lse, out=acc_lse)
+
+
+def merge_pass_into_(
+    acc_out: Float[Tensor, "*rows dim"], acc_lse: Float[Tensor, " *rows"],
+    out: Float[Tensor, "*rows dim"], lse: Float[Tensor, " *rows"],
+) -> None:
+    """:func:`merge_into_` for a pass output in any dtype (a fused kernel's bf16): compiled on CUDA
+    (:func:`~freeloc.attention.fused.on_device`), the conversion and the merge are one kernel."""
+    _MERGE_INTO(acc_out, acc_lse, out.float(), lse)
+
+
+# as written, for the compiled call: a run-time type-checking wrapper is not traceable
+_MERGE_INTO = inspect.unwrap(merge_into_)
