@@ -884,7 +884,7 @@ def test_fused_steps_fall_back_to_eager_where_compiling_fails(monkeypatch: pytes
 
     tries: list[str] = []
 
-    def broken(fn: object) -> object:
+    def broken(fn: object, dynamic: bool | None = False) -> object:
         def run(*args: object) -> torch.Tensor:
             tries.append(fn.__name__)
             raise RuntimeError("no C compiler")

@@ -213,9 +213,9 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
         monkeypatch.setattr(compiled_steps, "_fuse_here", lambda device: True)
         real = compiled_steps._compiled
 
-        def spy(fn: object) -> object:
+        def spy(fn: object, dynamic: bool | None = False) -> object:
             compiled.append(getattr(fn, "__qualname__", str(fn)))
-            return real(fn)
+            return real(fn, dynamic)
 
         monkeypatch.setattr(compiled_steps, "_compiled", spy)
         import freeloc.attention as attention_module

@@ -606,7 +606,8 @@ def chunked_band_attention(
 
     buffers: dict[tuple[int, ...], Tensor] = {}  # a stack's keys: its bands' rotations, one after the other
 
-    merge = on_device(merge_pass_into_, v.device) if compiles_on(v.device) else None
+    # passes of many lengths: compiled for any length after the second
+    merge = on_device(merge_pass_into_, v.device, dynamic=None) if compiles_on(v.device) else None
 
     def accumulate(acc_o: Tensor, acc_l: Tensor, o: Tensor, l_: Tensor, first: bool) -> None:
         if first:

@@ -50,13 +50,17 @@ def write_into(fn: Callable[..., Tensor], out: Tensor, *args: Any) -> Tensor:
 
 
 @functools.cache
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _compiled(fn: Callable[..., Any], dynamic: bool | None = False) -> Callable[..., Any]:
     # the undecorated function: a run-time type-checking wrapper (jaxtyping's import hook) is not traceable
-    return torch.compile(inspect.unwrap(fn), dynamic=False)
+    return torch.compile(inspect.unwrap(fn), dynamic=dynamic)
 
 
-def on_device(fn: F, device: torch.device) -> F:
-    """``fn`` compiled for CUDA devices, ``fn`` itself elsewhere or where compiling it failed before."""
+def on_device(fn: F, device: torch.device, dynamic: bool | None = False) -> F:
+    """``fn`` compiled for CUDA devices, ``fn`` itself elsewhere or where compiling it failed before.
+
+    ``dynamic``: as ``torch.compile``'s. False (the default): one kernel per input shape, for steps run
+    at a few shapes; None: a second shape compiles one kernel for any size, for steps run at many
+    (the merges of passes of different lengths)."""
     name = fn.__qualname__
     if not _fuse_here(device) or name in _EAGER:
         return fn
@@ -66,7 +70,7 @@ def on_device(fn: F, device: torch.device) -> F:
             return fn(*args)
         try:
             with recompile_limit_at_least(64):
-                return _compiled(fn)(*args)
+                return _compiled(fn, dynamic)(*args)
         except Exception as err:  # no working compiler here: the eager function, from now on
             _EAGER.add(name)
             warnings.warn(f"compiling {name} failed ({type(err).__name__}: {err}); running it eagerly",
