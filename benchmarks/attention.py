@@ -17,8 +17,9 @@ of the bands without a stripe as stacks (one fused dense call each, no mask: cuD
 passes its check) and the rest on flex (``flex.UNSTRIPED = "stacks"``, the default where such a
 kernel passes); ``flex`` runs every band on flex (``flex.UNSTRIPED = "flex"``); ``split`` runs every
 band without a stripe as the chunked backend does and the striped ones on flex (``flex.UNSTRIPED =
-"chunked"``); ``chunked`` runs the chunked backend for the whole call (see ``freeloc.attention.flex``
-and ``.kernels``).
+"chunked"``); ``chunked`` runs the chunked backend for the whole call; ``tiles64`` runs the default
+path with key blocks of 64 in the striped flex calls (``flex.STRIPE_KEY_BLOCK = 64``, keys shifted in
+their padded frames; see ``freeloc.attention.flex`` and ``.kernels``).
 
 Timing: every method is warmed up (plans, block masks, compilation), then the repetitions run
 interleaved (dense, TSA, VRPR, dense, ...) and each method's median is taken, so that a slow phase
@@ -71,8 +72,9 @@ def make(shape: dict, device: str) -> tuple[torch.Tensor, ...]:
 #: Settings a CUDA row may force (``tsa:stacks``...): the flex token layout (``aligned``, ``packed``); what
 #: part of the call runs on the chunked backend's fused dense calls: the sliding windows of the unstriped
 #: bands (``stacks``: ``flex.UNSTRIPED = "stacks"``), nothing (``flex``) or all the unstriped bands
-#: (``split``: ``flex.UNSTRIPED = "chunked"``); or the chunked backend for the whole call (``chunked``).
-VARIANTS = ("auto", "aligned", "packed", "stacks", "flex", "split", "chunked")
+#: (``split``: ``flex.UNSTRIPED = "chunked"``); or the chunked backend for the whole call (``chunked``); or
+#: key blocks of 64 in the striped flex calls (``tiles64``: ``flex.STRIPE_KEY_BLOCK = 64``).
+VARIANTS = ("auto", "aligned", "packed", "stacks", "flex", "split", "chunked", "tiles64")
 
 
 def method_of(name: str) -> freeloc.Method | None:
@@ -95,12 +97,14 @@ def runner(name: str, shape: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if variant == "chunked":
         backend = "chunked"
 
+    key_block = 64 if variant == "tiles64" else 128
+
     def run() -> torch.Tensor:
-        flex.LAYOUT, flex.UNSTRIPED = layout, unstriped
+        flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK = layout, unstriped, key_block
         try:
             return attend(q, k, v, grid=grid, method=method, rotary=rot, backend=backend)
         finally:
-            flex.LAYOUT, flex.UNSTRIPED = "auto", "auto"
+            flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK = "auto", "auto", 128
 
     return run
 

@@ -6,7 +6,8 @@ The striped tier (``D1 < |Δ| <= D2``, token pairs with ``|s_q - s_k| < Ds``, ``
 frame) is the part of TSA that stays on ``flex_attention`` (``benchmarks/RESULTS.md``). This script times, in
 one run, against dense SDPA on the same q, k, v (81 frames x 1560 tokens, 12 heads x 128, bf16, no rotation):
 
-* the tier on ``flex`` (the library's path) and on ``chunked`` (fused kernel with a mask);
+* the tier on ``flex`` (the library's path), also with key blocks of 64 (``flex.STRIPE_KEY_BLOCK``), and
+  on ``chunked`` (fused kernel with a mask);
 * a decomposition by raster sub-blocks of ``B`` queries: every query of a sub-block attends the same
   ``2 Ds - B`` keys of each striped key frame (the *middle*), which run unmasked as stacks on the fused
   dense kernel (one call per sub-block and direction, its query frames the batch, the 16-frame key
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import freeloc
-from freeloc.attention import band_set_for
+from freeloc.attention import band_set_for, flex
 from freeloc.attention.chunked import chunked_band_attention
 from freeloc.attention.flex import flex_band_attention
 from freeloc.attention.kernels import attention_with_lse, checked_kernels
@@ -137,6 +138,15 @@ def main() -> None:
     bands = band_set_for(freeloc.TSA(cap=20), NF, S, freeloc.RotaryLayout.wan(D)).aligned()
     striped = BandSet(NF, tuple(b for b in bands.bands if b.stripe), bands.t_freqs)
     row("striped tier on flex", lambda: flex_band_attention([q], [k], v, striped, S, scale))
+
+    def tiles64() -> object:
+        flex.STRIPE_KEY_BLOCK = 64
+        try:
+            return flex_band_attention([q], [k], v, striped, S, scale)
+        finally:
+            flex.STRIPE_KEY_BLOCK = 128
+
+    row("striped tier on flex, key blocks of 64 (shifted)", tiles64)
     row("striped tier on chunked (masked fused kernel)",
         lambda: chunked_band_attention([q.transpose(1, 2)], [k.transpose(1, 2)], v.transpose(1, 2), striped, S,
                                        scale), reps=3)

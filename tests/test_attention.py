@@ -551,12 +551,18 @@ def test_flex_block_masks_match_token_masks(grid: tuple[int, int, int], method: 
 @pytest.mark.parametrize("method", [freeloc.TSA(d1=2, d2=6, stripe=0.2, cap=12), freeloc.TSA(d1=1, d2=3, cap=4),
                                     freeloc.VRPR(2, 4, 2, 3, 8), freeloc.SlidingWindow(2)],
                          ids=["tsa", "tsa-wide-stripe", "vrpr", "sliding"])
-@pytest.mark.parametrize("grid", [(9, 5, 7), (5, 11, 11), (4, 16, 16), (3, 13, 11)])
-def test_flex_frame_aligned_tables_and_masks(grid: tuple[int, int, int], method: freeloc.Method) -> None:
-    """Frame-aligned layout (each frame padded to whole 128-token blocks): every call's block table is the
+@pytest.mark.parametrize("grid", [(9, 5, 7), (5, 11, 11), (4, 16, 16), (3, 13, 11), (4, 10, 13)])
+@pytest.mark.parametrize("key_block", [128, 64])
+def test_flex_frame_aligned_tables_and_masks(grid: tuple[int, int, int], method: freeloc.Method, key_block: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frame-aligned layout (each frame padded to whole 128-token blocks; striped calls with key blocks of
+    ``STRIPE_KEY_BLOCK`` and their keys shifted by the call's tiling): every call's block table is the
     tiling of its token mask over the real queries, padding keys are never attended, the eager mask_mod
     is the token mask, and the compiled kernel's mask_mod (stripe and padding test, no frame table) agrees
     with it on every partial block, the only blocks where the compiled kernel evaluates it."""
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "STRIPE_KEY_BLOCK", key_block)
     f, h, w = grid
     s = h * w
     p = padded_frame(s)
@@ -566,6 +572,9 @@ def test_flex_frame_aligned_tables_and_masks(grid: tuple[int, int, int], method:
     real_q = (torch.arange(f * p) % p) < s
     for group in groups:
         assert len({bs.bands[i].stripe for i in group.bands}) == 1  # one stripe width per call
+        kb, shift = group.tiling(s)
+        striped = group.stripe_width(s) < s
+        assert kb == (key_block if striped else BLOCK_SIZE) and 0 <= shift <= p - s and (shift == 0 or kb < 128)
         c = group.num_key_frames
         key_frames = torch.cat([torch.arange(f) if fr is None else fr for _, fr, _ in group.segments])
         tok = torch.zeros(f, p, c, p, dtype=torch.bool)  # expected mask, padded coordinates
@@ -574,28 +583,78 @@ def test_flex_frame_aligned_tables_and_masks(grid: tuple[int, int, int], method:
             cols = torch.arange(f) if frames is None else frames
             for i in members:
                 band = bs.bands[i].token_pairs(s).view(f, s, f, s)[:, :, cols]
-                tok[:, :s, at:at + len(cols), :s] |= band
+                tok[:, :s, at:at + len(cols), shift:shift + s] |= band
             at += len(cols)
         tok = tok.view(f * p, c * p)
         tok[~real_q] = False  # padding queries: output dropped, their mask does not matter
-        real_tok = tok.view(f, p, c, p)[:, :s, :, :s]
+        real_tok = tok.view(f, p, c, p)[:, :s, :, shift:shift + s]
         cov = covered.view(f, s, f, s)
         cov.index_add_(2, key_frames, real_tok.long())
-        nb = p // BLOCK_SIZE
-        tiles = tok.view(f * nb, BLOCK_SIZE, c * nb, BLOCK_SIZE)
-        rows = real_q.view(f * nb, BLOCK_SIZE)[:, :, None, None]
+        tiles = tok.view(f * p // BLOCK_SIZE, BLOCK_SIZE, c * p // kb, kb)
+        rows = real_q.view(f * p // BLOCK_SIZE, BLOCK_SIZE)[:, :, None, None]
         any_t, full_t = group.block_table(s, aligned=True)
         assert torch.equal(any_t, tiles.any(3).any(1))
         assert torch.equal(full_t, (tiles | ~rows).all(3).all(1))
         q_idx, kv_idx = torch.arange(f * p)[:, None], torch.arange(c * p)[None, :]
         eager = group.mask_mod(s, torch.device("cpu"), aligned=True)(0, 0, q_idx, kv_idx)
         assert torch.equal(eager & real_q[:, None], tok)
-        assert not eager[:, (kv_idx[0] % p) >= s].any()  # padding keys never attended
+        key_raster = kv_idx[0] % p - shift
+        assert not eager[:, (key_raster < 0) | (key_raster >= s)].any()  # padding keys never attended
         cheap = group.mask_mod(s, torch.device("cpu"), aligned=True, frame_table=False)(0, 0, q_idx, kv_idx)
-        partial = (any_t & ~full_t).repeat_interleave(BLOCK_SIZE, 0).repeat_interleave(BLOCK_SIZE, 1)
+        partial = (any_t & ~full_t).repeat_interleave(BLOCK_SIZE, 0).repeat_interleave(kb, 1)
         assert torch.equal((cheap & partial)[real_q], (tok & partial)[real_q])
-        assert bool(partial.any()) == (bool(tok.any()) and (s % BLOCK_SIZE != 0 or group.stripe_width(s) < s))
+        assert bool(partial.any()) == (bool(tok.any()) and (s % BLOCK_SIZE != 0 or striped))
     assert torch.equal(covered.bool(), bs.token_mask(s)) and int(covered.max()) == 1  # each pair once
+
+
+@pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flex_stripe_key_blocks_of_64_match_reference(text: tuple[int, int], dtype: torch.dtype,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``STRIPE_KEY_BLOCK = 64``: the striped calls' keys shifted inside their padded frames (by 25 tokens
+    here, 130 tokens per frame) give the same numbers."""
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    monkeypatch.setattr(flex, "STRIPE_KEY_BLOCK", 64)
+    grid, tb = (9, 10, 13), text[0]
+    method = freeloc.TSA(d1=2, d2=5, stripe=0.2, sink_group=2, sink_window=3, cap=6)
+    bs = band_set_for(method, 9, 130, ROTARY).aligned()
+    assert [g.tiling(130) for g in flex_groups(bs, 130, by_stripe=True) if g.stripe_width(130) < 130] == [(64, 25)]
+    pads: list[int] = []
+    original = flex._pad_into
+    monkeypatch.setattr(flex, "_pad_into", lambda dst, parts, s, p, shift=0: pads.append(shift)
+                        or original(dst, parts, s, p, shift))
+    q, k, v = qkv(tb + 9 * 130 + text[1], dtype, seed=11)
+    kw = dict(grid=grid, method=method, rotary=ROTARY, text_before=tb, text_after=text[1])
+    out = attend(q, k, v, backend="flex", **kw)
+    assert 25 in pads  # the striped call's keys and values were written shifted
+    torch.testing.assert_close(out.float(), attend(q, k, v, backend="reference", **kw).float(), rtol=0,
+                               atol=TOL[dtype])
+
+
+def test_stripe_tiling_at_the_wan_frame_size() -> None:
+    """At 1560 tokens per frame and the TSA stripe (195): key blocks of 64 with the keys shifted by 2
+    tokens, so that each 128-query block away from the frame edges touches 9 key blocks, 4 of them whole
+    (with blocks of 128: 5, 1 whole); no other shift touches fewer blocks."""
+    from freeloc.attention import flex
+    from freeloc.bands import gap_and_span
+
+    assert flex.stripe_tiling(1560, 195, 64) == (64, 2) and flex.stripe_tiling(1560, 195, 128) == (128, 0)
+    assert flex.stripe_tiling(1560, 1560, 64) == (128, 0)  # no stripe: whole frames, blocks of 128
+
+    def counts(kb: int, shift: int) -> tuple[list[int], list[int]]:
+        qlo, qhi = flex._query_pieces(1560)
+        klo, khi, whole = flex._key_pieces(1560, kb, shift)
+        gap, span = gap_and_span(qlo, qhi, klo, khi)
+        return ((195 > gap) & (klo <= khi)[None, :]).sum(1).tolist(), ((195 > span) & whole[None, :]).sum(1).tolist()
+
+    touched, full = counts(64, 2)
+    assert touched[2:10] == [9] * 8 and full[2:10] == [4] * 8
+    assert counts(128, 0)[0][2:10] == [5] * 8 and counts(128, 0)[1][2:10] == [1] * 8
+    assert all(sum(counts(64, d)[0]) >= sum(touched) for d in range(padded_frame(1560) - 1560 + 1))
+    with pytest.raises(ValueError, match="STRIPE_KEY_BLOCK must be 128 or 64, got 32"):
+        flex.stripe_tiling(1560, 195, 32)
 
 
 @pytest.mark.parametrize("name,method", methods()[:6], ids=[m[0] for m in methods()[:6]])
@@ -625,7 +684,8 @@ def test_flex_frame_aligned_pads_each_query_rotation_once(monkeypatch: pytest.Mo
     monkeypatch.setattr(flex, "LAYOUT", "aligned")
     pads: list[int] = []
     original = flex._pad_into
-    monkeypatch.setattr(flex, "_pad_into", lambda dst, parts, s, p: pads.append(1) or original(dst, parts, s, p))
+    monkeypatch.setattr(flex, "_pad_into", lambda dst, parts, s, p, shift=0: pads.append(1)
+                        or original(dst, parts, s, p, shift))
     q, k, v = qkv(19 * 15, torch.float32, seed=4)
     method = freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12)
     out = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="flex")
@@ -863,6 +923,28 @@ def test_flex_falls_back_to_the_plain_kernel_where_tma_fails(monkeypatch: pytest
     assert torch.equal(out, q) and calls == [{"USE_TMA": True}, None] and flex._NO_TMA == {"cpu"}
     flex._run(fake, q, q, q, None, 1.0)  # no second try with TMA
     assert calls == [{"USE_TMA": True}, None, None]
+
+
+def test_flex_key_blocks_of_64_ask_the_kernel_for_key_tiles_of_64(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block mask with key blocks of 64 needs the kernel's key tile to divide it: on CUDA ``_run`` asks
+    for ``BLOCK_N = 64`` (with TMA where it works, without where it failed)."""
+    from freeloc.attention import flex
+
+    calls: list[object] = []
+
+    def fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(kw.get("kernel_options"))
+        return q, q[..., 0]
+
+    q = torch.randn(1, 2, 8, 4)
+    monkeypatch.setattr(flex, "_compiled_here", lambda q: True)  # as on CUDA
+    monkeypatch.setattr(flex, "_kernel_options", lambda device: {"USE_TMA": True})
+    flex._run(fake, q, q, q, None, 1.0, key_block=64)
+    flex._run(fake, q, q, q, None, 1.0)
+    monkeypatch.setattr(flex, "_kernel_options", lambda device: None)
+    flex._run(fake, q, q, q, None, 1.0, key_block=64)
+    flex._run(fake, q, q, q, None, 1.0)
+    assert calls == [{"USE_TMA": True, "BLOCK_N": 64}, {"USE_TMA": True}, {"BLOCK_N": 64}, None]
 
 
 @pytest.mark.parametrize("name,method", [("vrpr", freeloc.VRPR(1, 2, 2, 2, 4)), ("tsa", freeloc.TSA(d1=1, d2=3, cap=4)),

@@ -92,6 +92,26 @@ def test_compiled_flex_frame_aligned_layout(name: str, method: freeloc.Method, t
     assert err <= TOL[dtype], err
 
 
+@pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_flex_stripe_key_blocks_of_64(text: tuple[int, int], dtype: torch.dtype,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # STRIPE_KEY_BLOCK = 64: the striped call's keys shifted by 25 tokens in their padded frames (130
+    # tokens per frame), key blocks of 64, the kernel's key tile 64; every band on flex
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    monkeypatch.setattr(flex, "UNSTRIPED", "flex")
+    monkeypatch.setattr(flex, "STRIPE_KEY_BLOCK", 64)
+    tb, ta = text
+    q, k, v = qkv(tb + 9 * 130 + ta, 64, dtype, seed=13)
+    kw = dict(grid=(9, 10, 13), method=freeloc.TSA(d1=2, d2=5, stripe=0.2, sink_group=2, sink_window=3, cap=6),
+              rotary=freeloc.RotaryLayout.wan(64), text_before=tb, text_after=ta)
+    err = (attend(q, k, v, **kw).float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
+    print(f"stripe key blocks of 64, text={text} {dtype}: max error {err:.2e}")
+    assert err <= TOL[dtype], err
+
+
 @pytest.mark.parametrize("dim", [24, 80], ids=lambda d: f"head{d}")
 def test_compiled_flex_head_dims_not_a_power_of_two(dim: int) -> None:
     # tiny test models use head_dim 24; some real ones use 80 or 96

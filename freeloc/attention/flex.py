@@ -51,8 +51,8 @@ from .fused import on_device, recompile_limit_at_least
 from .merge import merge_lse
 from .reference import MAX_TOKENS
 
-__all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE", "LAYOUT", "UNSTRIPED", "padded_frame",
-           "split_striped", "unstriped_mode", "use_aligned"]
+__all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE", "LAYOUT", "STRIPE_KEY_BLOCK", "UNSTRIPED",
+           "padded_frame", "split_striped", "stripe_tiling", "unstriped_mode", "use_aligned"]
 
 BLOCK_SIZE = 128
 
@@ -75,6 +75,56 @@ def padded_frame(tokens_per_frame: int) -> int:
     """Tokens per frame in the frame-aligned layout: ``tokens_per_frame`` rounded up to whole blocks
     (also: any token count rounded up to whole blocks)."""
     return -(-tokens_per_frame // BLOCK_SIZE) * BLOCK_SIZE
+
+
+#: Key block of the frame-aligned calls with a stripe: 128 (the default, as timed), or 64 with each key
+#: frame shifted inside its padded slot (:func:`stripe_tiling`) so that the stripe of a 128-query block
+#: covers fewer key blocks and more of them whole: at 1560 tokens per frame and the TSA stripe (195),
+#: 9 blocks of 64 keys, 4 of them full, instead of 5 of 128 with 1 full. Not timed on a GPU yet
+#: (``benchmarks/attention.py --variants tiles64``).
+STRIPE_KEY_BLOCK = 128
+
+
+def _key_pieces(tokens_per_frame: int, key_block: int, shift: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per key block of one padded frame (keys at ``[shift, shift + S)``): first and last raster index it
+    holds (clipped to the frame), and whether it holds only real keys."""
+    s, p = tokens_per_frame, padded_frame(tokens_per_frame)
+    lo = torch.arange(p // key_block) * key_block - shift
+    hi = lo + key_block - 1
+    return lo.clamp(min=0), hi.clamp(max=s - 1), (lo >= 0) & (hi <= s - 1)
+
+
+def _query_pieces(tokens_per_frame: int) -> tuple[Tensor, Tensor]:
+    """Per 128-query block of one padded frame: first and last real raster index."""
+    lo = torch.arange(padded_frame(tokens_per_frame) // BLOCK_SIZE) * BLOCK_SIZE
+    return lo, (lo + BLOCK_SIZE - 1).clamp(max=tokens_per_frame - 1)
+
+
+def stripe_tiling(tokens_per_frame: int, width: int, key_block: int | None = None) -> tuple[int, int]:
+    """``(key block, shift)`` of a frame-aligned call whose pairs have stripe ``width``: the key block is
+    :data:`STRIPE_KEY_BLOCK` (``key_block`` if given) for a stripe narrower than the frame, else 128; for
+    blocks under 128 the shift (keys at ``[shift, shift + S)`` of each padded frame, ``0 <= shift <= pad``)
+    that makes the stripe touch the fewest key blocks per query block, then the most of them whole."""
+    s = tokens_per_frame
+    kb = (STRIPE_KEY_BLOCK if key_block is None else key_block) if width < s else BLOCK_SIZE
+    if kb not in (BLOCK_SIZE, BLOCK_SIZE // 2):
+        raise ValueError(f"freeloc.attention.flex.STRIPE_KEY_BLOCK must be 128 or 64, got {kb!r}")
+    return (kb, 0) if kb == BLOCK_SIZE else (kb, _best_shift(s, width, kb))
+
+
+@functools.lru_cache(maxsize=64)
+def _best_shift(s: int, width: int, kb: int) -> int:
+    qlo, qhi = _query_pieces(s)
+    best: tuple[tuple[int, int], int] | None = None
+    for shift in range(padded_frame(s) - s + 1):
+        klo, khi, whole = _key_pieces(s, kb, shift)
+        gap, span = gap_and_span(qlo, qhi, klo, khi)
+        touched = int(((width > gap) & (klo <= khi)[None, :]).sum())
+        full = int(((width > span) & whole[None, :]).sum())
+        if best is None or (touched, -full) < best[0]:
+            best = ((touched, -full), shift)
+    assert best is not None
+    return best[1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,8 +154,13 @@ class FlexGroup:
     def num_key_frames(self) -> int:
         return self.width.shape[1] - 1
 
+    def tiling(self, tokens_per_frame: int) -> tuple[int, int]:
+        """``(key block, key shift)`` of the call in the frame-aligned layout (:func:`stripe_tiling`)."""
+        return stripe_tiling(tokens_per_frame, self.stripe_width(tokens_per_frame))
+
     def block_table(self, tokens_per_frame: int, aligned: bool = False) -> tuple[Tensor, Tensor]:
-        """(any, full) bool [Qb, Kb] tables of the call, from frame-level pieces (never N^2 tokens)."""
+        """(any, full) bool [Qb, Kb] tables of the call, from frame-level pieces (never N^2 tokens); in the
+        frame-aligned layout the key blocks are those of :meth:`tiling`."""
         if aligned:
             return self._aligned_block_table(tokens_per_frame)
         s = tokens_per_frame
@@ -126,19 +181,19 @@ class FlexGroup:
         return min(int(widths[0]), tokens_per_frame)
 
     def _aligned_block_table(self, tokens_per_frame: int) -> tuple[Tensor, Tensor]:
-        s, p = tokens_per_frame, padded_frame(tokens_per_frame)
+        s = tokens_per_frame
         w = self.stripe_width(s)
-        nb = p // BLOCK_SIZE
-        lo = torch.arange(nb) * BLOCK_SIZE
-        hi = (lo + BLOCK_SIZE - 1).clamp(max=s - 1)  # last real raster index of each block of a frame
-        gap, span = gap_and_span(lo, hi, lo, hi)
-        tile_any = w > gap  # [q block, k block] inside one (query frame, key column) pair
-        tile_full = (w > span) & (lo + BLOCK_SIZE <= s)[None, :]  # and no padding key in the block
+        kb, shift = self.tiling(s)
+        qlo, qhi = _query_pieces(s)  # real raster indices of each block of a frame
+        klo, khi, whole = _key_pieces(s, kb, shift)
+        gap, span = gap_and_span(qlo, qhi, klo, khi)
+        tile_any = (w > gap) & (klo <= khi)[None, :]  # [q block, k block] inside one (query frame, key column)
+        tile_full = (w > span) & whole[None, :]  # and no padding key in the block
         pair = self.width[:-1, :-1] > 0
         f, c = pair.shape
 
         def expand(tile: Tensor) -> Tensor:
-            return (pair[:, None, :, None] & tile[None, :, None, :]).reshape(f * nb, c * nb)
+            return (pair[:, None, :, None] & tile[None, :, None, :]).reshape(f * len(qlo), c * len(klo))
 
         return expand(tile_any), expand(tile_full)
 
@@ -150,12 +205,13 @@ class FlexGroup:
         f = self.num_frames
         if aligned:
             p, w = padded_frame(s), self.stripe_width(s)
+            shift = self.tiling(s)[1]
             pair = (self.width[:-1, :-1] > 0).to(device)
 
             @typing.no_type_check  # traced by flex_attention: no runtime type-checking wrapper around it
             def aligned_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-                sk = kv_idx % p
-                keep = sk < s  # not a padding key
+                sk = kv_idx % p - shift if shift else kv_idx % p
+                keep = (sk >= 0) & (sk < s) if shift else sk < s  # not a padding key
                 if w < s:
                     keep = keep & ((q_idx % p - sk).abs() < w)
                 if frame_table:
@@ -229,9 +285,10 @@ class FlexGroup:
         kv_num, kv_idx = _table_to_indices(any_t & ~full_t)
         full_num, full_idx = _table_to_indices(full_t)
         per_frame = padded_frame(s) if aligned else s
+        kb = self.tiling(s)[0] if aligned else BLOCK_SIZE
         return BlockMask.from_kv_blocks(
             kv_num.to(device), kv_idx.to(device), full_num.to(device), full_idx.to(device),
-            BLOCK_SIZE=BLOCK_SIZE, mask_mod=self.mask_mod(s, device, aligned, frame_table=device.type != "cuda"),
+            BLOCK_SIZE=(BLOCK_SIZE, kb), mask_mod=self.mask_mod(s, device, aligned, frame_table=device.type != "cuda"),
             seq_lengths=(self.num_frames * per_frame, self.num_key_frames * per_frame),
         )
 
@@ -348,10 +405,15 @@ def unstriped_mode(q: Tensor | None = None) -> str:
     return "stacks" if fused_kernel_for(q, masked=False, overlapping=True) is not None else "flex"
 
 
-@functools.lru_cache(maxsize=64)
 def _plan(band_set: BandSet, s: int, device_str: str, aligned: bool) -> tuple[tuple[FlexGroup, Any, tuple], ...]:
     """Per call: the group, its block mask and its segments as (band of the keys, key frames: None for
     every frame, a slice for consecutive ones, else an index tensor on the device)."""
+    return _plan_for(band_set, s, device_str, aligned, STRIPE_KEY_BLOCK)
+
+
+@functools.lru_cache(maxsize=64)
+def _plan_for(band_set: BandSet, s: int, device_str: str, aligned: bool,
+              key_block: int) -> tuple[tuple[FlexGroup, Any, tuple], ...]:
     device = torch.device(device_str)
     out = []
     for g in flex_groups(band_set, s, by_stripe=aligned):
@@ -375,21 +437,31 @@ def _kernel_options(device: torch.device) -> dict[str, Any] | None:
     return {"USE_TMA": True}
 
 
-def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float) -> tuple[Tensor, Tensor]:
+def _compiled_here(q: Tensor) -> bool:
+    """Whether flex runs compiled (with kernel options) for queries like ``q``: on CUDA."""
+    return q.device.type == "cuda"
+
+
+def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float,
+         key_block: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
     options = _kernel_options(q.device)
+    # the kernel's key tile must divide the block mask's key block
+    base = {"BLOCK_N": key_block} if key_block < BLOCK_SIZE and _compiled_here(q) else None
     # one compiled kernel per (query, key) length
     with warnings.catch_warnings(), recompile_limit_at_least(64):
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
+        plain = {} if base is None else {"kernel_options": base}
         if options is None:
-            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, **plain)
         try:
-            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, kernel_options=options)
+            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True,
+                      kernel_options={**options, **(base or {})})
         except Exception as err:  # this torch or device refuses TMA: the plain kernel, from now on
             _NO_TMA.add(str(q.device))
             warnings.warn(f"flex_attention with {options} failed ({type(err).__name__}: {err}); "
                           f"using the kernel without TMA on {q.device}", stacklevel=3)
-            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True)
+            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, **plain)
 
 
 def _frames_of(x: Tensor, frames: slice | Tensor | None, s: int) -> Tensor:
@@ -403,17 +475,19 @@ def _frames_of(x: Tensor, frames: slice | Tensor | None, s: int) -> Tensor:
     return framed.index_select(2, frames)
 
 
-def _pad_into(dst: Tensor, parts: list[Tensor], s: int, p: int) -> Tensor:
+def _pad_into(dst: Tensor, parts: list[Tensor], s: int, p: int, shift: int = 0) -> Tensor:
     """Write (B, H, C_i, s, D) parts one after the other into ``dst`` (B, H, sum C_i * p, D), each frame
-    padded with zeros to ``p`` tokens."""
+    padded with zeros to ``p`` tokens (its tokens at ``[shift, shift + s)``)."""
     b, h, _, d = dst.shape
     framed = dst.view(b, h, -1, p, d)
     at = 0
     for part in parts:
-        framed[:, :, at:at + part.shape[2], :s].copy_(part)
+        framed[:, :, at:at + part.shape[2], shift:shift + s].copy_(part)
         at += part.shape[2]
-    if p > s:
-        framed[:, :, :, s:].zero_()
+    if shift:
+        framed[:, :, :, :shift].zero_()
+    if p > s + shift:
+        framed[:, :, :, shift + s:].zero_()
     return dst
 
 
@@ -448,9 +522,12 @@ def flex_band_attention(
                 q = _pad_into(v.new_empty(b, h, f * p, d), [_frames_of(qs[rep_q], None, s)], s, p)
                 padded_q[qs[rep_q].data_ptr()] = q
             c = group.num_key_frames
-            k_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(ks[rep], fr, s) for rep, fr in segments], s, p)
-            v_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(v, fr, s) for _, fr in segments], s, p)
+            key_block, shift = group.tiling(s)
+            k_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(ks[rep], fr, s) for rep, fr in segments], s, p,
+                              shift)
+            v_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(v, fr, s) for _, fr in segments], s, p, shift)
         else:
+            key_block = BLOCK_SIZE
             q = qs[rep_q]
             parts = [(ks[rep], v) if fr is None else (_frames_of(ks[rep], fr, s), _frames_of(v, fr, s))
                      for rep, fr in segments]
@@ -458,7 +535,7 @@ def flex_band_attention(
                 [x.reshape(b, h, -1, d) for x, _ in parts], dim=2)
             v_cat = parts[0][1] if len(parts) == 1 and segments[0][1] is None else torch.cat(
                 [y.reshape(b, h, -1, d) for _, y in parts], dim=2)
-        out, lse = _run(fn, q, k_cat, v_cat, bm, scale)
+        out, lse = _run(fn, q, k_cat, v_cat, bm, scale, key_block)
         if aligned and p > s:  # views of the real tokens: the merge reads them in place
             out, lse = out.view(b, h, f, p, d)[:, :, :, :s], lse.view(b, h, f, p)[:, :, :, :s]
         outs.append(out)
