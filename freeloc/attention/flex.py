@@ -414,6 +414,7 @@ def _plan(band_set: BandSet, s: int, device_str: str, aligned: bool) -> tuple[tu
 @functools.lru_cache(maxsize=64)
 def _plan_for(band_set: BandSet, s: int, device_str: str, aligned: bool,
               key_block: int) -> tuple[tuple[FlexGroup, Any, tuple], ...]:
+    # key_block: STRIPE_KEY_BLOCK as a cache key (the groups' tilings read it while the masks are built)
     device = torch.device(device_str)
     out = []
     for g in flex_groups(band_set, s, by_stripe=aligned):
