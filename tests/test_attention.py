@@ -175,6 +175,23 @@ def test_merge_in_fp32_for_bf16_parts() -> None:
     torch.testing.assert_close(out, w[0, :, None] * outs[0].float() + w[1, :, None] * outs[1].float())
 
 
+def test_merge_outputs_is_the_merged_output_in_the_given_dtype() -> None:
+    """``merge_outputs`` (the last merge of flex with a dense part, no text): merge_lse's output, converted."""
+    from freeloc.attention.merge import merge_outputs, merge_pass_into_
+
+    g = torch.Generator().manual_seed(8)
+    outs = [torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g).bfloat16()]
+    lses = [torch.randn(6, generator=g), torch.randn(6, generator=g)]
+    lses[1][2] = float("-inf")
+    got = merge_outputs(outs, lses, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, merge_lse(outs, lses)[0].bfloat16())
+    acc_o, acc_l = outs[0].clone(), lses[0].clone()  # the running merge of a bf16 pass: converted first
+    merge_pass_into_(acc_o, acc_l, outs[1], lses[1])
+    want_o, want_l = merge_lse(outs, lses)
+    torch.testing.assert_close(acc_o, want_o, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(acc_l, want_l)
+
+
 def test_reference_refuses_long_sequences() -> None:
     f, h, w = 10, 30, 28  # 8400 tokens > MAX_TOKENS
     assert f * h * w > MAX_TOKENS

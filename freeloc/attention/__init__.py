@@ -36,7 +36,7 @@ from ..rotary import RotaryLayout
 from .chunked import chunked_band_attention, key_groups, plan_stacks
 from .flex import flex_band_attention, split_striped, unstriped_mode
 from .fused import compiles_on, on_device, write_into
-from .merge import merge_lse
+from .merge import merge_lse, merge_outputs
 from .reference import MAX_TOKENS, reference_attention
 
 __all__ = ["attend", "BACKENDS", "MAX_TOKENS", "band_set_for", "merge_lse"]
@@ -277,7 +277,10 @@ def attend(
                                              flex_part, s, scale))
         out_v, lse_v = parts[0]
         if len(parts) == 2:
-            out_v, lse_v = on_device(merge_lse, dev)([parts[0][0], parts[1][0]], [parts[0][1], parts[1][1]])
+            outs, lses = [parts[0][0], parts[1][0]], [parts[0][1], parts[1][1]]
+            if n == nv:  # no text to merge next: the merged output straight in q's dtype
+                return on_device(merge_outputs, dev)(outs, lses, q.dtype).transpose(1, 2)
+            out_v, lse_v = on_device(merge_lse, dev)(outs, lses)
     if n == nv:
         return out_v.to(q.dtype).transpose(1, 2)
 

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse", "merge_pass_into_"]
+__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse", "merge_outputs", "merge_pass_into_"]
 
 #: A finite stand-in for ``-inf`` in running LSEs: ``exp(EMPTY_LSE - x)`` is exactly 0 for any real
 #: LSE ``x``, and unlike ``-inf`` it never makes ``-inf - (-inf) = nan``, so no guards are needed.
@@ -83,3 +83,13 @@ def merge_pass_into_(
 
 # as written, for the compiled call: a run-time type-checking wrapper is not traceable
 _MERGE_INTO = inspect.unwrap(merge_into_)
+
+
+def merge_outputs(outs: list[Float[Tensor, "*rows dim"]], lses: list[Float[Tensor, " *rows"]],
+                  dtype: torch.dtype) -> Float[Tensor, "*rows dim"]:
+    """The output of :func:`merge_lse` alone, in ``dtype``: compiled on CUDA, one kernel writes it in that
+    dtype (no float32 copy of the merged output)."""
+    return _MERGE_LSE(outs, lses)[0].to(dtype)
+
+
+_MERGE_LSE = inspect.unwrap(merge_lse)
