@@ -68,11 +68,10 @@ class PassPlan(tuple):
 
     masks: dict[tuple, MaskEntry]
     mask_bytes: int
-    writes_every_row: bool  # the first pass over each row writes it: no initial output and LSE needed
 
-    def __new__(cls, passes: list[Pass | Stack], writes_every_row: bool = False) -> PassPlan:
+    def __new__(cls, passes: list[Pass | Stack]) -> PassPlan:
         plan = super().__new__(cls, passes)
-        plan.masks, plan.mask_bytes, plan.writes_every_row = {}, 0, writes_every_row
+        plan.masks, plan.mask_bytes = {}, 0
         return plan
 
     def mask_for(self, p: Pass, q: Tensor, local: dict[tuple, MaskEntry]) -> MaskEntry:
@@ -451,21 +450,18 @@ def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -
             continue
         _, g, sb = _band_cost(band, s, head_dim)
         out.extend(_plan_band(b_id, band, g, s, sb))
-    return PassPlan(out, _mark_first(out, band_set.num_frames, s))
+    _mark_first(out, band_set.num_frames, s)
+    return PassPlan(out)
 
 
-def _mark_first(out: list[Pass | Stack], num_frames: int, s: int) -> bool:
-    """Flag each pass or stack that is the first to touch its rows (it writes instead of merging); return
-    whether those write every row (then no row needs an initial value)."""
+def _mark_first(out: list[Pass | Stack], num_frames: int, s: int) -> None:
+    """Flag each pass or stack that is the first to touch its rows (it writes instead of merging)."""
     touched = torch.zeros(num_frames * s, dtype=torch.bool)
-    written = torch.zeros(num_frames * s, dtype=torch.bool)
     for p in out:
         rows = p.rows if isinstance(p.rows, slice) else p.rows.tokens(s)
         if not bool(touched[rows].any()):
             object.__setattr__(p, "first", True)
-            written[rows] = True
         touched[rows] = True
-    return bool(written.all())
 
 
 def _largest_rectangle(pairs: Bool[Tensor, "frames keys"], min_rows: int) -> tuple[int, int, int, int, int]:
@@ -549,10 +545,10 @@ def plan_stacks(band_set: BandSet, tokens_per_frame: int, min_frames: int = 8,
         stacks += small
         for b in plain:
             bands[b] = replace(bands[b], pairs=left[b])
-    writes_every_row = _mark_first(stacks, f, s)
+    _mark_first(stacks, f, s)
     rest = None if all(b.is_empty() for b in bands) else BandSet(f, tuple(bands), band_set.t_freqs,
                                                                     f"{band_set.label} (after stacks)")
-    return PassPlan(stacks, writes_every_row), rest
+    return PassPlan(stacks), rest
 
 
 def plan_cost(passes: tuple[Pass | Stack, ...], tokens_per_frame: int) -> int:
@@ -600,12 +596,8 @@ def chunked_band_attention(
     for r in range(1, reps):
         v_rep[:, :, r * n:(r + 1) * n].copy_(v_rep[:, :, :n])
     qh, kh, vh = [bhnd(x) for x in qs], [bhnd(x) for x in ks], v_rep[:, :, :n]
-    if passes.writes_every_row:
-        out = torch.empty(b, h, n, d, dtype=torch.float32, device=v.device)
-        lse = torch.empty((b, h, n), dtype=torch.float32, device=v.device)
-    else:
-        out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
-        lse = torch.full((b, h, n), EMPTY_LSE, dtype=torch.float32, device=v.device)
+    out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
+    lse = torch.full((b, h, n), EMPTY_LSE, dtype=torch.float32, device=v.device)
     masks: dict[tuple, MaskEntry] = {}  # this call's, past the cache
     s = tokens_per_frame
 
