@@ -944,7 +944,7 @@ def test_flex_falls_back_to_the_plain_kernel_where_tma_fails(monkeypatch: pytest
 
 def test_flex_key_blocks_of_64_ask_the_kernel_for_key_tiles_of_64(monkeypatch: pytest.MonkeyPatch) -> None:
     """A block mask with key blocks of 64 needs the kernel's key tile to divide it: on CUDA ``_run`` asks
-    for ``BLOCK_N = 64`` (with TMA where it works, without where it failed)."""
+    for ``BLOCK_N = 64`` (with TMA where it works, without where it failed); ``KERNEL_OPTIONS`` go on top."""
     from freeloc.attention import flex
 
     calls: list[object] = []
@@ -961,7 +961,10 @@ def test_flex_key_blocks_of_64_ask_the_kernel_for_key_tiles_of_64(monkeypatch: p
     monkeypatch.setattr(flex, "_kernel_options", lambda device: None)
     flex._run(fake, q, q, q, None, 1.0, key_block=64)
     flex._run(fake, q, q, q, None, 1.0)
-    assert calls == [{"USE_TMA": True, "BLOCK_N": 64}, {"USE_TMA": True}, {"BLOCK_N": 64}, None]
+    monkeypatch.setattr(flex, "KERNEL_OPTIONS", {"num_warps": 8, "BLOCK_N": 32})  # tuning: over the library's
+    flex._run(fake, q, q, q, None, 1.0, key_block=64)
+    assert calls == [{"USE_TMA": True, "BLOCK_N": 64}, {"USE_TMA": True}, {"BLOCK_N": 64}, None,
+                     {"num_warps": 8, "BLOCK_N": 32}]
 
 
 @pytest.mark.parametrize("name,method", [("vrpr", freeloc.VRPR(1, 2, 2, 2, 4)), ("tsa", freeloc.TSA(d1=1, d2=3, cap=4)),

@@ -51,8 +51,9 @@ from .fused import on_device, recompile_limit_at_least
 from .merge import merge_lse
 from .reference import MAX_TOKENS
 
-__all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE", "LAYOUT", "STRIPE_KEY_BLOCK", "UNSTRIPED",
-           "padded_frame", "split_striped", "stripe_tiling", "unstriped_mode", "use_aligned"]
+__all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE", "KERNEL_OPTIONS", "LAYOUT",
+           "STRIPE_KEY_BLOCK", "UNSTRIPED", "padded_frame", "split_striped", "stripe_tiling", "unstriped_mode",
+           "use_aligned"]
 
 BLOCK_SIZE = 128
 
@@ -438,6 +439,13 @@ def _kernel_options(device: torch.device) -> dict[str, Any] | None:
     return {"USE_TMA": True}
 
 
+#: Extra ``kernel_options`` for every compiled ``flex_attention`` call (Triton tile sizes such as
+#: ``BLOCK_M`` / ``BLOCK_N``, ``num_warps``, ``num_stages``), over the library's own (``USE_TMA`` on Hopper,
+#: ``BLOCK_N`` for key blocks of 64): for tuning on a given GPU (``benchmarks/striped_tier.py
+#: --flex-options``). Empty by default.
+KERNEL_OPTIONS: dict[str, Any] = {}
+
+
 def _compiled_here(q: Tensor) -> bool:
     """Whether flex runs compiled (with kernel options) for queries like ``q``: on CUDA."""
     return q.device.type == "cuda"
@@ -447,7 +455,9 @@ def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float
          key_block: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
     options = _kernel_options(q.device)
     # the kernel's key tile must divide the block mask's key block
-    base = {"BLOCK_N": key_block} if key_block < BLOCK_SIZE and _compiled_here(q) else None
+    base: dict[str, Any] | None = None
+    if _compiled_here(q) and (key_block < BLOCK_SIZE or KERNEL_OPTIONS):
+        base = {**({"BLOCK_N": key_block} if key_block < BLOCK_SIZE else {}), **KERNEL_OPTIONS}
     # one compiled kernel per (query, key) length
     with warnings.catch_warnings(), recompile_limit_at_least(64):
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
