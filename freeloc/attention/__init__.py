@@ -8,7 +8,9 @@ Three backends compute the same numbers:
 * ``reference``: dense masked softmax over [N, N] (tests; N <= 8192);
 * ``chunked``: exact, computes only the key frames each band needs, memory bounded by a chunk
   (default on CPU);
-* ``flex``: ``flex_attention`` with block masks from frame-level tables (default on CUDA).
+* ``flex``: ``flex_attention`` with block masks from frame-level tables (default on CUDA; there the
+  sliding windows of the bands without a stripe run on the fused dense kernel instead,
+  :data:`freeloc.attention.flex.UNSTRIPED`).
 
 Example:
     >>> import torch, freeloc

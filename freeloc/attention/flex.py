@@ -29,9 +29,10 @@ exact on every pair; the tests check that the compiled one agrees with it on eve
 The tables are captured tensors: calls with the same shapes reuse one compiled kernel. On Hopper GPUs
 the kernel loads its tiles with TMA (``USE_TMA``), falling back to the plain kernel where that fails.
 
-On CUDA the compiled kernel is used (the default backend there). On CPU the eager implementation
-runs, which materialises the score matrix: it is for checking semantics on small shapes and refuses
-sequences longer than the reference backend's limit.
+On CUDA the compiled kernel is used (the default backend there), and by default only for what the fused
+dense kernel cannot take: the bands without a stripe run as stacks on it (:data:`UNSTRIPED`). On CPU the
+eager implementation runs, which materialises the score matrix: it is for checking semantics on small
+shapes and refuses sequences longer than the reference backend's limit.
 """
 
 from __future__ import annotations
