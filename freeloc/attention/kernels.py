@@ -4,13 +4,12 @@ On CPU this uses PyTorch's fused flash kernel for CPU, which returns the LSE exa
 a fused kernel that returns the LSE (cuDNN's, then FlashAttention's, then the memory-efficient one:
 :data:`CUDA_KERNELS`; with a mask, cuDNN's or the memory-efficient one), the first one that is
 **checked** to work here: on first use for a (device, dtype, head dim, masked or not, overlapping key
-windows or not), each candidate runs a small random
-problem of that kind and its output and LSE are compared with a plain float32 computation; a
-candidate that raises or disagrees is skipped from then on (``checked_kernels`` says what was
-chosen). PyTorch reaches these kernels through private operators whose signatures and return
-layouts have changed between releases; the check makes a wrong or missing one a slower call
-instead of a wrong result. Elsewhere (float64, or no kernel passed) a plain float32 computation
-runs, in row chunks of at most :data:`FLOAT_LOGITS` logits.
+windows or not), each candidate runs a small random problem of that kind and its output and LSE are
+compared with a plain float32 computation; a candidate that raises or disagrees is skipped from then
+on (``checked_kernels`` says what was chosen). PyTorch reaches these kernels through private
+operators whose signatures and return layouts have changed between releases; the check makes a wrong
+or missing one a slower call instead of a wrong result. Elsewhere (float64, or no kernel passed) a
+plain float32 computation runs, in row chunks of at most :data:`FLOAT_LOGITS` logits.
 Rows with no allowed key get ``lse = -inf`` and a zero output (the fused kernels report 0 or NaN
 for them, so the caller passes which rows have keys).
 """
