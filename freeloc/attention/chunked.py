@@ -28,9 +28,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..bands import Band, BandSet
-from .fused import compiles_on, on_device
+from .fused import on_device
 from .kernels import attention_with_lse, prepare_mask, uses_fused_kernel
-from .merge import EMPTY_LSE, merge_into_, merge_pass_into_
+from .merge import EMPTY_LSE, merge_pass_into_
 
 __all__ = ["Pass", "PassPlan", "Stack", "chunked_band_attention", "key_groups", "plan_cost", "plan_passes",
            "plan_stacks", "SMALL_BLOCKS"]
@@ -606,17 +606,15 @@ def chunked_band_attention(
 
     buffers: dict[tuple[int, ...], Tensor] = {}  # a stack's keys: its bands' rotations, one after the other
 
-    # passes of many lengths: compiled for any length after the second
-    merge = on_device(merge_pass_into_, v.device, dynamic=None) if compiles_on(v.device) else None
+    # on CUDA one compiled kernel; passes of many lengths: compiled for any length after the second
+    merge = on_device(merge_pass_into_, v.device, dynamic=None)
 
     def accumulate(acc_o: Tensor, acc_l: Tensor, o: Tensor, l_: Tensor, first: bool) -> None:
         if first:
             acc_o.copy_(o)
             acc_l.copy_(l_.clamp_min(EMPTY_LSE))
-        elif merge is not None:  # one compiled kernel
-            merge(acc_o, acc_l, o, l_)
         else:
-            merge_into_(acc_o, acc_l, o.float(), l_)
+            merge(acc_o, acc_l, o, l_)
 
     for p in passes:
         if isinstance(p, Stack):

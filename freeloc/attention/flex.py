@@ -455,20 +455,20 @@ def _compiled_here(q: Tensor) -> bool:
 def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float,
          key_block: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
     options = _kernel_options(q.device)
-    # the kernel's key tile must divide the block mask's key block
-    base: dict[str, Any] | None = None
-    if _compiled_here(q) and (key_block < BLOCK_SIZE or KERNEL_OPTIONS):
-        base = {**({"BLOCK_N": key_block} if key_block < BLOCK_SIZE else {}), **KERNEL_OPTIONS}
+    # the kernel's key tile must divide the block mask's key block; tuning options on top
+    extra: dict[str, Any] = {}
+    if _compiled_here(q):
+        extra = {**({"BLOCK_N": key_block} if key_block < BLOCK_SIZE else {}), **KERNEL_OPTIONS}
+    plain = {"kernel_options": extra} if extra else {}
     # one compiled kernel per (query, key) length
     with warnings.catch_warnings(), recompile_limit_at_least(64):
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
         warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
-        plain = {} if base is None else {"kernel_options": base}
         if options is None:
             return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, **plain)
         try:
             return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True,
-                      kernel_options={**options, **(base or {})})
+                      kernel_options={**options, **extra})
         except Exception as err:  # this torch or device refuses TMA: the plain kernel, from now on
             _NO_TMA.add(str(q.device))
             warnings.warn(f"flex_attention with {options} failed ({type(err).__name__}: {err}); "
