@@ -209,13 +209,19 @@ class FlexGroup:
             p, w = padded_frame(s), self.stripe_width(s)
             shift = self.tiling(s)[1]
             pair = (self.width[:-1, :-1] > 0).to(device)
+            far = -(p + w)  # a raster index no query's stripe reaches: where the padding keys are moved
+            padded = p > s
 
+            # per token pair as few operations as possible (the compiled kernel runs them on every element of
+            # a partial tile): what depends on one index alone is computed on that row or column of indices
             @typing.no_type_check  # traced by flex_attention: no runtime type-checking wrapper around it
             def aligned_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
                 sk = kv_idx % p - shift if shift else kv_idx % p
-                keep = (sk >= 0) & (sk < s) if shift else sk < s  # not a padding key
-                if w < s:
-                    keep = keep & ((q_idx % p - sk).abs() < w)
+                real = ((sk >= 0) & (sk < s) if shift else sk < s) if padded else None  # not a padding key
+                if w < s:  # the stripe; padding keys moved out of every stripe, so it is their test too
+                    keep = (q_idx % p - (torch.where(real, sk, far) if padded else sk)).abs() < w
+                else:
+                    keep = real if padded else torch.ones_like(q_idx - kv_idx, dtype=torch.bool)
                 if frame_table:
                     keep = keep & pair[q_idx // p, kv_idx // p]
                 return keep
