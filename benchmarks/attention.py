@@ -17,9 +17,10 @@ of the bands without a stripe as stacks (one fused dense call each, no mask: cuD
 passes its check) and the rest on flex (``flex.UNSTRIPED = "stacks"``, the default where such a
 kernel passes); ``flex`` runs every band on flex (``flex.UNSTRIPED = "flex"``); ``split`` runs every
 band without a stripe as the chunked backend does and the striped ones on flex (``flex.UNSTRIPED =
-"chunked"``); ``chunked`` runs the chunked backend for the whole call; ``tiles64`` runs the default
-path with key blocks of 64 in the striped flex calls (``flex.STRIPE_KEY_BLOCK = 64``, keys shifted in
-their padded frames; see ``freeloc.attention.flex`` and ``.kernels``).
+"chunked"``); ``chunked`` runs the chunked backend for the whole call; ``tiles64`` and ``tiles128`` run
+the default path with key blocks of 64 (keys shifted in their padded frames) or 128 in the striped flex
+calls (``flex.STRIPE_KEY_BLOCK``; the default, ``"auto"``, is 64 at the CUDA shape; see
+``freeloc.attention.flex`` and ``.kernels``).
 
 Timing: every method is warmed up (plans, block masks, compilation), then the repetitions run
 interleaved (dense, TSA, VRPR, dense, ...) and each method's median is taken, so that a slow phase
@@ -73,8 +74,9 @@ def make(shape: dict, device: str) -> tuple[torch.Tensor, ...]:
 #: part of the call runs on the chunked backend's fused dense calls: the sliding windows of the unstriped
 #: bands (``stacks``: ``flex.UNSTRIPED = "stacks"``), nothing (``flex``) or all the unstriped bands
 #: (``split``: ``flex.UNSTRIPED = "chunked"``); or the chunked backend for the whole call (``chunked``); or
-#: key blocks of 64 in the striped flex calls (``tiles64``: ``flex.STRIPE_KEY_BLOCK = 64``).
-VARIANTS = ("auto", "aligned", "packed", "stacks", "flex", "split", "chunked", "tiles64")
+#: key blocks of 64 or 128 in the striped flex calls (``tiles64`` / ``tiles128``: ``flex.STRIPE_KEY_BLOCK``;
+#: the default, ``"auto"``, takes 64 at this shape).
+VARIANTS = ("auto", "aligned", "packed", "stacks", "flex", "split", "chunked", "tiles64", "tiles128")
 
 
 def method_of(name: str) -> freeloc.Method | None:
@@ -97,14 +99,14 @@ def runner(name: str, shape: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     if variant == "chunked":
         backend = "chunked"
 
-    key_block = 64 if variant == "tiles64" else 128
+    key_block = {"tiles64": 64, "tiles128": 128}.get(variant, "auto")
 
     def run() -> torch.Tensor:
         flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK = layout, unstriped, key_block
         try:
             return attend(q, k, v, grid=grid, method=method, rotary=rot, backend=backend)
         finally:
-            flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK = "auto", "auto", 128
+            flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK = "auto", "auto", "auto"
 
     return run
 

@@ -1,14 +1,15 @@
 """TSA's striped tier alone at the full Wan 1.3B shape (CUDA): where its time goes, and two ways around flex.
 
-    python benchmarks/striped_tier.py [--reps 5] [--flex-options '{"num_warps": 8}']
+    python benchmarks/striped_tier.py [--reps 5] [--flex-options '{"num_warps": 4}' [--flex-options ...]]
 
 The striped tier (``D1 < |Δ| <= D2``, token pairs with ``|s_q - s_k| < Ds``, ``Ds = 195`` at 1560 tokens per
 frame) is the part of TSA that stays on ``flex_attention`` (``benchmarks/RESULTS.md``). This script times, in
 one run, against dense SDPA on the same q, k, v (81 frames x 1560 tokens, 12 heads x 128, bf16, no rotation):
 
-* the tier on ``flex`` (the library's path), also with key blocks of 64 (``flex.STRIPE_KEY_BLOCK``), and
-  with ``--flex-options`` both again with those extra ``kernel_options`` (``flex.KERNEL_OPTIONS``: tile
-  sizes, warps, stages), and on ``chunked`` (fused kernel with a mask);
+* the tier on ``flex`` (the library's path), with key blocks of 128 and of 64 (``flex.STRIPE_KEY_BLOCK``;
+  the default, ``"auto"``, is 64 here), for each ``--flex-options`` (repeatable) both again with those
+  extra ``kernel_options`` (``flex.KERNEL_OPTIONS``: tile sizes, warps, stages), and on ``chunked`` (fused
+  kernel with a mask);
 * a decomposition by raster sub-blocks of ``B`` queries: every query of a sub-block attends the same
   ``2 Ds - B`` keys of each striped key frame (the *middle*), which run unmasked as stacks on the fused
   dense kernel (one call per sub-block and direction, its query frames the batch, the 16-frame key
@@ -119,8 +120,8 @@ def triangles(dev: str) -> tuple[torch.Tensor, torch.Tensor, object]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--flex-options", type=json.loads, default=None,
-                    help="extra flex kernel_options as JSON, timed beside the default ones")
+    ap.add_argument("--flex-options", type=json.loads, action="append", default=[],
+                    help="extra flex kernel_options as JSON, timed beside the default ones (repeatable)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("striped_tier.py times CUDA kernels at the full Wan shape: no CUDA device here")
@@ -141,7 +142,8 @@ def main() -> None:
     row("dense SDPA (all pairs)", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale))
     bands = band_set_for(freeloc.TSA(cap=20), NF, S, freeloc.RotaryLayout.wan(D)).aligned()
     striped = BandSet(NF, tuple(b for b in bands.bands if b.stripe), bands.t_freqs)
-    row("striped tier on flex", lambda: flex_band_attention([q], [k], v, striped, S, scale))
+    row(f"striped tier on flex (default: key blocks of {flex.stripe_key_block(q.dtype, D)})",
+        lambda: flex_band_attention([q], [k], v, striped, S, scale))
 
     def on_flex(key_block: int, options: dict | None) -> Callable[[], object]:
         def run() -> object:
@@ -149,13 +151,14 @@ def main() -> None:
             try:
                 return flex_band_attention([q], [k], v, striped, S, scale)
             finally:
-                flex.STRIPE_KEY_BLOCK, flex.KERNEL_OPTIONS = 128, {}
+                flex.STRIPE_KEY_BLOCK, flex.KERNEL_OPTIONS = "auto", {}
         return run
 
+    row("striped tier on flex, key blocks of 128", on_flex(128, None))
     row("striped tier on flex, key blocks of 64 (shifted)", on_flex(64, None))
-    if args.flex_options:
-        row(f"  the same, {args.flex_options}", on_flex(64, args.flex_options))
-        row(f"striped tier on flex, {args.flex_options}", on_flex(128, args.flex_options))
+    for options in args.flex_options:
+        row(f"  key blocks of 128, {options}", on_flex(128, options))
+        row(f"  key blocks of 64, {options}", on_flex(64, options))
     row("striped tier on chunked (masked fused kernel)",
         lambda: chunked_band_attention([q.transpose(1, 2)], [k.transpose(1, 2)], v.transpose(1, 2), striped, S,
                                        scale), reps=3)

@@ -670,8 +670,27 @@ def test_stripe_tiling_at_the_wan_frame_size() -> None:
     assert touched[2:10] == [9] * 8 and full[2:10] == [4] * 8
     assert counts(128, 0)[0][2:10] == [5] * 8 and counts(128, 0)[1][2:10] == [1] * 8
     assert all(sum(counts(64, d)[0]) >= sum(touched) for d in range(padded_frame(1560) - 1560 + 1))
-    with pytest.raises(ValueError, match="STRIPE_KEY_BLOCK must be 128 or 64, got 32"):
+    with pytest.raises(ValueError, match="key block must be 128 or 64, got 32"):
         flex.stripe_tiling(1560, 195, 32)
+
+
+def test_stripe_key_block_auto_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``STRIPE_KEY_BLOCK = "auto"`` (the default): key blocks of 64 for 2-byte floats with head dim 128 (where
+    the flex kernel's own key tile is 64), 128 otherwise; an explicit 128 or 64 wins; anything else is refused."""
+    from freeloc.attention import flex
+
+    assert flex.STRIPE_KEY_BLOCK == "auto"
+    assert flex.stripe_key_block(torch.bfloat16, 128) == 64 and flex.stripe_key_block(torch.float16, 128) == 64
+    assert flex.stripe_key_block(torch.float32, 128) == 128 and flex.stripe_key_block(torch.bfloat16, 64) == 128
+    assert flex.stripe_key_block() == 128 and flex.stripe_tiling(1560, 195) == (128, 0)
+    monkeypatch.setattr(flex, "STRIPE_KEY_BLOCK", 64)
+    assert flex.stripe_key_block(torch.float32, 64) == 64 and flex.stripe_tiling(1560, 195) == (64, 2)
+    monkeypatch.setattr(flex, "STRIPE_KEY_BLOCK", 128)
+    assert flex.stripe_key_block(torch.bfloat16, 128) == 128
+    for bad in (32, "64", True):
+        monkeypatch.setattr(flex, "STRIPE_KEY_BLOCK", bad)
+        with pytest.raises(ValueError, match=f"STRIPE_KEY_BLOCK must be 'auto', 128 or 64, got {bad!r}"):
+            flex.stripe_key_block(torch.bfloat16, 128)
 
 
 @pytest.mark.parametrize("name,method", methods()[:6], ids=[m[0] for m in methods()[:6]])
@@ -940,6 +959,30 @@ def test_flex_falls_back_to_the_plain_kernel_where_tma_fails(monkeypatch: pytest
     assert torch.equal(out, q) and calls == [{"USE_TMA": True}, None] and flex._NO_TMA == {"cpu"}
     flex._run(fake, q, q, q, None, 1.0)  # no second try with TMA
     assert calls == [{"USE_TMA": True}, None, None]
+
+
+def test_flex_auto_key_blocks_at_head_dim_128_in_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``STRIPE_KEY_BLOCK = "auto"``, bf16 q, k, v of head dim 128 run the striped call with key blocks of
+    64 (keys shifted in their padded frames) and float32 ones with 128; both give the reference's numbers."""
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    runs: list[int] = []
+    original = flex._run
+    monkeypatch.setattr(flex, "_run", lambda fn, q, k, v, bm, scale, key_block=128: runs.append(key_block)
+                        or original(fn, q, k, v, bm, scale, key_block))
+    rotary = freeloc.RotaryLayout.wan(128)
+    method = freeloc.TSA(d1=2, d2=5, stripe=0.2, sink_group=2, sink_window=3, cap=6)
+    kw = dict(grid=(9, 10, 13), method=method, rotary=rotary)
+    g = torch.Generator().manual_seed(5)
+    base = [torch.randn(1, 9 * 130, 2, 128, generator=g) for _ in range(3)]
+    for dtype, striped_block in ((torch.bfloat16, 64), (torch.float32, 128)):
+        runs.clear()
+        q, k, v = (x.to(dtype) for x in base)
+        out = attend(q, k, v, backend="flex", **kw)
+        assert striped_block in runs and set(runs) <= {128, striped_block}
+        torch.testing.assert_close(out.float(), attend(q, k, v, backend="reference", **kw).float(), rtol=0,
+                                   atol=TOL[dtype])
 
 
 def test_flex_key_blocks_of_64_ask_the_kernel_for_key_tiles_of_64(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -112,6 +112,23 @@ def test_compiled_flex_stripe_key_blocks_of_64(text: tuple[int, int], dtype: tor
     assert err <= TOL[dtype], err
 
 
+@pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
+def test_compiled_flex_default_stripe_key_blocks_at_head_dim_128(text: tuple[int, int],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # the default path in bf16 at head dim 128 (STRIPE_KEY_BLOCK "auto": key blocks of 64 in the striped call)
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    assert flex.stripe_key_block(torch.bfloat16, 128) == 64
+    tb, ta = text
+    q, k, v = qkv(tb + 9 * 130 + ta, 128, torch.bfloat16, seed=17)
+    kw = dict(grid=(9, 10, 13), method=freeloc.TSA(d1=2, d2=5, stripe=0.2, sink_group=2, sink_window=3, cap=6),
+              rotary=freeloc.RotaryLayout.wan(128), text_before=tb, text_after=ta)
+    err = (attend(q, k, v, **kw).float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
+    print(f"default stripe key blocks at head dim 128, text={text}: max error {err:.2e}")
+    assert err <= TOL[torch.bfloat16], err
+
+
 @pytest.mark.parametrize("dim", [24, 80], ids=lambda d: f"head{d}")
 def test_compiled_flex_head_dims_not_a_power_of_two(dim: int) -> None:
     # tiny test models use head_dim 24; some real ones use 80 or 96

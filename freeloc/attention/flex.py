@@ -53,8 +53,8 @@ from .merge import merge_lse
 from .reference import MAX_TOKENS
 
 __all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE", "KERNEL_OPTIONS", "LAYOUT",
-           "STRIPE_KEY_BLOCK", "UNSTRIPED", "padded_frame", "split_striped", "stripe_tiling", "unstriped_mode",
-           "use_aligned"]
+           "STRIPE_KEY_BLOCK", "UNSTRIPED", "padded_frame", "split_striped", "stripe_key_block", "stripe_tiling",
+           "unstriped_mode", "use_aligned"]
 
 BLOCK_SIZE = 128
 
@@ -79,12 +79,26 @@ def padded_frame(tokens_per_frame: int) -> int:
     return -(-tokens_per_frame // BLOCK_SIZE) * BLOCK_SIZE
 
 
-#: Key block of the frame-aligned calls with a stripe: 128 (the default, as timed), or 64 with each key
-#: frame shifted inside its padded slot (:func:`stripe_tiling`) so that the stripe of a 128-query block
-#: covers fewer key blocks and more of them whole: at 1560 tokens per frame and the TSA stripe (195),
-#: 9 blocks of 64 keys, 4 of them full, instead of 5 of 128 with 1 full. Not timed on a GPU yet
-#: (``benchmarks/attention.py --variants tiles64``).
-STRIPE_KEY_BLOCK = 128
+#: Key block of the frame-aligned calls with a stripe: ``"auto"`` (the default), 128, or 64. With 64, each
+#: key frame is shifted inside its padded slot (:func:`stripe_tiling`) so that the stripe of a 128-query
+#: block covers fewer key blocks and more of them whole: at 1560 tokens per frame and the TSA stripe
+#: (195), 9 blocks of 64 keys, 4 of them whole, instead of 5 of 128 with 1 whole. ``"auto"``: 64 for
+#: 2-byte floats with a head dim of 128, where Inductor's own flex kernel already computes key tiles of
+#: 64 on every NVIDIA architecture (its default ``BLOCK_N``; a partial block of 128 is then two masked
+#: tiles), so that the blocks of 64 change nothing but the number of tiles (10 -> 9 per query block and
+#: striped key frame) and how many are masked (8 -> 5); 128 otherwise (:func:`stripe_key_block`).
+STRIPE_KEY_BLOCK: int | str = "auto"
+
+
+def stripe_key_block(dtype: torch.dtype | None = None, head_dim: int | None = None) -> int:
+    """:data:`STRIPE_KEY_BLOCK`, checked, with ``"auto"`` resolved for q, k, v of this dtype and head dim
+    (not given: 128)."""
+    kb = STRIPE_KEY_BLOCK
+    if kb == "auto":
+        return BLOCK_SIZE // 2 if dtype in (torch.bfloat16, torch.float16) and head_dim == BLOCK_SIZE else BLOCK_SIZE
+    if kb not in (BLOCK_SIZE, BLOCK_SIZE // 2) or isinstance(kb, bool):
+        raise ValueError(f"freeloc.attention.flex.STRIPE_KEY_BLOCK must be 'auto', 128 or 64, got {kb!r}")
+    return int(kb)
 
 
 def _key_pieces(tokens_per_frame: int, key_block: int, shift: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,13 +118,13 @@ def _query_pieces(tokens_per_frame: int) -> tuple[Tensor, Tensor]:
 
 def stripe_tiling(tokens_per_frame: int, width: int, key_block: int | None = None) -> tuple[int, int]:
     """``(key block, shift)`` of a frame-aligned call whose pairs have stripe ``width``: the key block is
-    :data:`STRIPE_KEY_BLOCK` (``key_block`` if given) for a stripe narrower than the frame, else 128; for
+    ``key_block`` (not given: :func:`stripe_key_block`) for a stripe narrower than the frame, else 128; for
     blocks under 128 the shift (keys at ``[shift, shift + S)`` of each padded frame, ``0 <= shift <= pad``)
     that makes the stripe touch the fewest key blocks per query block, then the most of them whole."""
     s = tokens_per_frame
-    kb = (STRIPE_KEY_BLOCK if key_block is None else key_block) if width < s else BLOCK_SIZE
+    kb = (stripe_key_block() if key_block is None else key_block) if width < s else BLOCK_SIZE
     if kb not in (BLOCK_SIZE, BLOCK_SIZE // 2):
-        raise ValueError(f"freeloc.attention.flex.STRIPE_KEY_BLOCK must be 128 or 64, got {kb!r}")
+        raise ValueError(f"a stripe key block must be 128 or 64, got {kb!r}")
     return (kb, 0) if kb == BLOCK_SIZE else (kb, _best_shift(s, width, kb))
 
 
@@ -156,15 +170,17 @@ class FlexGroup:
     def num_key_frames(self) -> int:
         return self.width.shape[1] - 1
 
-    def tiling(self, tokens_per_frame: int) -> tuple[int, int]:
-        """``(key block, key shift)`` of the call in the frame-aligned layout (:func:`stripe_tiling`)."""
-        return stripe_tiling(tokens_per_frame, self.stripe_width(tokens_per_frame))
+    def tiling(self, tokens_per_frame: int, key_block: int | None = None) -> tuple[int, int]:
+        """``(key block, key shift)`` of the call in the frame-aligned layout (:func:`stripe_tiling`; key
+        blocks of ``key_block`` if it has a stripe, default :func:`stripe_key_block`)."""
+        return stripe_tiling(tokens_per_frame, self.stripe_width(tokens_per_frame), key_block)
 
-    def block_table(self, tokens_per_frame: int, aligned: bool = False) -> tuple[Tensor, Tensor]:
+    def block_table(self, tokens_per_frame: int, aligned: bool = False,
+                    key_block: int | None = None) -> tuple[Tensor, Tensor]:
         """(any, full) bool [Qb, Kb] tables of the call, from frame-level pieces (never N^2 tokens); in the
         frame-aligned layout the key blocks are those of :meth:`tiling`."""
         if aligned:
-            return self._aligned_block_table(tokens_per_frame)
+            return self._aligned_block_table(tokens_per_frame, key_block)
         s = tokens_per_frame
         f, c = self.num_frames, self.num_key_frames
         qb, qu, qlo, qhi = token_pieces(f, s, BLOCK_SIZE, padded_frame(f * s))
@@ -182,10 +198,10 @@ class FlexGroup:
             raise ValueError(f"a frame-aligned flex call needs bands of one stripe width, got {widths.tolist()}")
         return min(int(widths[0]), tokens_per_frame)
 
-    def _aligned_block_table(self, tokens_per_frame: int) -> tuple[Tensor, Tensor]:
+    def _aligned_block_table(self, tokens_per_frame: int, key_block: int | None) -> tuple[Tensor, Tensor]:
         s = tokens_per_frame
         w = self.stripe_width(s)
-        kb, shift = self.tiling(s)
+        kb, shift = self.tiling(s, key_block)
         qlo, qhi = _query_pieces(s)  # real raster indices of each block of a frame
         klo, khi, whole = _key_pieces(s, kb, shift)
         gap, span = gap_and_span(qlo, qhi, klo, khi)
@@ -200,14 +216,14 @@ class FlexGroup:
         return expand(tile_any), expand(tile_full)
 
     def mask_mod(self, tokens_per_frame: int, device: torch.device, aligned: bool = False,
-                 frame_table: bool = True) -> Any:
+                 frame_table: bool = True, key_block: int | None = None) -> Any:
         """The call's ``mask_mod``, exact on every token pair; in the frame-aligned layout with
         ``frame_table=False``, exact on the partial blocks of :meth:`block_table` only (see :meth:`block_mask`)."""
         s = tokens_per_frame
         f = self.num_frames
         if aligned:
             p, w = padded_frame(s), self.stripe_width(s)
-            shift = self.tiling(s)[1]
+            shift = self.tiling(s, key_block)[1]
             pair = (self.width[:-1, :-1] > 0).to(device)
             far = -(p + w)  # a raster index no query's stripe reaches: where the padding keys are moved
             padded = p > s
@@ -275,7 +291,8 @@ class FlexGroup:
                 table[i, :len(found)] = torch.tensor(found, dtype=torch.int32)
         return table
 
-    def block_mask(self, tokens_per_frame: int, device: torch.device, aligned: bool = False) -> Any:
+    def block_mask(self, tokens_per_frame: int, device: torch.device, aligned: bool = False,
+                   key_block: int | None = None) -> Any:
         """The call's ``BlockMask`` (on ``device``) in the packed or the frame-aligned layout.
 
         Packed: the ``mask_mod`` tests the key frame against the query frame's intervals
@@ -289,14 +306,15 @@ class FlexGroup:
         from torch.nn.attention.flex_attention import BlockMask
 
         s = tokens_per_frame
-        any_t, full_t = self.block_table(s, aligned)
+        any_t, full_t = self.block_table(s, aligned, key_block)
         kv_num, kv_idx = _table_to_indices(any_t & ~full_t)
         full_num, full_idx = _table_to_indices(full_t)
         per_frame = padded_frame(s) if aligned else s
-        kb = self.tiling(s)[0] if aligned else BLOCK_SIZE
+        kb = self.tiling(s, key_block)[0] if aligned else BLOCK_SIZE
+        mask_mod = self.mask_mod(s, device, aligned, frame_table=device.type != "cuda", key_block=key_block)
         return BlockMask.from_kv_blocks(
             kv_num.to(device), kv_idx.to(device), full_num.to(device), full_idx.to(device),
-            BLOCK_SIZE=(BLOCK_SIZE, kb), mask_mod=self.mask_mod(s, device, aligned, frame_table=device.type != "cuda"),
+            BLOCK_SIZE=(BLOCK_SIZE, kb), mask_mod=mask_mod,
             seq_lengths=(self.num_frames * per_frame, self.num_key_frames * per_frame),
         )
 
@@ -413,16 +431,12 @@ def unstriped_mode(q: Tensor | None = None) -> str:
     return "stacks" if fused_kernel_for(q, masked=False, overlapping=True) is not None else "flex"
 
 
-def _plan(band_set: BandSet, s: int, device_str: str, aligned: bool) -> tuple[tuple[FlexGroup, Any, tuple], ...]:
-    """Per call: the group, its block mask and its segments as (band of the keys, key frames: None for
-    every frame, a slice for consecutive ones, else an index tensor on the device)."""
-    return _plan_for(band_set, s, device_str, aligned, STRIPE_KEY_BLOCK)
-
-
 @functools.lru_cache(maxsize=64)
-def _plan_for(band_set: BandSet, s: int, device_str: str, aligned: bool,
-              key_block: int) -> tuple[tuple[FlexGroup, Any, tuple], ...]:
-    # key_block: STRIPE_KEY_BLOCK as a cache key (the groups' tilings read it while the masks are built)
+def _plan(band_set: BandSet, s: int, device_str: str, aligned: bool,
+          key_block: int) -> tuple[tuple[FlexGroup, Any, tuple], ...]:
+    """Per call: the group, its block mask (striped calls with key blocks of ``key_block`` when aligned)
+    and its segments as (band of the keys, key frames: None for every frame, a slice for consecutive
+    ones, else an index tensor on the device)."""
     device = torch.device(device_str)
     out = []
     for g in flex_groups(band_set, s, by_stripe=aligned):
@@ -432,7 +446,7 @@ def _plan_for(band_set: BandSet, s: int, device_str: str, aligned: bool,
                 segs.append((rep, slice(int(frames[0]), int(frames[-1]) + 1)))
             else:
                 segs.append((rep, None if frames is None else frames.to(device)))
-        out.append((g, g.block_mask(s, device, aligned), tuple(segs)))
+        out.append((g, g.block_mask(s, device, aligned, key_block), tuple(segs)))
     return tuple(out)
 
 
@@ -532,7 +546,8 @@ def flex_band_attention(
     outs: list[Tensor] = []
     lses: list[Tensor] = []
     padded_q: dict[int, Tensor] = {}  # per distinct query rotation (TSA's local and striped calls share one)
-    for group, bm, segments in _plan(band_set, s, str(v.device), aligned):
+    stripe_kb = stripe_key_block(v.dtype, d)
+    for group, bm, segments in _plan(band_set, s, str(v.device), aligned, stripe_kb):
         rep_q = group.bands[0]
         if aligned:
             q = padded_q.get(qs[rep_q].data_ptr())
@@ -540,7 +555,7 @@ def flex_band_attention(
                 q = _pad_into(v.new_empty(b, h, f * p, d), [_frames_of(qs[rep_q], None, s)], s, p)
                 padded_q[qs[rep_q].data_ptr()] = q
             c = group.num_key_frames
-            key_block, shift = group.tiling(s)
+            key_block, shift = group.tiling(s, stripe_kb)
             k_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(ks[rep], fr, s) for rep, fr in segments], s, p,
                               shift)
             v_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(v, fr, s) for _, fr in segments], s, p, shift)
