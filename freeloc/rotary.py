@@ -164,28 +164,31 @@ class RotaryLayout:
     def apply(
         self,
         x: Float[Tensor, "batch tokens heads dim"],
-        cos: Float[Tensor, "tokens pairs"],
-        sin: Float[Tensor, "tokens pairs"],
+        cos: Float[Tensor, "*table pairs"],
+        sin: Float[Tensor, "*table pairs"],
         out: Float[Tensor, "batch tokens heads dim"] | None = None,
     ) -> Float[Tensor, "batch tokens heads dim"]:
         """Rotate ``x`` by precomputed per-pair ``cos``/``sin`` (from :meth:`cos_sin`).
 
+        The tables are ``[tokens, pairs]``, or ``[frames, tokens_per_frame, pairs]`` with either of the first
+        two sizes 1: one row per frame, or per place in a frame, broadcast over the frame-major tokens
+        (the same rotation from a table F or S times smaller, where the angles depend on one alone).
         ``out``: a tensor shaped like ``x`` (any strides, e.g. a transposed view of a head-major buffer)
         to write the result into and return; the numbers are the same.
         """
         if self.interleaved and x.device.type == "cpu" and not torch.compiler.is_compiling():  # complex pairs
             return _rotate_complex_into(x, out if out is not None else torch.empty_like(x), cos, sin)
-        c = cos[None, :, None, :]
-        s = sin[None, :, None, :]
+        xv, c, s = _against(x, cos, sin)
         if out is not None:
+            ov = _by_frame(out, cos) if cos.ndim == 3 else out
             if self.interleaved:
-                pairs = (x[..., 0::2], x[..., 1::2]), (out[..., 0::2], out[..., 1::2])
+                pairs = (xv[..., 0::2], xv[..., 1::2]), (ov[..., 0::2], ov[..., 1::2])
             else:
                 half = self.head_dim // 2
-                pairs = (x[..., :half], x[..., half:]), (out[..., :half], out[..., half:])
+                pairs = (xv[..., :half], xv[..., half:]), (ov[..., :half], ov[..., half:])
             _rotate_pairs_into(*pairs, c, s)
             return out
-        xf = x.float()
+        xf = xv.float()
         if self.interleaved:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
             rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
@@ -193,12 +196,13 @@ class RotaryLayout:
             half = self.head_dim // 2
             x1, x2 = xf[..., :half], xf[..., half:]
             rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-        return rotated.to(x.dtype)
+        return rotated.to(x.dtype).reshape(x.shape)
 
     def temporal_cos_sin(
         self, t_pos: Real[Tensor, " tokens"], t_freqs: Float[Tensor, " t_pairs"] | None = None
     ) -> tuple[Float[Tensor, "tokens t_pairs"], Float[Tensor, "tokens t_pairs"]]:
-        """``cos``/``sin`` (float32) of the temporal pairs only, for :meth:`rotate_temporal`."""
+        """``cos``/``sin`` (float32) of the temporal pairs only, for :meth:`rotate_temporal` (given one
+        position per frame: one row per frame, to be viewed as ``[frames, 1, t_pairs]``)."""
         tf = self.temporal_freqs() if t_freqs is None else t_freqs.to(torch.float64)
         a = torch.outer(t_pos.to(torch.float64), tf.to(t_pos.device))
         return a.cos().float(), a.sin().float()
@@ -206,15 +210,16 @@ class RotaryLayout:
     def rotate_temporal(
         self,
         x: Float[Tensor, "batch tokens heads dim"],
-        cos: Float[Tensor, "tokens t_pairs"],
-        sin: Float[Tensor, "tokens t_pairs"],
+        cos: Float[Tensor, "*table t_pairs"],
+        sin: Float[Tensor, "*table t_pairs"],
         out: Float[Tensor, "batch tokens heads dim"] | None = None,
     ) -> Float[Tensor, "batch tokens heads dim"]:
         """Rotate only the temporal channel pairs of ``x``; the other channels are returned as they are.
 
         Rotations add their angles, so rotating a tensor that carries its spatial rotation only
         (temporal position 0) by temporal angles gives exactly the full rotation at those positions.
-        ``out``: as in :meth:`apply`.
+        Tables and ``out``: as in :meth:`apply` (temporal angles depend on the frame alone, so a table of
+        ``[frames, 1, t_pairs]`` is enough).
         """
         tp = self.t_dim // 2
         half = self.head_dim // 2
@@ -224,9 +229,10 @@ class RotaryLayout:
             target[..., t:] = x[..., t:]
             _rotate_complex_into(x[..., :t], target[..., :t], cos, sin)
             return target
-        c = cos[None, :, None, :]
-        s = sin[None, :, None, :]
+        shape = x.shape
+        x, c, s = _against(x, cos, sin)
         if out is not None:
+            result, out = out, (_by_frame(out, cos) if cos.ndim == 3 else out)
             if self.interleaved:
                 t = self.t_dim
                 out[..., t:] = x[..., t:]
@@ -236,15 +242,15 @@ class RotaryLayout:
                 out[..., half + tp:] = x[..., half + tp:]
                 pairs = (x[..., :tp], x[..., half:half + tp]), (out[..., :tp], out[..., half:half + tp])
             _rotate_pairs_into(*pairs, c, s)
-            return out
+            return result
         if self.interleaved:
             xt = x[..., : self.t_dim].float()
             x1, x2 = xt[..., 0::2], xt[..., 1::2]
             rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).to(x.dtype)
-            return torch.cat((rot, x[..., self.t_dim:]), dim=-1)
+            return torch.cat((rot, x[..., self.t_dim:]), dim=-1).reshape(shape)
         x1, x2 = x[..., :tp].float(), x[..., half:half + tp].float()
         return torch.cat(((x1 * c - x2 * s).to(x.dtype), x[..., tp:half], (x1 * s + x2 * c).to(x.dtype),
-                          x[..., half + tp:]), dim=-1)
+                          x[..., half + tp:]), dim=-1).reshape(shape)
 
     def temporal_channels(self) -> list[int]:
         """Indices of the head channels that the temporal rotation touches."""
@@ -258,6 +264,26 @@ class RotaryLayout:
         pairing = "interleaved" if self.interleaved else "rotate-half"
         return (f"RotaryLayout(t={self.t_dim}, h={self.h_dim}, w={self.w_dim}, theta={self.theta:g}, "
                 f"{pairing}; temporal wavelength {2 * math.pi:.2f}..{2 * math.pi * self.theta:.3g} frames)")
+
+
+def _by_frame(x: Tensor, table: Tensor) -> Tensor:
+    """``x`` (batch, tokens, heads, dim) seen as (batch, frames, tokens per frame, heads, dim) for a table
+    ``[frames or 1, tokens per frame or 1, pairs]``: a view, whatever ``x``'s strides. (Plain annotations:
+    called inside compiled rotations, where a run-time shape check cannot run.)"""
+    n = x.shape[1]
+    f, s = table.shape[0], table.shape[1]
+    per = s if s > 1 else n // max(f, 1)
+    if table.ndim != 3 or per < 1 or n % per or f not in (1, n // per):
+        raise ValueError(f"a rotation table by frame must be [frames or 1, tokens per frame or 1, pairs] for "
+                         f"{n} tokens, got {tuple(table.shape)}")
+    return x.unflatten(1, (n // per, per))
+
+
+def _against(x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``x`` (by frame for a 3-D table) and ``cos``/``sin`` shaped to broadcast against its channel pairs."""
+    if cos.ndim == 2:
+        return x, cos[None, :, None, :], sin[None, :, None, :]
+    return _by_frame(x, cos), cos[None, :, :, None, :], sin[None, :, :, None, :]
 
 
 def _rotate_pairs_into(xs: tuple[Tensor, Tensor], outs: tuple[Tensor, Tensor], c: Tensor, s: Tensor) -> None:
@@ -287,20 +313,23 @@ def _pairs_as_complex(x: Float[Tensor, "*shape dim"]) -> Complex[Tensor, "*shape
 
 def _rotate_complex_into(
     x: Float[Tensor, "batch tokens heads dim"], out: Float[Tensor, "batch tokens heads dim"],
-    cos: Float[Tensor, "tokens pairs"], sin: Float[Tensor, "tokens pairs"],
+    cos: Float[Tensor, "*table pairs"], sin: Float[Tensor, "*table pairs"],
 ) -> Float[Tensor, "batch tokens heads dim"]:
-    """Interleaved pairs: ``out = x * (cos + i sin)`` pair by pair, computed in float32 (CPU)."""
+    """Interleaved pairs: ``out = x * (cos + i sin)`` pair by pair, computed in float32 (CPU); tables as in
+    :meth:`RotaryLayout.apply`."""
     hit = _CIS.get(cos)
     if hit is None or hit[0] is not sin:
-        hit = (sin, torch.complex(cos.float(), sin.float())[None, :, None, :])
+        cis = torch.complex(cos.float(), sin.float())
+        hit = (sin, cis[None, :, None, :] if cos.ndim == 2 else cis[None, :, :, None, :])
         _CIS[cos] = hit
     cis = hit[1]
-    xc = _pairs_as_complex(x)
+    xv, ov = (x, out) if cos.ndim == 2 else (_by_frame(x, cos), _by_frame(out, cos))
+    xc = _pairs_as_complex(xv)
     if xc is None:
-        xc = _pairs_as_complex(x.float().contiguous())
-    oc = _pairs_as_complex(out)
+        xc = _pairs_as_complex(xv.float().contiguous())
+    oc = _pairs_as_complex(ov)
     if oc is not None:
         torch.mul(xc, cis, out=oc)
     else:  # another dtype (or layout): one rounding into it
-        out.copy_(torch.view_as_real(xc * cis).flatten(-2))
+        ov.copy_(torch.view_as_real(xc * cis).flatten(-2))
     return out

@@ -924,17 +924,26 @@ def test_bands_with_equal_positions_share_one_rotation(monkeypatch: pytest.Monke
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL[torch.float32])
 
 
-def test_rotation_tables_are_shared_between_queries_and_keys() -> None:
-    """Cached cos/sin tables (per token, on the device): the full rotation is one table for q and k, and
-    TSA's sink keys (temporal position 0) need no table of their own."""
+def test_rotation_tables_are_shared_between_queries_and_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cached cos/sin tables (on the device): the spatial rotation is one table for q and k, and TSA's sink
+    keys (temporal position 0) need no table of their own. The tables are as small as their angles allow:
+    one row per place in a frame for the spatial rotation, one row per frame for a temporal one."""
     from freeloc import attention
 
     attention._cos_sin.cache_clear()
+    tables: list[tuple[int, ...]] = []
+    original = freeloc.RotaryLayout.rotate_temporal
+    monkeypatch.setattr(freeloc.RotaryLayout, "rotate_temporal", lambda self, x, cos, sin, out=None:
+                        tables.append(tuple(cos.shape)) or original(self, x, cos, sin, out))
     q, k, v = qkv(19 * 15, torch.float32, seed=8)
     method = freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12)
     attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="chunked")
     # the spatial rotation (q and k); temporal: local = striped and sink for q, local = striped for k
     assert attention._cos_sin.cache_info().currsize == 1 + 2 + 1
+    tp, pairs = ROTARY.t_dim // 2, HEAD_DIM // 2
+    assert tables == [(19, 1, tp)] * 3
+    spatial = attention._cos_sin(band_set_for(method, 19, 15, ROTARY).aligned(), -1, "q", (19, 3, 5), ROTARY, "cpu")
+    assert [tuple(x.shape) for x in spatial] == [(1, 15, pairs)] * 2
 
 
 def test_flex_falls_back_to_the_plain_kernel_where_tma_fails(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -380,3 +380,31 @@ def test_rotation_into_out_gives_the_same_numbers(layout: RotaryLayout, dtype: t
         got = fn(x, *args, out=out)
         assert got is out and got.dtype == dtype
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "traced-path"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.describe())
+def test_tables_by_frame_give_the_per_token_rotation(layout: RotaryLayout, dtype: torch.dtype, compiling: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table with one row per place in a frame ``[1, S, pairs]`` (the spatial rotation) or one row per
+    frame ``[F, 1, t_pairs]`` (a temporal rotation) rotates exactly as the same table repeated per token,
+    allocating or into ``out`` (a head-major view), on the CPU's complex path and on the path compiled
+    kernels trace (``compiling``); a table that fits no frame split is refused with its shape."""
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    g = torch.Generator().manual_seed(4)
+    b, f, s, h, d = 2, 5, 7, 3, layout.head_dim
+    x = torch.randn(b, f * s, h, d, generator=g).to(dtype)
+    hp, wp = torch.randint(0, 9, (s,), generator=g).double(), torch.randint(0, 9, (s,), generator=g).double()
+    spatial = layout.cos_sin(torch.zeros(s, dtype=torch.float64), hp, wp)
+    temporal = layout.temporal_cos_sin(torch.rand(f, generator=g).double() * 20)
+    cases = ((layout.apply, [t[None] for t in spatial], [t.repeat(f, 1) for t in spatial]),
+             (layout.rotate_temporal, [t[:, None] for t in temporal], [t.repeat_interleave(s, 0) for t in temporal]))
+    for fn, framed, per_token in cases:
+        want = fn(x, *per_token)
+        assert torch.equal(fn(x, *framed), want)
+        out = torch.full((b, h, f * s, d), float("nan"), dtype=dtype).transpose(1, 2)
+        assert fn(x, *framed, out=out) is out and torch.equal(out, want)
+    with pytest.raises(ValueError, match=r"by frame must be .* for 35 tokens, got \(4, 1, "):
+        layout.rotate_temporal(x, *[t[:4, None] for t in temporal])

@@ -85,19 +85,25 @@ def _spatial_positions(num_frames: int, height: int, width: int) -> tuple[Tensor
 @functools.lru_cache(maxsize=32)
 def _cos_sin(bands: BandSet, band: int | None, side: str, grid: tuple[int, int, int], rotary: RotaryLayout,
              device: str) -> tuple[Tensor, Tensor]:
-    """Per-token RoPE cos/sin.
+    """RoPE cos/sin tables, as small as the angles allow (:meth:`RotaryLayout.apply` broadcasts them).
 
-    ``band=None``: every pair at the original positions; ``band=-1``: every pair with temporal
-    position 0 (the spatial rotation alone); ``band=b``: the **temporal** pairs only, at band ``b``'s
-    query (``side="q"``) or key positions (for :meth:`RotaryLayout.rotate_temporal`).
+    ``band=None``: every pair at the original positions, one row per token; ``band=-1``: every pair with
+    temporal position 0 (the spatial rotation alone), one row per place in a frame ``[1, S, pairs]``;
+    ``band=b``: the **temporal** pairs only, at band ``b``'s query (``side="q"``) or key positions, one
+    row per frame ``[F, 1, t_pairs]`` (for :meth:`RotaryLayout.rotate_temporal`).
     """
+    f, hh, ww = grid
     t_frame, h_pos, w_pos = _spatial_positions(*grid)
-    if band is None or band == -1:
-        t = t_frame if band is None else torch.zeros_like(t_frame)
-        cos, sin = rotary.cos_sin(t, h_pos, w_pos, bands.t_freqs)
+    if band is None:
+        cos, sin = rotary.cos_sin(t_frame, h_pos, w_pos, bands.t_freqs)
+    elif band == -1:
+        s = hh * ww
+        cos, sin = rotary.cos_sin(torch.zeros(s, dtype=torch.float64), h_pos[:s], w_pos[:s], bands.t_freqs)
+        cos, sin = cos[None], sin[None]
     else:
         b = bands.bands[band]
-        cos, sin = rotary.temporal_cos_sin((b.q_pos if side == "q" else b.k_pos)[t_frame.long()], bands.t_freqs)
+        cos, sin = rotary.temporal_cos_sin((b.q_pos if side == "q" else b.k_pos).to(torch.float64), bands.t_freqs)
+        cos, sin = cos[:, None], sin[:, None]
     return cos.to(device), sin.to(device)
 
 
