@@ -19,8 +19,9 @@ kernel passes); ``flex`` runs every band on flex (``flex.UNSTRIPED = "flex"``); 
 band without a stripe as the chunked backend does and the striped ones on flex (``flex.UNSTRIPED =
 "chunked"``); ``chunked`` runs the chunked backend for the whole call; ``tiles64`` and ``tiles128`` run
 the default path with key blocks of 64 (keys shifted in their padded frames) or 128 in the striped flex
-calls (``flex.STRIPE_KEY_BLOCK``; the default, ``"auto"``, is 64 at the CUDA shape; see
-``freeloc.attention.flex`` and ``.kernels``).
+calls (``flex.STRIPE_KEY_BLOCK``; the default, ``"auto"``, is 64 at the CUDA shape); ``prescale`` runs
+the default path with q pre-scaled inside the flex kernels (``flex.KERNEL_OPTIONS = {"PRESCALE_QK":
+True}``; see ``freeloc.attention.flex`` and ``.kernels``).
 
 Timing: every method is warmed up (plans, block masks, compilation), then the repetitions run
 interleaved (dense, TSA, VRPR, dense, ...) and each method's median is taken, so that a slow phase
@@ -75,8 +76,9 @@ def make(shape: dict, device: str) -> tuple[torch.Tensor, ...]:
 #: bands (``stacks``: ``flex.UNSTRIPED = "stacks"``), nothing (``flex``) or all the unstriped bands
 #: (``split``: ``flex.UNSTRIPED = "chunked"``); or the chunked backend for the whole call (``chunked``); or
 #: key blocks of 64 or 128 in the striped flex calls (``tiles64`` / ``tiles128``: ``flex.STRIPE_KEY_BLOCK``;
-#: the default, ``"auto"``, takes 64 at this shape).
-VARIANTS = ("auto", "aligned", "packed", "stacks", "flex", "split", "chunked", "tiles64", "tiles128")
+#: the default, ``"auto"``, takes 64 at this shape); or the default path with q pre-scaled in the flex
+#: kernels (``prescale``: ``flex.KERNEL_OPTIONS = {"PRESCALE_QK": True}``).
+VARIANTS = ("auto", "aligned", "packed", "stacks", "flex", "split", "chunked", "tiles64", "tiles128", "prescale")
 
 
 def method_of(name: str) -> freeloc.Method | None:
@@ -100,13 +102,14 @@ def runner(name: str, shape: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         backend = "chunked"
 
     key_block = {"tiles64": 64, "tiles128": 128}.get(variant, "auto")
+    options = {"PRESCALE_QK": True} if variant == "prescale" else {}
 
     def run() -> torch.Tensor:
-        flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK = layout, unstriped, key_block
+        flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK, flex.KERNEL_OPTIONS = layout, unstriped, key_block, options
         try:
             return attend(q, k, v, grid=grid, method=method, rotary=rot, backend=backend)
         finally:
-            flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK = "auto", "auto", "auto"
+            flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK, flex.KERNEL_OPTIONS = "auto", "auto", "auto", {}
 
     return run
 

@@ -7,7 +7,8 @@ frame) is the part of TSA that stays on ``flex_attention`` (``benchmarks/RESULTS
 one run, against dense SDPA on the same q, k, v (81 frames x 1560 tokens, 12 heads x 128, bf16, no rotation):
 
 * the tier on ``flex`` (the library's path), with key blocks of 128 and of 64 (``flex.STRIPE_KEY_BLOCK``;
-  the default, ``"auto"``, is 64 here), for each ``--flex-options`` (repeatable) both again with those
+  the default, ``"auto"``, is 64 here), with 64 and ``PRESCALE_QK`` (q scaled once per tile instead of
+  each score twice), for each ``--flex-options`` (repeatable) both again with those
   extra ``kernel_options`` (``flex.KERNEL_OPTIONS``: tile sizes, warps, stages), and on ``chunked`` (fused
   kernel with a mask);
 * a decomposition by raster sub-blocks of ``B`` queries: every query of a sub-block attends the same
@@ -156,6 +157,9 @@ def main() -> None:
 
     row("striped tier on flex, key blocks of 128", on_flex(128, None))
     row("striped tier on flex, key blocks of 64 (shifted)", on_flex(64, None))
+    # q pre-scaled by the softmax scale and log2(e) in the kernel: two multiplies fewer per score, one
+    # more rounding of q to bf16
+    row("  key blocks of 64, PRESCALE_QK", on_flex(64, {"PRESCALE_QK": True}))
     for options in args.flex_options:
         row(f"  key blocks of 128, {options}", on_flex(128, options))
         row(f"  key blocks of 64, {options}", on_flex(64, options))
