@@ -994,6 +994,44 @@ def test_flex_auto_key_blocks_at_head_dim_128_in_bf16(monkeypatch: pytest.Monkey
                                    atol=TOL[dtype])
 
 
+def test_flex_falls_back_to_key_blocks_of_128_where_64_fail(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled striped call with key blocks of 64 that fails (a torch or GPU that refuses them): one
+    warning, the same numbers from key blocks of 128, and 128 from then on; out of memory is not retried."""
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    monkeypatch.setattr(flex, "STRIPE_KEY_BLOCK", 64)
+    monkeypatch.setattr(flex, "_compiled_here", lambda q: True)  # as on CUDA (the calls still run eagerly)
+    monkeypatch.setattr(flex, "_NO_SMALL_KEY_BLOCKS", set())
+    runs: list[int] = []
+    original = flex._run
+
+    def run(fn: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bm: object, scale: float,
+            key_block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+        runs.append(key_block)
+        if key_block == 64:
+            raise RuntimeError("BLOCK_N 64 is not supported here")
+        return original(fn, q, k, v, bm, scale, key_block)
+
+    monkeypatch.setattr(flex, "_run", run)
+    method = freeloc.TSA(d1=2, d2=5, stripe=0.2, sink_group=2, sink_window=3, cap=6)
+    kw = dict(grid=(9, 10, 13), method=method, rotary=ROTARY)
+    q, k, v = qkv(9 * 130, torch.float32, seed=12)
+    with pytest.warns(UserWarning, match=r"key blocks of 64 failed \(RuntimeError: BLOCK_N 64 is not supported "
+                                         r"here\); using key blocks of 128 on cpu"):
+        out = attend(q, k, v, backend="flex", **kw)
+    assert 64 in runs and flex._NO_SMALL_KEY_BLOCKS == {"cpu"}
+    torch.testing.assert_close(out, attend(q, k, v, backend="reference", **kw), rtol=0, atol=TOL[torch.float32])
+    runs.clear()
+    attend(q, k, v, backend="flex", **kw)  # no second try with 64
+    assert runs and 64 not in runs
+    flex._NO_SMALL_KEY_BLOCKS.clear()
+    monkeypatch.setattr(flex, "_run", lambda *a, **kw: (_ for _ in ()).throw(torch.OutOfMemoryError("no memory")))
+    with pytest.raises(torch.OutOfMemoryError):
+        attend(q, k, v, backend="flex", **kw)
+    assert not flex._NO_SMALL_KEY_BLOCKS
+
+
 def test_flex_key_blocks_of_64_ask_the_kernel_for_key_tiles_of_64(monkeypatch: pytest.MonkeyPatch) -> None:
     """A block mask with key blocks of 64 needs the kernel's key tile to divide it: on CUDA ``_run`` asks
     for ``BLOCK_N = 64`` (with TMA where it works, without where it failed); ``KERNEL_OPTIONS`` go on top."""

@@ -86,7 +86,8 @@ def padded_frame(tokens_per_frame: int) -> int:
 #: 2-byte floats with a head dim of 128, where Inductor's own flex kernel already computes key tiles of
 #: 64 on every NVIDIA architecture (its default ``BLOCK_N``; a partial block of 128 is then two masked
 #: tiles), so that the blocks of 64 change nothing but the number of tiles (10 -> 9 per query block and
-#: striped key frame) and how many are masked (8 -> 5); 128 otherwise (:func:`stripe_key_block`).
+#: striped key frame) and how many are masked (8 -> 5); 128 otherwise (:func:`stripe_key_block`). Where a
+#: compiled call with blocks of 64 fails, the backend warns once and uses 128 on that device from then on.
 STRIPE_KEY_BLOCK: int | str = "auto"
 
 
@@ -534,19 +535,38 @@ def flex_band_attention(
     """Merged attention of every video query over the bands' video keys (float32 output, LSE)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    b, h, n, d = v.shape
+    n, d = v.shape[2:]
     s = tokens_per_frame
-    f = n // s
     if v.device.type == "cpu" and n > MAX_TOKENS:
         raise ValueError(f"flex on CPU runs eagerly and materialises the scores; it accepts N <= {MAX_TOKENS} "
                          f"video tokens, got N={n}; use backend='chunked' on CPU")
     fn = _compiled_flex() if v.device.type == "cuda" else flex_attention
     aligned = use_aligned(band_set, s, v.device)
+    stripe_kb = BLOCK_SIZE if str(v.device) in _NO_SMALL_KEY_BLOCKS else stripe_key_block(v.dtype, d)
+    if not (aligned and stripe_kb < BLOCK_SIZE and _compiled_here(v)):
+        return _attend_groups(fn, qs, ks, v, band_set, s, scale, aligned, stripe_kb)
+    try:
+        return _attend_groups(fn, qs, ks, v, band_set, s, scale, aligned, stripe_kb)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as err:  # this torch or GPU refuses key blocks of 64: blocks of 128, from now on
+        _NO_SMALL_KEY_BLOCKS.add(str(v.device))
+        warnings.warn(f"flex_attention with key blocks of {stripe_kb} failed ({type(err).__name__}: {err}); "
+                      f"using key blocks of {BLOCK_SIZE} on {v.device}", stacklevel=2)
+        return _attend_groups(fn, qs, ks, v, band_set, s, scale, aligned, BLOCK_SIZE)
+
+
+_NO_SMALL_KEY_BLOCKS: set[str] = set()  # devices where a striped call with key blocks of 64 failed once
+
+
+def _attend_groups(fn: Any, qs: list[Tensor], ks: list[Tensor], v: Tensor, band_set: BandSet, s: int, scale: float,
+                   aligned: bool, stripe_kb: int) -> tuple[Tensor, Tensor]:
+    b, h, n, d = v.shape
+    f = n // s
     p = padded_frame(s) if aligned else s
     outs: list[Tensor] = []
     lses: list[Tensor] = []
     padded_q: dict[int, Tensor] = {}  # per distinct query rotation (TSA's local and striped calls share one)
-    stripe_kb = stripe_key_block(v.dtype, d)
     for group, bm, segments in _plan(band_set, s, str(v.device), aligned, stripe_kb):
         rep_q = group.bands[0]
         if aligned:
