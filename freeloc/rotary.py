@@ -252,6 +252,79 @@ class RotaryLayout:
         return torch.cat(((x1 * c - x2 * s).to(x.dtype), x[..., tp:half], (x1 * s + x2 * c).to(x.dtype),
                           x[..., half + tp:]), dim=-1).reshape(shape)
 
+    def spatial_cos_sin(
+        self, h_pos: Real[Tensor, " tokens"], w_pos: Real[Tensor, " tokens"]
+    ) -> tuple[Float[Tensor, "tokens s_pairs"], Float[Tensor, "tokens s_pairs"]]:
+        """``cos``/``sin`` (float32) of the height and width pairs only, for :meth:`rotate_split` (given the
+        places of one frame: one row per place, to be viewed as ``[1, tokens_per_frame, s_pairs]``)."""
+        cos, sin = self.cos_sin(torch.zeros_like(h_pos, dtype=torch.float64), h_pos, w_pos)
+        return cos[:, self.t_dim // 2:], sin[:, self.t_dim // 2:]
+
+    def rotate_split(
+        self,
+        x: Float[Tensor, "batch tokens heads dim"],
+        temporal: tuple[Tensor, Tensor] | None,
+        spatial: tuple[Tensor, Tensor] | None,
+        out: Float[Tensor, "batch tokens heads dim"] | None = None,
+    ) -> Float[Tensor, "batch tokens heads dim"]:
+        """Rotate the temporal pairs by ``temporal`` and the height and width pairs by ``spatial`` (each a
+        ``(cos, sin)`` pair from :meth:`temporal_cos_sin` / :meth:`spatial_cos_sin`, shaped as the tables of
+        :meth:`apply`: per token, or by frame / by place in a frame), in one pass over ``x``; a part given
+        None keeps its channels as they are. With both given it is :meth:`apply` at those positions, from
+        tables F and S times smaller than a table per token. ``out``: as in :meth:`apply`.
+        """
+        pairs = (self._pairs_of("t"), self._pairs_of("s"))
+        tabs = (temporal, spatial)
+        if self.interleaved and x.device.type == "cpu" and not torch.compiler.is_compiling():  # complex pairs
+            target = out if out is not None else torch.empty_like(x)
+            for (a, b), tab in zip(pairs, tabs, strict=True):
+                part = slice(a.start, b.stop)  # interleaved: a part's channels are one range
+                if tab is None:
+                    target[..., part] = x[..., part]
+                else:
+                    _rotate_complex_into(x[..., part], target[..., part], *tab)
+            return target
+        shape = x.shape
+        framed = next((tab[0] for tab in tabs if tab is not None and tab[0].ndim == 3), None)
+        xv, ov = x, out
+        if framed is not None:  # everything by frame, a table per token too
+            xv = _by_frame(x, framed)
+            ov = None if out is None else _by_frame(out, framed)
+            f, s = xv.shape[1], xv.shape[2]
+            tabs = tuple(None if tab is None else tuple(c if c.ndim == 3 else c.unflatten(0, (f, s)) for c in tab)
+                         for tab in tabs)
+        tables = [None if tab is None else tuple(c[None, :, :, None, :] if c.ndim == 3 else c[None, :, None, :]
+                                                 for c in tab) for tab in tabs]
+        if ov is not None:
+            for (a, b), tab in zip(pairs, tables, strict=True):
+                if tab is None:
+                    ov[..., a], ov[..., b] = xv[..., a], xv[..., b]
+                else:
+                    _rotate_pairs_into((xv[..., a], xv[..., b]), (ov[..., a], ov[..., b]), *tab)
+            return out
+        rotated: list[tuple[Tensor, Tensor]] = []
+        for (a, b), tab in zip(pairs, tables, strict=True):
+            x1, x2 = xv[..., a], xv[..., b]
+            if tab is not None:
+                c, s_ = tab
+                x1, x2 = x1.float(), x2.float()
+                x1, x2 = (x1 * c - x2 * s_).to(x.dtype), (x1 * s_ + x2 * c).to(x.dtype)
+            rotated.append((x1, x2))
+        (t1, t2), (s1, s2) = rotated
+        if self.interleaved:
+            pieces = [torch.stack((t1, t2), dim=-1).flatten(-2), torch.stack((s1, s2), dim=-1).flatten(-2)]
+        else:
+            pieces = [t1, s1, t2, s2]
+        return torch.cat(pieces, dim=-1).reshape(shape)
+
+    def _pairs_of(self, part: str) -> tuple[slice, slice]:
+        """Channel slices of the first and second members of the temporal (``"t"``) or spatial pairs."""
+        t, d = self.t_dim, self.head_dim
+        if self.interleaved:
+            return (slice(0, t, 2), slice(1, t, 2)) if part == "t" else (slice(t, d, 2), slice(t + 1, d, 2))
+        tp, half = t // 2, d // 2
+        return (slice(0, tp), slice(half, half + tp)) if part == "t" else (slice(tp, half), slice(half + tp, d))
+
     def temporal_channels(self) -> list[int]:
         """Indices of the head channels that the temporal rotation touches."""
         pairs = range(self.t_dim // 2)

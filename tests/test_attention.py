@@ -908,42 +908,43 @@ def test_chunked_masks_are_built_once_per_plan_and_outputs_do_not_change(
 
 
 def test_bands_with_equal_positions_share_one_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TSA's local and striped tiers use the original positions: q and k are rotated for them once."""
-    calls: list[int] = []
-    original = freeloc.RotaryLayout.rotate_temporal
-    monkeypatch.setattr(freeloc.RotaryLayout, "rotate_temporal",
-                        lambda self, x, cos, sin, out=None: calls.append(1) or original(self, x, cos, sin, out))
+    """TSA's local and striped tiers use the original positions: q and k are rotated for them once, each
+    band's rotation is one pass over q or k, and the sink keys (temporal position 0) get the spatial
+    rotation alone."""
+    calls: list[bool] = []
+    original = freeloc.RotaryLayout.rotate_split
+    monkeypatch.setattr(freeloc.RotaryLayout, "rotate_split", lambda self, x, temporal, spatial, out=None:
+                        calls.append(temporal is not None) or original(self, x, temporal, spatial, out))
     method = freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12)
     bands = band_set_for(method, 19, 15, ROTARY)
     assert [b.name for b in bands.bands] == ["local", "striped", "sink"]
     q, k, v = qkv(19 * 15, torch.float32, seed=6)
     out = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="chunked")
-    assert len(calls) == 3  # (local = striped, sink) for q; local = striped for k (sink keys: position 0, no rotation)
-    monkeypatch.setattr(freeloc.RotaryLayout, "rotate_temporal", original)
+    assert calls == [True, True, True, False]  # q: local = striped, sink; k: local = striped, sink (spatial only)
+    monkeypatch.setattr(freeloc.RotaryLayout, "rotate_split", original)
     ref = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="reference")
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL[torch.float32])
 
 
 def test_rotation_tables_are_shared_between_queries_and_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Cached cos/sin tables (on the device): the spatial rotation is one table for q and k, and TSA's sink
-    keys (temporal position 0) need no table of their own. The tables are as small as their angles allow:
-    one row per place in a frame for the spatial rotation, one row per frame for a temporal one."""
+    """Cached cos/sin tables (on the device): the spatial one serves every rotation of q and k, and TSA's
+    sink keys (temporal position 0) need no temporal table. The tables are as small as their angles
+    allow: one row per place in a frame for the spatial pairs, one row per frame for the temporal ones."""
     from freeloc import attention
 
     attention._cos_sin.cache_clear()
-    tables: list[tuple[int, ...]] = []
-    original = freeloc.RotaryLayout.rotate_temporal
-    monkeypatch.setattr(freeloc.RotaryLayout, "rotate_temporal", lambda self, x, cos, sin, out=None:
-                        tables.append(tuple(cos.shape)) or original(self, x, cos, sin, out))
+    tables: list[tuple[tuple[int, ...] | None, tuple[int, ...]]] = []
+    original = freeloc.RotaryLayout.rotate_split
+    monkeypatch.setattr(freeloc.RotaryLayout, "rotate_split", lambda self, x, temporal, spatial, out=None:
+                        tables.append((None if temporal is None else tuple(temporal[0].shape),
+                                       tuple(spatial[0].shape))) or original(self, x, temporal, spatial, out))
     q, k, v = qkv(19 * 15, torch.float32, seed=8)
     method = freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12)
     attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="chunked")
-    # the spatial rotation (q and k); temporal: local = striped and sink for q, local = striped for k
+    # the spatial table; temporal: local = striped and sink for q, local = striped for k
     assert attention._cos_sin.cache_info().currsize == 1 + 2 + 1
-    tp, pairs = ROTARY.t_dim // 2, HEAD_DIM // 2
-    assert tables == [(19, 1, tp)] * 3
-    spatial = attention._cos_sin(band_set_for(method, 19, 15, ROTARY).aligned(), -1, "q", (19, 3, 5), ROTARY, "cpu")
-    assert [tuple(x.shape) for x in spatial] == [(1, 15, pairs)] * 2
+    tp, sp = ROTARY.t_dim // 2, (HEAD_DIM - ROTARY.t_dim) // 2
+    assert tables == [((19, 1, tp), (1, 15, sp))] * 3 + [(None, (1, 15, sp))]
 
 
 def test_flex_falls_back_to_the_plain_kernel_where_tma_fails(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -408,3 +408,38 @@ def test_tables_by_frame_give_the_per_token_rotation(layout: RotaryLayout, dtype
         assert fn(x, *framed, out=out) is out and torch.equal(out, want)
     with pytest.raises(ValueError, match=r"by frame must be .* for 35 tokens, got \(4, 1, "):
         layout.rotate_temporal(x, *[t[:4, None] for t in temporal])
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "traced-path"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda x: x.describe())
+def test_rotate_split_is_the_rotation_of_each_part(layout: RotaryLayout, dtype: torch.dtype, compiling: bool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rotate_split`` with a temporal table by frame and a spatial table by place gives exactly what
+    :meth:`apply` gives from the per-token table of those positions; with one part None, that part's
+    channels stay as they are (the temporal part alone is :meth:`rotate_temporal`); per-token tables and
+    ``out`` (a head-major view) give the same numbers."""
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    g = torch.Generator().manual_seed(6)
+    b, f, s, h, d = 2, 5, 7, 3, layout.head_dim
+    x = torch.randn(b, f * s, h, d, generator=g).to(dtype)
+    t_frame = torch.rand(f, generator=g).double() * 20
+    hp, wp = torch.randint(0, 9, (s,), generator=g).double(), torch.randint(0, 9, (s,), generator=g).double()
+    tab_t = tuple(c[:, None] for c in layout.temporal_cos_sin(t_frame))
+    tab_s = tuple(c[None] for c in layout.spatial_cos_sin(hp, wp))
+    per_token_t = tuple(c.repeat_interleave(s, 0) for c in layout.temporal_cos_sin(t_frame))
+    full = layout.cos_sin(t_frame.repeat_interleave(s), hp.repeat(f), wp.repeat(f))
+    spatial_only = layout.cos_sin(torch.zeros(f * s, dtype=torch.float64), hp.repeat(f), wp.repeat(f))
+    tc = set(layout.temporal_channels())
+    sc = [c for c in range(d) if c not in tc]
+    cases = [((tab_t, tab_s), layout.apply(x, *full)), ((per_token_t, tab_s), layout.apply(x, *full)),
+             ((tab_t, None), layout.rotate_temporal(x, *per_token_t)), ((None, tab_s), layout.apply(x, *spatial_only))]
+    for (temporal, spatial), want in cases:  # float32 arithmetic on other vector lanes: the last bit may differ
+        got = layout.rotate_split(x, temporal, spatial)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want)
+        out = torch.full((b, h, f * s, d), float("nan"), dtype=dtype).transpose(1, 2)
+        assert layout.rotate_split(x, temporal, spatial, out=out) is out and torch.equal(out, got)
+    kept = layout.rotate_split(x, tab_t, None)
+    assert torch.equal(kept[..., sc], x[..., sc]) and not torch.equal(kept[..., sorted(tc)], x[..., sorted(tc)])

@@ -85,31 +85,28 @@ def _spatial_positions(num_frames: int, height: int, width: int) -> tuple[Tensor
 @functools.lru_cache(maxsize=32)
 def _cos_sin(bands: BandSet, band: int | None, side: str, grid: tuple[int, int, int], rotary: RotaryLayout,
              device: str) -> tuple[Tensor, Tensor]:
-    """RoPE cos/sin tables, as small as the angles allow (:meth:`RotaryLayout.apply` broadcasts them).
+    """RoPE cos/sin tables of one part of the rotation, as small as its angles allow (for
+    :meth:`RotaryLayout.rotate_split`, which broadcasts them over the frame-major tokens).
 
-    ``band=None``: every pair at the original positions, one row per token; ``band=-1``: every pair with
-    temporal position 0 (the spatial rotation alone), one row per place in a frame ``[1, S, pairs]``;
-    ``band=b``: the **temporal** pairs only, at band ``b``'s query (``side="q"``) or key positions, one
-    row per frame ``[F, 1, t_pairs]`` (for :meth:`RotaryLayout.rotate_temporal`).
+    ``band=-1``: the height and width pairs, one row per place in a frame ``[1, S, s_pairs]``; otherwise
+    the temporal pairs, one row per frame ``[F, 1, t_pairs]``: at the original positions (``band=None``,
+    the frame index) or at band ``b``'s query (``side="q"``) or key positions.
     """
     f, hh, ww = grid
-    t_frame, h_pos, w_pos = _spatial_positions(*grid)
+    if band == -1:
+        _, h_pos, w_pos = _spatial_positions(1, hh, ww)
+        cos, sin = rotary.spatial_cos_sin(h_pos, w_pos)
+        return cos[None].to(device), sin[None].to(device)
     if band is None:
-        cos, sin = rotary.cos_sin(t_frame, h_pos, w_pos, bands.t_freqs)
-    elif band == -1:
-        s = hh * ww
-        cos, sin = rotary.cos_sin(torch.zeros(s, dtype=torch.float64), h_pos[:s], w_pos[:s], bands.t_freqs)
-        cos, sin = cos[None], sin[None]
+        pos = torch.arange(f, dtype=torch.float64)
     else:
-        b = bands.bands[band]
-        cos, sin = rotary.temporal_cos_sin((b.q_pos if side == "q" else b.k_pos).to(torch.float64), bands.t_freqs)
-        cos, sin = cos[:, None], sin[:, None]
-    return cos.to(device), sin.to(device)
+        pos = (bands.bands[band].q_pos if side == "q" else bands.bands[band].k_pos).to(torch.float64)
+    cos, sin = rotary.temporal_cos_sin(pos, bands.t_freqs)
+    return cos[:, None].to(device), sin[:, None].to(device)
 
 
-# the rotations as written, for compiled calls: a run-time type-checking wrapper is not traceable
-_APPLY = inspect.unwrap(RotaryLayout.apply)
-_ROTATE_TEMPORAL = inspect.unwrap(RotaryLayout.rotate_temporal)
+# the rotation as written, for compiled calls: a run-time type-checking wrapper is not traceable
+_ROTATE_SPLIT = inspect.unwrap(RotaryLayout.rotate_split)
 
 
 def attend(
@@ -191,18 +188,25 @@ def attend(
     head_major = backend == "chunked" or mode in ("stacks", "chunked")
     fused = compiles_on(dev)  # rotations compiled into one kernel each
 
-    def rot(x: Tensor, band: int | None, layout_for_passes: bool = False) -> Tensor:
-        """The full rotation, at the original positions (``band=None``) or temporal position 0 (``-1``):
-        the same for queries and keys, so one cached table serves both."""
+    def rot(x: Tensor, band: int | None, side: str = "q", layout_for_passes: bool = False,
+            target: Tensor | None = None) -> Tensor:
+        """The full rotation in one pass over ``x``: the spatial pairs at their places, the temporal pairs at
+        the original positions (``band=None``), at temporal position 0 (``-1``: left as they are) or at band
+        ``band``'s positions on this ``side``; written into ``target``, else head-major where the chunked
+        passes read it (``layout_for_passes``), else into a new tensor."""
         if rotary is None:  # no RoPE: positions are not part of the logits
             return x
-        cos, sin = _cos_sin(bands, band, "q", (f, hh, ww), rotary, str(dev))
-        if fused:  # one compiled kernel, written head-major where the chunked passes read it
-            if layout_for_passes:
-                return on_device(write_into, dev)(_APPLY, empty_head_major(x), rotary, x, cos, sin)
-            return on_device(RotaryLayout.apply, dev)(rotary, x, cos, sin)
+        grid = (f, hh, ww)
+        spatial = _cos_sin(bands, -1, "q", grid, rotary, str(dev))
+        temporal = None if band == -1 else _cos_sin(bands, band, side, grid, rotary, str(dev))
+        if target is None and layout_for_passes:
+            target = empty_head_major(x)
+        if fused:  # one compiled kernel, written where asked
+            if target is not None:
+                return on_device(write_into, dev)(_ROTATE_SPLIT, target, rotary, x, temporal, spatial)
+            return on_device(RotaryLayout.rotate_split, dev)(rotary, x, temporal, spatial)
         # eager: fewer passes with out= than without
-        return rotary.apply(x, cos, sin, out=empty_head_major(x) if layout_for_passes else torch.empty_like(x))
+        return rotary.rotate_split(x, temporal, spatial, out=target if target is not None else torch.empty_like(x))
 
     def empty_head_major(x: Tensor) -> Tensor:
         b_, n_, h_, d_ = x.shape
@@ -211,16 +215,15 @@ def attend(
     def rot_bands(x: Tensor, side: str) -> list[Tensor]:
         if rotary is None:
             return [x] * len(bands.bands)
-        # the spatial rotation once, then each band's temporal rotation on the temporal channels only;
-        # bands with the same positions on this side (TSA's local and striped tiers) share one rotation
-        base = rot(x, -1, layout_for_passes=head_major)
-        rotate = on_device(RotaryLayout.rotate_temporal, dev)
+        # each band's full rotation straight from x; bands with the same positions on this side (TSA's
+        # local and striped tiers) share one, and temporal position 0 everywhere (TSA's sink keys) is the
+        # spatial rotation alone
         slots: dict[int, Tensor] = {}  # keys the chunked backend reads as one buffer: written into one
         if head_major and side == "k":
-            b_, n_, h_, d_ = base.shape
+            b_, n_, h_, d_ = x.shape
             for group in key_groups(bands, s, d_):
                 if not slots.keys() & set(group):
-                    buf = base.new_empty(b_, h_, len(group) * n_, d_)
+                    buf = x.new_empty(b_, h_, len(group) * n_, d_)
                     slots.update({i: buf[:, :, r * n_:(r + 1) * n_].transpose(1, 2) for r, i in enumerate(group)})
         out: list[Tensor] = []
         for i, band in enumerate(bands.bands):
@@ -229,16 +232,8 @@ def attend(
                          if torch.equal(pos, other.q_pos if side == "q" else other.k_pos)), None)
             if same is not None:
                 out.append(out[same])
-            elif not bool(pos.any()):  # temporal position 0 everywhere (TSA's sink keys): the spatial rotation
-                out.append(base)
             else:
-                cos, sin = _cos_sin(bands, i, side, (f, hh, ww), rotary, str(dev))
-                if not head_major:
-                    out.append(rotate(rotary, base, cos, sin))
-                    continue
-                target = slots[i] if i in slots else empty_head_major(base)
-                out.append(on_device(write_into, dev)(_ROTATE_TEMPORAL, target, rotary, base, cos, sin) if fused
-                           else rotary.rotate_temporal(base, cos, sin, out=target))
+                out.append(rot(x, i if bool(pos.any()) else -1, side, head_major, slots.get(i)))
         return out
 
     def orig_all(x: Tensor) -> Tensor:
