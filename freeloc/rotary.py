@@ -274,7 +274,7 @@ class RotaryLayout:
         tables F and S times smaller than a table per token. ``out``: as in :meth:`apply`.
         """
         pairs = (self._pairs_of("t"), self._pairs_of("s"))
-        tabs = (temporal, spatial)
+        tabs = (temporal, spatial if self.h_dim + self.w_dim else None)  # no spatial channels: nothing to rotate
         if self.interleaved and x.device.type == "cpu" and not torch.compiler.is_compiling():  # complex pairs
             target = out if out is not None else torch.empty_like(x)
             for (a, b), tab in zip(pairs, tabs, strict=True):

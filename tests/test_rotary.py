@@ -443,3 +443,21 @@ def test_rotate_split_is_the_rotation_of_each_part(layout: RotaryLayout, dtype: 
         assert layout.rotate_split(x, temporal, spatial, out=out) is out and torch.equal(out, got)
     kept = layout.rotate_split(x, tab_t, None)
     assert torch.equal(kept[..., sc], x[..., sc]) and not torch.equal(kept[..., sorted(tc)], x[..., sorted(tc)])
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "traced-path"])
+@pytest.mark.parametrize("layout", [RotaryLayout(4, 0, 0), RotaryLayout(4, 0, 0, interleaved=False),
+                                    RotaryLayout(4, 2, 0), RotaryLayout(6, 0, 2, interleaved=False)],
+                         ids=lambda x: x.describe())
+def test_rotate_split_without_height_or_width_channels(layout: RotaryLayout, compiling: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layouts with no height and/or width channels (a temporal-only RoPE): the same rotation as :meth:`apply`."""
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 2, layout.head_dim, generator=g)
+    t, hp, wp = torch.arange(3.0).double(), torch.zeros(2).double(), torch.arange(2.0).double()
+    temporal = tuple(c[:, None] for c in layout.temporal_cos_sin(t))
+    spatial = tuple(c[None] for c in layout.spatial_cos_sin(hp, wp))
+    want = layout.apply(x, *layout.cos_sin(t.repeat_interleave(2), hp.repeat(3), wp.repeat(3)))
+    torch.testing.assert_close(layout.rotate_split(x, temporal, spatial), want)
