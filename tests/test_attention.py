@@ -746,7 +746,7 @@ def test_flex_with_a_part_on_chunked_matches_reference(
     monkeypatch.setattr(flex, "UNSTRIPED", mode)
     monkeypatch.setattr(flex, "LAYOUT", layout)
     ran: dict[str, list[str]] = {"chunked": [], "flex": []}
-    for mod, fn in ((chunked, "chunked_band_attention"), (flex, "flex_band_attention")):
+    for mod, fn in ((chunked, "chunked_band_attention"), (flex, "flex_band_parts")):
         original = getattr(mod, fn)
 
         def spy(*args: object, _original: object = original, _key: str = mod.__name__.split(".")[-1]) -> object:
@@ -775,6 +775,38 @@ def test_flex_with_a_part_on_chunked_matches_reference(
         assert ran["chunked"]  # every method here has bands without a stripe, and sliding windows
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
+def test_flex_parts_are_merged_once_by_frame(text: tuple[int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the dense part on the chunked backend, the flex calls' outputs are not merged on their own: the
+    chunked part (float32) and each flex call (bf16, views of the padded output by frame) go into one merge,
+    which writes q's dtype when there is no text; the same numbers as the reference."""
+    import freeloc.attention as attention_module
+    from freeloc.attention import flex
+
+    monkeypatch.setattr(flex, "UNSTRIPED", "stacks")
+    monkeypatch.setattr(flex, "LAYOUT", "aligned")
+    merged: list[list[tuple[torch.dtype, int, bool]]] = []
+    for name in ("merge_outputs", "merge_lse"):
+        original = getattr(attention_module, name)
+
+        def spy(outs: list[torch.Tensor], lses: list[torch.Tensor], *rest: object, _original: object = original,
+                _name: str = name) -> object:
+            merged.append([(o.dtype, o.ndim, o.is_contiguous()) for o in outs] + [_name])  # type: ignore[list-item]
+            return _original(outs, lses, *rest)  # type: ignore[operator]
+
+        monkeypatch.setattr(attention_module, name, spy)
+    method = freeloc.TSA(d1=2, d2=5, stripe=0.2, sink_group=2, sink_window=3, cap=6)
+    tb, ta = text
+    q, k, v = qkv(tb + 9 * 130 + ta, torch.bfloat16, seed=21)
+    kw = dict(grid=(9, 10, 13), method=method, rotary=ROTARY, text_before=tb, text_after=ta)
+    out = attend(q, k, v, backend="flex", **kw)
+    video_merge = "merge_outputs" if tb + ta == 0 else "merge_lse"
+    assert merged[0] == [(torch.float32, 5, True), (torch.bfloat16, 5, False), video_merge]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), attend(q, k, v, backend="reference", **kw).float(), rtol=0,
+                               atol=TOL[torch.bfloat16])
 
 
 def test_split_striped_keeps_band_indices() -> None:

@@ -37,7 +37,7 @@ from ..bands import BandSet
 from ..methods import Method
 from ..rotary import RotaryLayout
 from .chunked import chunked_band_attention, key_groups, plan_stacks
-from .flex import flex_band_attention, split_striped, unstriped_mode
+from .flex import flex_band_parts, split_striped, unstriped_mode
 from .fused import compiles_on, on_device, write_into
 from .merge import merge_lse, merge_outputs
 from .reference import MAX_TOKENS, reference_attention
@@ -273,18 +273,23 @@ def attend(
             dense_part = bands if dense_plan else None
         else:
             dense_part, flex_part = None, bands
-        parts = []
+        # every part's outputs by frame (B, H, F, S, D), merged once, in one kernel on CUDA
+        outs: list[Tensor] = []
+        lses: list[Tensor] = []
         if dense_part is not None:
-            parts.append(chunked_band_attention(qs, ks, v[:, video], dense_part, s, scale, dense_plan))
+            out_c, lse_c = chunked_band_attention(qs, ks, v[:, video], dense_part, s, scale, dense_plan)
+            outs.append(out_c.unflatten(2, (f, s)))
+            lses.append(lse_c.unflatten(2, (f, s)))
         if flex_part is not None:
-            parts.append(flex_band_attention([bhsd(x) for x in qs], [bhsd(x) for x in ks], v_all[:, :, video],
-                                             flex_part, s, scale))
-        out_v, lse_v = parts[0]
-        if len(parts) == 2:
-            outs, lses = [parts[0][0], parts[1][0]], [parts[0][1], parts[1][1]]
-            if n == nv:  # no text to merge next: the merged output straight in q's dtype
-                return on_device(merge_outputs, dev)(outs, lses, q.dtype).transpose(1, 2)
-            out_v, lse_v = on_device(merge_lse, dev)(outs, lses)
+            out_f, lse_f = flex_band_parts([bhsd(x) for x in qs], [bhsd(x) for x in ks], v_all[:, :, video],
+                                           flex_part, s, scale)
+            outs += out_f
+            lses += lse_f
+        if n == nv:  # no text to merge next: the merged output straight in q's dtype
+            out = outs[0].to(q.dtype) if len(outs) == 1 else on_device(merge_outputs, dev)(outs, lses, q.dtype)
+            return out.flatten(2, 3).transpose(1, 2)
+        out_v, lse_v = (outs[0], lses[0]) if len(outs) == 1 else on_device(merge_lse, dev)(outs, lses)
+        out_v, lse_v = out_v.flatten(2, 3), lse_v.flatten(2, 3)
     if n == nv:
         return out_v.to(q.dtype).transpose(1, 2)
 

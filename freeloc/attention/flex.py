@@ -52,9 +52,9 @@ from .fused import on_device, recompile_limit_at_least
 from .merge import merge_lse
 from .reference import MAX_TOKENS
 
-__all__ = ["flex_band_attention", "flex_groups", "FlexGroup", "BLOCK_SIZE", "KERNEL_OPTIONS", "LAYOUT",
-           "STRIPE_KEY_BLOCK", "UNSTRIPED", "padded_frame", "split_striped", "stripe_key_block", "stripe_tiling",
-           "unstriped_mode", "use_aligned"]
+__all__ = ["flex_band_attention", "flex_band_parts", "flex_groups", "FlexGroup", "BLOCK_SIZE", "KERNEL_OPTIONS",
+           "LAYOUT", "STRIPE_KEY_BLOCK", "UNSTRIPED", "padded_frame", "split_striped", "stripe_key_block",
+           "stripe_tiling", "unstriped_mode", "use_aligned"]
 
 BLOCK_SIZE = 128
 
@@ -533,6 +533,23 @@ def flex_band_attention(
     scale: float,
 ) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
     """Merged attention of every video query over the bands' video keys (float32 output, LSE)."""
+    b, h, n, d = v.shape
+    outs, lses = flex_band_parts(qs, ks, v, band_set, tokens_per_frame, scale)
+    out, lse = on_device(merge_lse, v.device)(outs, lses)
+    return out.reshape(b, h, n, d), lse.reshape(b, h, n)
+
+
+def flex_band_parts(
+    qs: list[Float[Tensor, "batch heads n dim"]],
+    ks: list[Float[Tensor, "batch heads n dim"]],
+    v: Float[Tensor, "batch heads n dim"],
+    band_set: BandSet,
+    tokens_per_frame: int,
+    scale: float,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The flex calls' outputs (in v's dtype) and LSEs, not merged, each seen by frame: (B, H, F, S, D) and
+    (B, H, F, S), in the frame-aligned layout views of the padded outputs. For a caller that merges them
+    with other parts in one pass (:func:`~freeloc.attention.merge.merge_outputs`)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     n, d = v.shape[2:]
@@ -560,7 +577,7 @@ _NO_SMALL_KEY_BLOCKS: set[str] = set()  # devices where a striped call with key 
 
 
 def _attend_groups(fn: Any, qs: list[Tensor], ks: list[Tensor], v: Tensor, band_set: BandSet, s: int, scale: float,
-                   aligned: bool, stripe_kb: int) -> tuple[Tensor, Tensor]:
+                   aligned: bool, stripe_kb: int) -> tuple[list[Tensor], list[Tensor]]:
     b, h, n, d = v.shape
     f = n // s
     p = padded_frame(s) if aligned else s
@@ -589,9 +606,7 @@ def _attend_groups(fn: Any, qs: list[Tensor], ks: list[Tensor], v: Tensor, band_
             v_cat = parts[0][1] if len(parts) == 1 and segments[0][1] is None else torch.cat(
                 [y.reshape(b, h, -1, d) for _, y in parts], dim=2)
         out, lse = _run(fn, q, k_cat, v_cat, bm, scale, key_block)
-        if aligned and p > s:  # views of the real tokens: the merge reads them in place
-            out, lse = out.view(b, h, f, p, d)[:, :, :, :s], lse.view(b, h, f, p)[:, :, :, :s]
-        outs.append(out)
-        lses.append(lse)
-    out, lse = on_device(merge_lse, v.device)(outs, lses)
-    return out.reshape(b, h, n, d), lse.reshape(b, h, n)
+        # by frame; in the padded layout, views of the real tokens: the merge reads them in place
+        outs.append(out.view(b, h, f, p, d)[:, :, :, :s])
+        lses.append(lse.view(b, h, f, p)[:, :, :, :s])
+    return outs, lses
