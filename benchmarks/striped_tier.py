@@ -6,7 +6,8 @@ The striped tier (``D1 < |Δ| <= D2``, token pairs with ``|s_q - s_k| < Ds``, ``
 frame) is the part of TSA that stays on ``flex_attention`` (``benchmarks/RESULTS.md``). This script times, in
 one run, against dense SDPA on the same q, k, v (81 frames x 1560 tokens, 12 heads x 128, bf16, no rotation):
 
-* the tier on ``flex`` (the library's path), with key blocks of 128 and of 64 (``flex.STRIPE_KEY_BLOCK``;
+* the tier on ``flex`` (the library's path: its calls, with their padded copies, before the final merge
+  that ``attend`` shares with the other parts), with key blocks of 128 and of 64 (``flex.STRIPE_KEY_BLOCK``;
   the default, ``"auto"``, is 64 here), with 64 and ``PRESCALE_QK`` (q scaled once per tile instead of
   each score twice), for each ``--flex-options`` (repeatable) both again with those
   extra ``kernel_options`` (``flex.KERNEL_OPTIONS``: tile sizes, warps, stages), and on ``chunked`` (fused
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 import freeloc
 from freeloc.attention import band_set_for, flex
 from freeloc.attention.chunked import chunked_band_attention
-from freeloc.attention.flex import flex_band_attention
+from freeloc.attention.flex import flex_band_parts
 from freeloc.attention.kernels import attention_with_lse, checked_kernels
 from freeloc.bands import BandSet
 
@@ -144,13 +145,13 @@ def main() -> None:
     bands = band_set_for(freeloc.TSA(cap=20), NF, S, freeloc.RotaryLayout.wan(D)).aligned()
     striped = BandSet(NF, tuple(b for b in bands.bands if b.stripe), bands.t_freqs)
     row(f"striped tier on flex (default: key blocks of {flex.stripe_key_block(q.dtype, D)})",
-        lambda: flex_band_attention([q], [k], v, striped, S, scale))
+        lambda: flex_band_parts([q], [k], v, striped, S, scale))
 
     def on_flex(key_block: int, options: dict | None) -> Callable[[], object]:
         def run() -> object:
             flex.STRIPE_KEY_BLOCK, flex.KERNEL_OPTIONS = key_block, options or {}
             try:
-                return flex_band_attention([q], [k], v, striped, S, scale)
+                return flex_band_parts([q], [k], v, striped, S, scale)
             finally:
                 flex.STRIPE_KEY_BLOCK, flex.KERNEL_OPTIONS = "auto", {}
         return run

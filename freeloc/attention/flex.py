@@ -6,7 +6,8 @@ and run as **one** ``flex_attention`` call: the keys of the group are the concat
 key positions share a segment), and the mask of the call sends every query to the segment of the
 band its pair belongs to. A group's work is its bands' work, in one kernel with one online softmax:
 no per-band launch, epilogue or merge, and no load imbalance between a band of past and a band of
-future keys. Groups are merged exactly by their LSE.
+future keys. The groups' outputs are merged exactly by their LSE, by :func:`~freeloc.attention.attend`,
+in one pass with the part the fused dense kernel ran (:data:`UNSTRIPED`).
 
 Each group's :class:`~torch.nn.attention.flex_attention.BlockMask` is built with
 ``BlockMask.from_kv_blocks`` from frame-level tables (never ``create_block_mask`` over N^2 tokens).
@@ -48,11 +49,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..bands import Band, BandSet, count_per_tile, gap_and_span, token_pieces
-from .fused import on_device, recompile_limit_at_least
-from .merge import merge_lse
+from .fused import recompile_limit_at_least
 from .reference import MAX_TOKENS
 
-__all__ = ["flex_band_attention", "flex_band_parts", "flex_groups", "FlexGroup", "BLOCK_SIZE", "KERNEL_OPTIONS",
+__all__ = ["flex_band_parts", "flex_groups", "FlexGroup", "BLOCK_SIZE", "KERNEL_OPTIONS",
            "LAYOUT", "STRIPE_KEY_BLOCK", "UNSTRIPED", "padded_frame", "split_striped", "stripe_key_block",
            "stripe_tiling", "unstriped_mode", "use_aligned"]
 
@@ -376,7 +376,7 @@ def _striped(band: Band, tokens_per_frame: int) -> bool:
 
 
 def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device) -> bool:
-    """Whether :func:`flex_band_attention` pads frames to whole blocks here (see :data:`LAYOUT`).
+    """Whether :func:`flex_band_parts` pads frames to whole blocks here (see :data:`LAYOUT`).
 
     Measured on an H200 at 81 x 1560 tokens: TSA (with its stripe) runs in 0.56 x dense SDPA aligned,
     0.64 packed; VRPR (no stripe: only frame-boundary blocks are partial) in 1.37 packed, 1.47 aligned.
@@ -524,21 +524,6 @@ def _pad_into(dst: Tensor, parts: list[Tensor], s: int, p: int, shift: int = 0) 
     return dst
 
 
-def flex_band_attention(
-    qs: list[Float[Tensor, "batch heads n dim"]],
-    ks: list[Float[Tensor, "batch heads n dim"]],
-    v: Float[Tensor, "batch heads n dim"],
-    band_set: BandSet,
-    tokens_per_frame: int,
-    scale: float,
-) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
-    """Merged attention of every video query over the bands' video keys (float32 output, LSE)."""
-    b, h, n, d = v.shape
-    outs, lses = flex_band_parts(qs, ks, v, band_set, tokens_per_frame, scale)
-    out, lse = on_device(merge_lse, v.device)(outs, lses)
-    return out.reshape(b, h, n, d), lse.reshape(b, h, n)
-
-
 def flex_band_parts(
     qs: list[Float[Tensor, "batch heads n dim"]],
     ks: list[Float[Tensor, "batch heads n dim"]],
@@ -547,9 +532,10 @@ def flex_band_parts(
     tokens_per_frame: int,
     scale: float,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """The flex calls' outputs (in v's dtype) and LSEs, not merged, each seen by frame: (B, H, F, S, D) and
-    (B, H, F, S), in the frame-aligned layout views of the padded outputs. For a caller that merges them
-    with other parts in one pass (:func:`~freeloc.attention.merge.merge_outputs`)."""
+    """Attention of every video query over the bands' video keys, as the flex calls' outputs (in v's
+    dtype) and LSEs, not merged, each seen by frame: (B, H, F, S, D) and (B, H, F, S), in the
+    frame-aligned layout views of the padded outputs. The caller merges them, with any other parts, in
+    one pass (:func:`~freeloc.attention.merge.merge_lse` or :func:`~freeloc.attention.merge.merge_outputs`)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     n, d = v.shape[2:]
