@@ -238,7 +238,7 @@ class FlexGroup:
                 if w < s:  # the stripe; padding keys moved out of every stripe, so it is their test too
                     keep = (q_idx % p - (torch.where(real, sk, far) if padded else sk)).abs() < w
                 else:
-                    keep = real if padded else torch.ones_like(q_idx - kv_idx, dtype=torch.bool)
+                    keep = real if padded else sk >= 0  # no padding: every key (and no partial block)
                 if frame_table:
                     keep = keep & pair[q_idx // p, kv_idx // p]
                 return keep
