@@ -293,8 +293,7 @@ class RotaryLayout:
             f, s = xv.shape[1], xv.shape[2]
             tabs = tuple(None if tab is None else tuple(c if c.ndim == 3 else c.unflatten(0, (f, s)) for c in tab)
                          for tab in tabs)
-        tables = [None if tab is None else tuple(c[None, :, :, None, :] if c.ndim == 3 else c[None, :, None, :]
-                                                 for c in tab) for tab in tabs]
+        tables = [None if tab is None else tuple(map(_broadcast, tab)) for tab in tabs]
         if ov is not None:
             for (a, b), tab in zip(pairs, tables, strict=True):
                 if tab is None:
@@ -354,9 +353,13 @@ def _by_frame(x: Tensor, table: Tensor) -> Tensor:
 
 def _against(x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``x`` (by frame for a 3-D table) and ``cos``/``sin`` shaped to broadcast against its channel pairs."""
-    if cos.ndim == 2:
-        return x, cos[None, :, None, :], sin[None, :, None, :]
-    return _by_frame(x, cos), cos[None, :, :, None, :], sin[None, :, :, None, :]
+    return (x if cos.ndim == 2 else _by_frame(x, cos)), _broadcast(cos), _broadcast(sin)
+
+
+def _broadcast(table: Tensor) -> Tensor:
+    """A table ``[tokens, pairs]`` or ``[frames, tokens per frame, pairs]`` shaped to broadcast against
+    (batch, tokens, heads, pairs) or (batch, frames, tokens per frame, heads, pairs)."""
+    return table[None, :, None, :] if table.ndim == 2 else table[None, :, :, None, :]
 
 
 def _rotate_pairs_into(xs: tuple[Tensor, Tensor], outs: tuple[Tensor, Tensor], c: Tensor, s: Tensor) -> None:
@@ -393,7 +396,7 @@ def _rotate_complex_into(
     hit = _CIS.get(cos)
     if hit is None or hit[0] is not sin:
         cis = torch.complex(cos.float(), sin.float())
-        hit = (sin, cis[None, :, None, :] if cos.ndim == 2 else cis[None, :, :, None, :])
+        hit = (sin, _broadcast(cis))
         _CIS[cos] = hit
     cis = hit[1]
     xv, ov = (x, out) if cos.ndim == 2 else (_by_frame(x, cos), _by_frame(out, cos))
