@@ -221,36 +221,7 @@ class RotaryLayout:
         Tables and ``out``: as in :meth:`apply` (temporal angles depend on the frame alone, so a table of
         ``[frames, 1, t_pairs]`` is enough).
         """
-        tp = self.t_dim // 2
-        half = self.head_dim // 2
-        if self.interleaved and x.device.type == "cpu" and not torch.compiler.is_compiling():  # complex pairs
-            t = self.t_dim
-            target = out if out is not None else torch.empty_like(x)
-            target[..., t:] = x[..., t:]
-            _rotate_complex_into(x[..., :t], target[..., :t], cos, sin)
-            return target
-        shape = x.shape
-        x, c, s = _against(x, cos, sin)
-        if out is not None:
-            result, out = out, (_by_frame(out, cos) if cos.ndim == 3 else out)
-            if self.interleaved:
-                t = self.t_dim
-                out[..., t:] = x[..., t:]
-                pairs = (x[..., 0:t:2], x[..., 1:t:2]), (out[..., 0:t:2], out[..., 1:t:2])
-            else:
-                out[..., tp:half] = x[..., tp:half]
-                out[..., half + tp:] = x[..., half + tp:]
-                pairs = (x[..., :tp], x[..., half:half + tp]), (out[..., :tp], out[..., half:half + tp])
-            _rotate_pairs_into(*pairs, c, s)
-            return result
-        if self.interleaved:
-            xt = x[..., : self.t_dim].float()
-            x1, x2 = xt[..., 0::2], xt[..., 1::2]
-            rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).to(x.dtype)
-            return torch.cat((rot, x[..., self.t_dim:]), dim=-1).reshape(shape)
-        x1, x2 = x[..., :tp].float(), x[..., half:half + tp].float()
-        return torch.cat(((x1 * c - x2 * s).to(x.dtype), x[..., tp:half], (x1 * s + x2 * c).to(x.dtype),
-                          x[..., half + tp:]), dim=-1).reshape(shape)
+        return self.rotate_split(x, (cos, sin), None, out)
 
     def spatial_cos_sin(
         self, h_pos: Real[Tensor, " tokens"], w_pos: Real[Tensor, " tokens"]
