@@ -13,6 +13,7 @@ The core is framework-independent (torch only):
 from __future__ import annotations
 
 from . import attention
+from .attention import AttentionOptions, attend
 from .bands import Band, BandSet
 from .methods import METHODS, Method, method_from_dict
 from .patterns import TSA, SlidingWindow
@@ -26,6 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "attend",
+    "AttentionOptions",
     "Band",
     "BandSet",
     "LayerPlan",

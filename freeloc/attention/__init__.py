@@ -40,11 +40,12 @@ from .chunked import chunked_band_attention, key_groups, plan_stacks
 from .flex import flex_band_parts, split_striped, unstriped_mode
 from .fused import compiles_on, on_device, write_into
 from .merge import merge_lse, merge_outputs
+from .options import BACKENDS, AttentionOptions
 from .reference import MAX_TOKENS, reference_attention
 
-__all__ = ["attend", "BACKENDS", "MAX_TOKENS", "band_set_for", "merge_lse"]
+__all__ = ["attend", "AttentionOptions", "BACKENDS", "MAX_TOKENS", "band_set_for", "merge_lse"]
 
-BACKENDS = ("auto", "reference", "chunked", "flex")
+
 
 
 @functools.lru_cache(maxsize=128)
@@ -122,6 +123,7 @@ def attend(
     text_after: int = 0,
     text_mask: Bool[Tensor, "batch text"] | None = None,
     scale: float | None = None,
+    options: AttentionOptions | None = None,
 ) -> Float[Tensor, "batch seq heads dim"]:
     """Self-attention with a temporal-position or attention-pattern method, merged exactly by LSE.
 
@@ -142,10 +144,13 @@ def attend(
         text_mask: (batch, text_before + text_after) bool, False for text tokens that no query may
             attend (prompt padding), in sequence order; None: every text token is attended.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
+        options: tuning settings (:class:`AttentionOptions`); None: the defaults.
 
     Returns:
         (batch, seq, heads, head_dim) in ``q``'s dtype.
     """
+    if options is not None and not isinstance(options, AttentionOptions):
+        raise TypeError(f"options must be a freeloc.AttentionOptions or None, got {type(options).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if rotary is not None and not isinstance(rotary, RotaryLayout):
