@@ -14,14 +14,14 @@ Targets: TSA time <= 1.3 x block density x dense; VRPR time <= 1.5 x dense.
 ``--variants`` (or ``--flex-layouts``) adds rows such as ``tsa:packed`` on CUDA, beside the default
 choice: ``aligned`` / ``packed`` force that flex token layout; ``stacks`` runs the sliding key windows
 of the bands without a stripe as stacks (one fused dense call each, no mask: cuDNN's kernel where it
-passes its check) and the rest on flex (``flex.UNSTRIPED = "stacks"``, the default where such a
-kernel passes); ``flex`` runs every band on flex (``flex.UNSTRIPED = "flex"``); ``split`` runs every
-band without a stripe as the chunked backend does and the striped ones on flex (``flex.UNSTRIPED =
-"chunked"``); ``chunked`` runs the chunked backend for the whole call; ``tiles64`` and ``tiles128`` run
-the default path with key blocks of 64 (keys shifted in their padded frames) or 128 in the striped flex
-calls (``flex.STRIPE_KEY_BLOCK``; the default, ``"auto"``, is 64 at the CUDA shape); ``prescale`` runs
-the default path with q pre-scaled inside the flex kernels (``flex.KERNEL_OPTIONS = {"PRESCALE_QK":
-True}``; see ``freeloc.attention.flex`` and ``.kernels``).
+passes its check) and the rest on flex (``AttentionOptions(unstriped="stacks")``, the default where
+such a kernel passes); ``flex`` runs every band on flex (``unstriped="flex"``); ``split`` runs every
+band without a stripe as the chunked backend does and the striped ones on flex
+(``unstriped="chunked"``); ``chunked`` runs the chunked backend for the whole call; ``tiles64`` and
+``tiles128`` run the default path with key blocks of 64 (keys shifted in their padded frames) or 128 in
+the striped flex calls (``stripe_key_block``; the default, ``"auto"``, is 64 at the CUDA shape);
+``prescale`` runs the default path with q pre-scaled inside the flex kernels
+(``flex_kernel_options={"PRESCALE_QK": True}``). Each variant is an :class:`freeloc.AttentionOptions`.
 
 Timing: every method is warmed up (plans, block masks, compilation), then the repetitions run
 interleaved (dense, TSA, VRPR, dense, ...) and each method's median is taken, so that a slow phase
@@ -53,9 +53,10 @@ from collections.abc import Callable
 import torch
 
 import freeloc
-from freeloc.attention import attend, band_set_for, flex
-from freeloc.attention.chunked import plan_cost, plan_passes
-from freeloc.attention.kernels import checked_kernels
+from freeloc.attention import AttentionOptions, attend, band_set_for
+from freeloc.attention._kernels import checked_kernels
+from freeloc.attention._passes import plan_cost, plan_passes
+from freeloc.methods import Method
 
 CPU_SHAPE = dict(frames=81, height=12, width=13, heads=2, head_dim=64, dtype="float32", backend="chunked")
 CUDA_SHAPE = dict(frames=81, height=30, width=52, heads=12, head_dim=128, dtype="bfloat16", backend="flex")
@@ -71,17 +72,27 @@ def make(shape: dict, device: str) -> tuple[torch.Tensor, ...]:
                  for _ in range(3))
 
 
-#: Settings a CUDA row may force (``tsa:stacks``...): the flex token layout (``aligned``, ``packed``); what
-#: part of the call runs on the chunked backend's fused dense calls: the sliding windows of the unstriped
-#: bands (``stacks``: ``flex.UNSTRIPED = "stacks"``), nothing (``flex``) or all the unstriped bands
-#: (``split``: ``flex.UNSTRIPED = "chunked"``); or the chunked backend for the whole call (``chunked``); or
-#: key blocks of 64 or 128 in the striped flex calls (``tiles64`` / ``tiles128``: ``flex.STRIPE_KEY_BLOCK``;
-#: the default, ``"auto"``, takes 64 at this shape); or the default path with q pre-scaled in the flex
-#: kernels (``prescale``: ``flex.KERNEL_OPTIONS = {"PRESCALE_QK": True}``).
-VARIANTS = ("auto", "aligned", "packed", "stacks", "flex", "split", "chunked", "tiles64", "tiles128", "prescale")
+#: Settings a CUDA row may force (``tsa:stacks``...), as :class:`freeloc.AttentionOptions`: the flex token
+#: layout (``aligned``, ``packed``); what part of the call runs on the chunked backend's fused dense calls:
+#: the sliding windows of the unstriped bands (``stacks``), nothing (``flex``) or all the unstriped bands
+#: (``split``: ``unstriped="chunked"``); or the chunked backend for the whole call (``chunked``); or key
+#: blocks of 64 or 128 in the striped flex calls (``tiles64`` / ``tiles128``; the default, ``"auto"``,
+#: takes 64 at this shape); or the default path with q pre-scaled in the flex kernels (``prescale``).
+VARIANTS: dict[str, AttentionOptions] = {
+    "auto": AttentionOptions(),
+    "aligned": AttentionOptions(layout="aligned"),
+    "packed": AttentionOptions(layout="packed"),
+    "stacks": AttentionOptions(unstriped="stacks"),
+    "flex": AttentionOptions(unstriped="flex"),
+    "split": AttentionOptions(unstriped="chunked"),
+    "chunked": AttentionOptions(),
+    "tiles64": AttentionOptions(stripe_key_block=64),
+    "tiles128": AttentionOptions(stripe_key_block=128),
+    "prescale": AttentionOptions(flex_kernel_options={"PRESCALE_QK": True}),
+}
 
 
-def method_of(name: str) -> freeloc.Method | None:
+def method_of(name: str) -> Method | None:
     """``dense``, ``tsa``, ``vrpr``, or one of them with a variant: ``tsa:packed``, ``vrpr:chunked``."""
     return {"dense": None, "tsa": freeloc.TSA(cap=TRAINED - 1),
             "vrpr": freeloc.VRPR.for_length(81, TRAINED)}[name.split(":")[0]]
@@ -96,20 +107,12 @@ def runner(name: str, shape: dict, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     variant = name.split(":")[1] if ":" in name else "auto"
     if variant not in VARIANTS:
         raise SystemExit(f"unknown variant {variant!r} in {name!r}; accepted: {', '.join(VARIANTS)}")
-    layout = variant if variant in ("aligned", "packed") else "auto"
-    unstriped = {"stacks": "stacks", "flex": "flex", "split": "chunked"}.get(variant, "auto")
     if variant == "chunked":
         backend = "chunked"
-
-    key_block = {"tiles64": 64, "tiles128": 128}.get(variant, "auto")
-    options = {"PRESCALE_QK": True} if variant == "prescale" else {}
+    options = VARIANTS[variant]
 
     def run() -> torch.Tensor:
-        flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK, flex.KERNEL_OPTIONS = layout, unstriped, key_block, options
-        try:
-            return attend(q, k, v, grid=grid, method=method, rotary=rot, backend=backend)
-        finally:
-            flex.LAYOUT, flex.UNSTRIPED, flex.STRIPE_KEY_BLOCK, flex.KERNEL_OPTIONS = "auto", "auto", "auto", {}
+        return attend(q, k, v, grid=grid, method=method, rotary=rot, backend=backend, options=options)
 
     return run
 

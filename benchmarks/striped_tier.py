@@ -3,15 +3,15 @@
     python benchmarks/striped_tier.py [--reps 5] [--flex-options '{"num_warps": 4}' [--flex-options ...]]
 
 The striped tier (``D1 < |Δ| <= D2``, token pairs with ``|s_q - s_k| < Ds``, ``Ds = 195`` at 1560 tokens per
-frame) is the part of TSA that stays on ``flex_attention`` (``benchmarks/RESULTS.md``). This script times, in
+frame) is the part of TSA that stays on ``flex_attention`` (``benchmarks/HISTORY.md``). This script times, in
 one run, against dense SDPA on the same q, k, v (81 frames x 1560 tokens, 12 heads x 128, bf16, no rotation):
 
 * the tier on ``flex`` (the library's path: its calls, with their padded copies, before the final merge
-  that ``attend`` shares with the other parts), with key blocks of 128 and of 64 (``flex.STRIPE_KEY_BLOCK``;
-  the default, ``"auto"``, is 64 here), with 64 and ``PRESCALE_QK`` (q scaled once per tile instead of
-  each score twice), for each ``--flex-options`` (repeatable) both again with those
-  extra ``kernel_options`` (``flex.KERNEL_OPTIONS``: tile sizes, warps, stages), and on ``chunked`` (fused
-  kernel with a mask);
+  that ``attend`` shares with the other parts), with key blocks of 128 and of 64
+  (``AttentionOptions.stripe_key_block``; the default, ``"auto"``, is 64 here), with 64 and ``PRESCALE_QK``
+  (q scaled once per tile instead of each score twice), for each ``--flex-options`` (repeatable) both
+  again with those extra ``kernel_options`` (``AttentionOptions.flex_kernel_options``: tile sizes, warps,
+  stages), and on ``chunked`` (fused kernel with a mask);
 * a decomposition by raster sub-blocks of ``B`` queries: every query of a sub-block attends the same
   ``2 Ds - B`` keys of each striped key frame (the *middle*), which run unmasked as stacks on the fused
   dense kernel (one call per sub-block and direction, its query frames the batch, the 16-frame key
@@ -35,10 +35,13 @@ import torch
 import torch.nn.functional as F
 
 import freeloc
-from freeloc.attention import band_set_for, flex
-from freeloc.attention.chunked import chunked_band_attention
-from freeloc.attention.flex import flex_band_parts
-from freeloc.attention.kernels import attention_with_lse, checked_kernels
+from freeloc.attention import AttentionOptions, band_set_for
+from freeloc.attention._chunked import run_chunked
+from freeloc.attention._flex import run_flex
+from freeloc.attention._flex_groups import stripe_key_block
+from freeloc.attention._kernels import attention_with_lse, checked_kernels
+from freeloc.attention._passes import plan_passes
+from freeloc.attention._planning import plan_attention
 from freeloc.bands import BandSet
 
 NF, HH, WW, H, D = 81, 30, 52, 12, 128
@@ -144,18 +147,16 @@ def main() -> None:
     row("dense SDPA (all pairs)", lambda: F.scaled_dot_product_attention(q, k, v, scale=scale))
     bands = band_set_for(freeloc.TSA(cap=20), NF, S, freeloc.RotaryLayout.wan(D)).aligned()
     striped = BandSet(NF, tuple(b for b in bands.bands if b.stripe), bands.t_freqs)
-    row(f"striped tier on flex (default: key blocks of {flex.stripe_key_block(q.dtype, D)})",
-        lambda: flex_band_parts([q], [k], v, striped, S, scale))
 
-    def on_flex(key_block: int, options: dict | None) -> Callable[[], object]:
-        def run() -> object:
-            flex.STRIPE_KEY_BLOCK, flex.KERNEL_OPTIONS = key_block, options or {}
-            try:
-                return flex_band_parts([q], [k], v, striped, S, scale)
-            finally:
-                flex.STRIPE_KEY_BLOCK, flex.KERNEL_OPTIONS = "auto", {}
-        return run
+    def on_flex(key_block: int | str, extra: dict | None) -> Callable[[], object]:
+        """The tier as attend's flex part runs it (its calls, padded copies, no merge)."""
+        options = AttentionOptions(unstriped="flex", stripe_key_block=key_block, flex_kernel_options=extra or {})
+        plan = plan_attention(q.transpose(1, 2), striped, (NF, HH, WW), 0, 0, "flex", options)
+        (part,) = plan.parts
+        return lambda: run_flex(part, [q], [k], plan.rotations.q_source, v, scale, options)
 
+    row(f"striped tier on flex (default: key blocks of {stripe_key_block(AttentionOptions(), q.dtype, D)})",
+        on_flex("auto", None))
     row("striped tier on flex, key blocks of 128", on_flex(128, None))
     row("striped tier on flex, key blocks of 64 (shifted)", on_flex(64, None))
     # q pre-scaled by the softmax scale and log2(e) in the kernel: two multiplies fewer per score, one
@@ -164,9 +165,10 @@ def main() -> None:
     for options in args.flex_options:
         row(f"  key blocks of 128, {options}", on_flex(128, options))
         row(f"  key blocks of 64, {options}", on_flex(64, options))
+    defaults = AttentionOptions()
+    passes = plan_passes(striped, S, D, defaults)
     row("striped tier on chunked (masked fused kernel)",
-        lambda: chunked_band_attention([q.transpose(1, 2)], [k.transpose(1, 2)], v.transpose(1, 2), striped, S,
-                                       scale), reps=3)
+        lambda: run_chunked(passes, [q], [k], {}, v.transpose(1, 2), S, scale, defaults), reps=3)
     for b in (64, 96, 128):
         row(f"middle, B = {b}, interior frames (cuDNN stacks)", lambda b=b: middle(q, k, v, b, scale))
     qi, ki, bm = triangles(dev)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import freeloc
-from freeloc.attention import attend
+from freeloc.attention import AttentionOptions, attend
+from freeloc.methods import Method
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -22,7 +23,7 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 4e-2}
 GRIDS = [(30, 3, 5), (17, 7, 3)]
 
 
-def methods() -> list[tuple[str, freeloc.Method | None]]:
+def methods() -> list[tuple[str, Method | None]]:
     return [
         ("none", None),
         ("vrpr", freeloc.VRPR.for_length(30, 13)),
@@ -36,7 +37,7 @@ def methods() -> list[tuple[str, freeloc.Method | None]]:
 @pytest.fixture(autouse=True)
 def many_shapes() -> object:
     # one compiled kernel per shape: allow the test's many shapes without Dynamo's eager fallback
-    from freeloc.attention.fused import recompile_limit_at_least
+    from freeloc.attention._fused import recompile_limit_at_least
 
     with recompile_limit_at_least(256):
         yield
@@ -51,7 +52,7 @@ def qkv(n: int, dim: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, 
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: "x".join(map(str, g)))
 @pytest.mark.parametrize("text", [(0, 0), (6, 0), (0, 5)], ids=["video", "text-before", "text-after"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_compiled_flex_matches_reference(name: str, method: freeloc.Method | None, grid: tuple[int, int, int],
+def test_compiled_flex_matches_reference(name: str, method: Method | None, grid: tuple[int, int, int],
                                          text: tuple[int, int], dtype: torch.dtype) -> None:
     f, h, w = grid
     tb, ta = text
@@ -65,66 +66,60 @@ def test_compiled_flex_matches_reference(name: str, method: freeloc.Method | Non
     assert err <= TOL[dtype], err
 
 
-def error_at_121_tokens_per_frame(frames: int, method: freeloc.Method, text: tuple[int, int], dtype: torch.dtype,
-                                  seed: int) -> float:
-    """Max |attend (default backend) - reference| at ``frames`` x 11 x 11 tokens, head dim 64."""
+def error_at_121_tokens_per_frame(frames: int, method: Method, text: tuple[int, int], dtype: torch.dtype,
+                                  seed: int, options: AttentionOptions | None = None) -> float:
+    """Max |attend (default backend, ``options``) - reference| at ``frames`` x 11 x 11 tokens, head dim 64."""
     tb, ta = text
     q, k, v = qkv(tb + frames * 121 + ta, 64, dtype, seed=seed)
     kw = dict(grid=(frames, 11, 11), method=method, rotary=freeloc.RotaryLayout.wan(64), text_before=tb,
               text_after=ta)
-    return (attend(q, k, v, **kw).float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
+    out = attend(q, k, v, options=options, **kw)
+    return (out.float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
 
 
 @pytest.mark.parametrize("name,method", [m for m in methods() if m[0] in ("vrpr", "tsa", "tsa-default", "sliding")],
                          ids=["vrpr", "tsa", "tsa-default", "sliding"])
 @pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_compiled_flex_frame_aligned_layout(name: str, method: freeloc.Method, text: tuple[int, int],
-                                            dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_flex_frame_aligned_layout(name: str, method: Method, text: tuple[int, int],
+                                            dtype: torch.dtype) -> None:
     # 121 tokens per frame, padded to one 128-token block: the frame-aligned layout (auto picks it for TSA
     # here), whose compiled mask_mod tests only the stripe and the padding; every band on flex
-    from freeloc.attention import flex
-
-    monkeypatch.setattr(flex, "LAYOUT", "aligned")
-    monkeypatch.setattr(flex, "UNSTRIPED", "flex")
-    err = error_at_121_tokens_per_frame(9, method, text, dtype, seed=len(name) * 7)
+    err = error_at_121_tokens_per_frame(9, method, text, dtype, seed=len(name) * 7,
+                                        options=AttentionOptions(layout="aligned", unstriped="flex"))
     print(f"aligned {name} text={text} {dtype}: max error {err:.2e}")
     assert err <= TOL[dtype], err
 
 
 @pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_compiled_flex_stripe_key_blocks_of_64(text: tuple[int, int], dtype: torch.dtype,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    # STRIPE_KEY_BLOCK = 64: the striped call's keys shifted by 25 tokens in their padded frames (130
+def test_compiled_flex_stripe_key_blocks_of_64(text: tuple[int, int], dtype: torch.dtype) -> None:
+    # stripe_key_block=64: the striped call's keys shifted by 25 tokens in their padded frames (130
     # tokens per frame), key blocks of 64, the kernel's key tile 64; every band on flex
-    from freeloc.attention import flex
-
-    monkeypatch.setattr(flex, "LAYOUT", "aligned")
-    monkeypatch.setattr(flex, "UNSTRIPED", "flex")
-    monkeypatch.setattr(flex, "STRIPE_KEY_BLOCK", 64)
+    options = AttentionOptions(layout="aligned", unstriped="flex", stripe_key_block=64)
     tb, ta = text
     q, k, v = qkv(tb + 9 * 130 + ta, 64, dtype, seed=13)
     kw = dict(grid=(9, 10, 13), method=freeloc.TSA(d1=2, d2=5, stripe=0.2, sink_group=2, sink_window=3, cap=6),
               rotary=freeloc.RotaryLayout.wan(64), text_before=tb, text_after=ta)
-    err = (attend(q, k, v, **kw).float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
+    out = attend(q, k, v, options=options, **kw)
+    err = (out.float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
     print(f"stripe key blocks of 64, text={text} {dtype}: max error {err:.2e}")
     assert err <= TOL[dtype], err
 
 
 @pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
-def test_compiled_flex_default_stripe_key_blocks_at_head_dim_128(text: tuple[int, int],
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    # the default path in bf16 at head dim 128 (STRIPE_KEY_BLOCK "auto": key blocks of 64 in the striped call)
-    from freeloc.attention import flex
+def test_compiled_flex_default_stripe_key_blocks_at_head_dim_128(text: tuple[int, int]) -> None:
+    # the default path in bf16 at head dim 128 (stripe_key_block "auto": key blocks of 64 in the striped call)
+    from freeloc.attention._flex_groups import stripe_key_block
 
-    monkeypatch.setattr(flex, "LAYOUT", "aligned")
-    assert flex.stripe_key_block(torch.bfloat16, 128) == 64
+    options = AttentionOptions(layout="aligned")
+    assert stripe_key_block(options, torch.bfloat16, 128) == 64
     tb, ta = text
     q, k, v = qkv(tb + 9 * 130 + ta, 128, torch.bfloat16, seed=17)
     kw = dict(grid=(9, 10, 13), method=freeloc.TSA(d1=2, d2=5, stripe=0.2, sink_group=2, sink_window=3, cap=6),
               rotary=freeloc.RotaryLayout.wan(128), text_before=tb, text_after=ta)
-    err = (attend(q, k, v, **kw).float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
+    out = attend(q, k, v, options=options, **kw)
+    err = (out.float() - attend(q, k, v, backend="reference", **kw).float()).abs().max().item()
     print(f"default stripe key blocks at head dim 128, text={text}: max error {err:.2e}")
     assert err <= TOL[torch.bfloat16], err
 
@@ -143,17 +138,18 @@ def test_compiled_flex_head_dims_not_a_power_of_two(dim: int) -> None:
 @pytest.mark.parametrize("name,method", [m for m in methods() if m[0] in ("vrpr", "tsa", "sliding")],
                          ids=["vrpr", "tsa", "sliding"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_chunked_stacks_on_cuda_match_reference(name: str, method: freeloc.Method, dtype: torch.dtype) -> None:
+def test_chunked_stacks_on_cuda_match_reference(name: str, method: Method, dtype: torch.dtype) -> None:
     """The chunked backend on the GPU (the benchmark's exact reference there): its stacks, overlapping
     strided windows, through the checked fused kernel (bf16) or the float32 path in bounded groups of
     frames (fp32, where no fused kernel passes its check)."""
-    from freeloc.attention import chunked, kernels
+    from freeloc.attention import _kernels as kernels
+    from freeloc.attention._passes import Stack, plan_passes
 
     grid = (30, 6, 10)
     q, k, v = qkv(30 * 60, 64, dtype, seed=41)
     kw = dict(grid=grid, method=method, rotary=freeloc.RotaryLayout.wan(64))
     bands = freeloc.attention.band_set_for(method, 30, 60, freeloc.RotaryLayout.wan(64)).aligned()
-    assert any(isinstance(p, chunked.Stack) for p in chunked.plan_passes(bands, 60, 64))
+    assert any(isinstance(p, Stack) for p in plan_passes(bands, 60, 64))
     ref = attend(q, k, v, backend="reference", **kw)
     out = attend(q, k, v, backend="chunked", **kw)
     err = (out.float() - ref.float()).abs().max().item()
@@ -171,7 +167,7 @@ CASES = [(dt, m, o) for dt in (torch.bfloat16, torch.float16, torch.float32)
 def test_fused_kernels_with_lse_on_this_gpu(dtype: torch.dtype, masked: bool, overlapping: bool) -> None:
     """``attention_with_lse`` on CUDA: the kernel that passed its check (cuDNN, flash or memory-efficient)
     against a plain float64 computation on a larger odd-sized problem, with a row without keys."""
-    from freeloc.attention import kernels
+    from freeloc.attention import _kernels as kernels
 
     g = torch.Generator().manual_seed(7)
     b, h, nq, nk, d = 3, 5, 301, 517, 128
@@ -216,15 +212,13 @@ def test_fused_kernels_with_lse_on_this_gpu(dtype: torch.dtype, masked: bool, ov
 @pytest.mark.parametrize("text", [(0, 0), (6, 0)], ids=["video", "text-before"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["stacks", "chunked", "flex"])
-def test_flex_with_a_part_on_chunked(name: str, method: freeloc.Method, text: tuple[int, int], dtype: torch.dtype,
-                                     mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # flex.UNSTRIPED: the sliding windows ("stacks", the default here) or all the unstriped bands
-    # ("chunked") on the chunked backend's fused dense calls, the rest on compiled flex (frame-aligned for
-    # TSA at 121 tokens per frame), merged by LSE; or every band on flex ("flex")
-    from freeloc.attention import flex
-
-    monkeypatch.setattr(flex, "UNSTRIPED", mode)
-    err = error_at_121_tokens_per_frame(30, method, text, dtype, seed=len(name) * 5)
+def test_flex_with_a_part_on_chunked(name: str, method: Method, text: tuple[int, int], dtype: torch.dtype,
+                                     mode: str) -> None:
+    # unstriped: the sliding windows ("stacks", the default here) or all the unstriped bands ("chunked") on
+    # the chunked backend's fused dense calls, the rest on compiled flex (frame-aligned for TSA at 121
+    # tokens per frame), merged by LSE; or every band on flex ("flex")
+    err = error_at_121_tokens_per_frame(30, method, text, dtype, seed=len(name) * 5,
+                                        options=AttentionOptions(unstriped=mode))
     print(f"flex + chunked ({mode}) {name} text={text} {dtype}: max error {err:.2e}")
     assert err <= TOL[dtype], err
 

@@ -1,4 +1,4 @@
-"""The single attention pass with its LSE (``freeloc.attention.kernels``): the plain float32 path in row
+"""The single attention pass with its LSE (``freeloc.attention._kernels``): the plain float32 path in row
 chunks, and the choice of a fused kernel by checking each candidate on a small problem first.
 
 The CUDA candidates themselves run in ``tests/test_cuda.py``; here, CPU stand-ins (right, wrong, failing)
@@ -14,8 +14,9 @@ import warnings
 import pytest
 import torch
 
-from freeloc.attention import kernels
-from freeloc.attention.kernels import FusedKernel, attention_with_lse, choose_kernel, prepare_mask
+from freeloc.attention import AttentionOptions
+from freeloc.attention import _kernels as kernels
+from freeloc.attention._kernels import FusedKernel, attention_with_lse, choose_kernel, prepare_mask
 
 CPU = torch.device("cpu")
 
@@ -105,15 +106,15 @@ def test_no_candidate_passing_gives_none_and_unmasked_kernels_are_not_asked_for_
     assert calls == ["called"]
 
 
-def test_float_path_in_row_chunks_matches_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_float_path_in_row_chunks_matches_dense() -> None:
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, n, 20, generator=g, dtype=torch.float64) for n in (41, 29, 29))
     mask = torch.rand(2, 1, 41, 29, generator=g) < 0.6
     mask[1, 0, 5] = False  # a row without keys: zero output, LSE -inf
     want_o, want_l = dense(q, k, v, mask, 0.3)
     whole = attention_with_lse(q, k, v, mask, 0.3)
-    monkeypatch.setattr(kernels, "FLOAT_LOGITS", 2 * 3 * 29 * 4)  # four query rows per chunk
-    chunked = attention_with_lse(q, k, v, mask, 0.3)
+    four_rows = AttentionOptions(float_logits=2 * 3 * 29 * 4)  # four query rows per chunk
+    chunked = attention_with_lse(q, k, v, mask, 0.3, options=four_rows)
     for out, lse in (whole, chunked):
         torch.testing.assert_close(out, want_o.to(out.dtype), atol=1e-5, rtol=1e-5)  # computed in float32
         torch.testing.assert_close(lse, want_l.float(), atol=1e-6, rtol=1e-6)
@@ -134,7 +135,7 @@ def test_fused_kernels_are_for_cuda_only() -> None:
     assert kernels.uses_fused_kernel(q) and not kernels.uses_fused_kernel(q.double())
 
 
-def test_a_kernel_that_fails_on_a_real_call_gives_way(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_kernel_that_fails_on_a_real_call_gives_way() -> None:
     """A kernel that passed its check but raises on a later call is replaced by the next candidate that
     passes (or the float32 path) for that kind of call, with a warning, and the call still returns the
     right numbers."""
@@ -153,17 +154,16 @@ def test_a_kernel_that_fails_on_a_real_call_gives_way(monkeypatch: pytest.Monkey
         return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
 
     f64 = (torch.float64,)
-    monkeypatch.setattr(kernels, "FUSED_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(kernels, "_CHOSEN", {})
-    monkeypatch.setattr(kernels, "CUDA_KERNELS", (FusedKernel("small", small_only, f64, True, 64),
-                                                  FusedKernel("dense", dense_kernel, f64, True, 64)))
+    options = AttentionOptions(fused_devices=("cuda", "cpu"),
+                               fused_kernels=(FusedKernel("small", small_only, f64, True, 64),
+                                              FusedKernel("dense", dense_kernel, f64, True, 64)))
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 3, n, 16, generator=g, dtype=torch.float64) for n in (150, 70, 70))
-    assert kernels.fused_kernel_for(q).name == "small"  # passed its check (a small problem)
+    assert kernels.fused_kernel_for(q, options=options).name == "small"  # passed its check (a small problem)
     used.clear()
     with pytest.warns(UserWarning, match=r"'small' failed on a call of shape q \(2, 3, 150, 16\).*using 'dense'"):
-        out, lse = attention_with_lse(q, k, v, None, 0.25)
-    assert kernels.fused_kernel_for(q).name == "dense" and "dense" in used
+        out, lse = attention_with_lse(q, k, v, None, 0.25, options=options)
+    assert kernels.fused_kernel_for(q, options=options).name == "dense" and "dense" in used
     want_o, want_l = dense(q, k, v, None, 0.25)
     torch.testing.assert_close(out, want_o, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, want_l.float(), atol=1e-6, rtol=1e-6)
@@ -176,8 +176,8 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
     through a stand-in kernel, against the reference. ``compiled``: also the GPU's compiled steps
     (rotations written straight into head-major buffers, merges of passes), compiled for the CPU."""
     import freeloc
-    from freeloc.attention import attend, flex
-    from freeloc.attention import fused as compiled_steps
+    from freeloc.attention import _fused as compiled_steps
+    from freeloc.attention import _planning, attend
 
     calls: list[tuple[int, bool, bool]] = []  # (batch entries, biased, overlapping windows)
 
@@ -192,11 +192,10 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
         p, lse = naive(q, k, v, bias, scale)
         return p @ v, lse
 
-    monkeypatch.setattr(kernels, "FUSED_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(kernels, "_CHOSEN", {})
-    monkeypatch.setattr(kernels, "CUDA_KERNELS", (FusedKernel("stand-in", fused, (torch.float64,), True, 64),))
+    options = AttentionOptions(fused_devices=("cuda", "cpu"),
+                               fused_kernels=(FusedKernel("stand-in", fused, (torch.float64,), True, 64),))
     if case in ("flex-stacks", "flex-split"):
-        monkeypatch.setattr(flex, "UNSTRIPED", "stacks" if case == "flex-stacks" else "chunked")
+        options = options.replace(unstriped="stacks" if case == "flex-stacks" else "chunked")
     rotary = freeloc.RotaryLayout.wan(24)
     grid, tb, ta = (19, 5, 7), 5, 3
     g = torch.Generator().manual_seed(9)
@@ -207,10 +206,10 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
         text_mask[1] = False
     backend = "flex" if case.startswith("flex") or case == "compiled" else "chunked"
     if case == "flex-auto":  # the default: stacks, since a fused kernel passes its check for them
-        assert flex.UNSTRIPED == "auto" and flex.unstriped_mode(q) == "stacks"
+        assert options.unstriped == "auto" and _planning._resolve_unstriped(q, options) == "stacks"
     compiled: list[str] = []
     if case == "compiled":  # what on_device compiles on CUDA, compiled here (and seen to be)
-        monkeypatch.setattr(compiled_steps, "_fuse_here", lambda device: True)
+        options = options.replace(compile_steps=True)
         real = compiled_steps._compiled
 
         def spy(fn: object, dynamic: bool | None = False) -> object:
@@ -220,24 +219,25 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
         monkeypatch.setattr(compiled_steps, "_compiled", spy)
         import freeloc.attention as attention_module
 
-        real_chunked = attention_module.chunked_band_attention
+        real_chunked = attention_module.run_chunked
         head_major: list[bool] = []
 
-        def chunked_spy(qs: list[torch.Tensor], ks: list[torch.Tensor], v: torch.Tensor, *args: object) -> object:
-            # the rotations arrive written head-major (no copy for the passes, no key concatenation)
-            head_major.extend(x.transpose(1, 2).stride(-2) == v.shape[-1] for x in qs + ks)
-            return real_chunked(qs, ks, v, *args)
+        def chunked_spy(plan: object, qs: list[torch.Tensor], ks: list[torch.Tensor], *args: object) -> object:
+            # the rotations arrive written head-major: (batch, heads, tokens, dim) with contiguous tokens
+            head_major.extend(x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in qs + ks)
+            return real_chunked(plan, qs, ks, *args)
 
-        monkeypatch.setattr(attention_module, "chunked_band_attention", chunked_spy)
+        monkeypatch.setattr(attention_module, "run_chunked", chunked_spy)
     for method in (freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12),
                    freeloc.VRPR.for_length(19, 9)):
-        kw = dict(grid=grid, method=method, rotary=rotary, text_before=tb, text_after=ta, text_mask=text_mask)
+        kw = dict(grid=grid, method=method, rotary=rotary, text_before=tb, text_after=ta, text_mask=text_mask,
+                  options=options)
         calls.clear()
         out = attend(q, k, v, backend=backend, **kw)
         ref = attend(q, k, v, backend="reference", **kw)
         if case == "compiled":  # video alone too: the parts' merge then writes q's dtype directly
             video = slice(tb, tb + 19 * 35)
-            kw_v = dict(grid=grid, method=method, rotary=rotary)
+            kw_v = dict(grid=grid, method=method, rotary=rotary, options=options)
             torch.testing.assert_close(attend(q[:, video], k[:, video], v[:, video], backend=backend, **kw_v),
                                        attend(q[:, video], k[:, video], v[:, video], backend="reference", **kw_v),
                                        atol=1e-5, rtol=0)
@@ -256,10 +256,11 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
 
 
 def test_unstriped_auto_is_flex_without_a_fused_kernel() -> None:
-    """``flex.UNSTRIPED = "auto"`` runs the stacks on a fused kernel only where one passes its check: on
-    the CPU (no fused kernel with an LSE for overlapping windows here) every band stays on flex."""
-    from freeloc.attention import flex
+    """``unstriped="auto"`` runs the stacks on a fused kernel only where one passes its check: on the CPU
+    (no fused kernel with an LSE for overlapping windows here) every band stays on flex."""
+    from freeloc.attention import _planning
 
     q = torch.randn(1, 30, 2, 16)
-    assert flex.UNSTRIPED == "auto"
-    assert flex.unstriped_mode(q) == "flex" and flex.unstriped_mode() == "auto"
+    assert AttentionOptions().unstriped == "auto"
+    assert _planning._resolve_unstriped(q, AttentionOptions()) == "flex"
+    assert _planning._resolve_unstriped(q, AttentionOptions(unstriped="stacks")) == "stacks"

@@ -59,8 +59,10 @@ class AttentionOptions:
             sizes, warps, stages), over the library's own; a mapping or ``(name, value)`` pairs.
         use_tma: ask the compiled flex kernel to load tiles with the tensor memory accelerator;
             ``None``: on Hopper and later GPUs, where it works.
-        flex_compiled: run ``flex_attention`` compiled; ``None``: on CUDA (elsewhere the eager kernel
-            runs, which materialises the scores: for checking semantics on small shapes).
+        flex_compiled: treat the flex calls as compiled calls: the compiled kernel on CUDA, with its kernel
+            options and fallbacks; ``None``: on CUDA. Off CUDA the eager kernel runs either way (compiled
+            flex on CPU cannot return the LSE); it materialises the scores, for checking semantics on
+            small shapes.
         stack_min_frames: with ``unstriped="stacks"``, the fewest query frames of a stack or block on
             the dense kernel (shorter ones stay with flex, unless ``small_blocks`` finish a band).
         small_blocks: with ``unstriped="stacks"``, at most this many blocks shorter than
@@ -87,7 +89,7 @@ class AttentionOptions:
     unstriped: str = "auto"
     layout: str = "auto"
     stripe_key_block: int | str = "auto"
-    flex_kernel_options: tuple[tuple[str, Any], ...] = ()
+    flex_kernel_options: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
     use_tma: bool | None = None
     flex_compiled: bool | None = None
     stack_min_frames: int = 8
@@ -101,8 +103,8 @@ class AttentionOptions:
     float_logits: int = 2**26
     mask_cache_bytes: int = 64 * 2**20
     max_dense_tokens: int = 8192
-    fused_devices: tuple[str, ...] = ("cuda",)
-    fused_kernels: tuple[FusedKernel, ...] | None = None
+    fused_devices: tuple[str, ...] | list[str] = ("cuda",)
+    fused_kernels: tuple[FusedKernel, ...] | list[FusedKernel] | None = None
     compile_steps: bool | None = None
 
     def __post_init__(self) -> None:
@@ -151,7 +153,7 @@ class AttentionOptions:
 
     @property
     def kernel_options(self) -> dict[str, Any]:
-        """:attr:`flex_kernel_options` as a dict."""
+        """:attr:`flex_kernel_options` as a dict (stored as sorted ``(name, value)`` pairs, hashable)."""
         return dict(self.flex_kernel_options)
 
 

@@ -2,7 +2,9 @@
 
 It builds every logit with the positions of the band that holds the pair, masks the pairs no band
 holds, and takes one softmax: no LSE merge, no chunking. It is the definition the other backends
-are tested against, and it refuses sequences longer than :data:`MAX_TOKENS`.
+are tested against, and it refuses sequences longer than ``AttentionOptions.max_dense_tokens`` (it
+materialises batch x heads x N x N float32 logits: 8192 tokens, the default, are 256 MiB per batch
+element and head).
 """
 
 from __future__ import annotations
@@ -13,11 +15,7 @@ from torch import Tensor
 
 from ..bands import BandSet
 
-__all__ = ["MAX_TOKENS", "reference_attention"]
-
-#: Longest sequence (text + video tokens) the reference accepts: it materialises
-#: batch x heads x N x N float32 logits (8192 tokens: 256 MiB per batch element and head).
-MAX_TOKENS = 8192
+__all__ = ["reference_attention"]
 
 
 def reference_attention(
@@ -31,6 +29,7 @@ def reference_attention(
     video: slice,
     scale: float,
     key_mask: Bool[Tensor, "batch 1 1 n"] | None = None,
+    max_tokens: int = 8192,
 ) -> Float[Tensor, "batch heads n dim"]:
     """Dense masked softmax attention.
 
@@ -40,9 +39,10 @@ def reference_attention(
     ``key_mask`` (False: a padded text key) removes keys per sample.
     """
     n = v.shape[2]
-    if n > MAX_TOKENS:
-        raise ValueError(f"the reference backend materialises [N, N] logits and accepts N <= {MAX_TOKENS} "
-                         f"tokens, got N={n}; use backend='chunked' (CPU) or 'flex' (CUDA)")
+    if n > max_tokens:
+        raise ValueError(f"the reference backend materialises [N, N] logits and accepts N <= {max_tokens} "
+                         f"tokens (AttentionOptions.max_dense_tokens), got N={n}; use backend='chunked' (CPU) "
+                         f"or 'flex' (CUDA)")
     logits = torch.matmul(q_orig.float(), k_orig.float().transpose(-1, -2)) * scale
     text = torch.ones(n, dtype=torch.bool, device=v.device)
     text[video] = False

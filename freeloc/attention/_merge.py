@@ -62,7 +62,7 @@ def merge_into_(
 
     The running LSE uses :data:`EMPTY_LSE` for rows without keys yet; the pass's LSE may be ``-inf``
     there, and its output must be finite (0) on its rows without keys, as
-    :func:`~freeloc.attention.kernels.attention_with_lse` returns it. Convert the final LSE with
+    ``attention_with_lse`` (:mod:`freeloc.attention._kernels`) returns it. Convert the final LSE with
     ``lse.masked_fill(lse <= EMPTY_LSE / 2, -inf)``.
     """
     # the pass's weight in the merged output is exp(lse - new) = sigmoid(lse - acc_lse): three in-place
@@ -77,7 +77,7 @@ def merge_pass_into_(
     out: Float[Tensor, "*rows dim"], lse: Float[Tensor, " *rows"],
 ) -> None:
     """:func:`merge_into_` for a pass output in any dtype (a fused kernel's bf16): compiled on CUDA
-    (:func:`~freeloc.attention.fused.on_device`), the conversion and the merge are one kernel."""
+    (``on_device`` of :mod:`freeloc.attention._fused`), the conversion and the merge are one kernel."""
     _MERGE_INTO(acc_out, acc_lse, out.float(), lse)
 
 

@@ -1,4 +1,4 @@
-"""The ``flex`` backend: block-sparse ``flex_attention``, one kernel per group of bands, merged by LSE.
+"""The flex backend's calls: which bands share one ``flex_attention`` call, and the call's mask.
 
 Bands whose queries share one rotation (after :meth:`~freeloc.bands.BandSet.aligned`) form a group
 and run as **one** ``flex_attention`` call: the keys of the group are the concatenation of a few key
@@ -6,18 +6,17 @@ and run as **one** ``flex_attention`` call: the keys of the group are the concat
 key positions share a segment), and the mask of the call sends every query to the segment of the
 band its pair belongs to. A group's work is its bands' work, in one kernel with one online softmax:
 no per-band launch, epilogue or merge, and no load imbalance between a band of past and a band of
-future keys. The groups' outputs are merged exactly by their LSE, by :func:`~freeloc.attention.attend`,
-in one pass with the part the fused dense kernel ran (:data:`UNSTRIPED`).
+future keys.
 
 Each group's :class:`~torch.nn.attention.flex_attention.BlockMask` is built with
 ``BlockMask.from_kv_blocks`` from frame-level tables (never ``create_block_mask`` over N^2 tokens).
-Two token layouts:
+Two token layouts (``AttentionOptions.layout``):
 
 * **packed**: the frames' tokens back to back, as the model has them. Blocks of 128 tokens cut across
   frames (1560 tokens per frame at Wan 480p is not a multiple of 128), so the ``mask_mod`` cuts the
   partial blocks: per query frame a few intervals of key frames, each with a stripe width
   (:meth:`FlexGroup.intervals`), read once per query row; per token pair it is integer arithmetic,
-  with no table load (a per-pair table lookup made partial blocks cost several full ones).
+  with no table load (a per-pair table lookup makes partial blocks cost several full ones).
 * **frame-aligned** (the default on CUDA for band sets with a stripe, when padding adds at most 1/8
   to a frame): each frame is padded with zero tokens to a whole number of blocks, so that every block
   lies in one frame and the block table alone says which frame pairs are attended. Groups then also
@@ -25,52 +24,33 @@ Two token layouts:
   alone: the TSA stripe's partial blocks, most of a striped tier, become cheap. The padding costs
   ``(padded / S)^2`` more work on full blocks (1.14 at S = 1560), which is why VRPR stays packed.
 
+Striped frame-aligned calls may use key blocks of 64 (``AttentionOptions.stripe_key_block``): each key
+frame is then shifted inside its padded slot (:func:`stripe_tiling`) so that the stripe of a 128-query
+block covers fewer key blocks and more of them whole: at 1560 tokens per frame and the TSA stripe (195),
+9 blocks of 64 keys, 4 of them whole, instead of 5 of 128 with 1 whole.
+
 Eager flex ignores the block table and evaluates ``mask_mod`` everywhere, so the eager ``mask_mod`` is
 exact on every pair; the tests check that the compiled one agrees with it on every partial block.
-The tables are captured tensors: calls with the same shapes reuse one compiled kernel. On Hopper GPUs
-the kernel loads its tiles with TMA (``USE_TMA``), falling back to the plain kernel where that fails.
-
-On CUDA the compiled kernel is used (the default backend there), and by default only for what the fused
-dense kernel cannot take: the bands without a stripe run as stacks on it (:data:`UNSTRIPED`). On CPU the
-eager implementation runs, which materialises the score matrix: it is for checking semantics on small
-shapes and refuses sequences longer than the reference backend's limit.
 """
 
 from __future__ import annotations
 
 import functools
 import typing
-import warnings
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from ..bands import Band, BandSet, count_per_tile, gap_and_span, token_pieces
-from .fused import recompile_limit_at_least
-from .reference import MAX_TOKENS
+from .options import AttentionOptions
 
-__all__ = ["flex_band_parts", "flex_groups", "FlexGroup", "BLOCK_SIZE", "KERNEL_OPTIONS",
-           "LAYOUT", "STRIPE_KEY_BLOCK", "UNSTRIPED", "padded_frame", "split_striped", "stripe_key_block",
-           "stripe_tiling", "unstriped_mode", "use_aligned"]
+__all__ = ["BLOCK_SIZE", "FlexGroup", "flex_groups", "padded_frame", "split_striped", "stripe_key_block",
+           "stripe_tiling", "use_aligned"]
 
+#: The query block of every flex call, and its key block but for striped frame-aligned calls.
 BLOCK_SIZE = 128
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_flex() -> Any:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def _table_to_indices(table: Tensor) -> tuple[Tensor, Tensor]:
-    """[Qb, Kb] bool -> (num_blocks [1, 1, Qb], indices [1, 1, Qb, Kb]) with the selected blocks first."""
-    num = table.sum(-1).to(torch.int32)
-    order = torch.argsort((~table).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    return num[None, None], order[None, None]
 
 
 def padded_frame(tokens_per_frame: int) -> int:
@@ -79,26 +59,15 @@ def padded_frame(tokens_per_frame: int) -> int:
     return -(-tokens_per_frame // BLOCK_SIZE) * BLOCK_SIZE
 
 
-#: Key block of the frame-aligned calls with a stripe: ``"auto"`` (the default), 128, or 64. With 64, each
-#: key frame is shifted inside its padded slot (:func:`stripe_tiling`) so that the stripe of a 128-query
-#: block covers fewer key blocks and more of them whole: at 1560 tokens per frame and the TSA stripe
-#: (195), 9 blocks of 64 keys, 4 of them whole, instead of 5 of 128 with 1 whole. ``"auto"``: 64 for
-#: 2-byte floats with a head dim of 128, where Inductor's own flex kernel already computes key tiles of
-#: 64 on every NVIDIA architecture (its default ``BLOCK_N``; a partial block of 128 is then two masked
-#: tiles), so that the blocks of 64 change nothing but the number of tiles (10 -> 9 per query block and
-#: striped key frame) and how many are masked (8 -> 5); 128 otherwise (:func:`stripe_key_block`). Where a
-#: compiled call with blocks of 64 fails, the backend warns once and uses 128 on that device from then on.
-STRIPE_KEY_BLOCK: int | str = "auto"
-
-
-def stripe_key_block(dtype: torch.dtype | None = None, head_dim: int | None = None) -> int:
-    """:data:`STRIPE_KEY_BLOCK`, checked, with ``"auto"`` resolved for q, k, v of this dtype and head dim
-    (not given: 128)."""
-    kb = STRIPE_KEY_BLOCK
+def stripe_key_block(options: AttentionOptions, dtype: torch.dtype, head_dim: int) -> int:
+    """``options.stripe_key_block`` with ``"auto"`` resolved for q, k, v of this dtype and head dim: 64
+    for 2-byte floats with a head dim of 128, where Inductor's own flex kernel already computes key
+    tiles of 64 on every NVIDIA architecture (its default ``BLOCK_N``; a partial block of 128 is then two
+    masked tiles), so that the blocks of 64 change nothing but the number of tiles (10 -> 9 per query
+    block and striped key frame at the Wan shape) and how many are masked (8 -> 5); 128 otherwise."""
+    kb = options.stripe_key_block
     if kb == "auto":
         return BLOCK_SIZE // 2 if dtype in (torch.bfloat16, torch.float16) and head_dim == BLOCK_SIZE else BLOCK_SIZE
-    if kb not in (BLOCK_SIZE, BLOCK_SIZE // 2) or isinstance(kb, bool):
-        raise ValueError(f"freeloc.attention.flex.STRIPE_KEY_BLOCK must be 'auto', 128 or 64, got {kb!r}")
     return int(kb)
 
 
@@ -117,13 +86,13 @@ def _query_pieces(tokens_per_frame: int) -> tuple[Tensor, Tensor]:
     return lo, (lo + BLOCK_SIZE - 1).clamp(max=tokens_per_frame - 1)
 
 
-def stripe_tiling(tokens_per_frame: int, width: int, key_block: int | None = None) -> tuple[int, int]:
+def stripe_tiling(tokens_per_frame: int, width: int, key_block: int = BLOCK_SIZE) -> tuple[int, int]:
     """``(key block, shift)`` of a frame-aligned call whose pairs have stripe ``width``: the key block is
-    ``key_block`` (not given: :func:`stripe_key_block`) for a stripe narrower than the frame, else 128; for
+    ``key_block`` (128 or 64) for a stripe narrower than the frame, else 128; for
     blocks under 128 the shift (keys at ``[shift, shift + S)`` of each padded frame, ``0 <= shift <= pad``)
     that makes the stripe touch the fewest key blocks per query block, then the most of them whole."""
     s = tokens_per_frame
-    kb = (stripe_key_block() if key_block is None else key_block) if width < s else BLOCK_SIZE
+    kb = key_block if width < s else BLOCK_SIZE
     if kb not in (BLOCK_SIZE, BLOCK_SIZE // 2):
         raise ValueError(f"a stripe key block must be 128 or 64, got {kb!r}")
     return (kb, 0) if kb == BLOCK_SIZE else (kb, _best_shift(s, width, kb))
@@ -171,13 +140,13 @@ class FlexGroup:
     def num_key_frames(self) -> int:
         return self.width.shape[1] - 1
 
-    def tiling(self, tokens_per_frame: int, key_block: int | None = None) -> tuple[int, int]:
+    def tiling(self, tokens_per_frame: int, key_block: int = BLOCK_SIZE) -> tuple[int, int]:
         """``(key block, key shift)`` of the call in the frame-aligned layout (:func:`stripe_tiling`; key
-        blocks of ``key_block`` if it has a stripe, default :func:`stripe_key_block`)."""
+        blocks of ``key_block`` if it has a stripe)."""
         return stripe_tiling(tokens_per_frame, self.stripe_width(tokens_per_frame), key_block)
 
     def block_table(self, tokens_per_frame: int, aligned: bool = False,
-                    key_block: int | None = None) -> tuple[Tensor, Tensor]:
+                    key_block: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
         """(any, full) bool [Qb, Kb] tables of the call, from frame-level pieces (never N^2 tokens); in the
         frame-aligned layout the key blocks are those of :meth:`tiling`."""
         if aligned:
@@ -217,7 +186,7 @@ class FlexGroup:
         return expand(tile_any), expand(tile_full)
 
     def mask_mod(self, tokens_per_frame: int, device: torch.device, aligned: bool = False,
-                 frame_table: bool = True, key_block: int | None = None) -> Any:
+                 frame_table: bool = True, key_block: int = BLOCK_SIZE) -> Any:
         """The call's ``mask_mod``, exact on every token pair; in the frame-aligned layout with
         ``frame_table=False``, exact on the partial blocks of :meth:`block_table` only (see :meth:`block_mask`)."""
         s = tokens_per_frame
@@ -293,7 +262,7 @@ class FlexGroup:
         return table
 
     def block_mask(self, tokens_per_frame: int, device: torch.device, aligned: bool = False,
-                   key_block: int | None = None) -> Any:
+                   key_block: int = BLOCK_SIZE) -> Any:
         """The call's ``BlockMask`` (on ``device``) in the packed or the frame-aligned layout.
 
         Packed: the ``mask_mod`` tests the key frame against the query frame's intervals
@@ -318,6 +287,13 @@ class FlexGroup:
             BLOCK_SIZE=(BLOCK_SIZE, kb), mask_mod=mask_mod,
             seq_lengths=(self.num_frames * per_frame, self.num_key_frames * per_frame),
         )
+
+
+def _table_to_indices(table: Tensor) -> tuple[Tensor, Tensor]:
+    """[Qb, Kb] bool -> (num_blocks [1, 1, Qb], indices [1, 1, Qb, Kb]) with the selected blocks first."""
+    num = table.sum(-1).to(torch.int32)
+    order = torch.argsort((~table).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num[None, None], order[None, None]
 
 
 def flex_groups(band_set: BandSet, tokens_per_frame: int, *, by_stripe: bool = False) -> tuple[FlexGroup, ...]:
@@ -368,40 +344,22 @@ def flex_groups(band_set: BandSet, tokens_per_frame: int, *, by_stripe: bool = F
 
 #: Token layout of the flex calls: ``"auto"`` (frame-aligned on CUDA for band sets with a stripe, when it
 #: pads frames by at most 1/8 of their tokens; packed otherwise), ``"aligned"`` or ``"packed"``.
-LAYOUT = "auto"
 
 
 def _striped(band: Band, tokens_per_frame: int) -> bool:
     return band.stripe is not None and band.stripe < tokens_per_frame and not band.is_empty()
 
 
-def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device) -> bool:
-    """Whether :func:`flex_band_parts` pads frames to whole blocks here (see :data:`LAYOUT`).
-
-    Measured on an H200 at 81 x 1560 tokens: TSA (with its stripe) runs in 0.56 x dense SDPA aligned,
-    0.64 packed; VRPR (no stripe: only frame-boundary blocks are partial) in 1.37 packed, 1.47 aligned.
-    """
-    if LAYOUT not in ("auto", "aligned", "packed"):
-        raise ValueError(f"freeloc.attention.flex.LAYOUT must be 'auto', 'aligned' or 'packed', got {LAYOUT!r}")
-    if LAYOUT != "auto":
-        return LAYOUT == "aligned"
+def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device, layout: str = "auto") -> bool:
+    """Whether the flex calls pad frames to whole blocks here (``AttentionOptions.layout``): ``"auto"``
+    is frame-aligned on CUDA for band sets with a stripe whose padding adds at most 1/8 to a frame (TSA
+    runs faster aligned, VRPR, whose only partial blocks are at frame boundaries, packed;
+    ``benchmarks/RESULTS.md``)."""
+    if layout != "auto":
+        return layout == "aligned"
     s = tokens_per_frame
     striped = any(_striped(b, s) for b in band_set.bands)
     return device.type == "cuda" and striped and 8 * (padded_frame(s) - s) <= s
-
-
-#: What the ``flex`` backend leaves to the chunked backend's fused dense calls (on CUDA: cuDNN's or
-#: FlashAttention's kernel, whichever passes its check, see :mod:`freeloc.attention.kernels`):
-#: ``"flex"``: nothing, every band runs in flex calls; ``"stacks"``: the sliding key windows of the bands
-#: without a stripe (:func:`~freeloc.attention.chunked.plan_stacks`: one call per window, its query
-#: frames as the batch, no mask) and the blocks that finish those bands, the rest on flex; ``"chunked"``:
-#: every band without a stripe, as the chunked backend plans it, the striped bands on flex. The parts
-#: merge by LSE. ``"auto"`` (the default): ``"stacks"`` where a fused dense kernel passes its check for
-#: such calls (CUDA), else ``"flex"``. On an H100 at the Wan 1.3B shape, ``"stacks"`` took TSA from 0.55
-#: to 0.53 x dense and VRPR from 1.35 to 1.22, at a higher peak memory in that run (VRPR: 8.6 instead of
-#: 5.2 x dense attention's, from copies of the rotations since removed; ``benchmarks/RESULTS.md``).
-UNSTRIPED = "auto"
-UNSTRIPED_MODES = ("auto", "flex", "stacks", "chunked")
 
 
 @functools.lru_cache(maxsize=64)
@@ -419,180 +377,3 @@ def split_striped(band_set: BandSet, tokens_per_frame: int) -> tuple[BandSet | N
         return BandSet(band_set.num_frames, bands, band_set.t_freqs, f"{band_set.label} ({part} bands)")
 
     return keep(False), keep(True)
-
-
-def unstriped_mode(q: Tensor | None = None) -> str:
-    """:data:`UNSTRIPED`, checked, with ``"auto"`` resolved for queries like ``q`` (None: not resolved)."""
-    if UNSTRIPED not in UNSTRIPED_MODES:
-        raise ValueError(f"freeloc.attention.flex.UNSTRIPED must be one of {UNSTRIPED_MODES}, got {UNSTRIPED!r}")
-    if UNSTRIPED != "auto" or q is None:
-        return UNSTRIPED
-    from .kernels import fused_kernel_for
-
-    return "stacks" if fused_kernel_for(q, masked=False, overlapping=True) is not None else "flex"
-
-
-@functools.lru_cache(maxsize=64)
-def _plan(band_set: BandSet, s: int, device_str: str, aligned: bool,
-          key_block: int) -> tuple[tuple[FlexGroup, Any, tuple], ...]:
-    """Per call: the group, its block mask (striped calls with key blocks of ``key_block`` when aligned)
-    and its segments as (band of the keys, key frames: None for every frame, a slice for consecutive
-    ones, else an index tensor on the device)."""
-    device = torch.device(device_str)
-    out = []
-    for g in flex_groups(band_set, s, by_stripe=aligned):
-        segs = []
-        for rep, frames, _ in g.segments:
-            if frames is not None and int(frames[-1]) - int(frames[0]) + 1 == len(frames):
-                segs.append((rep, slice(int(frames[0]), int(frames[-1]) + 1)))
-            else:
-                segs.append((rep, None if frames is None else frames.to(device)))
-        out.append((g, g.block_mask(s, device, aligned, key_block), tuple(segs)))
-    return tuple(out)
-
-
-_NO_TMA: set[str] = set()  # devices where the kernel with TMA loads failed once
-
-
-def _kernel_options(device: torch.device) -> dict[str, Any] | None:
-    """Hopper and later: load tiles with the tensor memory accelerator (measured 13-24% faster on H200)."""
-    if device.type != "cuda" or str(device) in _NO_TMA or torch.cuda.get_device_capability(device)[0] < 9:
-        return None
-    return {"USE_TMA": True}
-
-
-#: Extra ``kernel_options`` for every compiled ``flex_attention`` call (Triton tile sizes such as
-#: ``BLOCK_M`` / ``BLOCK_N``, ``num_warps``, ``num_stages``), over the library's own (``USE_TMA`` on Hopper,
-#: ``BLOCK_N`` for key blocks of 64): for tuning on a given GPU (``benchmarks/striped_tier.py
-#: --flex-options``). Empty by default.
-KERNEL_OPTIONS: dict[str, Any] = {}
-
-
-def _compiled_here(q: Tensor) -> bool:
-    """Whether flex runs compiled (with kernel options) for queries like ``q``: on CUDA."""
-    return q.device.type == "cuda"
-
-
-def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float,
-         key_block: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
-    options = _kernel_options(q.device)
-    # the kernel's key tile must divide the block mask's key block; tuning options on top
-    extra: dict[str, Any] = {}
-    if _compiled_here(q):
-        extra = {**({"BLOCK_N": key_block} if key_block < BLOCK_SIZE else {}), **KERNEL_OPTIONS}
-    plain = {"kernel_options": extra} if extra else {}
-    # one compiled kernel per (query, key) length
-    with warnings.catch_warnings(), recompile_limit_at_least(64):
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
-        if options is None:
-            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, **plain)
-        try:
-            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True,
-                      kernel_options={**options, **extra})
-        except Exception as err:  # this torch or device refuses TMA: the plain kernel, from now on
-            _NO_TMA.add(str(q.device))
-            warnings.warn(f"flex_attention with {options} failed ({type(err).__name__}: {err}); "
-                          f"using the kernel without TMA on {q.device}", stacklevel=3)
-            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, **plain)
-
-
-def _frames_of(x: Tensor, frames: slice | Tensor | None, s: int) -> Tensor:
-    """(B, H, F*s, D) -> (B, H, C, s, D): the given key frames (None: all; a slice: a view; a tensor: a gather)."""
-    b, h, n, d = x.shape
-    framed = x.view(b, h, n // s, s, d)
-    if frames is None:
-        return framed
-    if isinstance(frames, slice):
-        return framed[:, :, frames]
-    return framed.index_select(2, frames)
-
-
-def _pad_into(dst: Tensor, parts: list[Tensor], s: int, p: int, shift: int = 0) -> Tensor:
-    """Write (B, H, C_i, s, D) parts one after the other into ``dst`` (B, H, sum C_i * p, D), each frame
-    padded with zeros to ``p`` tokens (its tokens at ``[shift, shift + s)``)."""
-    b, h, _, d = dst.shape
-    framed = dst.view(b, h, -1, p, d)
-    at = 0
-    for part in parts:
-        framed[:, :, at:at + part.shape[2], shift:shift + s].copy_(part)
-        at += part.shape[2]
-    if shift:
-        framed[:, :, :, :shift].zero_()
-    if p > s + shift:
-        framed[:, :, :, shift + s:].zero_()
-    return dst
-
-
-def flex_band_parts(
-    qs: list[Float[Tensor, "batch heads n dim"]],
-    ks: list[Float[Tensor, "batch heads n dim"]],
-    v: Float[Tensor, "batch heads n dim"],
-    band_set: BandSet,
-    tokens_per_frame: int,
-    scale: float,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """Attention of every video query over the bands' video keys, as the flex calls' outputs (in v's
-    dtype) and LSEs, not merged, each seen by frame: (B, H, F, S, D) and (B, H, F, S), in the
-    frame-aligned layout views of the padded outputs. The caller merges them, with any other parts, in
-    one pass (:func:`~freeloc.attention.merge.merge_lse` or :func:`~freeloc.attention.merge.merge_outputs`)."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    n, d = v.shape[2:]
-    s = tokens_per_frame
-    if v.device.type == "cpu" and n > MAX_TOKENS:
-        raise ValueError(f"flex on CPU runs eagerly and materialises the scores; it accepts N <= {MAX_TOKENS} "
-                         f"video tokens, got N={n}; use backend='chunked' on CPU")
-    fn = _compiled_flex() if v.device.type == "cuda" else flex_attention
-    aligned = use_aligned(band_set, s, v.device)
-    stripe_kb = BLOCK_SIZE if str(v.device) in _NO_SMALL_KEY_BLOCKS else stripe_key_block(v.dtype, d)
-    if not (aligned and stripe_kb < BLOCK_SIZE and _compiled_here(v)):
-        return _attend_groups(fn, qs, ks, v, band_set, s, scale, aligned, stripe_kb)
-    try:
-        return _attend_groups(fn, qs, ks, v, band_set, s, scale, aligned, stripe_kb)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as err:  # this torch or GPU refuses key blocks of 64: blocks of 128, from now on
-        _NO_SMALL_KEY_BLOCKS.add(str(v.device))
-        warnings.warn(f"flex_attention with key blocks of {stripe_kb} failed ({type(err).__name__}: {err}); "
-                      f"using key blocks of {BLOCK_SIZE} on {v.device}", stacklevel=2)
-        return _attend_groups(fn, qs, ks, v, band_set, s, scale, aligned, BLOCK_SIZE)
-
-
-_NO_SMALL_KEY_BLOCKS: set[str] = set()  # devices where a striped call with key blocks of 64 failed once
-
-
-def _attend_groups(fn: Any, qs: list[Tensor], ks: list[Tensor], v: Tensor, band_set: BandSet, s: int, scale: float,
-                   aligned: bool, stripe_kb: int) -> tuple[list[Tensor], list[Tensor]]:
-    b, h, n, d = v.shape
-    f = n // s
-    p = padded_frame(s) if aligned else s
-    outs: list[Tensor] = []
-    lses: list[Tensor] = []
-    padded_q: dict[int, Tensor] = {}  # per distinct query rotation (TSA's local and striped calls share one)
-    for group, bm, segments in _plan(band_set, s, str(v.device), aligned, stripe_kb):
-        rep_q = group.bands[0]
-        if aligned:
-            q = padded_q.get(qs[rep_q].data_ptr())
-            if q is None:
-                q = _pad_into(v.new_empty(b, h, f * p, d), [_frames_of(qs[rep_q], None, s)], s, p)
-                padded_q[qs[rep_q].data_ptr()] = q
-            c = group.num_key_frames
-            key_block, shift = group.tiling(s, stripe_kb)
-            k_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(ks[rep], fr, s) for rep, fr in segments], s, p,
-                              shift)
-            v_cat = _pad_into(v.new_empty(b, h, c * p, d), [_frames_of(v, fr, s) for _, fr in segments], s, p, shift)
-        else:
-            key_block = BLOCK_SIZE
-            q = qs[rep_q]
-            parts = [(ks[rep], v) if fr is None else (_frames_of(ks[rep], fr, s), _frames_of(v, fr, s))
-                     for rep, fr in segments]
-            k_cat = parts[0][0] if len(parts) == 1 and segments[0][1] is None else torch.cat(
-                [x.reshape(b, h, -1, d) for x, _ in parts], dim=2)
-            v_cat = parts[0][1] if len(parts) == 1 and segments[0][1] is None else torch.cat(
-                [y.reshape(b, h, -1, d) for _, y in parts], dim=2)
-        out, lse = _run(fn, q, k_cat, v_cat, bm, scale, key_block)
-        # by frame; in the padded layout, views of the real tokens: the merge reads them in place
-        outs.append(out.view(b, h, f, p, d)[:, :, :, :s])
-        lses.append(lse.view(b, h, f, p)[:, :, :, :s])
-    return outs, lses

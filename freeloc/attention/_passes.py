@@ -1,4 +1,4 @@
-"""The ``chunked`` backend: exact band attention that computes only what each band needs.
+"""The chunked backend's planner: which calls compute a band set's pairs, chosen by a cost model.
 
 Queries are processed in chunks of whole frames, chosen per band. For each chunk and band, only the
 key frames that the band pairs with the chunk's frames are read; a striped band additionally splits
@@ -10,12 +10,10 @@ Where a band's (or two bands') key frames form a window that slides one frame pe
 and TSA's near tiers, VRPR's far tiers read from one buffer of their two key rotations), the frames
 run as one :class:`Stack`: one fused call whose batch entries are the query frames, each reading its
 window as an overlapping strided view. The rest of the band is planned in passes as above.
-Each pass is one fused attention call with its LSE; passes are merged online, exactly, in float32.
-Memory is bounded by one pass (chunk queries x gathered keys); a stack copies nothing, but the values
-are held once per band of the widest stack buffer (twice for VRPR). No [N, N] tensor is ever built,
-and the work is proportional to the band's density (up to the frame/sub-block rounding at the edges).
-The plan of passes depends only on the band set and the grid, and is cached, and so are the masks
-its passes build (per device and dtype, up to :data:`MASK_CACHE_BYTES` per plan).
+
+The plan depends only on the band set, the grid, the head dim and the options' cost model
+(:class:`~freeloc.attention.AttentionOptions`: ``call_cost``, ``mask_cost``, ``gather_cost``,
+``batch_keys``, ``stacking``), and is cached. Running it is :mod:`freeloc.attention._chunked`'s job.
 """
 
 from __future__ import annotations
@@ -24,46 +22,24 @@ import functools
 from dataclasses import dataclass, replace
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool
 from torch import Tensor
 
 from ..bands import Band, BandSet
-from .fused import on_device
-from .kernels import attention_with_lse, prepare_mask, uses_fused_kernel
-from .merge import EMPTY_LSE, merge_pass_into_
+from .options import DEFAULT_OPTIONS, AttentionOptions
 
-__all__ = ["Pass", "PassPlan", "Stack", "chunked_band_attention", "key_groups", "plan_cost", "plan_passes",
-           "plan_stacks", "SMALL_BLOCKS"]
+__all__ = ["Pass", "PassPlan", "Stack", "Window", "key_groups", "plan_cost", "plan_passes", "plan_stacks"]
 
-#: The planner's cost model, in units of one (query, key, channel) multiply-add (measured on CPU): the
-#: fixed overhead of one pass (launch, slicing, merge), the extra cost per masked (query, key) pair.
-CALL_COST = 1_000_000
-MASK_COST = 4
-#: Cost of gathering one token's channel into a pass (a memory copy), per channel.
-GATHER_COST = 12
-#: A call over several of a striped band's spatial sub-blocks copies at most this many key tokens (per
-#: sample and head); they are its batch entries (see :class:`Window`). Small frames batch many
-#: sub-blocks (the calls are small, their fixed cost weighs most); at Wan's 1560 tokens per frame one
-#: sub-block's keys pass the limit, so the calls and their copies stay one per sub-block.
-BATCH_KEYS = 16384
-#: Whether the planner runs sliding key windows as :class:`Stack` calls (off: passes only).
-STACKING = True
-#: Off the fused kernels (which tile), the most logits one stacked call may materialise (a call has
-#: at least one query frame, like a pass).
-STACK_LOGITS = 2**26
-#: Prepared masks a plan keeps between calls (bytes, per plan); past it they are rebuilt on each call.
-MASK_CACHE_BYTES = 64 * 2**20
-
-
-#: A pass's bool mask and its prepared form for a fused kernel (``prepare_mask``), or None.
+#: A pass's bool mask and its prepared form for a fused kernel, or None.
 MaskEntry = tuple[Tensor, tuple[Tensor, Tensor | None] | None]
 
 
 class PassPlan(tuple):
-    """The stacks and passes of one band set and grid (a tuple of :class:`Stack` and :class:`Pass`), with
-    the masks the passes built.
+    """The stacks and passes of one band set and grid (a tuple of :class:`Stack` and :class:`Pass`).
 
-    ``masks`` maps (mask pattern, device, dtype) to ``(bool mask, prepared bias or None)``.
+    ``masks`` holds the masks the chunked backend built for its passes, by (mask pattern, device,
+    dtype): ``(bool mask, prepared bias or None)``, up to ``mask_bytes``; the plan is cached, so they
+    are built once per plan.
     """
 
     masks: dict[tuple, MaskEntry]
@@ -73,24 +49,6 @@ class PassPlan(tuple):
         plan = super().__new__(cls, passes)
         plan.masks, plan.mask_bytes = {}, 0
         return plan
-
-    def mask_for(self, p: Pass, q: Tensor, local: dict[tuple, MaskEntry]) -> MaskEntry:
-        """The mask of pass ``p`` for queries like ``q`` (device, dtype) and its prepared form, from the
-        plan's cache or ``local`` (this call's)."""
-        key = (p.pattern, str(q.device), q.dtype)
-        hit = self.masks.get(key) or local.get(key)
-        if hit is not None:
-            return hit
-        m = p.mask(q.device)
-        prepared = prepare_mask(m, q.dtype) if uses_fused_kernel(q, masked=True) else None
-        entry = (m, prepared)
-        size = m.numel() * (1 + (0 if prepared is None else prepared[0].element_size()))
-        if self.mask_bytes + size <= MASK_CACHE_BYTES:
-            self.masks[key] = entry
-            self.mask_bytes += size
-        else:
-            local[key] = entry
-        return entry
 
 
 @dataclass(frozen=True, eq=False)
@@ -202,37 +160,9 @@ class Stack:
         return self.frames[1] - self.frames[0]
 
 
-def _frame_windows(x: Float[Tensor, "batch heads tokens dim"], batch: int, start: int, count: int, length: int,
-                   s: int) -> Float[Tensor, "count heads window dim"]:
-    """(B, H, T, D) tensor -> (count, H, length * s, D) view: entry ``n`` is the ``length`` frames from
-    frame ``start + n`` on, of sample ``batch`` (entries overlap when ``length > 1``)."""
-    sb, sh, st, sd = x.stride()
-    return x.as_strided((count, x.shape[1], length * s, x.shape[3]), (s * st, sh, st, sd),
-                        x.storage_offset() + batch * sb + start * s * st)
-
-
-def _consecutive(parts: list[Float[Tensor, "batch heads tokens dim"]]) -> Float[Tensor, "batch heads all dim"] | None:
-    """The (B, H, len(parts) * T, D) tensor whose consecutive token ranges are ``parts`` (each
-    (B, H, T, D), tokens contiguous), when they lie that way in memory; else None."""
-    first = parts[0]
-    bsz, heads, t, d = first.shape
-    size = first.element_size()
-    sb, sh, st, sd = first.stride()
-    if (sd, st) != (1, d) or sh < len(parts) * t * d or (bsz > 1 and sb < heads * sh):
-        return None
-    for k, x in enumerate(parts):
-        if (x.shape != first.shape or x.stride() != first.stride() or x.dtype != first.dtype
-                or x.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-                or x.data_ptr() != first.data_ptr() + k * t * d * size):
-            return None
-    return first.as_strided((bsz, heads, len(parts) * t, d), first.stride())
-
-
-def key_groups(band_set: BandSet, tokens_per_frame: int, head_dim: int) -> list[tuple[int, ...]]:
-    """Bands whose rotated keys a stack reads as one buffer, in that order. A caller that writes them
-    as consecutive token ranges of one head-major (B, H, len * T, D) tensor saves the copy that
-    :func:`chunked_band_attention` makes otherwise (``attend`` does)."""
-    plan = plan_passes(band_set, tokens_per_frame, head_dim)
+def key_groups(plan: PassPlan) -> list[tuple[int, ...]]:
+    """Bands whose rotated keys a stack of ``plan`` reads as one buffer, in that order (their rotations
+    are written one after the other into one head-major buffer)."""
     return sorted({p.key_bands for p in plan if isinstance(p, Stack) and len(p.key_bands) > 1})
 
 
@@ -259,18 +189,18 @@ def _chunked_pairs(band: Band, g: int) -> Bool[Tensor, "chunks g frames"]:
     return padded.view(chunks, g, f)
 
 
-def _blocks_per_call(key_frames: int, key_len: int) -> int:
-    """How many of a striped band's interior sub-blocks one call takes (:data:`BATCH_KEYS`)."""
-    return max(1, BATCH_KEYS // max(1, key_frames * key_len))
+def _blocks_per_call(key_frames: int, key_len: int, batch_keys: int) -> int:
+    """How many of a striped band's interior sub-blocks one call takes (``AttentionOptions.batch_keys``)."""
+    return max(1, batch_keys // max(1, key_frames * key_len))
 
 
-def _plan_band(band_id: int, band: Band, g: int, s: int, sub_block: int) -> list[Pass]:
+def _plan_band(band_id: int, band: Band, g: int, s: int, sub_block: int, batch_keys: int) -> list[Pass]:
     """Passes of one band with query chunks of ``g`` frames (and spatial sub-blocks for a stripe)."""
     passes = []
     stripe_blocks = []  # (first query raster, query length, first key raster, key length, blocks, near)
     if band.stripe is not None:
         ds = band.stripe
-        batch = _blocks_per_call(int(_chunked_pairs(band, g).any(1).sum(1).max()), sub_block + 2 * ds - 2)
+        batch = _blocks_per_call(int(_chunked_pairs(band, g).any(1).sum(1).max()), sub_block + 2 * ds - 2, batch_keys)
         for s0 in range(0, s, sub_block):
             s1 = min(s, s0 + sub_block)
             k0, k1 = max(0, s0 - ds + 1), min(s, s1 + ds - 1)
@@ -299,7 +229,7 @@ def _plan_band(band_id: int, band: Band, g: int, s: int, sub_block: int) -> list
     return passes
 
 
-def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
+def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int, options: AttentionOptions) -> int:
     """Planner cost of :func:`_plan_band` with these choices, without building its masks."""
     f = band.num_frames
     starts = torch.arange(0, f, g)
@@ -322,17 +252,18 @@ def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int) -> int:
         # interior sub-blocks (whole, window inside the frame) run in batches of one call each
         full = sub_block + 2 * band.stripe - 2
         interior = int(((s1 - s0 == sub_block) & (k_len == full) & (s0 >= band.stripe - 1)).sum())
-        batch = _blocks_per_call(int(key_frames.max()), full)
+        batch = _blocks_per_call(int(key_frames.max()), full, options.batch_keys)
         calls = int(live.sum()) * (len(s0) - interior + -(-interior // batch))
         masked = pairs
         if sub_block < s:  # strided windows: keys (and values) are gathered, and so are rows when g > 1
             gathered = 2 * int((key_frames[live, None] * k_len[None, :]).sum())
             if g > 1:
                 gathered += int(rows[live].sum()) * s
-    return (pairs + GATHER_COST * gathered) * head_dim + MASK_COST * masked + CALL_COST * calls
+    return ((pairs + options.gather_cost * gathered) * head_dim + options.mask_cost * masked
+            + options.call_cost * calls)
 
 
-def _band_cost(band: Band, s: int, head_dim: int) -> tuple[int, int, int]:
+def _band_cost(band: Band, s: int, head_dim: int, options: AttentionOptions) -> tuple[int, int, int]:
     """(planner cost, frames per chunk, sub-block) of the cheapest passes for ``band`` (0 for no pairs)."""
     f = band.num_frames
     if band.is_empty():
@@ -344,7 +275,7 @@ def _band_cost(band: Band, s: int, head_dim: int) -> tuple[int, int, int]:
     else:
         sub_options = sorted({max(1, min(s, x)) for x in (band.stripe // 2, band.stripe, 2 * band.stripe,
                                                           4 * band.stripe, s)})
-    return min((_estimate(band, g, s, sb, head_dim), g, sb) for g in frame_options for sb in sub_options)
+    return min((_estimate(band, g, s, sb, head_dim, options), g, sb) for g in frame_options for sb in sub_options)
 
 
 def _largest_window(keys: Bool[Tensor, "frames keys"]) -> tuple[int, int, int, int, int]:
@@ -391,7 +322,7 @@ def _window_pairs(f: int, keys: int, f0: int, f1: int, offset: int, length: int)
 
 
 def _stack_candidate(combo: tuple[int, ...], bands: list[Band], cost: dict[int, int], s: int,
-                     head_dim: int) -> tuple | None:
+                     head_dim: int, options: AttentionOptions) -> tuple | None:
     """The largest stack of these bands' remaining pairs, if it lowers the planner's cost:
     ``(gain, combo, remaining bands, their costs, (f0, f1, offset, length))``."""
     f = bands[combo[0]].num_frames
@@ -402,27 +333,27 @@ def _stack_candidate(combo: tuple[int, ...], bands: list[Band], cost: dict[int, 
     covered = _window_pairs(f, keys.shape[1], f0, f1, off, length)
     left = {b: Band(bands[b].name, bands[b].pairs & ~covered[:, n * f:(n + 1) * f], bands[b].q_pos,
                     bands[b].k_pos) for n, b in enumerate(combo)}
-    left_cost = {b: _band_cost(band, s, head_dim)[0] for b, band in left.items()}
-    copy = GATHER_COST * 2 * len(combo) * f * s * head_dim if len(combo) > 1 else 0  # its key/value buffer
-    gain = sum(cost[b] - left_cost[b] for b in combo) - (area * s * s * head_dim + CALL_COST + copy)
+    left_cost = {b: _band_cost(band, s, head_dim, options)[0] for b, band in left.items()}
+    copy = options.gather_cost * 2 * len(combo) * f * s * head_dim if len(combo) > 1 else 0  # its key/value buffer
+    gain = sum(cost[b] - left_cost[b] for b in combo) - (area * s * s * head_dim + options.call_cost + copy)
     return (gain, combo, left, left_cost, (f0, f1, off, length)) if gain > 0 else None
 
 
-def _stacks(band_set: BandSet, s: int, head_dim: int) -> tuple[list[Stack], list[Band]]:
+def _stacks(band_set: BandSet, s: int, head_dim: int, options: AttentionOptions) -> tuple[list[Stack], list[Band]]:
     """The stacks worth running (greedy, while the planner's cost goes down), and each band's pairs that
     remain for passes. Candidates: each unstriped band alone, and each ordered pair of unstriped bands
     with the same query positions (their keys read from one buffer of both rotations)."""
     bands = list(band_set.bands)
-    if not STACKING:
+    if not options.stacking:
         return [], bands
     plain, combos = _stack_combos(bands)
-    cost = {b: _band_cost(bands[b], s, head_dim)[0] for b in plain}
+    cost = {b: _band_cost(bands[b], s, head_dim, options)[0] for b in plain}
     stacks: list[Stack] = []
     found: dict[tuple[int, ...], tuple | None] = {}  # per combo (gain, ...), until one of its bands changes
     while True:
         for combo in combos:
             if combo not in found:
-                found[combo] = _stack_candidate(combo, bands, cost, s, head_dim)
+                found[combo] = _stack_candidate(combo, bands, cost, s, head_dim, options)
         live = [(v[0], n, v) for n, v in enumerate(found[c] for c in combos) if v is not None]
         if not live:
             break
@@ -435,21 +366,22 @@ def _stacks(band_set: BandSet, s: int, head_dim: int) -> tuple[list[Stack], list
 
 
 @functools.lru_cache(maxsize=64)
-def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128) -> PassPlan:
+def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128,
+                options: AttentionOptions = DEFAULT_OPTIONS) -> PassPlan:
     """The stacks and passes the chunked backend runs for this band set (cached per band-set object).
 
     First the stacks (:func:`_stacks`); then each band's remaining pairs get their own query chunking:
     the number of frames per chunk (and, for a striped band, the spatial sub-block) that minimises
-    computed pairs x head_dim + :data:`CALL_COST` per call.
+    computed pairs x head_dim + ``options.call_cost`` per call (the cost model of :class:`AttentionOptions`).
     """
     s = tokens_per_frame
-    stacks, bands = _stacks(band_set, s, head_dim)
+    stacks, bands = _stacks(band_set, s, head_dim, options)
     out: list[Pass | Stack] = list(stacks)
     for b_id, band in enumerate(bands):
         if band.is_empty():
             continue
-        _, g, sb = _band_cost(band, s, head_dim)
-        out.extend(_plan_band(b_id, band, g, s, sb))
+        _, g, sb = _band_cost(band, s, head_dim, options)
+        out.extend(_plan_band(b_id, band, g, s, sb, options.batch_keys))
     _mark_first(out, band_set.num_frames, s)
     return PassPlan(out)
 
@@ -485,16 +417,9 @@ def _largest_rectangle(pairs: Bool[Tensor, "frames keys"], min_rows: int) -> tup
     return best
 
 
-#: At most this many small blocks (fewer than ``min_frames`` query frames) finish the unstriped bands in
-#: :func:`plan_stacks`; where more would be needed, what is left of them stays in the rest. VRPR at 81
-#: frames needs 44: on an H100 at the Wan 1.3B shape it then ran in 1.19 x dense instead of 1.22 with
-#: its last 2% of pairs on flex, at the same peak memory, and compiles no flex kernel.
-SMALL_BLOCKS = 64
-
-
 @functools.lru_cache(maxsize=64)
 def plan_stacks(band_set: BandSet, tokens_per_frame: int, min_frames: int = 8,
-                small_blocks: int | None = None) -> tuple[PassPlan, BandSet | None]:
+                small_blocks: int = 64) -> tuple[PassPlan, BandSet | None]:
     """The band set's sliding key windows as stacks, and what they leave (None: nothing).
 
     Largest first (in frame pairs), over each unstriped band alone and each pair of unstriped bands with
@@ -502,10 +427,10 @@ def plan_stacks(band_set: BandSet, tokens_per_frame: int, min_frames: int = 8,
     while the largest spans at least ``min_frames`` query frames; then, per unstriped band, the largest
     blocks of consecutive query frames x consecutive key frames (TSA's sink: every frame past ``D2`` x
     frame 0) of at least ``min_frames`` query frames, as unmasked passes; then, if at most
-    ``small_blocks`` (default :data:`SMALL_BLOCKS`) smaller blocks cover every pair the unstriped bands
+    ``small_blocks`` smaller blocks cover every pair the unstriped bands
     have left (TSA: the staircases of its dense tier at the first and last frames, 14 blocks; VRPR at 81
     frames: 44), those too, so that the rest holds only the striped bands. No cost model: for a caller
-    that runs them on a fused dense kernel and the rest elsewhere (``freeloc.attention.flex.UNSTRIPED``).
+    that runs them on a fused dense kernel and the rest elsewhere (``AttentionOptions.unstriped``).
     The rest is ``band_set`` with those pairs removed, band indices unchanged.
     """
     s = tokens_per_frame
@@ -531,7 +456,7 @@ def plan_stacks(band_set: BandSet, tokens_per_frame: int, min_frames: int = 8,
             pairs[f0:f1, k0:k1] = False
             bands[b] = replace(bands[b], pairs=pairs)
             stacks.append(Pass(b, slice(f0 * s, f1 * s), slice(k0 * s, k1 * s), None, None, s, s))
-    limit = SMALL_BLOCKS if small_blocks is None else small_blocks
+    limit = small_blocks
     small: list[Pass | Stack] = []
     left = {b: bands[b].pairs.clone() for b in plain}
     for b in plain:
@@ -557,98 +482,3 @@ def plan_cost(passes: tuple[Pass | Stack, ...], tokens_per_frame: int) -> int:
     return sum(p.num_frames * s * p.length * s if isinstance(p, Stack) else
                _length(p.rows) * _length(p.keys) * (p.rows.blocks if isinstance(p.rows, Window) else 1)
                for p in passes)
-
-
-def chunked_band_attention(
-    qs: list[Float[Tensor, "batch n heads dim"]],
-    ks: list[Float[Tensor, "batch n heads dim"]],
-    v: Float[Tensor, "batch n heads dim"],
-    band_set: BandSet,
-    tokens_per_frame: int,
-    scale: float,
-    plan: PassPlan | None = None,
-) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
-    """Merged attention of every video query over the bands' video keys (by default; ``plan``: over the
-    pairs of that plan's stacks and passes only, rows outside it get output 0 and LSE ``-inf``).
-
-    ``qs[b]``/``ks[b]`` are the queries/keys rotated with band ``b``'s positions, (batch, tokens, heads,
-    dim). The passes read each distinct tensor in the head-major layout (batch, heads, tokens, dim), so
-    that a pass's rows and keys are views or strided copies there (in A/B runs 0-18% faster than
-    slicing token-major tensors per pass; ``benchmarks/RESULTS.md``). :func:`~freeloc.attention.attend`
-    writes the band rotations head-major already (seen through a transposed view), and the keys of
-    each :func:`key_groups` group into one buffer; other tensors are copied once.
-    Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
-    """
-    b, n, h, d = v.shape
-    passes = plan_passes(band_set, tokens_per_frame, d) if plan is None else plan
-    head_major: dict[int, Tensor] = {}  # bands that share a rotation share the tensor, and its copy
-
-    def bhnd(x: Tensor) -> Tensor:
-        if id(x) not in head_major:
-            t = x.transpose(1, 2)
-            head_major[id(x)] = t if t.stride(-1) == 1 and t.stride(-2) == d else t.contiguous()
-        return head_major[id(x)]
-
-    # values: head-major, repeated once per band of the widest stack buffer (consecutive, one tensor)
-    reps = max((len(p.key_bands) for p in passes if isinstance(p, Stack)), default=1)
-    v_rep = v.new_empty(b, h, reps * n, d)
-    v_rep[:, :, :n].copy_(v.transpose(1, 2))
-    for r in range(1, reps):
-        v_rep[:, :, r * n:(r + 1) * n].copy_(v_rep[:, :, :n])
-    qh, kh, vh = [bhnd(x) for x in qs], [bhnd(x) for x in ks], v_rep[:, :, :n]
-    out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
-    lse = torch.full((b, h, n), EMPTY_LSE, dtype=torch.float32, device=v.device)
-    masks: dict[tuple, MaskEntry] = {}  # this call's, past the cache
-    s = tokens_per_frame
-
-    def take(x: Tensor, index: slice | Window) -> Tensor:
-        return x[:, :, index] if isinstance(index, slice) else index.take(x, s)
-
-    buffers: dict[tuple[int, ...], Tensor] = {}  # a stack's keys: its bands' rotations, one after the other
-
-    # on CUDA one compiled kernel; passes of many lengths: compiled for any length after the second
-    merge = on_device(merge_pass_into_, v.device, dynamic=None)
-
-    def accumulate(acc_o: Tensor, acc_l: Tensor, o: Tensor, l_: Tensor, first: bool) -> None:
-        if first:
-            acc_o.copy_(o)
-            acc_l.copy_(l_.clamp_min(EMPTY_LSE))
-        else:
-            merge(acc_o, acc_l, o, l_)
-
-    for p in passes:
-        if isinstance(p, Stack):
-            if p.key_bands not in buffers:
-                parts = [kh[i] for i in p.key_bands]
-                joined = parts[0] if len(parts) == 1 else _consecutive(parts)
-                # not allocated together (see key_groups): one copy
-                buffers[p.key_bands] = torch.cat(parts, dim=2) if joined is None else joined
-            kb, vb = buffers[p.key_bands], v_rep[:, :, :len(p.key_bands) * n]
-            # one call per sample, its query frames the kernel's batch; off the fused kernels, which
-            # materialise the logits, in groups of frames of at most STACK_LOGITS logits
-            per_frame = h * s * p.length * s
-            fused = uses_fused_kernel(v, overlapping=p.length > 1)
-            step = p.num_frames if fused else max(1, STACK_LOGITS // per_frame)
-            for i in range(b):
-                for f0 in range(p.frames[0], p.frames[1], step):
-                    nf = min(step, p.frames[1] - f0)
-                    rows = slice(f0 * s, (f0 + nf) * s)
-                    o, l_ = attention_with_lse(_frame_windows(qh[p.band], i, f0, nf, 1, s),
-                                               _frame_windows(kb, i, f0 + p.offset, nf, p.length, s),
-                                               _frame_windows(vb, i, f0 + p.offset, nf, p.length, s), None, scale)
-                    accumulate(out[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1),
-                               lse[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1), o, l_, p.first)
-            continue
-        q = take(qh[p.band], p.rows)
-        mask, prepared = None, None
-        if p.pattern:
-            mask, prepared = passes.mask_for(p, q, masks)
-        o, l_ = attention_with_lse(q, take(kh[p.band], p.keys), take(vh, p.keys), mask, scale, prepared)
-        if isinstance(p.rows, slice):
-            acc_o, acc_l = out[:, :, p.rows], lse[:, :, p.rows]
-        else:  # views of the window's rows, shaped (batch, heads, frames, raster[, dim])
-            acc_o, acc_l = p.rows.framed(out, s), p.rows.framed(lse, s)
-            o, l_ = o.reshape(acc_o.shape), l_.reshape(acc_l.shape)
-        accumulate(acc_o, acc_l, o, l_, p.first)
-    lse = lse.masked_fill_(lse <= EMPTY_LSE / 2, float("-inf"))
-    return out, lse

@@ -2,7 +2,8 @@
 
 Eager PyTorch runs a rotation or a merge of attention passes as about ten elementwise kernels over
 float32 temporaries; at video sizes (a hundred thousand tokens x 12 heads x 128 channels) each pass
-is a fraction of a millisecond, and together they add up next to the attention kernels. On CUDA
+is a fraction of a millisecond, and together they add up next to the attention kernels. Where
+:func:`compiles_on` holds (CUDA, unless ``AttentionOptions.compile_steps`` says otherwise),
 :func:`on_device` returns the function compiled with ``torch.compile`` (one kernel, inputs read
 once); where compiling fails it warns once and the eager function runs from then on.
 """
@@ -18,11 +19,13 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from .options import AttentionOptions
+
 __all__ = ["compiles_on", "on_device", "recompile_limit_at_least", "write_into"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_EAGER: set[str] = set()  # functions whose compiled version failed once on this torch
+_EAGER: set[str] = set()  # functions whose compiled version failed once in this process
 
 
 def recompile_limit_at_least(n: int) -> Any:
@@ -34,13 +37,10 @@ def recompile_limit_at_least(n: int) -> Any:
     return dynamo_config.patch(**{name: max(n, getattr(dynamo_config, name))})
 
 
-def _fuse_here(device: torch.device) -> bool:
-    return device.type == "cuda"
-
-
-def compiles_on(device: torch.device) -> bool:
-    """Whether :func:`on_device` compiles for this device (CUDA)."""
-    return _fuse_here(device)
+def compiles_on(device: torch.device, options: AttentionOptions) -> bool:
+    """Whether :func:`on_device` compiles for this device: ``options.compile_steps``, or on CUDA when
+    that is None."""
+    return options.compile_steps if options.compile_steps is not None else device.type == "cuda"
 
 
 def write_into(fn: Callable[..., Tensor], out: Tensor, *args: Any) -> Tensor:
@@ -55,14 +55,15 @@ def _compiled(fn: Callable[..., Any], dynamic: bool | None = False) -> Callable[
     return torch.compile(inspect.unwrap(fn), dynamic=dynamic)
 
 
-def on_device(fn: F, device: torch.device, dynamic: bool | None = False) -> F:
-    """``fn`` compiled for CUDA devices, ``fn`` itself elsewhere or where compiling it failed before.
+def on_device(fn: F, device: torch.device, options: AttentionOptions, dynamic: bool | None = False) -> F:
+    """``fn`` compiled where :func:`compiles_on` holds, ``fn`` itself elsewhere or where compiling it
+    failed before.
 
     ``dynamic``: as ``torch.compile``'s. False (the default): one kernel per input shape, for steps run
     at a few shapes; None: a second shape compiles one kernel for any size, for steps run at many
     (the merges of passes of different lengths)."""
     name = fn.__qualname__
-    if not _fuse_here(device) or name in _EAGER:
+    if not compiles_on(device, options) or name in _EAGER:
         return fn
 
     def run(*args: Any) -> Any:

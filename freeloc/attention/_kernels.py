@@ -6,12 +6,13 @@ a fused kernel that returns the LSE (cuDNN's, then FlashAttention's, then the me
 **checked** to work here: on first use for a (device, dtype, head dim, masked or not, overlapping key
 windows or not), each candidate runs a small random problem of that kind and its output and LSE are
 compared with a plain float32 computation; a candidate that raises or disagrees is skipped from then
-on (``checked_kernels`` says what was chosen). PyTorch reaches these kernels through private
-operators whose signatures and return layouts have changed between releases; the check makes a wrong
-or missing one a slower call instead of a wrong result. Elsewhere (float64, or no kernel passed) a
-plain float32 computation runs, in row chunks of at most :data:`FLOAT_LOGITS` logits.
-Rows with no allowed key get ``lse = -inf`` and a zero output (the fused kernels report 0 or NaN
-for them, so the caller passes which rows have keys).
+on (``checked_kernels`` says what was chosen). The candidates and the device types they are tried on
+are :class:`~freeloc.attention.AttentionOptions`' ``fused_kernels`` and ``fused_devices``. PyTorch
+reaches these kernels through private operators whose signatures and return layouts have changed
+between releases; the check makes a wrong or missing one a slower call instead of a wrong result.
+Elsewhere (float64, or no kernel passed) a plain float32 computation runs, in row chunks of at most
+``AttentionOptions.float_logits`` logits. Rows with no allowed key get ``lse = -inf`` and a zero
+output (the fused kernels report 0 or NaN for them, so the caller passes which rows have keys).
 """
 
 from __future__ import annotations
@@ -24,13 +25,10 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-__all__ = ["CUDA_KERNELS", "FLOAT_LOGITS", "FUSED_DEVICES", "FusedKernel", "attention_with_lse", "checked_kernels",
-           "choose_kernel", "fused_kernel_for", "prepare_mask", "uses_fused_cpu_kernel", "uses_fused_kernel"]
+from .options import DEFAULT_OPTIONS, AttentionOptions
 
-#: The most logits the plain float32 computation materialises at once (it runs in row chunks).
-FLOAT_LOGITS = 2**26
-#: Device types on which :data:`CUDA_KERNELS` are tried.
-FUSED_DEVICES = ("cuda",)
+__all__ = ["CUDA_KERNELS", "FusedKernel", "attention_with_lse", "checked_kernels", "choose_kernel", "fused_kernel_for",
+           "prepare_mask", "uses_fused_cpu_kernel", "uses_fused_kernel"]
 
 
 def uses_fused_cpu_kernel(q: Tensor) -> bool:
@@ -95,14 +93,19 @@ CUDA_KERNELS: tuple[FusedKernel, ...] = (
     FusedKernel("efficient", _efficient, (torch.float32, *_HALF), masked=True, max_head_dim=512),
 )
 
-#: (device, dtype, head dim, masked, overlapping keys) -> the kernel that passed its check, or None.
-_CHOSEN: dict[tuple[str, torch.dtype, int, bool, bool], FusedKernel | None] = {}
+#: What the checks found on this process's devices: (device, dtype, head dim, masked, overlapping keys,
+#: candidates) -> the kernel that passed its check, or None.
+_CHOSEN: dict[tuple[str, torch.dtype, int, bool, bool, tuple[FusedKernel, ...]], FusedKernel | None] = {}
 
 
 def checked_kernels() -> dict[tuple[str, torch.dtype, int, bool, bool], str | None]:
     """What :func:`fused_kernel_for` chose so far, per (device, dtype, head dim, masked, overlapping
     key windows): the kernel's name, or None where every candidate failed its check."""
-    return {key: None if k is None else k.name for key, k in _CHOSEN.items()}
+    return {key[:5]: None if k is None else k.name for key, k in _CHOSEN.items()}
+
+
+def _candidates(options: AttentionOptions) -> tuple[FusedKernel, ...]:
+    return CUDA_KERNELS if options.fused_kernels is None else options.fused_kernels
 
 
 def _overlapping(k: Tensor) -> bool:
@@ -110,10 +113,11 @@ def _overlapping(k: Tensor) -> bool:
     return k.shape[0] > 1 and 0 < k.stride(0) < k.shape[2] * k.stride(2)
 
 
-def _float_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """Plain float32 attention, in row chunks of at most :data:`FLOAT_LOGITS` logits."""
+def _float_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                     float_logits: int = DEFAULT_OPTIONS.float_logits) -> tuple[Tensor, Tensor]:
+    """Plain float32 attention, in row chunks of at most ``float_logits`` logits."""
     b, h, n, _ = q.shape
-    step = max(1, FLOAT_LOGITS // max(1, b * h * k.shape[2]))
+    step = max(1, float_logits // max(1, b * h * k.shape[2]))
     outs, lses = [], []
     kf, vf = k.float().transpose(-1, -2), v.float()
     for r in range(0, n, step):
@@ -164,22 +168,26 @@ def _check(kernel: FusedKernel, device: torch.device, dtype: torch.dtype, head_d
         return False
 
 
-def fused_kernel_for(q: Tensor, masked: bool = False, overlapping: bool = False) -> FusedKernel | None:
-    """The checked CUDA kernel for calls like this one (see the module docstring), or None: queries like
+def fused_kernel_for(q: Tensor, masked: bool = False, overlapping: bool = False,
+                     options: AttentionOptions = DEFAULT_OPTIONS) -> FusedKernel | None:
+    """The checked fused kernel for calls like this one (see the module docstring), or None: queries like
     ``q``, with a mask or not, with key windows that overlap between batch entries or not."""
-    if q.device.type not in FUSED_DEVICES or uses_fused_cpu_kernel(q):
+    if q.device.type not in options.fused_devices or uses_fused_cpu_kernel(q):
         return None
-    key = (str(q.device), q.dtype, q.shape[-1], masked, overlapping)
+    candidates = _candidates(options)
+    key = (str(q.device), q.dtype, q.shape[-1], masked, overlapping, candidates)
     if key not in _CHOSEN:
-        _CHOSEN[key] = choose_kernel(CUDA_KERNELS, q.device, q.dtype, q.shape[-1], masked, overlapping)
+        _CHOSEN[key] = choose_kernel(candidates, q.device, q.dtype, q.shape[-1], masked, overlapping)
     return _CHOSEN[key]
 
 
-def _after_failure(kernel: FusedKernel, q: Tensor, masked: bool, overlapping: bool, err: Exception) -> None:
+def _after_failure(kernel: FusedKernel, q: Tensor, masked: bool, overlapping: bool, err: Exception,
+                   options: AttentionOptions) -> None:
     """A checked kernel failed on a real call: the next candidate that passes its check takes its place
     for this kind of call (or none: the float32 path)."""
-    key = (str(q.device), q.dtype, q.shape[-1], masked, overlapping)
-    later = CUDA_KERNELS[CUDA_KERNELS.index(kernel) + 1:] if kernel in CUDA_KERNELS else ()
+    candidates = _candidates(options)
+    key = (str(q.device), q.dtype, q.shape[-1], masked, overlapping, candidates)
+    later = candidates[candidates.index(kernel) + 1:] if kernel in candidates else ()
     _CHOSEN[key] = choose_kernel(later, q.device, q.dtype, q.shape[-1], masked, overlapping)
     warnings.warn(f"fused attention kernel {kernel.name!r} failed on a call of shape q {tuple(q.shape)} "
                   f"({type(err).__name__}: {str(err)[:200]}); using "
@@ -195,10 +203,11 @@ def choose_kernel(candidates: tuple[FusedKernel, ...], device: torch.device, dty
                  and _check(c, device, dtype, head_dim, masked, overlapping)), None)
 
 
-def uses_fused_kernel(q: Tensor, masked: bool = False, overlapping: bool = False) -> bool:
+def uses_fused_kernel(q: Tensor, masked: bool = False, overlapping: bool = False,
+                      options: AttentionOptions = DEFAULT_OPTIONS) -> bool:
     """Whether :func:`attention_with_lse` runs a fused kernel (which tiles: its memory does not grow with
     the number of logits) for calls like this one (see :func:`fused_kernel_for`)."""
-    return uses_fused_cpu_kernel(q) or fused_kernel_for(q, masked, overlapping) is not None
+    return uses_fused_cpu_kernel(q) or fused_kernel_for(q, masked, overlapping, options) is not None
 
 
 def prepare_mask(mask: Bool[Tensor, "*batch q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
@@ -216,6 +225,7 @@ def attention_with_lse(
     mask: Bool[Tensor, "*batch q k"] | None,
     scale: float,
     prepared: tuple[Tensor, Tensor | None] | None = None,
+    options: AttentionOptions = DEFAULT_OPTIONS,
 ) -> tuple[Float[Tensor, "batch heads q dim"], Float[Tensor, "batch heads q"]]:
     """Softmax attention of ``q`` over ``k``/``v`` restricted to ``mask`` (None: all pairs).
 
@@ -225,7 +235,7 @@ def attention_with_lse(
     across calls with the same mask). Returns the output (``q.dtype``) and the natural-log LSE of
     the scaled logits (float32).
     """
-    cuda_kernel = fused_kernel_for(q, mask is not None, _overlapping(k))
+    cuda_kernel = fused_kernel_for(q, mask is not None, _overlapping(k), options)
     if mask is not None and prepared is None and (cuda_kernel is not None or uses_fused_cpu_kernel(q)):
         prepared = prepare_mask(mask, q.dtype)
     has_key = None if prepared is None else prepared[1]
@@ -238,10 +248,10 @@ def attention_with_lse(
         try:
             out, lse = cuda_kernel.run(q, k, v, None if prepared is None else prepared[0], scale)
         except RuntimeError as err:  # passed its check, fails here (a size or layout it does not take)
-            _after_failure(cuda_kernel, q, mask is not None, _overlapping(k), err)
-            return attention_with_lse(q, k, v, mask, scale, prepared)
+            _after_failure(cuda_kernel, q, mask is not None, _overlapping(k), err, options)
+            return attention_with_lse(q, k, v, mask, scale, prepared, options)
     else:
-        out, lse = _float_attention(q, k, v, mask, scale)
+        out, lse = _float_attention(q, k, v, mask, scale, options.float_logits)
     lse = lse.float()
     if has_key is not None:
         lse = lse.masked_fill(~has_key, float("-inf"))

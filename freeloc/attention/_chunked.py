@@ -1,0 +1,132 @@
+"""The ``chunked`` backend's executor: runs a plan's stacks and passes (:mod:`freeloc.attention._passes`).
+
+Each pass is one fused attention call with its LSE (``attention_with_lse``); passes are merged online,
+exactly, in float32. Memory is bounded by one pass (chunk queries x gathered keys); a stack copies
+nothing, but the values are held once per band of the widest stack buffer (twice for VRPR). No [N, N]
+tensor is ever built, and the work is proportional to the band's density (up to the frame/sub-block
+rounding at the edges). The masks the passes build are kept with their plan, per device and dtype, up
+to ``AttentionOptions.mask_cache_bytes`` per plan.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ._fused import on_device
+from ._kernels import attention_with_lse, prepare_mask, uses_fused_kernel
+from ._merge import EMPTY_LSE, merge_pass_into_
+from ._passes import MaskEntry, Pass, PassPlan, Stack, Window
+from .options import AttentionOptions
+
+__all__ = ["run_chunked"]
+
+
+def _mask_for(plan: PassPlan, p: Pass, q: Tensor, local: dict[tuple, MaskEntry],
+              options: AttentionOptions) -> MaskEntry:
+    """The mask of pass ``p`` for queries like ``q`` (device, dtype) and its prepared form, from the plan's
+    cache or ``local`` (this call's, past the plan's byte budget)."""
+    key = (p.pattern, str(q.device), q.dtype)
+    hit = plan.masks.get(key) or local.get(key)
+    if hit is not None:
+        return hit
+    m = p.mask(q.device)
+    prepared = prepare_mask(m, q.dtype) if uses_fused_kernel(q, masked=True, options=options) else None
+    entry = (m, prepared)
+    size = m.numel() * (1 + (0 if prepared is None else prepared[0].element_size()))
+    if plan.mask_bytes + size <= options.mask_cache_bytes:
+        plan.masks[key] = entry
+        plan.mask_bytes += size
+    else:
+        local[key] = entry
+    return entry
+
+
+def _frame_windows(x: Float[Tensor, "batch heads tokens dim"], batch: int, start: int, count: int, length: int,
+                   s: int) -> Float[Tensor, "count heads window dim"]:
+    """(B, H, T, D) tensor -> (count, H, length * s, D) view: entry ``n`` is the ``length`` frames from
+    frame ``start + n`` on, of sample ``batch`` (entries overlap when ``length > 1``)."""
+    sb, sh, st, sd = x.stride()
+    return x.as_strided((count, x.shape[1], length * s, x.shape[3]), (s * st, sh, st, sd),
+                        x.storage_offset() + batch * sb + start * s * st)
+
+
+def run_chunked(
+    plan: PassPlan,
+    qs: list[Float[Tensor, "batch heads n dim"]],
+    ks: list[Float[Tensor, "batch heads n dim"]],
+    key_buffers: dict[tuple[int, ...], Float[Tensor, "batch heads joined dim"]],
+    v: Float[Tensor, "batch n heads dim"],
+    tokens_per_frame: int,
+    scale: float,
+    options: AttentionOptions,
+) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
+    """Merged attention of every video query over the pairs of ``plan``'s stacks and passes (rows outside
+    them get output 0 and LSE ``-inf``).
+
+    ``qs[b]``/``ks[b]`` are the video queries/keys rotated at band ``b``'s positions, head-major
+    (batch, heads, tokens, dim) with contiguous tokens (``attend`` writes them so); ``key_buffers`` holds,
+    for each group of :func:`~freeloc.attention._passes.key_groups`, its bands' key rotations one after
+    the other in one (batch, heads, len * tokens, dim) tensor, as the stacks read them.
+    Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
+    """
+    b, n, h, d = v.shape
+    s = tokens_per_frame
+    # values: head-major, repeated once per band of the widest stack buffer (consecutive, one tensor)
+    reps = max((len(p.key_bands) for p in plan if isinstance(p, Stack)), default=1)
+    v_rep = v.new_empty(b, h, reps * n, d)
+    v_rep[:, :, :n].copy_(v.transpose(1, 2))
+    for r in range(1, reps):
+        v_rep[:, :, r * n:(r + 1) * n].copy_(v_rep[:, :, :n])
+    vh = v_rep[:, :, :n]
+    out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
+    lse = torch.full((b, h, n), EMPTY_LSE, dtype=torch.float32, device=v.device)
+    masks: dict[tuple, MaskEntry] = {}  # this call's, past the plan's budget
+
+    def take(x: Tensor, index: slice | Window) -> Tensor:
+        return x[:, :, index] if isinstance(index, slice) else index.take(x, s)
+
+    # compiled where the small steps are: passes of many lengths, one kernel for any length after the second
+    merge = on_device(merge_pass_into_, v.device, options, dynamic=None)
+
+    def accumulate(acc_o: Tensor, acc_l: Tensor, o: Tensor, l_: Tensor, first: bool) -> None:
+        if first:
+            acc_o.copy_(o)
+            acc_l.copy_(l_.clamp_min(EMPTY_LSE))
+        else:
+            merge(acc_o, acc_l, o, l_)
+
+    for p in plan:
+        if isinstance(p, Stack):
+            kb = key_buffers[p.key_bands] if len(p.key_bands) > 1 else ks[p.key_bands[0]]
+            vb = v_rep[:, :, :len(p.key_bands) * n]
+            # one call per sample, its query frames the kernel's batch; off the fused kernels, which
+            # materialise the logits, in groups of frames of at most options.stack_logits logits
+            per_frame = h * s * p.length * s
+            fused = uses_fused_kernel(v, overlapping=p.length > 1, options=options)
+            step = p.num_frames if fused else max(1, options.stack_logits // per_frame)
+            for i in range(b):
+                for f0 in range(p.frames[0], p.frames[1], step):
+                    nf = min(step, p.frames[1] - f0)
+                    rows = slice(f0 * s, (f0 + nf) * s)
+                    o, l_ = attention_with_lse(_frame_windows(qs[p.band], i, f0, nf, 1, s),
+                                               _frame_windows(kb, i, f0 + p.offset, nf, p.length, s),
+                                               _frame_windows(vb, i, f0 + p.offset, nf, p.length, s), None, scale,
+                                               options=options)
+                    accumulate(out[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1),
+                               lse[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1), o, l_, p.first)
+            continue
+        q = take(qs[p.band], p.rows)
+        mask, prepared = None, None
+        if p.pattern:
+            mask, prepared = _mask_for(plan, p, q, masks, options)
+        o, l_ = attention_with_lse(q, take(ks[p.band], p.keys), take(vh, p.keys), mask, scale, prepared, options)
+        if isinstance(p.rows, slice):
+            acc_o, acc_l = out[:, :, p.rows], lse[:, :, p.rows]
+        else:  # views of the window's rows, shaped (batch, heads, frames, raster[, dim])
+            acc_o, acc_l = p.rows.framed(out, s), p.rows.framed(lse, s)
+            o, l_ = o.reshape(acc_o.shape), l_.reshape(acc_l.shape)
+        accumulate(acc_o, acc_l, o, l_, p.first)
+    lse = lse.masked_fill_(lse <= EMPTY_LSE / 2, float("-inf"))
+    return out, lse

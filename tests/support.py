@@ -1,0 +1,52 @@
+"""What several test modules share: attention inputs, methods and tolerances (importable at collection
+time, for parametrization; the fixtures that wrap them are in ``conftest.py``)."""
+
+from __future__ import annotations
+
+import torch
+
+import freeloc
+from freeloc.methods import Method
+
+#: Largest |backend - reference| accepted, per dtype (the merges run in float32).
+TOL = {torch.float32: 2e-5, torch.bfloat16: 4e-2}
+#: (frames, height, width): tokens per frame 15 and 21, neither a multiple of 8 nor of 128.
+GRIDS = [(30, 3, 5), (17, 7, 3)]
+VRPR_81 = freeloc.VRPR.for_length(81, 21)
+HEAD_DIM = 24
+ROTARY = freeloc.RotaryLayout.wan(HEAD_DIM)
+#: A TSA with every tier present at the small test grids.
+SMALL_TSA = freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=6, cap=12)
+
+
+def methods() -> list[tuple[str, Method | None]]:
+    """(id, method) of every kind of method, at settings that change attention at 30 frames."""
+    return [
+        ("none", None),
+        ("vrpr", freeloc.VRPR.for_length(30, 13)),
+        ("vrpr-small", freeloc.VRPR(3, 5, 2, 4, 12)),
+        ("tsa", SMALL_TSA),
+        ("tsa-default", freeloc.TSA(cap=12)),
+        ("sliding", freeloc.SlidingWindow(4)),
+        ("sliding-nosink", freeloc.SlidingWindow(2, sink=False)),
+        ("pi", freeloc.PI(2.0)),
+        ("ntk", freeloc.NTK(2.0)),
+        ("riflex", freeloc.RIFLEx(k=2, num_frames=30)),
+    ]
+
+
+def qkv(n: int, dtype: torch.dtype, seed: int, batch: int = 2, heads: int = 3,
+        head_dim: int = HEAD_DIM) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded random q, k, v of shape (batch, n, heads, head_dim) in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, n, heads, head_dim, generator=g).to(dtype) for _ in range(3))
+    return q, k, v
+
+
+def rotate_original(x: torch.Tensor, grid: tuple[int, int, int], t_freqs: torch.Tensor | None = None) -> torch.Tensor:
+    """Video tokens ``x`` (frame-major) rotated at their original (t, h, w) positions."""
+    f, h, w = grid
+    t = torch.arange(f, dtype=torch.float64).repeat_interleave(h * w)
+    hp = torch.arange(h, dtype=torch.float64).repeat_interleave(w).repeat(f)
+    wp = torch.arange(w, dtype=torch.float64).repeat(f * h)
+    return ROTARY.rotate(x, t, hp, wp, t_freqs)
