@@ -1,50 +1,46 @@
 """freeloc: training-free long video generation for video diffusion transformers (FreeLOC).
 
-The core is framework-independent (torch only):
+What users call:
 
-* temporal positions: :class:`VRPR` and the baselines :class:`PI`, :class:`NTK`, :class:`YaRN`,
-  :class:`RIFLEx`, on a model's :class:`RotaryLayout`;
-* attention patterns: :class:`TSA`, :class:`SlidingWindow`;
-* :func:`freeloc.attention.attend`: band-split attention merged exactly by log-sum-exp, on the
-  ``reference``, ``chunked`` or ``flex`` backend;
-* :class:`LayerPlan`: which layer gets which method, as versioned JSON.
+* :func:`enable`: apply a layer plan (or one method on every layer) to a pipeline or transformer;
+  it returns a :class:`Session` that takes everything off again;
+* :func:`probe`: measure which layers suffer from positions and which from context, and write the
+  :class:`LayerPlan`;
+* the methods: :class:`VRPR` and :class:`TSA` (FreeLOC's two corrections), and the baselines
+  :class:`SlidingWindow`, :class:`PI`, :class:`NTK`, :class:`YaRN`, :class:`RIFLEx`;
+* :func:`attend` with its :class:`AttentionOptions`: band-split attention merged exactly by
+  log-sum-exp, on a model's :class:`RotaryLayout`, for code that calls attention itself.
+
+The core needs only PyTorch (and einops, jaxtyping, beartype); adapters for diffusers and Open-Sora
+models live in ``freeloc.adapters``, the command line and plots in ``freeloc.app``, the shapes test
+bed in ``freeloc.shapes``.
 """
 
 from __future__ import annotations
 
-from . import attention
 from .attention import AttentionOptions, attend
-from .bands import Band, BandSet
-from .methods import METHODS, Method, method_from_dict
 from .patterns import TSA, SlidingWindow
 from .plan import LayerPlan
 from .positions import NTK, PI, VRPR, RIFLEx, YaRN
 from .probing import probe
 from .rotary import RotaryLayout
-from .session import Session, apply, enable
+from .session import Session, enable
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention",
-    "attend",
     "AttentionOptions",
-    "Band",
-    "BandSet",
     "LayerPlan",
-    "METHODS",
-    "Method",
-    "method_from_dict",
     "NTK",
     "PI",
     "RIFLEx",
     "RotaryLayout",
     "Session",
-    "apply",
-    "enable",
-    "probe",
     "SlidingWindow",
     "TSA",
     "VRPR",
     "YaRN",
+    "attend",
+    "enable",
+    "probe",
 ]

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from freeloc import METHODS, PI, TSA, VRPR, LayerPlan, RIFLEx, SlidingWindow
+from freeloc import PI, TSA, VRPR, LayerPlan, RIFLEx, SlidingWindow
+from freeloc.methods import METHODS
 
 WAN = "wan2.1-t2v-1.3b"
 WAN_TSA = [0, 1, 4, 6, 7, 9, 10, 11, 13, 14, 15, 16, 18, 22, 23, 24, 25]

@@ -141,7 +141,7 @@ def test_removal_is_exact_after_exit_exception_and_remove() -> None:
             run(model, 24)
             raise KeyError("inside the block")
     assert_same_state(before, snapshot(model))
-    handle = freeloc.apply(model, method="vrpr", trained_frames=TRAINED_VIDEO)
+    handle = freeloc.enable(model, method="vrpr", trained_frames=TRAINED_VIDEO)
     run(model, 24)
     handle.remove()
     handle.remove()  # harmless
