@@ -64,7 +64,7 @@ def tiny_wan_pipeline(seed: int = 0, num_layers: int = 4) -> Any:
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=num_layers, rope_max_seq_len=128,
     ).eval()
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
+                                     temperal_downsample=[False, True, True]).eval()
     return diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
 

@@ -8,10 +8,10 @@ no temporal compression). With the model's ``(1, 2, 2)`` patch a token holds ``1
 model's width (``num_heads * head_dim``) must be at least that: a narrower model cannot even pass the
 noise through, and its loss stalls.
 
-The model's "text" is one token: the clip's condition (:func:`model_condition`), which names the
-shapes, their colours and their velocities but not where they start, so the model chooses the
-layout and must keep it moving consistently from frame to frame (a relation between frames, which
-is what RoPE's relative positions carry).
+The model's "text" is the clip's condition (:func:`model_condition`), as one token or one token per
+shape slot (:attr:`ShapesConfig.slot_tokens`). It names the shapes, their colours and their velocities
+but not where they start, so the model chooses the layout and must keep it moving consistently from
+frame to frame (a relation between frames, which is what RoPE's relative positions carry).
 
 Sampling (:func:`sample`) integrates the flow with Euler steps from Gaussian noise at any length.
 :func:`load` reads a training run of :mod:`freeloc.shapes.train`; :func:`load_shipped` the checkpoint
