@@ -3,13 +3,13 @@
     python benchmarks/long_video.py [--lengths 1,2,4,8] [--conditions 8] [--steps 20] [--guidance G]
                                     [--png benchmarks/long_video.png] [--json out.json] [--run DIR]
 
-The model (``freeloc.shapes_model.load_shipped``, or a training folder with ``--run``) was trained on
+The model (``freeloc.shapes.model.load_shipped``, or a training folder with ``--run``) was trained on
 16-frame clips of bouncing shapes. For each length, the same conditions and the same initial noise are
-sampled with each method; the videos are scored from their pixels (``freeloc.synthetic``), against
+sampled with each method; the videos are scored from their pixels (``freeloc.shapes.metrics``), against
 the clip the condition asks for, starting where the video's first frame put the shapes
-(``freeloc.synthetic.fit_spec``). ``real clips`` rows score rendered clips of the same conditions:
+(``freeloc.shapes.metrics.fit_spec``). ``real clips`` rows score rendered clips of the same conditions:
 the best a video can score. Sampling uses the model's own classifier-free guidance scale
-(``freeloc.shapes_model.shipped_guidance``) unless ``--guidance`` is given.
+(``freeloc.shapes.model.shipped_guidance``) unless ``--guidance`` is given.
 
 Methods: ``direct`` (no change), ``sliding-window``, ``pi``, ``ntk``, ``riflex`` (k: the temporal
 frequency whose period is closest to the trained length), ``vrpr``, ``tsa``, ``freeloc-uniform``
@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 import freeloc
-from freeloc.shapes_model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance, shipped_plan
-from freeloc.synthetic import evaluate_generated, random_spec, render
-from freeloc.video import frames_png
+from freeloc.app.plots import frames_png
+from freeloc.shapes.clips import random_spec, render
+from freeloc.shapes.metrics import evaluate_generated
+from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance, shipped_plan
 
 METHODS = ["direct", "sliding-window", "pi", "ntk", "riflex", "vrpr", "tsa", "freeloc-uniform", "freeloc-probe"]
 METRICS = [("palette_fidelity", "palette", "{:.3f}"), ("shape_presence", "shapes", "{:.2f}"),

@@ -1,8 +1,8 @@
-"""``python -m freeloc``: the same as the ``freeloc`` command (see :mod:`freeloc.cli`)."""
+"""``python -m freeloc``: the same as the ``freeloc`` command (see :mod:`freeloc.app.cli`)."""
 
 from __future__ import annotations
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

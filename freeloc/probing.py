@@ -36,10 +36,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._progress import reporter
 from .plan import LayerPlan
 from .rotary import RotaryLayout
 
-__all__ = ["probe", "select", "plot_scores", "DEFAULT_QUERIES"]
+__all__ = ["probe", "select", "DEFAULT_QUERIES"]
 
 #: Sampled query tokens per layer.
 DEFAULT_QUERIES = 1024
@@ -157,7 +158,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
           shifts: list[float] | None = None, window: int | None = None, layers: list[int] | None = None,
           seed: int = 0, trained_frames: int | None = None, max_queries: int = DEFAULT_QUERIES,
           margin: float = 0.0, tsa_count: int | None = None, latent_size: tuple[int, int] | None = None,
-          progress: bool = True, temporal_factor: int | None = None) -> LayerPlan:
+          progress: bool | Callable[[int, int], None] = True,
+          temporal_factor: int | None = None) -> LayerPlan:
     """Probe every self-attention layer of ``target`` at ``num_frames`` video frames; returns the plan.
 
     Args:
@@ -177,7 +179,9 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         tsa_count: instead of ``margin``, TSA for exactly this many layers, those with the largest
             difference (:func:`select`).
         latent_size: (height, width) of the synthetic latents (default: the adapter's, e.g. Wan 480p).
-        progress: show a progress bar over layers.
+        progress: ``True`` writes a status line over the layers to stderr; a callable receives
+            ``(done, total)`` layers instead (``(0, total)`` first); either prints the cost when done.
+            ``False``: silent.
         temporal_factor: video frames per latent frame, as in :func:`freeloc.enable` (1 for a model
             without temporal compression); default: the pipeline's, else the model data's.
     """
@@ -241,12 +245,9 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     context = [0.0] * n_layers
     position_out = [0.0] * n_layers
     context_out = [0.0] * n_layers
-    iterator: Any = probed
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(probed, desc="probing layers", unit="layer")
-    for layer in iterator:
+    report = reporter(progress, "probing layers")
+    report(0, len(probed))
+    for done, layer in enumerate(probed, start=1):
         c = capture.layers[layer]
         q, k, grid = c["q"], c["k"], c["grid"]
         n = q.shape[1]
@@ -287,6 +288,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         context[layer] = float((h_win - h_full).norm() / h_full.norm().clamp_min(1e-12))
         context_out[layer] = _rel(one_layer(layer, "sliding-window", window=window, sink=False), base)
         forwards += 1
+        report(done, len(probed))
     methods = select(position, context, margin=margin, tsa_count=tsa_count)
     if layers is not None:
         methods = [m if i in probed else "vrpr" for i, m in enumerate(methods)]
@@ -312,32 +314,3 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     if progress:
         print(f"probe: {len(probed)} layers, {forwards} forwards, {seconds:.1f} s")
     return plan
-
-
-def plot_scores(plan: LayerPlan, path: Any) -> Any:
-    """Both sensitivity scores per layer (normalized by their maximum) and the resulting assignment, as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pos, ctx = plan.scores["position"], plan.scores["context"]
-    n = len(pos)
-    pmax, cmax = max(max(pos), 1e-12), max(max(ctx), 1e-12)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n + 2), 3.6))
-    x = list(range(n))
-    ax.bar([i - 0.2 for i in x], [p / pmax for p in pos], 0.4, label=f"position (max {pmax:.3g})", color="tab:blue")
-    ax.bar([i + 0.2 for i in x], [c / cmax for c in ctx], 0.4, label=f"context (max {cmax:.3g})",
-           color="tab:orange")
-    for i, m in enumerate(plan.methods):
-        ax.text(i, 1.04, m.upper(), ha="center", fontsize=7, color="tab:orange" if m == "tsa" else "tab:blue")
-    ax.set_ylim(0, 1.15)
-    ax.set_xticks(x)
-    ax.set_xlabel("self-attention layer")
-    ax.set_ylabel("sensitivity / max over layers")
-    ax.set_title("layer sensitivity (TSA where context dominates)", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

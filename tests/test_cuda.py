@@ -245,7 +245,8 @@ def test_shapes_model_trains_on_cuda_and_moves_between_devices(tmp_path: object)
 
     pytest.importorskip("diffusers", reason="the shapes model is a diffusers Wan transformer: diffusers is not "
                                             "installed here")
-    from freeloc.shapes_model import ShapesConfig, load, sample, train
+    from freeloc.shapes.model import ShapesConfig, load, sample
+    from freeloc.shapes.train import train
 
     tiny = ShapesConfig(num_layers=1, num_heads=2, head_dim=96, ffn_dim=32, batch=2, trained_frames=4)
     run = Path(str(tmp_path)) / "run"

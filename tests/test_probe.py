@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,26 +128,6 @@ def test_probe_bad_input(kwargs: dict, match: str) -> None:
         probe(model, inputs=inputs(), trained_frames=TRAINED_VIDEO, progress=False, **args)
 
 
-def test_probe_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    """``freeloc probe`` end to end: the loader is stubbed (no hub here) and returns a tiny Wan pipeline."""
-    from freeloc.cli import main
-    from freeloc.video import tiny_wan_pipeline
-
-    class Loader:
-        @classmethod
-        def from_pretrained(cls, model: str, torch_dtype: object = None) -> object:
-            return tiny_wan_pipeline(num_layers=3)
-
-    monkeypatch.setattr(diffusers, "DiffusionPipeline", Loader)
-    out, png = tmp_path / "plan.json", tmp_path / "scores.png"
-    assert main(["probe", "--model", "tiny/wan", "--num-frames", "93", "--trained-frames", "21", "--height", "32",
-                 "--width", "32", "--device", "cpu", "--dtype", "float32", "--out", str(out), "--png", str(png)]) == 0
-    plan = freeloc.LayerPlan.load(out)
-    assert len(plan.methods) == 3 and plan.meta["probe"]["model"] == "tiny/wan"
-    assert plan.meta["probe"]["latent_frames"] == 24 and png.read_bytes()[:4] == b"\x89PNG"
-    assert "probe: 3 layers" in capsys.readouterr().out
-
-
 def test_public_entry_point() -> None:
     import freeloc.probing as module
 
@@ -155,7 +136,7 @@ def test_public_entry_point() -> None:
 
 def test_probe_with_a_pipeline_call() -> None:
     """With a pipeline, inputs= are its own call arguments; the transformer's first call is probed."""
-    from freeloc.video import tiny_wan_pipeline
+    from freeloc.app.video import tiny_wan_pipeline
 
     pipe = tiny_wan_pipeline(num_layers=2)
     embeds = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))
@@ -179,3 +160,39 @@ def test_probe_counts_frames_with_the_given_temporal_factor() -> None:
     assert plan.meta["probe"]["temporal_factor"] == 1 and same.meta["probe"]["temporal_factor"] == 4
     assert plan.scores["position"] == pytest.approx(same.scores["position"], rel=1e-6)
     assert plan.methods == same.methods
+
+
+def test_probe_progress_is_a_status_line_without_tqdm(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """progress=True needs nothing but the core: one line on stderr, rewritten per layer, then the cost."""
+    model = prepared_model()  # diffusers needs tqdm: built before tqdm is taken away
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # importing tqdm now fails
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    probe(model, 4 * (FRAMES - 1) + 1, inputs=inputs(), trained_frames=TRAINED_VIDEO, max_queries=200)
+    captured = capsys.readouterr()
+    print(repr(captured.err))
+    steps = captured.err.split("\r")[1:]
+    assert [s.split(",")[0] for s in steps] == [f"probing layers: {i}/4" for i in range(5)]
+    assert captured.err.endswith(" s\n") and captured.err.count("\n") == 1
+    assert "probe: 4 layers" in captured.out
+
+
+def test_probe_progress_callable_receives_done_and_total(capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[tuple[int, int]] = []
+    probe(prepared_model(), 4 * (FRAMES - 1) + 1, inputs=inputs(), trained_frames=TRAINED_VIDEO, max_queries=200,
+          layers=[CONTEXT_LAYER, 0], progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 2), (1, 2), (2, 2)]
+    captured = capsys.readouterr()
+    assert captured.err == "" and "probe: 2 layers" in captured.out
+
+
+def test_progress_reporter_accepts_a_bool_or_a_callable(capsys: pytest.CaptureFixture[str]) -> None:
+    from freeloc._progress import reporter
+
+    reporter(False, "x")(1, 2)
+    assert capsys.readouterr().err == ""
+    seen: list[tuple[int, int]] = []
+    reporter(lambda done, total: seen.append((done, total)), "x")(3, 4)
+    assert seen == [(3, 4)]
+    with pytest.raises(TypeError, match=r"(?s)progress.*'yes'"):  # the runtime type checker's error, or ours
+        reporter("yes", "x")  # type: ignore[arg-type]

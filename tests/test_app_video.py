@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +12,13 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers", reason="video generation needs diffusers (extra 'diffusers')")
-pytest.importorskip("imageio_ffmpeg", reason="mp4 writing needs imageio-ffmpeg (extra 'diffusers')")
+pytest.importorskip("imageio_ffmpeg", reason="mp4 writing needs imageio-ffmpeg (extra 'app')")
 
-from freeloc.cli import main  # noqa: E402
-from freeloc.video import tiny_wan_pipeline  # noqa: E402
-
-
-def is_mp4(path: Path) -> bool:
-    return path.stat().st_size > 1000 and path.read_bytes()[4:8] == b"ftyp"
+from freeloc.app.cli import main  # noqa: E402
+from freeloc.app.video import compare_frames, demo, tiny_wan_pipeline  # noqa: E402
 
 
-def run_demo(args: list[str], out_dir: Path, capsys: pytest.CaptureFixture[str]) -> str:
+def run_demo(args: list[str], out_dir: Path, capsys: pytest.CaptureFixture[str], is_mp4: Callable[[Path], bool]) -> str:
     """Run ``freeloc demo ARGS``, check both videos were written, return what it printed."""
     t0 = time.perf_counter()
     assert main(["demo", *args]) == 0
@@ -31,11 +28,12 @@ def run_demo(args: list[str], out_dir: Path, capsys: pytest.CaptureFixture[str])
     return out
 
 
-def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    is_png: Callable[[Path], bool],
+                                                    is_mp4: Callable[[Path], bool]) -> None:
     """The default demo: the shipped shapes model, 64 frames (4x its 16), direct and FreeLOC (fewer steps here)."""
-    out = run_demo(["--out", str(tmp_path), "--steps", "3", "--clips", "1"], tmp_path, capsys)
-    for png in ("frames.png", "motion.png"):
-        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = run_demo(["--out", str(tmp_path), "--steps", "3", "--clips", "1"], tmp_path, capsys, is_mp4)
+    assert is_png(tmp_path / "frames.png") and is_png(tmp_path / "motion.png")
     assert "64 frames" in out and "motion.png" in out and "freeloc generate --model" in out
     assert is_mp4(tmp_path / "compare.mp4")
     table = {line[:28].strip(): line[28:].split() for line in out.splitlines()
@@ -45,8 +43,6 @@ def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pyte
 
 
 def test_demo_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
-    from freeloc.video import demo
-
     with pytest.raises(ValueError, match="model must be one of"):
         demo(model="wan")
     with pytest.raises(ValueError, match="conditions must be between 1 and 8, got 9"):
@@ -62,9 +58,11 @@ def test_demo_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--guidance: expected a finite number >= 0 (1 = no guidance), got -2.0" in capsys.readouterr().err
 
 
-def test_random_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    out = run_demo(["--model", "random", "--out", str(tmp_path), "--steps", "2"], tmp_path, capsys)
-    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_random_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                    is_png: Callable[[Path], bool],
+                                                    is_mp4: Callable[[Path], bool]) -> None:
+    out = run_demo(["--model", "random", "--out", str(tmp_path), "--steps", "2"], tmp_path, capsys, is_mp4)
+    assert is_png(tmp_path / "report.png")
     assert "tiny and random" in out and "freeloc generate --model" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("transformer ")]
     assert [r[2] for r in rows] == ["tsa", "vrpr", "tsa", "vrpr"]
@@ -72,37 +70,24 @@ def test_random_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pyte
     assert all(float(r[5]) < 0.5 for r in rows if r[2] == "tsa")  # TSA attends a fraction of the pairs
 
 
-class _FakeLoader:
-    """Stands in for DiffusionPipeline.from_pretrained: a tiny pipeline whose prompt encoder is random."""
-
-    calls: list[tuple[str, Any]] = []
-
-    @classmethod
-    def from_pretrained(cls, model: str, torch_dtype: Any = None) -> Any:
-        cls.calls.append((model, torch_dtype))
-        pipe = tiny_wan_pipeline()
-
-        def encode_prompt(prompt: Any, negative_prompt: Any = None, do_classifier_free_guidance: bool = True,
+def _encode_random_prompt(prompt: Any, negative_prompt: Any = None, do_classifier_free_guidance: bool = True,
                           num_videos_per_prompt: int = 1, prompt_embeds: Any = None,
                           negative_prompt_embeds: Any = None, max_sequence_length: int = 512,
                           device: Any = None, dtype: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-            e = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(len(prompt)))
-            return e, e
-
-        pipe.encode_prompt = encode_prompt
-        return pipe
+    """The tiny Wan pipeline's prompt encoder: random embeddings, seeded by the prompt's length."""
+    e = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(len(prompt)))
+    return e, e
 
 
-def test_generate_writes_video_and_sidecar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import diffusers
-
-    monkeypatch.setattr(diffusers, "DiffusionPipeline", _FakeLoader)
+def test_generate_writes_video_and_sidecar(tmp_path: Path, pipeline_loader: Callable[..., type],
+                                          is_mp4: Callable[[Path], bool]) -> None:
+    loader = pipeline_loader(tiny_wan_pipeline, _encode_random_prompt)
     out = tmp_path / "long.mp4"
     code = main(["generate", "--model", "some/wan-model", "--prompt", "a red ball", "--num-frames", "61",
                  "--height", "32", "--width", "32", "--steps", "2", "--plan", "uniform", "--device", "cpu",
                  "--dtype", "float32", "--out", str(out)])
     assert code == 0
-    assert _FakeLoader.calls[-1] == ("some/wan-model", torch.float32)
+    assert loader.calls[-1] == ("some/wan-model", torch.float32)
     assert is_mp4(out)
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["settings"]["num_frames"] == 61 and side["settings"]["prompt"] == "a red ball"
@@ -128,20 +113,6 @@ def test_generate_bad_input(argv: list[str], match: str, capsys: pytest.CaptureF
         main(args)
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
-
-
-def _fake_loader(build: Any, encode: Any) -> type:
-    class Loader:
-        calls: list[str] = []
-
-        @classmethod
-        def from_pretrained(cls, model: str, torch_dtype: Any = None) -> Any:
-            cls.calls.append(model)
-            pipe = build()
-            pipe.encode_prompt = encode
-            return pipe
-
-    return Loader
 
 
 def _hunyuan_pipeline() -> Any:
@@ -179,37 +150,21 @@ def _cogvideox_encode(prompt: Any, negative_prompt: Any = None, do_classifier_fr
     ("THUDM/CogVideoX-5b", _cogvideox_pipeline, _cogvideox_encode, "32"),
 ], ids=["hunyuan", "cogvideox"])
 def test_generate_with_other_pipelines(model: str, build: Any, encode: Any, size: str, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    import diffusers
-
-    loader = _fake_loader(build, encode)
-    monkeypatch.setattr(diffusers, "DiffusionPipeline", loader)
+                                       pipeline_loader: Callable[..., type],
+                                       is_mp4: Callable[[Path], bool]) -> None:
+    loader = pipeline_loader(build, encode)
     out = tmp_path / "long.mp4"
     assert main(["generate", "--model", model, "--prompt", "a red ball", "--num-frames", "45", "--trained-frames",
                  "9", "--height", size, "--width", size, "--steps", "2", "--plan", "uniform", "--device", "cpu",
                  "--dtype", "float32", "--out", str(out)]) == 0
-    assert loader.calls == [model] and is_mp4(out)
+    assert loader.calls == [(model, torch.float32)] and is_mp4(out)
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["settings"]["trained_frames"] == 9
     assert all(layer["calls"] > 0 for layer in side["layers"])
     assert max(layer["max_abs_distance"] for layer in side["layers"]) <= 2  # 9 frames = 3 latent: |r| <= 2
 
 
-def test_frames_png_takes_explicit_frames_and_rejects_bad_ones(tmp_path: Path) -> None:
-    from freeloc.video import frames_png
-
-    video = torch.rand(6, 3, 8, 8)
-    plain = frames_png({"a": video}, tmp_path / "even.png", "t", columns=3)
-    chosen = frames_png({"a": video, "b": video}, tmp_path / "chosen.png", "t", frames=[2, 3, 4])
-    assert plain.read_bytes()[:4] == chosen.read_bytes()[:4] == b"\x89PNG"
-    for bad in ([], [6], [-1, 2]):
-        with pytest.raises(ValueError, match=r"frames must be a non-empty list of indices in \[0, 6\), got"):
-            frames_png({"a": video}, tmp_path / "bad.png", "t", frames=bad)
-
-
 def test_compare_frames_stacks_labelled_tiles() -> None:
-    from freeloc.video import compare_frames
-
     a, b = torch.rand(5, 3, 32, 48), torch.rand(5, 3, 32, 48)
     both = compare_frames({"direct": a, "FreeLOC": b})
     assert both.shape == (5, 3, 32 + 16 + 32, 96 + 48)

@@ -1,13 +1,13 @@
 """Video generation from the command line: ``freeloc generate`` and ``freeloc demo``.
 
-This module sits beside the CLI, above the core: it imports diffusers (lazily, inside functions),
-so ``import freeloc`` never does.
+This module sits beside the CLI, above the core: it imports diffusers, imageio and Pillow inside the
+functions that use them (the ``diffusers`` and ``app`` extras), so ``import freeloc`` never does.
 
 * :func:`generate`: a diffusers pipeline from ``from_pretrained`` (a hub id or a local folder), one
   ``freeloc.enable`` block around the call, an mp4 and a JSON sidecar with every setting and the
   session's per-layer report.
 * :func:`demo`: by default the shapes model shipped with the package (a small Wan transformer trained
-  on 16-frame clips of bouncing shapes, :mod:`freeloc.shapes_model`) generating at 4x its trained
+  on 16-frame clips of bouncing shapes, :mod:`freeloc.shapes.model`) generating at 4x its trained
   length with ``direct`` and with FreeLOC (the probe's plan for that model): both mp4s, a PNG strip of
   frames and a table of pixel metrics. ``model="random"``: a tiny random Wan pipeline at 4x its declared
   trained length (noise: it shows the mechanics, not quality).
@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from jaxtyping import Float
+from torch import Tensor
 
-from .plan import LayerPlan
-from .session import Session, enable
+from .._extras import require
+from ..plan import LayerPlan
+from ..session import enable
+from ..shapes.clips import random_spec, render
+from ..shapes.metrics import evaluate_generated
+from ..shapes.model import load_shipped, model_condition, sample, shipped_guidance, shipped_plan
+from .plots import frames_png, report_png
 
-__all__ = ["DEMO_MODELS", "compare_frames", "demo", "frames_png", "generate", "tiny_wan_pipeline", "write_video"]
+__all__ = ["DEMO_MODELS", "compare_frames", "demo", "generate", "tiny_wan_pipeline", "write_video"]
 
 #: The demo model's declared trained length (video frames) and its 4x length.
 DEMO_TRAINED_FRAMES = 81
@@ -35,7 +42,10 @@ DEMO_FRAMES = 321
 
 def write_video(frames: Any, path: Path, fps: int = 16) -> Path:
     """Write frames (a list of PIL images, an array (T, H, W, C) in [0, 1], or such a tensor) as mp4."""
-    from diffusers.utils import export_to_video
+    purpose = f"writing {path.name}"
+    require("imageio", "app", purpose)
+    require("imageio_ffmpeg", "app", purpose)
+    export_to_video = require("diffusers.utils", "diffusers", purpose).export_to_video
 
     if isinstance(frames, torch.Tensor):
         frames = frames.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() if frames.shape[1] in (1, 3) \
@@ -47,47 +57,16 @@ def write_video(frames: Any, path: Path, fps: int = 16) -> Path:
 
 def tiny_wan_pipeline(seed: int = 0, num_layers: int = 4) -> Any:
     """A Wan pipeline with a tiny random transformer and VAE (no text encoder: pass ``prompt_embeds``)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-
+    diffusers = require("diffusers", "diffusers", "the tiny random Wan pipeline")
     torch.manual_seed(seed)
-    transformer = WanTransformer3DModel(
+    transformer = diffusers.WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=16, out_channels=16,
         text_dim=32, freq_dim=32, ffn_dim=64, num_layers=num_layers, rope_max_seq_len=128,
     ).eval()
-    vae = AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-
-
-def _report_png(direct: Session, long: Session, path: Path, num_frames: int, trained: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers = [s.layer for s in long.layers]
-    methods = [s.method for s in long.layers]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    x = torch.arange(len(layers)).tolist()
-    for ax, key, label in ((axes[0], "max_abs_distance", "max |temporal relative distance|"),
-                           (axes[1], "density", "attended fraction of token pairs")):
-        d = [getattr(s, key) for s in direct.layers]
-        f = [getattr(s, key) for s in long.layers]
-        ax.bar([i - 0.2 for i in x], d, 0.4, label="direct", color="tab:gray")
-        ax.bar([i + 0.2 for i in x], f, 0.4, label="FreeLOC", color="tab:blue")
-        ax.set_xticks(x, [f"{i}\n{m}" for i, m in zip(layers, methods, strict=True)])
-        ax.set_xlabel("layer / FreeLOC method")
-        ax.set_title(label)
-        if key == "max_abs_distance":
-            ax.axhline(trained - 1, color="tab:red", linestyle=":", label=f"trained range ({trained - 1})")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"tiny Wan, {num_frames} latent frames = 4x its trained {trained}: direct vs FreeLOC")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval()
+    return diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
 
 
 #: Models ``freeloc demo`` can run.
@@ -106,7 +85,7 @@ def demo(out_dir: Path = Path("freeloc-demo"), steps: int | None = None, size: i
         model: ``"shapes"`` (the shipped trained model) or ``"random"`` (a tiny random Wan pipeline).
         conditions: ``shapes`` only: how many clips (conditions) to generate side by side, 1 to 8.
         guidance: classifier-free guidance scale (default: ``shapes``, the shipped model's own,
-            :func:`~freeloc.shapes_model.shipped_guidance`; ``random``, 3.0). 1.0 turns it off.
+            :func:`~freeloc.shapes.model.shipped_guidance`; ``random``, 3.0). 1.0 turns it off.
     """
     if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
                                  or not math.isfinite(guidance) or guidance < 0):
@@ -120,7 +99,8 @@ def demo(out_dir: Path = Path("freeloc-demo"), steps: int | None = None, size: i
     return _demo_random(out_dir, 4 if steps is None else steps, size, seed, 3.0 if guidance is None else guidance)
 
 
-def _tile(videos: torch.Tensor, scale: int = 4, columns: int = 4) -> torch.Tensor:
+def _tile(videos: Float[Tensor, "batch frames 3 height width"], scale: int = 4,
+          columns: int = 4) -> Float[Tensor, "frames 3 tile_height tile_width"]:
     """(B, T, 3, H, W) -> (T, 3, rows*H*scale, columns*W*scale): the clips side by side, enlarged."""
     b, t, c, h, w = videos.shape
     columns = min(columns, b)
@@ -132,9 +112,10 @@ def _tile(videos: torch.Tensor, scale: int = 4, columns: int = 4) -> torch.Tenso
     return grid.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
 
-def _label(text: str, height: int, width: int = 96) -> torch.Tensor:
+def _label(text: str, height: int, width: int = 96) -> Float[Tensor, "3 height width"]:
     """(3, height, width): black text on white, for the left margin of a comparison video."""
-    from PIL import Image, ImageDraw
+    Image = require("PIL.Image", "app", "the labels of compare.mp4")  # noqa: N806
+    ImageDraw = require("PIL.ImageDraw", "app", "the labels of compare.mp4")  # noqa: N806
 
     img = Image.new("RGB", (width, height), (255, 255, 255))
     ImageDraw.Draw(img).text((6, height // 2 - 6), text, fill=(0, 0, 0))
@@ -142,7 +123,8 @@ def _label(text: str, height: int, width: int = 96) -> torch.Tensor:
     return pixels.view(height, width, 3).permute(2, 0, 1).float() / 255
 
 
-def compare_frames(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+def compare_frames(rows: dict[str, Float[Tensor, "frames 3 _height width"]]
+                   ) -> Float[Tensor, "frames 3 stacked_height labelled_width"]:
     """Labelled (T, 3, H, W) tiles (from :func:`_tile`) stacked top to bottom: one video to compare them."""
     pieces = []
     for i, (name, tile) in enumerate(rows.items()):
@@ -153,46 +135,7 @@ def compare_frames(rows: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat(pieces, dim=2)
 
 
-def frames_png(rows: dict[str, torch.Tensor], path: Path, title: str, columns: int = 16,
-               frames: list[int] | None = None) -> Path:
-    """A PNG with one row per labelled (T, 3, H, W) video: ``columns`` evenly spaced frames, or the
-    given ``frames`` (indices, for example consecutive ones to show motion)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    length = min(v.shape[0] for v in rows.values())
-    if frames is not None:
-        bad = [i for i in frames if not 0 <= i < length]
-        if not frames or bad:
-            raise ValueError(f"frames must be a non-empty list of indices in [0, {length}), got {frames}")
-        idx = torch.tensor(frames)
-    else:
-        idx = torch.linspace(0, length - 1, columns).round().long()
-    columns = len(idx)
-    fig, axes = plt.subplots(len(rows), 1, figsize=(columns * 0.75, 1.05 * len(rows) + 0.5), squeeze=False)
-    axes = axes[:, 0]
-    for ax, (label, video) in zip(axes, rows.items(), strict=True):
-        h = video.shape[-1] + 2
-        row = torch.cat([torch.nn.functional.pad(video[i], (1, 1, 1, 1), value=1.0) for i in idx], dim=2)
-        ax.imshow(row.permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_yticks([])
-        ax.set_xticks([h * j + h // 2 for j in range(columns)], [str(int(i)) for i in idx], fontsize=6)
-        ax.set_ylabel(label, fontsize=8)
-    axes[-1].set_xlabel("frame")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance: float | None) -> dict[str, Any]:
-    from .shapes_model import load_shipped, model_condition, sample, shipped_guidance, shipped_plan
-    from .synthetic import evaluate_generated, random_spec, render
-
     t0 = time.perf_counter()
     model, cfg = load_shipped()
     plan = shipped_plan()
@@ -267,7 +210,7 @@ def _demo_random(out_dir: Path, steps: int, size: int, seed: int, guidance: floa
         results["videos"][label] = str(write_video(frames, out_dir / f"{label}.mp4"))
     latent = (DEMO_FRAMES - 1) // 4 + 1
     trained = (DEMO_TRAINED_FRAMES - 1) // 4 + 1
-    results["png"] = str(_report_png(sessions["direct"], sessions["freeloc"], out_dir / "report.png", latent, trained))
+    results["png"] = str(report_png(sessions["direct"], sessions["freeloc"], out_dir / "report.png", latent, trained))
     results["layers"] = {k: s.stats() for k, s in sessions.items()}
     results["seconds"] = round(time.perf_counter() - t0, 2)
     print("\nper layer, FreeLOC (the direct run attends every pair, max |r| = "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("diffusers", reason="the shapes model is a diffusers WanTransformer3DModel")
+pytest.importorskip("diffusers", reason="the shapes model is a diffusers WanTransformer3DModel (extra 'shapes')")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "long_video.py"
 

@@ -1,10 +1,18 @@
-"""The ``freeloc`` command line.
+"""The ``freeloc`` command line (``python -m freeloc`` runs the same).
 
 Subcommands:
 
 * ``freeloc explain``: what FreeLOC does at a given length, without a model: the VRPR setting and
   its effective relative distances r(Δ), and how sparse TSA's attention is, next to the sliding-window
   baseline. ``--json`` prints the same as one JSON object, ``--png`` draws it.
+* ``freeloc demo``: the shipped shapes model (or a tiny random Wan pipeline) at 4x its trained length,
+  direct and with FreeLOC (:func:`freeloc.app.video.demo`).
+* ``freeloc generate``: a long video with a diffusers pipeline (:func:`freeloc.app.video.generate`).
+* ``freeloc probe``: the layer plan of a diffusers pipeline's transformer (:func:`freeloc.probe`).
+
+``explain`` without ``--png`` needs only the core. The pictures, the progress bar and the videos need
+the ``app`` extra, the shapes model the ``shapes`` extra and real pipelines the ``diffusers`` extra; a
+missing package stops the command with an error that names its extra.
 
 Frame counts on the command line are **video frames** (what a user asks a pipeline for: 321 and 81
 for Wan2.1); they are turned into temporal tokens (latent frames) with ``(n - 1) // factor + 1``
@@ -22,14 +30,19 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .patterns import TSA, SlidingWindow
-from .positions import PUBLISHED_VRPR, VRPR
+from .._extras import require
+from ..patterns import TSA, SlidingWindow
+from ..positions import PUBLISHED_VRPR, VRPR
+from ..probing import probe
+from ..session import METHOD_CHOICES
+from .plots import explain_png, plot_scores
+from .video import demo, generate
 
-__all__ = ["main", "build_parser", "explain_data", "video_to_latent"]
+__all__ = ["main", "build_parser", "explain_data", "explain_text", "tqdm_progress", "video_to_latent"]
 
 #: Tile size of block-sparse attention kernels, used for the block density.
 BLOCK_SIZE = 128
@@ -160,18 +173,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def tqdm_progress(desc: str, unit: str) -> Callable[[int, int], None]:
+    """A ``(done, total)`` progress callback, as :func:`freeloc.probe` takes, that draws a tqdm bar.
+
+    The bar opens at the first call, with its total, and closes when ``done`` reaches it.
+    """
+    tqdm = require("tqdm.auto", "app", "the freeloc command's progress bar").tqdm
+    bars: list[Any] = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total, desc=desc, unit=unit))
+        bars[0].update(done - bars[0].n)
+        if done >= total:
+            bars[0].close()
+
+    return update
+
+
 def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
-    from diffusers import DiffusionPipeline
 
-    from .probing import plot_scores, probe
-
-    if args.png is not None and not args.png.parent.is_dir():
-        parser.error(f"--png: folder {str(args.png.parent)!r} does not exist")
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype)).to(args.device)
+    diffusers = require("diffusers", "diffusers", "freeloc probe")
+    progress = tqdm_progress("probing layers", "layer")
+    if args.png is not None:
+        if not args.png.parent.is_dir():
+            parser.error(f"--png: folder {str(args.png.parent)!r} does not exist")
+        require("matplotlib", "app", "freeloc probe --png")  # a missing matplotlib stops it before the probe runs
+    pipe = diffusers.DiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
+    pipe = pipe.to(args.device)
     spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8)
     plan = probe(pipe, args.num_frames, trained_frames=args.trained_frames, seed=args.seed, tsa_count=args.tsa_count,
-                 latent_size=(args.height // spatial, args.width // spatial))
+                 latent_size=(args.height // spatial, args.width // spatial),
+                 progress=progress)
     plan.meta["probe"]["model"] = args.model
     plan.save(args.out)
     print(f"wrote {args.out}: {plan.summary()}")
@@ -188,8 +222,6 @@ def _cuda() -> bool:
 
 
 def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .video import demo
-
     if args.clips > 8:
         parser.error(f"--clips: expected 1 to 8, got {args.clips}")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
@@ -199,9 +231,6 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from .session import METHOD_CHOICES
-    from .video import generate
-
     if args.method not in METHOD_CHOICES:
         parser.error(f"--method: expected one of {list(METHOD_CHOICES)}, got {args.method!r}")
     if args.out.suffix.lower() != ".mp4":
@@ -363,85 +392,6 @@ def explain_text(data: dict[str, Any]) -> str:
     label = f"sliding window (±{win['window']}{', sink' if win['sink'] else ''})"
     out.append(f"  {label:34s} {win['block_density']:16.3f} {win['token_density']:12.3f}")
     return "\n".join(out)
-
-
-def explain_png(data: dict[str, Any], path: Path) -> Path:
-    """Draw :func:`explain_data`'s result: r[i, j], the r(Δ) profile, and TSA's frame-level pattern.
-
-    matplotlib is imported here (Agg backend), so the rest of the CLI does not need it.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
-
-    f, t, cap, v = data["num_frames"], data["trained_frames"], data["cap"], data["vrpr"]
-    vrpr = VRPR(v["w1"], v["w2"], v["g1"], v["g2"], v["cap"])
-    r = vrpr.relative_distance(f).numpy()
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.4), constrained_layout=True)
-
-    ax = axes[0]
-    lim = max(int(np.abs(r).max()), 1)
-    im = ax.imshow(r, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
-    fig.colorbar(im, ax=ax, shrink=0.85, label="r[i, j]")
-    ax.set_title(f"VRPR effective distance r[i, j]   (cap ±{v['cap']}, max |r| = {data['max_abs_r_after']})",
-                 fontsize=10)
-    ax.set_xlabel("key frame j")
-    ax.set_ylabel("query frame i")
-
-    ax = axes[1]
-    d = np.arange(-(f - 1), f)
-    r_min = np.array(data["profile"]["r_min"])
-    r_max = np.array(data["profile"]["r_max"])
-    lo = np.concatenate([-r_max[:0:-1], r_min])  # future keys mirror past keys: r(-Δ) = -r(Δ)
-    hi = np.concatenate([-r_min[:0:-1], r_max])
-    ax.plot(d, d, color="0.6", ls="--", lw=1, label="original r = Δ")
-    ax.fill_between(d, lo, hi, color="#1f77b4", alpha=0.35, step="mid", lw=0)
-    ax.plot(d, hi, color="#1f77b4", lw=1.3, drawstyle="steps-mid", label="VRPR r(Δ), min..max over queries")
-    ax.plot(d, lo, color="#1f77b4", lw=1.3, drawstyle="steps-mid")
-    for sign in (1, -1):
-        ax.axhline(sign * cap, color="#d62728", ls=":", lw=1.2, label=f"cap ±{cap}" if sign == 1 else None)
-    ax.set_ylim(-(f - 1) * 1.05 - 1, (f - 1) * 1.05 + 1)
-    ax.set_xlabel("original Δ = i - j (frames)")
-    ax.set_ylabel("effective distance r")
-    ax.set_title(f"r(Δ): max |r| {data['max_abs_r_before']} -> {data['max_abs_r_after']}   "
-                 f"(w1={v['w1']}, w2={v['w2']}, g1={v['g1']}, g2={v['g2']})", fontsize=10)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.grid(alpha=0.3)
-
-    ax = axes[2]
-    tsa_info = data["tsa"]
-    tsa = TSA.for_length(f, t) or TSA(cap=cap)
-    tier = np.zeros((f, f), dtype=int)
-    codes = {"local": 1, "striped": 2, "sink": 3}
-    for band in tsa.band_set(f, data["tokens_per_frame"]).bands:
-        tier[band.pairs.numpy()] = codes[band.name]
-    colours = ["#f2f2f2", "#1f77b4", "#ff7f0e", "#2ca02c"]
-    ax.imshow(tier, cmap=ListedColormap(colours), vmin=0, vmax=3, interpolation="nearest")
-    ax.set_xlabel("key frame j")
-    ax.set_ylabel("query frame i")
-    ax.set_title(f"TSA frame pattern: {tsa_info['block_density']:.2f} of dense "
-                 f"({tsa_info['block_size']}-token blocks)"
-                 + ("" if tsa_info["applied"] else " [not applied: F <= T]"), fontsize=10)
-    ax.legend(handles=[
-        Patch(color=colours[1], label=f"local  |Δ| ≤ {tsa.d1} (+ frame 0 for i ≤ {tsa.d2})"),
-        Patch(color=colours[2], label=f"striped  {tsa.d1} < |Δ| ≤ {tsa.d2}"),
-        Patch(color=colours[3], label="sink  j = 0 (grouped positions)"),
-        Patch(facecolor=colours[0], edgecolor="0.6", label="not attended"),
-    ], loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, fontsize=8, frameon=False)
-
-    inp = data["input"]
-    unit = ("" if inp["unit"] != "video frames"
-            else f" ({inp['num_frames']} video frames, trained on {inp['trained_frames']})")
-    fig.suptitle(f"FreeLOC at F = {f} temporal tokens, T = {t}{unit}: VRPR {v['source']} setting",
-                 fontsize=11)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def _cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -1,0 +1,198 @@
+"""The pictures of the ``freeloc`` command: explain, probe scores, and the demo's reports and frame strips.
+
+Every function draws with matplotlib (the ``app`` extra) on the Agg backend and writes one PNG.
+matplotlib is imported when a picture is drawn, never when this module is imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .._extras import require
+from ..patterns import TSA
+from ..plan import LayerPlan
+from ..positions import VRPR
+from ..session import Session
+
+__all__ = ["explain_png", "frames_png", "plot_scores", "report_png"]
+
+
+def _pyplot(purpose: str) -> ModuleType:
+    """``matplotlib.pyplot`` on the Agg backend (no display needed), or the error naming the ``app`` extra."""
+    matplotlib = require("matplotlib", "app", purpose)
+    matplotlib.use("Agg")
+    return require("matplotlib.pyplot", "app", purpose)
+
+
+def explain_png(data: dict[str, Any], path: Path) -> Path:
+    """Draw :func:`freeloc.app.cli.explain_data`'s result: r[i, j], the r(Δ) profile, and TSA's frame pattern."""
+    plt = _pyplot("freeloc explain --png")
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    f, t, cap, v = data["num_frames"], data["trained_frames"], data["cap"], data["vrpr"]
+    vrpr = VRPR(v["w1"], v["w2"], v["g1"], v["g2"], v["cap"])
+    r = vrpr.relative_distance(f).numpy()
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.4), constrained_layout=True)
+
+    ax = axes[0]
+    lim = max(int(np.abs(r).max()), 1)
+    im = ax.imshow(r, cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.85, label="r[i, j]")
+    ax.set_title(f"VRPR effective distance r[i, j]   (cap ±{v['cap']}, max |r| = {data['max_abs_r_after']})",
+                 fontsize=10)
+    ax.set_xlabel("key frame j")
+    ax.set_ylabel("query frame i")
+
+    ax = axes[1]
+    d = np.arange(-(f - 1), f)
+    r_min = np.array(data["profile"]["r_min"])
+    r_max = np.array(data["profile"]["r_max"])
+    lo = np.concatenate([-r_max[:0:-1], r_min])  # future keys mirror past keys: r(-Δ) = -r(Δ)
+    hi = np.concatenate([-r_min[:0:-1], r_max])
+    ax.plot(d, d, color="0.6", ls="--", lw=1, label="original r = Δ")
+    ax.fill_between(d, lo, hi, color="#1f77b4", alpha=0.35, step="mid", lw=0)
+    ax.plot(d, hi, color="#1f77b4", lw=1.3, drawstyle="steps-mid", label="VRPR r(Δ), min..max over queries")
+    ax.plot(d, lo, color="#1f77b4", lw=1.3, drawstyle="steps-mid")
+    for sign in (1, -1):
+        ax.axhline(sign * cap, color="#d62728", ls=":", lw=1.2, label=f"cap ±{cap}" if sign == 1 else None)
+    ax.set_ylim(-(f - 1) * 1.05 - 1, (f - 1) * 1.05 + 1)
+    ax.set_xlabel("original Δ = i - j (frames)")
+    ax.set_ylabel("effective distance r")
+    ax.set_title(f"r(Δ): max |r| {data['max_abs_r_before']} -> {data['max_abs_r_after']}   "
+                 f"(w1={v['w1']}, w2={v['w2']}, g1={v['g1']}, g2={v['g2']})", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+
+    ax = axes[2]
+    tsa_info = data["tsa"]
+    tsa = TSA.for_length(f, t) or TSA(cap=cap)
+    tier = np.zeros((f, f), dtype=int)
+    codes = {"local": 1, "striped": 2, "sink": 3}
+    for band in tsa.band_set(f, data["tokens_per_frame"]).bands:
+        tier[band.pairs.numpy()] = codes[band.name]
+    colours = ["#f2f2f2", "#1f77b4", "#ff7f0e", "#2ca02c"]
+    ax.imshow(tier, cmap=ListedColormap(colours), vmin=0, vmax=3, interpolation="nearest")
+    ax.set_xlabel("key frame j")
+    ax.set_ylabel("query frame i")
+    ax.set_title(f"TSA frame pattern: {tsa_info['block_density']:.2f} of dense "
+                 f"({tsa_info['block_size']}-token blocks)"
+                 + ("" if tsa_info["applied"] else " [not applied: F <= T]"), fontsize=10)
+    ax.legend(handles=[
+        Patch(color=colours[1], label=f"local  |Δ| ≤ {tsa.d1} (+ frame 0 for i ≤ {tsa.d2})"),
+        Patch(color=colours[2], label=f"striped  {tsa.d1} < |Δ| ≤ {tsa.d2}"),
+        Patch(color=colours[3], label="sink  j = 0 (grouped positions)"),
+        Patch(facecolor=colours[0], edgecolor="0.6", label="not attended"),
+    ], loc="upper center", bbox_to_anchor=(0.5, -0.11), ncol=2, fontsize=8, frameon=False)
+
+    inp = data["input"]
+    unit = ("" if inp["unit"] != "video frames"
+            else f" ({inp['num_frames']} video frames, trained on {inp['trained_frames']})")
+    fig.suptitle(f"FreeLOC at F = {f} temporal tokens, T = {t}{unit}: VRPR {v['source']} setting",
+                 fontsize=11)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_scores(plan: LayerPlan, path: Path | str) -> Path | str:
+    """Both sensitivity scores per layer (normalized by their maximum) and the resulting assignment, as PNG.
+
+    ``plan`` is a plan written by :func:`freeloc.probe` (it holds the scores); returns ``path``.
+    """
+    plt = _pyplot("freeloc probe --png")
+
+    pos, ctx = plan.scores["position"], plan.scores["context"]
+    n = len(pos)
+    pmax, cmax = max(max(pos), 1e-12), max(max(ctx), 1e-12)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.35 * n + 2), 3.6))
+    x = list(range(n))
+    ax.bar([i - 0.2 for i in x], [p / pmax for p in pos], 0.4, label=f"position (max {pmax:.3g})", color="tab:blue")
+    ax.bar([i + 0.2 for i in x], [c / cmax for c in ctx], 0.4, label=f"context (max {cmax:.3g})",
+           color="tab:orange")
+    for i, m in enumerate(plan.methods):
+        ax.text(i, 1.04, m.upper(), ha="center", fontsize=7, color="tab:orange" if m == "tsa" else "tab:blue")
+    ax.set_ylim(0, 1.15)
+    ax.set_xticks(x)
+    ax.set_xlabel("self-attention layer")
+    ax.set_ylabel("sensitivity / max over layers")
+    ax.set_title("layer sensitivity (TSA where context dominates)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def report_png(direct: Session, long: Session, path: Path, num_frames: int, trained: int) -> Path:
+    """Per layer, direct against FreeLOC: the largest temporal relative distance and the attended density.
+
+    ``direct`` and ``long`` are the two sessions of ``freeloc demo --model random``; ``num_frames`` and
+    ``trained`` are latent frames, for the title and the trained range.
+    """
+    plt = _pyplot("the demo's report.png")
+
+    layers = [s.layer for s in long.layers]
+    methods = [s.method for s in long.layers]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    x = torch.arange(len(layers)).tolist()
+    for ax, key, label in ((axes[0], "max_abs_distance", "max |temporal relative distance|"),
+                           (axes[1], "density", "attended fraction of token pairs")):
+        d = [getattr(s, key) for s in direct.layers]
+        f = [getattr(s, key) for s in long.layers]
+        ax.bar([i - 0.2 for i in x], d, 0.4, label="direct", color="tab:gray")
+        ax.bar([i + 0.2 for i in x], f, 0.4, label="FreeLOC", color="tab:blue")
+        ax.set_xticks(x, [f"{i}\n{m}" for i, m in zip(layers, methods, strict=True)])
+        ax.set_xlabel("layer / FreeLOC method")
+        ax.set_title(label)
+        if key == "max_abs_distance":
+            ax.axhline(trained - 1, color="tab:red", linestyle=":", label=f"trained range ({trained - 1})")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"tiny Wan, {num_frames} latent frames = 4x its trained {trained}: direct vs FreeLOC")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def frames_png(rows: dict[str, Float[Tensor, "_frames 3 _height _width"]], path: Path, title: str,
+               columns: int = 16,
+               frames: list[int] | None = None) -> Path:
+    """A PNG with one row per labelled (T, 3, H, W) video: ``columns`` evenly spaced frames, or the
+    given ``frames`` (indices, for example consecutive ones to show motion)."""
+    plt = _pyplot("the frame strips (frames_png)")
+
+    length = min(v.shape[0] for v in rows.values())
+    if frames is not None:
+        bad = [i for i in frames if not 0 <= i < length]
+        if not frames or bad:
+            raise ValueError(f"frames must be a non-empty list of indices in [0, {length}), got {frames}")
+        idx = torch.tensor(frames)
+    else:
+        idx = torch.linspace(0, length - 1, columns).round().long()
+    columns = len(idx)
+    fig, axes = plt.subplots(len(rows), 1, figsize=(columns * 0.75, 1.05 * len(rows) + 0.5), squeeze=False)
+    axes = axes[:, 0]
+    for ax, (label, video) in zip(axes, rows.items(), strict=True):
+        h = video.shape[-1] + 2
+        row = torch.cat([torch.nn.functional.pad(video[i], (1, 1, 1, 1), value=1.0) for i in idx], dim=2)
+        ax.imshow(row.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_yticks([])
+        ax.set_xticks([h * j + h // 2 for j in range(columns)], [str(int(i)) for i in idx], fontsize=6)
+        ax.set_ylabel(label, fontsize=8)
+    axes[-1].set_xlabel("frame")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

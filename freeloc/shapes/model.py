@@ -1,0 +1,272 @@
+"""The shapes model: a small Wan video model for the synthetic bouncing-shape clips, and its shipped weights.
+
+The model is diffusers' ``WanTransformer3DModel`` at a small configuration, so the real Wan code path
+(and freeloc's Wan adapter) is what runs. It works in pixel space through a fixed patchifier: a
+``32 x 32`` RGB frame minus the background colour, times :data:`SCALE`, becomes a
+``(3 * 4 * 4) x 8 x 8`` latent frame (pixel unshuffle by 4), one latent frame per video frame (no VAE,
+no temporal compression). With the model's ``(1, 2, 2)`` patch a token holds ``192`` numbers, so the
+model's width (``num_heads * head_dim``) must be at least that: a narrower model cannot even pass the
+noise through, and its loss stalls.
+
+The model's "text" is the clip's condition (:func:`model_condition`), as one token or one token per
+shape slot (:attr:`ShapesConfig.slot_tokens`). It names the shapes, their colours and their velocities
+but not where they start, so the model chooses the layout and must keep it moving consistently from
+frame to frame (a relation between frames, which is what RoPE's relative positions carry).
+
+Sampling (:func:`sample`) integrates the flow with Euler steps from Gaussian noise at any length.
+:func:`load` reads a training run of :mod:`freeloc.shapes.train`; :func:`load_shipped` the checkpoint
+shipped in the package (:data:`SHIPPED`), with its layer plan (:func:`shipped_plan`) and guidance
+scale (:func:`shipped_guidance`).
+
+Building the model needs diffusers and loading the shipped weights safetensors (the ``shapes`` extra);
+both are imported when first needed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from jaxtyping import Float
+from torch import Tensor
+
+from .._extras import require
+from ..plan import LayerPlan
+from ..probing import probe
+from .clips import BACKGROUND, CONDITION_DIM, MAX_SHAPES, SLOT_DIM, ClipSpec, condition, random_spec, render
+
+__all__ = [
+    "LR_FLOOR",
+    "SCALE",
+    "SHIPPED",
+    "UNSHUFFLE",
+    "ShapesConfig",
+    "build_model",
+    "condition_tokens",
+    "decode",
+    "encode",
+    "load",
+    "load_shipped",
+    "model_condition",
+    "probe_plan",
+    "sample",
+    "shipped_guidance",
+    "shipped_plan",
+]
+
+#: Folder of the checkpoint shipped with the package (weights, metadata, model card, loss curve).
+SHIPPED = Path(__file__).parent / "data"
+
+#: Pixel-unshuffle factor of the fixed patchifier.
+UNSHUFFLE = 4
+#: Latent scale: ``latent = (pixels - background) * SCALE`` (real clips then have an RMS near 0.55).
+SCALE = 4.0
+#: Where a learning-rate decay ends, as a fraction of ``lr`` (see :attr:`ShapesConfig.lr_decay_start`).
+LR_FLOOR = 0.05
+
+
+@dataclass(frozen=True)
+class ShapesConfig:
+    """The model and training settings (saved beside the checkpoint)."""
+
+    frame_size: int = 32
+    trained_frames: int = 16
+    num_layers: int = 4
+    num_heads: int = 4
+    head_dim: int = 64
+    ffn_dim: int = 512
+    batch: int = 8
+    lr: float = 5e-4
+    warmup: int = 200
+    ema: float = 0.999
+    shift: float = 2.0
+    seed: int = 0
+    #: Fraction of training clips whose condition is replaced by zeros (the null condition that
+    #: classifier-free guidance, ``sample(..., guidance=)``, compares against); 0 keeps every condition.
+    cond_drop: float = 0.0
+    #: First training step with condition dropout (earlier steps keep every condition). A run saved
+    #: before this step is a valid start for this config: up to it, the two trainings are the same.
+    cond_drop_start: int = 0
+    #: How the condition reaches the model: ``False``, one token of all :data:`CONDITION_DIM` numbers;
+    #: ``True``, one token per shape slot (its numbers and the shape count), so that cross-attention
+    #: can tell the shapes apart.
+    slot_tokens: bool = False
+    #: Learning-rate decay: ``lr`` until step ``lr_decay_start``, then linearly down to
+    #: ``lr * LR_FLOOR`` at ``lr_decay_end`` and constant after. ``lr_decay_end <= lr_decay_start``
+    #: keeps ``lr`` throughout. A run saved before the start is a valid start for this config.
+    lr_decay_start: int = 0
+    lr_decay_end: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of training step ``step`` (0-based): warm-up, then the decay if one is set."""
+        lr = self.lr * min(1.0, (step + 1) / max(1, self.warmup))
+        if self.lr_decay_end <= self.lr_decay_start or step < self.lr_decay_start:
+            return lr
+        done = min(1.0, (step - self.lr_decay_start) / (self.lr_decay_end - self.lr_decay_start))
+        return lr * (1.0 - (1.0 - LR_FLOOR) * done)
+
+    def cond_drop_at(self, step: int) -> float:
+        """The condition dropout used at training step ``step`` (0-based)."""
+        return self.cond_drop if step >= self.cond_drop_start else 0.0
+
+    def same_training_until(self, other: ShapesConfig, step: int) -> bool:
+        """Whether training with ``other`` for ``step`` steps is exactly training with this config."""
+        scheduled = ("cond_drop", "cond_drop_start", "lr_decay_start", "lr_decay_end")
+        if {k: v for k, v in asdict(self).items() if k not in scheduled} != {
+                k: v for k, v in asdict(other).items() if k not in scheduled}:
+            return False
+        changes = {0, self.cond_drop_start, other.cond_drop_start}
+        if any(self.cond_drop_at(s) != other.cond_drop_at(s) for s in changes if s < step):
+            return False
+        # both schedules are piecewise linear in the step: equal at every step before ``step`` iff equal
+        # at each of their breakpoints before it and at the last step before it
+        knots = {0, step - 1, self.warmup, other.warmup, self.lr_decay_start, other.lr_decay_start,
+                 self.lr_decay_end, other.lr_decay_end}
+        knots |= {k - 1 for k in knots} | {k + 1 for k in knots}
+        return all(self.lr_at(s) == other.lr_at(s) for s in knots if 0 <= s < step)
+
+    @property
+    def channels(self) -> int:
+        return 3 * UNSHUFFLE * UNSHUFFLE
+
+
+def build_model(cfg: ShapesConfig) -> torch.nn.Module:
+    """The small ``WanTransformer3DModel`` (seeded by ``cfg.seed``)."""
+    diffusers = require("diffusers", "shapes", "the shapes model (a diffusers WanTransformer3DModel)")
+    torch.manual_seed(cfg.seed)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+        in_channels=cfg.channels, out_channels=cfg.channels,
+        text_dim=SLOT_DIM + 1 if cfg.slot_tokens else CONDITION_DIM, freq_dim=64, ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers, rope_max_seq_len=1024,
+    )
+
+
+def _background() -> Tensor:
+    return torch.tensor(BACKGROUND).view(3, 1, 1)
+
+
+def encode(video: Float[Tensor, "batch frames 3 height width"]) -> Float[Tensor, "batch channels frames h w"]:
+    """(B, T, 3, H, W) in [0, 1] -> latent (B, 48, T, H/4, W/4); the background maps to 0."""
+    b, t = video.shape[:2]
+    x = F.pixel_unshuffle((video - _background()).flatten(0, 1) * SCALE, UNSHUFFLE)  # (B*T, 48, H/4, W/4)
+    return x.unflatten(0, (b, t)).transpose(1, 2)
+
+
+def decode(latent: Float[Tensor, "batch channels frames h w"]) -> Float[Tensor, "batch frames 3 height width"]:
+    """Latent (B, 48, T, h, w) -> (B, T, 3, 4h, 4w) in [0, 1]."""
+    b, _, t = latent.shape[:3]
+    x = F.pixel_shuffle((latent / SCALE).transpose(1, 2).flatten(0, 1), UNSHUFFLE)
+    return (x + _background()).clamp(0, 1).unflatten(0, (b, t))
+
+
+def model_condition(spec: ClipSpec) -> Float[Tensor, " cond"]:
+    """The model's condition: :func:`freeloc.shapes.clips.condition` with the start positions zeroed.
+
+    The shapes, colours and velocities are asked for; where the shapes start is left to the model.
+    """
+    out = condition(spec).clone()
+    for i in range(spec.num_shapes):
+        out[i * SLOT_DIM + 10 : i * SLOT_DIM + 12] = 0.0
+    return out
+
+
+def condition_tokens(cfg: ShapesConfig, cond: Float[Tensor, "batch cond"]) -> Float[Tensor, "batch tokens width"]:
+    """Conditions (B, CONDITION_DIM) as the model's "text" tokens: (B, 1, 37), or (B, 3, 13) with ``slot_tokens``."""
+    if not cfg.slot_tokens:
+        return cond[:, None, :]
+    slots = cond[:, : MAX_SHAPES * SLOT_DIM].unflatten(1, (MAX_SHAPES, SLOT_DIM))
+    return torch.cat([slots, cond[:, None, -1:].expand(-1, MAX_SHAPES, 1)], dim=2)
+
+
+def _shifted(t: Float[Tensor, "*shape"], shift: float) -> Float[Tensor, "*shape"]:
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesConfig]:
+    """The trained model (eval mode; the weight average unless ``average=False``) and its config."""
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    cfg = ShapesConfig(**state["config"])
+    model = build_model(cfg)
+    model.load_state_dict(state["ema" if average else "model"])
+    return model.eval(), cfg
+
+
+def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, progress: bool = True) -> LayerPlan:
+    """The layer plan :func:`freeloc.probe` writes for this model at ``multiple`` x its trained length.
+
+    The probe's input is a rendered clip (seed 99) noised halfway (timestep 500) with its condition.
+    """
+    frames = multiple * cfg.trained_frames
+    spec = random_spec(99, frame_size=cfg.frame_size)
+    x0 = encode(render(spec, frames)[None])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(99))
+    inputs = dict(hidden_states=0.5 * x0 + 0.5 * noise, timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=condition_tokens(cfg, model_condition(spec)[None]), return_dict=False)
+    plan = probe(model, frames, inputs=inputs, trained_frames=cfg.trained_frames, temporal_factor=1,
+                 progress=progress)
+    plan.meta["probe"]["inputs"] = "freeloc.shapes.model.probe_plan: a rendered clip (seed 99) at timestep 500"
+    return plan
+
+
+def shipped_plan() -> LayerPlan:
+    """The probe's layer plan for the shipped model (``plan.json`` beside it; see :func:`probe_plan`)."""
+    path = SHIPPED / "plan.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall freeloc with its package data")
+    return LayerPlan.load(path)
+
+
+def shipped_guidance() -> float:
+    """The classifier-free guidance scale the shipped model is meant to be sampled with (1.0: none)."""
+    path = SHIPPED / "model.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall freeloc with its package data")
+    return float(json.loads(path.read_text()).get("guidance", 1.0))
+
+
+def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ShapesConfig]:
+    """The checkpoint shipped in the package (:data:`SHIPPED`), offline; eval mode.
+
+    Raises:
+        FileNotFoundError: If the package was installed without its data files.
+    """
+    load_file = require("safetensors.torch", "shapes", "the shipped shapes model").load_file
+    weights, meta_path = SHIPPED / "model.safetensors", SHIPPED / "model.json"
+    if not weights.exists() or not meta_path.exists():
+        raise FileNotFoundError(f"the shipped shapes model is missing from {SHIPPED} (model.safetensors and "
+                                f"model.json): reinstall freeloc with its package data")
+    cfg = ShapesConfig(**json.loads(meta_path.read_text())["config"])
+    model = build_model(cfg)
+    model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(weights)).items()})
+    return (model if dtype == torch.float32 else model.to(dtype)).eval(), cfg
+
+
+@torch.no_grad()
+def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch cond"], num_frames: int, *,
+           steps: int = 20, seed: int = 0, guidance: float = 1.0) -> Float[Tensor, "batch frames 3 height width"]:
+    """Videos (B, T, 3, H, W) in [0, 1] for conditions ``cond`` (B, CONDITION_DIM), Euler flow sampling.
+
+    ``guidance`` != 1 applies classifier-free guidance against the zero condition,
+    ``v = v(0) + guidance * (v(cond) - v(0))``: meaningful for a model trained with ``cond_drop > 0``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    h = cfg.frame_size // UNSHUFFLE
+    dev = next(model.parameters()).device  # noise drawn on the CPU: the same videos on any device
+    x = torch.randn(cond.shape[0], cfg.channels, num_frames, h, h, generator=g).to(dev)
+    ts = _shifted(torch.linspace(1, 0, steps + 1), cfg.shift)
+    tokens = condition_tokens(cfg, cond.to(dev))
+    both_conds = torch.cat([torch.zeros_like(tokens), tokens])
+    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+        if guidance == 1.0:
+            v = model(x, torch.full((x.shape[0],), float(t) * 1000, device=dev), tokens, return_dict=False)[0]
+        else:  # conditioned and null-conditioned velocities in one batch
+            both = model(torch.cat([x, x]), torch.full((2 * x.shape[0],), float(t) * 1000, device=dev), both_conds,
+                         return_dict=False)[0]
+            v0, v1 = both.chunk(2)
+            v = v0 + guidance * (v1 - v0)
+        x = x + (t_next - t) * v
+    return decode(x.float().cpu())

@@ -1,0 +1,165 @@
+"""Training the shapes model: seeded and resumable, schedules that continue a saved run, and the export."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the shapes model is a diffusers WanTransformer3DModel (extra 'shapes')")
+
+import freeloc.shapes.model as shapes_model  # noqa: E402
+from freeloc.shapes.model import LR_FLOOR, ShapesConfig, load  # noqa: E402
+from freeloc.shapes.train import _card, export, main, train, trained_length_scores  # noqa: E402
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """The two training runs' weight averages are bit-identical."""
+    for (name, a), b in zip(load(run_a)[0].state_dict().items(), load(run_b)[0].state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_training_is_seeded_and_resumable(tiny_shapes: ShapesConfig, tmp_path: Path) -> None:
+    straight = train(tiny_shapes, 4, tmp_path / "a", save_every=2, progress=False)
+    train(tiny_shapes, 2, tmp_path / "b", save_every=2, progress=False)
+    resumed = train(tiny_shapes, 4, tmp_path / "b", save_every=2, progress=False)
+    assert straight["step"] == resumed["step"] == 4
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-5)
+    a, _ = load(tmp_path / "a")
+    b, _ = load(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    with pytest.raises(ValueError, match="was trained with"):
+        train(replace(tiny_shapes, lr=1e-3), 5, tmp_path / "a", progress=False)
+
+
+def test_too_narrow_a_model_is_refused(tiny_shapes: ShapesConfig, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="narrower than a token"):
+        train(replace(tiny_shapes, head_dim=12), 1, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_training_on_an_explicit_cpu_device_is_the_default_training(tiny_shapes: ShapesConfig, tmp_path: Path) -> None:
+    train(tiny_shapes, 2, tmp_path / "a", save_every=2, progress=False)
+    train(tiny_shapes, 2, tmp_path / "b", save_every=2, progress=False, device="cpu")
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    with pytest.raises((RuntimeError, ValueError), match="device|Device"):
+        train(tiny_shapes, 1, tmp_path / "c", progress=False, device="nonsense")
+
+
+def test_condition_dropout_is_seeded_resumable_and_changes_training(tiny_shapes: ShapesConfig, tmp_path: Path) -> None:
+    drop = replace(tiny_shapes, cond_drop=0.5)
+    straight = train(drop, 4, tmp_path / "a", save_every=2, progress=False)
+    train(drop, 2, tmp_path / "b", save_every=2, progress=False)
+    assert train(drop, 4, tmp_path / "b", save_every=2, progress=False)["loss"] == pytest.approx(straight["loss"],
+                                                                                                  rel=1e-5)
+    plain = train(tiny_shapes, 4, tmp_path / "c", save_every=2, progress=False)
+    assert plain["loss"] != straight["loss"]
+    with pytest.raises(ValueError, match=r"cond_drop must be in \[0, 1\), got 1.5"):
+        train(replace(tiny_shapes, cond_drop=1.5), 1, tmp_path / "d", progress=False)
+
+
+def test_condition_dropout_from_a_step_continues_a_run_saved_before_it(tiny_shapes: ShapesConfig,
+                                                                       tmp_path: Path) -> None:
+    """A run without dropout, continued with ``cond_drop_start`` = its steps, is that config trained from scratch."""
+    later = replace(tiny_shapes, cond_drop=0.5, cond_drop_start=2)
+    train(tiny_shapes, 2, tmp_path / "a", save_every=2, progress=False)
+    continued = train(later, 4, tmp_path / "a", save_every=2, progress=False)
+    scratch = train(later, 4, tmp_path / "b", save_every=2, progress=False)
+    assert continued["loss"] == pytest.approx(scratch["loss"], rel=1e-6)
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    assert train(tiny_shapes, 4, tmp_path / "c", save_every=2, progress=False)["loss"] != scratch["loss"]
+    # a run already past the start (here: 2 steps without dropout, asked to drop from step 1) is refused
+    train(tiny_shapes, 2, tmp_path / "d", save_every=2, progress=False)
+    with pytest.raises(ValueError, match="for 2 steps, which is not the same training"):
+        train(replace(later, cond_drop_start=1), 4, tmp_path / "d", progress=False)
+    with pytest.raises(ValueError, match="cond_drop_start must be a step >= 0, got -1"):
+        train(replace(later, cond_drop_start=-1), 1, tmp_path / "e", progress=False)
+    assert later.cond_drop_at(1) == 0.0 and later.cond_drop_at(2) == 0.5
+
+
+def test_learning_rate_decay_from_a_step_continues_a_run_saved_before_it(tiny_shapes: ShapesConfig,
+                                                                         tmp_path: Path) -> None:
+    """A constant-lr run continued with a decay starting at its step is that config trained from scratch."""
+    decayed = replace(tiny_shapes, warmup=1, lr_decay_start=2, lr_decay_end=4)
+    lr = tiny_shapes.lr
+    assert [decayed.lr_at(s) for s in range(6)] == pytest.approx(
+        [lr, lr, lr, lr * (1 - (1 - LR_FLOOR) / 2), lr * LR_FLOOR, lr * LR_FLOOR])
+    constant = replace(tiny_shapes, warmup=1)
+    train(constant, 2, tmp_path / "a", save_every=2, progress=False)
+    continued = train(decayed, 5, tmp_path / "a", save_every=5, progress=False)
+    scratch = train(decayed, 5, tmp_path / "b", save_every=5, progress=False)
+    assert continued["loss"] == pytest.approx(scratch["loss"], rel=1e-6)
+    assert_same_weights(tmp_path / "a", tmp_path / "b")
+    assert train(constant, 5, tmp_path / "c", save_every=5, progress=False)["loss"] != scratch["loss"]
+    # a run already past the decay's start is refused, and so are negative steps
+    train(constant, 4, tmp_path / "d", save_every=4, progress=False)  # step 3 had lr, not the decayed lr
+    with pytest.raises(ValueError, match="for 4 steps, which is not the same training"):
+        train(decayed, 5, tmp_path / "d", progress=False)
+    with pytest.raises(ValueError, match="lr_decay_start and lr_decay_end must be steps >= 0, got -1 and 4"):
+        train(replace(decayed, lr_decay_start=-1), 1, tmp_path / "e", progress=False)
+    meta = {"config": decayed.__dict__, "parameters": 1, "weights": "w", "steps": 5, "loss_window": 1,
+            "final_loss": 0.1, "commit": "abc"}
+    assert "decayed linearly from step 2 to 0.05 x lr at step 4" in _card(meta, "")
+    assert "decayed" not in _card({**meta, "config": constant.__dict__}, "")
+
+
+def test_export_writes_a_loadable_checkpoint_with_card_plan_and_loss_curve(tiny_shapes: ShapesConfig, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    train(tiny_shapes, 3, tmp_path / "run", progress=False)
+    dest = export(tmp_path / "run", tmp_path / "ship", commit="abc1234")
+    meta = json.loads((dest / "model.json").read_text())
+    assert meta["steps"] == 3 and meta["commit"] == "abc1234" and meta["config"]["head_dim"] == 96
+    assert "abc1234" in (dest / "MODEL_CARD.md").read_text()
+    assert (dest / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setattr(shapes_model, "SHIPPED", dest)
+    model, cfg = shapes_model.load_shipped()
+    reference, _ = load(tmp_path / "run")
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b.half().float(), rtol=0, atol=0, msg=name)  # float16 storage
+    assert shapes_model.shipped_plan().num_layers == cfg.num_layers
+    with pytest.raises(FileNotFoundError, match="reinstall freeloc"):
+        monkeypatch.setattr(shapes_model, "SHIPPED", tmp_path / "nowhere")
+        shapes_model.load_shipped()
+
+
+def test_export_records_the_guidance_scale_and_refuses_it_without_dropout(tiny_shapes: ShapesConfig, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    train(tiny_shapes, 1, tmp_path / "plain", progress=False)
+    with pytest.raises(ValueError, match="guidance=3.0 needs a model trained with cond_drop > 0"):
+        export(tmp_path / "plain", tmp_path / "x", guidance=3.0)
+    train(replace(tiny_shapes, cond_drop=0.2, cond_drop_start=1), 2, tmp_path / "drop", progress=False)
+    dest = export(tmp_path / "drop", tmp_path / "ship", commit="abc1234", guidance=3.0)
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "classifier-free guidance 3" in card and "20% of the conditions replaced by zeros" in card
+    assert "from step 1 on" in card
+    monkeypatch.setattr(shapes_model, "SHIPPED", dest)
+    assert shapes_model.shipped_guidance() == 3.0
+    monkeypatch.setattr(shapes_model, "SHIPPED", tmp_path / "plain-ship")
+    export(tmp_path / "plain", tmp_path / "plain-ship")
+    assert shapes_model.shipped_guidance() == 1.0
+
+
+def test_export_scores_the_model_at_its_trained_length_in_the_card(tiny_shapes: ShapesConfig, tmp_path: Path) -> None:
+    train(replace(tiny_shapes, cond_drop=0.2), 1, tmp_path / "run", progress=False)
+    dest = export(tmp_path / "run", tmp_path / "ship", guidance=3.0, evaluate=[1.0, 3.0], evaluate_clips=2)
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "| guidance | shapes drawn / asked | right count | right colours |" in card
+    assert "| 1 (none) |" in card and "| 3 (shipped default) |" in card and "seeds 20000-20001" in card
+    stored = json.loads((dest / "model.json").read_text())["trained_length_scores"]
+    assert stored["clips"] == 2 and set(stored["by_guidance"]) == {"1", "3"}
+    model, cfg = load(tmp_path / "run")
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})  # the exported weights
+    again = trained_length_scores(model, cfg, [3.0], clips=2, progress=False)[3.0]
+    assert again == pytest.approx(stored["by_guidance"]["3"], nan_ok=True)  # the card's numbers are reproducible
+    for bad in ([], [-1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="guidances must be finite numbers >= 0"):
+            trained_length_scores(model, cfg, bad, progress=False)
+    with pytest.raises(ValueError, match="clips must be between 1 and 64, got 0"):
+        trained_length_scores(model, cfg, [1.0], clips=0, progress=False)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "x"), "--evaluate", "1,abc"])
+    main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "plain"), "--evaluate", "none"])
+    assert "| guidance |" not in (tmp_path / "plain" / "MODEL_CARD.md").read_text()
