@@ -233,3 +233,16 @@ print(json.dumps({{"max_abs_r": [int(r.abs().max())]}}))
     print(f"(c) with {list(OPTIONAL)} missing: import freeloc, freeloc.attention; VRPR max |r| = "
           f"{result['max_abs_r']}; then the {len(names)} modules of freeloc import")
     assert result["max_abs_r"] == [20]
+
+
+def test_the_architecture_page_names_files_that_exist() -> None:
+    """``docs/architecture.md`` names the modules of each layer: every path it gives exists (relative to the
+    repository, or to ``freeloc/`` for the attention modules), so that the page stays true."""
+    import re
+
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    paths = sorted({p for p in re.findall(r"`([\w./]+(?:\.py|/))`", page) if "/" in p})
+    print(f"{len(paths)} paths named: {paths}")
+    assert len(paths) > 10
+    missing = [p for p in paths if not (ROOT / p).exists() and not (ROOT / "freeloc" / p).exists()]
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"

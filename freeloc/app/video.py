@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
@@ -106,9 +107,9 @@ def _tile(videos: Float[Tensor, "batch frames 3 height width"], scale: int = 4,
     columns = min(columns, b)
     rows = -(-b // columns)
     pad = torch.ones(rows * columns - b, t, c, h, w)
-    grid = torch.cat([videos, pad]).view(rows, columns, t, c, h, w)
-    grid = torch.nn.functional.pad(grid, (2, 2, 2, 2), value=1.0)  # 32 + 4 px: x4 is a multiple of 16
-    grid = grid.permute(2, 3, 0, 4, 1, 5).reshape(t, c, rows * (h + 4), columns * (w + 4))
+    # a 2-pixel border: 32 + 4 px, x4 is a multiple of 16
+    clips = torch.nn.functional.pad(torch.cat([videos, pad]), (2, 2, 2, 2), value=1.0)
+    grid = rearrange(clips, "(rows cols) t c h w -> t c (rows h) (cols w)", rows=rows, cols=columns)
     return grid.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
 
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from ..bands import Band, BandSet, count_per_tile, gap_and_span, token_pieces
@@ -180,8 +181,9 @@ class FlexGroup:
         pair = self.width[:-1, :-1] > 0
         f, c = pair.shape
 
-        def expand(tile: Tensor) -> Tensor:
-            return (pair[:, None, :, None] & tile[None, :, None, :]).reshape(f * len(qlo), c * len(klo))
+        def expand(tile: Tensor) -> Tensor:  # [frame pair] x [block pair inside it] -> [query block, key block]
+            both = pair[:, None, :, None] & tile[None, :, None, :]
+            return rearrange(both, "qf qb kf kb -> (qf qb) (kf kb)")
 
         return expand(tile_any), expand(tile_full)
 
