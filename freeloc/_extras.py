@@ -5,7 +5,7 @@ the shapes test bed need more (matplotlib, tqdm, imageio, Pillow, diffusers, saf
 them inside the function that uses them, through :func:`require`, so that a missing package is one
 clear error that names the extra to install.
 
-Example:
+Examples:
     >>> require("math", "app", "an example").sqrt(4.0)
     2.0
 """

@@ -1,12 +1,12 @@
 """Attention-pattern methods: which key tokens each query attends (TSA, sliding window).
 
-* :class:`TSA` (FreeLOC's Tiered Sparse Attention, method.md section 3): dense near frames, a
+* :class:`TSA` (FreeLOC's Tiered Sparse Attention, docs/method.md §3): dense near frames, a
   spatial stripe at middle distances, and the first frame as an attention sink seen through grouped
   positions from far away. At 4x length it attends about a third of the token pairs.
 * :class:`SlidingWindow`: every query attends the frames within ``window`` of its own (and, with
   ``sink=True``, the first frame), with the original positions.
 
-Example:
+Examples:
     >>> tsa = TSA()
     >>> round(tsa.block_density(81, 1560), 2)
     0.34
@@ -81,7 +81,7 @@ class TSA(Method):
         The tiers stay the reference's (``d1 = 8``, ``d2 = 24``) whatever the trained length, although they
         were set for ``T = 21``: scaling them with the cap (``d1 = round(0.4 cap)``, ``d2 = round(1.2 cap)``,
         so 6 and 18 for the shipped shapes model's ``T = 16``) measured slightly worse there at 2x, 4x and
-        8x (``benchmarks/RESULTS.md``). Pass ``TSA(d1=..., d2=...)`` to choose other tiers.
+        8x (``benchmarks/HISTORY.md``). Pass ``TSA(d1=..., d2=...)`` to choose other tiers.
         """
         _check_frames(num_frames, trained_frames)
         if num_frames <= trained_frames:

@@ -10,7 +10,7 @@ All of them change only the **temporal** part of a 3D RoPE; height and width sta
 * :class:`YaRN`: per-frequency ramp between interpolation (``w / s``) and extrapolation (``w``).
 * :class:`RIFLEx`: the intrinsic temporal frequency ``k`` (1-based) lowered to ``0.9 * 2 pi / F``.
 
-Example:
+Examples:
     >>> v = VRPR.for_length(num_frames=81, trained_frames=21)
     >>> (v.w1, v.w2, v.g1, v.g2, v.cap)
     (10, 14, 2, 8, 20)
@@ -51,7 +51,7 @@ def _positive_int(owner: str, name: str, value: object, minimum: int = 1) -> Non
 @register
 @dataclass(frozen=True)
 class VRPR(Method):
-    """Video-based Relative Position Re-encoding (method.md section 2).
+    """Video-based Relative Position Re-encoding (docs/method.md §2).
 
     Tiers on frame distance ``d = i - j`` (query frame minus key frame), five attention passes:
 
@@ -191,7 +191,7 @@ class VRPR(Method):
         return r.round().long()
 
     def violations(self, num_frames: int) -> list[str]:
-        """Which of method.md's properties fail at this length (empty list: all hold).
+        """Which of the properties of docs/method.md §2.6 fail at this length (empty list: all hold).
 
         Checked: ``r(i, i) = 0``; ``r = i - j`` for ``|i - j| < w1``; ``|r| <= cap``;
         ``r(i, j) = -r(j, i)``; for each query, ``r`` never decreases as the key moves away.

@@ -12,7 +12,7 @@ in theta, and in how channels are paired:
 Frequencies of pair ``m`` of a part of size ``d`` follow the usual 1D RoPE,
 ``theta ** (-2m / d)``.
 
-Example:
+Examples:
     >>> import torch
     >>> layout = RotaryLayout.wan(head_dim=128)
     >>> (layout.t_dim, layout.h_dim, layout.w_dim)

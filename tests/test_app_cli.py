@@ -59,7 +59,7 @@ def test_explain_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert prof["r_min"][:10] == prof["r_max"][:10] == list(range(10))  # near tier: r = Δ exactly
     assert all(lo <= hi <= 20 for lo, hi in zip(prof["r_min"], prof["r_max"], strict=True))
     assert prof["r_max"][-1] == 20
-    assert data["tsa"]["block_density"] == pytest.approx(0.33, abs=0.01)  # "about 0.33", method.md section 3
+    assert data["tsa"]["block_density"] == pytest.approx(0.33, abs=0.01)  # "about 0.33", docs/method.md §3
     assert data["tsa"]["stripe_tokens"] == 195
     assert 0 < data["tsa"]["token_density"] < data["tsa"]["block_density"]
     assert data["sliding_window"]["window"] == 10

@@ -1,6 +1,6 @@
 """Attention-pattern methods (TSA, sliding window) and the band tables behind them.
 
-TSA is checked pair by pair against a brute-force reading of method.md section 3; ``BandSet``'s block
+TSA is checked pair by pair against a brute-force reading of docs/method.md §3; ``BandSet``'s block
 tables and densities against brute-force tilings of the token mask.
 """
 
@@ -25,7 +25,7 @@ PUBLISHED_DENSITY = {21: 0.79, 41: 0.56, 81: 0.33}
 def test_tsa_block_density_wan_480p(f: int) -> None:
     density = TSA().block_density(f, 1560, block_size=128)
     print(f"TSA block density at F={f}, S=1560, 128-token blocks: {density:.4f} "
-          f"(method.md: {PUBLISHED_DENSITY[f]})")
+          f"(docs/method.md §3.3: {PUBLISHED_DENSITY[f]})")
     assert abs(density - PUBLISHED_DENSITY[f]) <= 0.03
 
 
@@ -43,7 +43,7 @@ def test_tsa_density_falls_with_length() -> None:
 def brute_force_tsa(
     num_frames: int, tokens_per_frame: int, d1: int, d2: int, stripe: float
 ) -> dict[str, list[list[bool]]]:
-    """method.md section 3 token pair by token pair: which band (if any) holds each (query, key) token pair."""
+    """docs/method.md §3 token pair by token pair: which band (if any) holds each (query, key) token pair."""
     s = tokens_per_frame
     ds = math.floor(stripe * s)
     n = num_frames * s

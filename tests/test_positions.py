@@ -1,6 +1,6 @@
-"""Property tests of the temporal position methods (method.md sections 2 and 6).
+"""Property tests of the temporal position methods (docs/method.md §2 and §6).
 
-VRPR is checked directly against method.md's properties (not through ``VRPR.violations``), against
+VRPR is checked directly against the properties of docs/method.md §2.6 (not through ``VRPR.violations``), against
 hand-computed values of its tier formulas, and against its own fast checker ``_properties_hold``.
 The baselines (PI, NTK, YaRN, RIFLEx) are checked against their textbook formulas.
 """
@@ -33,7 +33,7 @@ def frame_delta(num_frames: int) -> torch.Tensor:
 
 
 def assert_vrpr_properties(v: VRPR, num_frames: int, trained_frames: int) -> None:
-    """method.md section 2's properties, checked directly on ``relative_distance``."""
+    """docs/method.md §2's properties, checked directly on ``relative_distance``."""
     f = num_frames
     r = v.relative_distance(f)
     d = frame_delta(f)
@@ -134,7 +134,7 @@ def test_published_constants_by_hand() -> None:
     assert (v81.c1, v81.c2) == (5, 11)  # 10 - 5; 14 - 1 - 2
 
 
-# F = 81, (w1, w2, g1, g2, cap) = (10, 14, 2, 8, 20), c1 = 5, c2 = 11; values from method.md's formulas.
+# F = 81, (w1, w2, g1, g2, cap) = (10, 14, 2, 8, 20), c1 = 5, c2 = 11; values from the formulas of docs/method.md §2.2.
 SPOT_81 = [
     # near, |d| < 10: r = i - j
     (40, 35, 5), (3, 12, -9), (50, 41, 9),

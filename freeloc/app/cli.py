@@ -19,7 +19,7 @@ for Wan2.1); they are turned into temporal tokens (latent frames) with ``(n - 1)
 (``--temporal-factor``, 4 for the Wan and HunyuanVideo VAEs: 321 -> 81, 81 -> 21). With ``--latent``
 the numbers are taken as temporal tokens already.
 
-Example:
+Examples:
     >>> main(["explain", "--num-frames", "161", "--trained-frames", "81", "--json"])  # doctest: +SKIP
 """
 
@@ -51,7 +51,7 @@ BLOCK_SIZE = 128
 def video_to_latent(video_frames: int, temporal_factor: int) -> int:
     """Temporal tokens (latent frames) of ``video_frames`` frames: ``(n - 1) // factor + 1``.
 
-    Example:
+    Examples:
         >>> video_to_latent(321, 4), video_to_latent(81, 4)
         (81, 21)
     """

@@ -14,7 +14,7 @@ Three backends compute the same numbers:
 
 How a call runs: validate -> the method's bands at this grid -> a plan (pure, cached: the rotations
 and the parts of the call, each bound to one backend) -> rotate -> run the parts -> one merge by
-log-sum-exp (docs/method.md §6). Every tuning setting is an :class:`AttentionOptions`.
+log-sum-exp (docs/method.md §7). Every tuning setting is an :class:`AttentionOptions`.
 
 Examples:
     >>> import torch, freeloc

@@ -356,7 +356,7 @@ def use_aligned(band_set: BandSet, tokens_per_frame: int, device: torch.device, 
     """Whether the flex calls pad frames to whole blocks here (``AttentionOptions.layout``): ``"auto"``
     is frame-aligned on CUDA for band sets with a stripe whose padding adds at most 1/8 to a frame (TSA
     runs faster aligned, VRPR, whose only partial blocks are at frame boundaries, packed;
-    ``benchmarks/RESULTS.md``)."""
+    ``benchmarks/HISTORY.md``)."""
     if layout != "auto":
         return layout == "aligned"
     s = tokens_per_frame

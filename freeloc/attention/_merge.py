@@ -30,7 +30,7 @@ def merge_lse(
     a single kernel that reads each pass once. Rows without keys in a pass (``lse = -inf``) weigh zero
     whatever that pass's output; rows without keys in any pass get output 0 and LSE ``-inf``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> q, k, v = torch.randn(4, 8), torch.randn(10, 8), torch.randn(10, 8)
         >>> s = q @ k.T

@@ -13,7 +13,7 @@ the attention:
 * :class:`TextPart`: the text tokens, dense, at their original positions (models with text in the
   sequence).
 
-The video parts' outputs are merged once, exactly, by their log-sum-exp (docs/method.md §6). A plan is
+The video parts' outputs are merged once, exactly, by their log-sum-exp (docs/method.md §7). A plan is
 pure data, cached by (band set, shape, backend, device type, dtype, head dim, options).
 """
 
