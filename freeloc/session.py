@@ -10,8 +10,9 @@ or, without a ``with`` block, ``handle = freeloc.apply(...); ...; handle.remove(
 block (normally or by an exception) or calling :meth:`Session.remove` restores every processor,
 hook and attribute the session changed, in reverse order; removing twice is harmless.
 
-This module is framework-independent: adapters (``freeloc.adapters``, which may import diffusers)
-are looked up lazily, by the class of each transformer found in the target.
+This module is framework-independent: the adapter of each transformer found in the target is looked
+up in :mod:`freeloc.registry` (entry points of the group ``freeloc.adapters``), by the transformer's
+class name.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .methods import METHODS
 from .plan import DIRECT, LayerPlan
+
+if TYPE_CHECKING:
+    from .adapter import ShippedPlan
 
 __all__ = ["Session", "LayerStats", "apply", "enable", "plan_for", "METHOD_CHOICES"]
 
@@ -115,7 +119,7 @@ class Timer:
 
 
 def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
-             shipped: str | None, model_name: str, method_params: dict[str, Any] | None = None,
+             shipped: ShippedPlan | None, model_name: str, method_params: dict[str, Any] | None = None,
              uniform: str = "vrpr") -> LayerPlan:
     """The layer plan a session applies, with clear errors.
 
@@ -142,7 +146,7 @@ def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
             raise ValueError(
                 f"no shipped layer plan matches {model_name} ({num_layers} self-attention layers): run "
                 f"`freeloc probe` on it and pass plan=PATH, or pass plan='uniform' ({uniform} on every layer)")
-        resolved = LayerPlan.published(shipped)
+        resolved = shipped.load()
     elif isinstance(plan, LayerPlan):
         resolved = plan
     elif plan == "uniform":
@@ -168,7 +172,8 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
         plan: see :func:`plan_for`.
         method: ``"freeloc"`` (the layer plan), ``"direct"`` (no change), or one method on every
             layer: ``"vrpr"``, ``"tsa"``, ``"pi"``, ``"ntk"``, ``"yarn"``, ``"riflex"``, ``"sliding-window"``.
-        adapter: an adapter class to use instead of the one found by the model's class.
+        adapter: an adapter class (a :class:`~freeloc.adapter.TransformerAdapter` subclass) to use
+            instead of the one the registry finds for the model's class.
         trained_frames: the trained length in video frames, overriding the model's data.
         backend: attention backend for :func:`freeloc.attention.attend`.
         method_params: parameters of a single ``method`` on every layer, e.g. ``{"k": 4}`` for RIFLEx or
@@ -180,7 +185,7 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
     Returns:
         The :class:`Session`; leaving its ``with`` block or :meth:`Session.remove` undoes everything.
     """
-    from .adapters import adapters_for
+    from .registry import adapters_for  # the registry imports the adapter base, which imports this module
 
     found = adapters_for(target, adapter)
     session = Session(observer=observer)

@@ -15,9 +15,8 @@ import torch
 
 pytest.importorskip("diffusers", reason="the adapters need diffusers (extra 'diffusers')")
 
-from freeloc.adapters.base import LayerContext  # noqa: E402
-
 import freeloc  # noqa: E402
+from freeloc.adapter import LayerContext  # noqa: E402
 from freeloc.attention import attend  # noqa: E402
 
 from .case import ConformanceCase  # noqa: E402
