@@ -34,7 +34,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from .attention import attend, band_set_for
+from .attention import AttentionOptions, attend, band_set_for
 from .methods import Method
 from .plan import LayerPlan
 from .rotary import RotaryLayout
@@ -242,7 +242,7 @@ class LayerContext:
     """One hooked self-attention layer: its plan entry, the grid, statistics, and the attention call."""
 
     def __init__(self, grid: GridState, rotary: RotaryLayout | None, plan: LayerPlan, layer: int, trained_frames: int,
-                 stats: LayerStats, backend: str) -> None:
+                 stats: LayerStats, backend: str, options: AttentionOptions | None = None) -> None:
         self.grid = grid
         self.rotary = rotary
         self.plan = plan
@@ -250,6 +250,7 @@ class LayerContext:
         self.trained_frames = trained_frames
         self.stats = stats
         self.backend = backend
+        self.options = options  # attention tuning settings, passed to every attend call of the layer
         self.last_method: Method | None = None
         self.module: torch.nn.Module | None = None  # the hooked layer, set by the adapter's install
         self.observer: Callable[..., None] | None = None  # sees each attend call's inputs (the probe)
@@ -282,7 +283,7 @@ class LayerContext:
             self.observer(self, q, k, v, method, dict(text_before=text_before, text_after=text_after,
                                                       text_mask=text_mask))
         out = attend(q, k, v, grid=grid, method=method, rotary=self.rotary, backend=self.backend,
-                     text_before=text_before, text_after=text_after, text_mask=text_mask)
+                     text_before=text_before, text_after=text_after, text_mask=text_mask, options=self.options)
         f, h, w = grid
         bands = band_set_for(method, f, h * w, self.rotary)
         r = max(float(b.relative_distance()[b.pairs].abs().max()) for b in bands.bands if bool(b.pairs.any()))
@@ -379,7 +380,8 @@ class TransformerAdapter:
     # ------------------------------------------------------------------ install
     def install(self, session: Session, *, method: str, plan: LayerPlan | str | None, num_frames: int | None,
                 trained_frames: int | None, backend: str, pipeline: Any = None,
-                method_params: dict[str, Any] | None = None, temporal_factor: int | None = None) -> None:
+                method_params: dict[str, Any] | None = None, temporal_factor: int | None = None,
+                attention: AttentionOptions | None = None) -> None:
         """Validate everything, then install the grid hook and the processors, registering each undo."""
         tr = self.transformer
         if getattr(tr, _MARK, None) is not None:
@@ -414,7 +416,7 @@ class TransformerAdapter:
             stats = LayerStats(self.name, i, layer_plan.methods[i])
             session.layers.append(stats)
             original = attn.processor
-            ctx = LayerContext(grid, rotary, layer_plan, i, t_latent, stats, backend)
+            ctx = LayerContext(grid, rotary, layer_plan, i, t_latent, stats, backend, attention)
             ctx.module = attn
             ctx.observer = session.observer
             attn.set_processor(self.make_processor(original, ctx))

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .attention import AttentionOptions
+from .attention.options import BACKENDS
 from .methods import METHODS
 from .plan import DIRECT, LayerPlan
 
@@ -162,7 +164,8 @@ def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
 def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: LayerPlan | str | Path | None = None,
            method: str = "freeloc", *, adapter: Any = None, trained_frames: int | None = None,
            backend: str = "auto", method_params: dict[str, Any] | None = None,
-           observer: Callable[..., None] | None = None, temporal_factor: int | None = None) -> Session:
+           observer: Callable[..., None] | None = None, temporal_factor: int | None = None,
+           attention: AttentionOptions | None = None) -> Session:
     """Apply FreeLOC (or a baseline) to a pipeline or transformer; use as a context manager.
 
     Args:
@@ -181,12 +184,19 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
         observer: called with each hooked layer's attention inputs (used by the probe).
         temporal_factor: video frames per latent frame, overriding the pipeline's and the model data's
             (1 for a model without temporal compression); ``latent = (video - 1) // factor + 1``.
+        attention: tuning settings of every hooked layer's :func:`freeloc.attention.attend` call
+            (:class:`~freeloc.attention.AttentionOptions`); None: the defaults.
 
     Returns:
         The :class:`Session`; leaving its ``with`` block or :meth:`Session.remove` undoes everything.
     """
     from .registry import adapters_for  # the registry imports the adapter base, which imports this module
 
+    if attention is not None and not isinstance(attention, AttentionOptions):
+        raise TypeError(f"attention must be a freeloc.AttentionOptions or None, got {type(attention).__name__} "
+                        f"({attention!r})")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     found = adapters_for(target, adapter)
     session = Session(observer=observer)
     try:
@@ -194,7 +204,7 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
             adapter_cls(module, name=name).install(
                 session, method=method, plan=plan, num_frames=num_frames, trained_frames=trained_frames,
                 backend=backend, pipeline=None if module is target else target, method_params=method_params,
-                temporal_factor=temporal_factor)
+                temporal_factor=temporal_factor, attention=attention)
     except BaseException:
         session.remove()
         raise
