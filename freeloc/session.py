@@ -6,7 +6,7 @@ Hooks are global state on a user's model, so the safe path is the easy one::
         frames = pipe(prompt=..., num_frames=321).frames[0]
     print(session.report())
 
-or, without a ``with`` block, ``handle = freeloc.apply(...); ...; handle.remove()``. Leaving the
+or, without a ``with`` block, ``session = freeloc.enable(...); ...; session.remove()``. Leaving the
 block (normally or by an exception) or calling :meth:`Session.remove` restores every processor,
 hook and attribute the session changed, in reverse order; removing twice is harmless.
 
@@ -33,7 +33,7 @@ from .plan import DIRECT, LayerPlan
 if TYPE_CHECKING:
     from .adapter import ShippedPlan
 
-__all__ = ["Session", "LayerStats", "apply", "enable", "plan_for", "METHOD_CHOICES"]
+__all__ = ["Session", "LayerStats", "enable", "plan_for", "METHOD_CHOICES"]
 
 #: Values of ``method=``: the layer plan ("freeloc"), one method on every layer, or no change.
 METHOD_CHOICES = ("freeloc", DIRECT, *sorted(m for m in METHODS if m != "key-shift"))
@@ -189,6 +189,7 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
 
     Returns:
         The :class:`Session`; leaving its ``with`` block or :meth:`Session.remove` undoes everything.
+        Without a ``with`` block, call :meth:`Session.remove` when done.
     """
     from .registry import adapters_for  # the registry imports the adapter base, which imports this module
 
@@ -211,5 +212,5 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
     return session
 
 
-#: ``handle = freeloc.apply(...)``; ``handle.remove()``: the same as :func:`enable`, without a block.
+#: Still imported by ``freeloc/__init__.py``; not part of this module's API (use :func:`enable`).
 apply = enable

@@ -142,10 +142,10 @@ def test_removal_is_exact_after_exit_exception_and_remove() -> None:
             run(model, 24)
             raise KeyError("inside the block")
     assert_same_state(before, snapshot(model))
-    handle = freeloc.apply(model, method="vrpr", trained_frames=TRAINED_VIDEO)
+    session = freeloc.enable(model, method="vrpr", trained_frames=TRAINED_VIDEO)  # without a with-block
     run(model, 24)
-    handle.remove()
-    handle.remove()  # harmless
+    session.remove()
+    session.remove()  # harmless
     assert_same_state(before, snapshot(model))
     assert torch.equal(run(model, 24), base)
 

@@ -134,7 +134,7 @@ def test_removal_is_exact_also_after_an_exception(case: ConformanceCase) -> None
             case.run(model, case.long_frames)
             raise RuntimeError("boom")
     assert_restored(before, model)
-    handle = freeloc.apply(model, trained_frames=case.trained_video_frames, method="tsa")
+    handle = freeloc.enable(model, trained_frames=case.trained_video_frames, method="tsa")
     handle.remove()
     assert_restored(before, model)
     assert torch.equal(case.run(model, case.long_frames), base)
