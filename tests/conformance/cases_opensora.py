@@ -8,7 +8,7 @@ import importlib.util
 import opensora_standin as standin  # tests/ is on sys.path (tests/conftest.py)
 import torch
 
-from .case import ConformanceCase
+from freeloc.testing import ConformanceCase
 
 TEXT = 5
 
