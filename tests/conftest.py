@@ -1,4 +1,4 @@
-"""Test configuration: make helper modules in this folder (e.g. ``opensora_standin``) importable."""
+"""Test configuration: make helper modules in this folder (e.g. ``opensora_vendored``) importable."""
 
 from __future__ import annotations
 
