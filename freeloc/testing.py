@@ -367,12 +367,14 @@ def _check_name(check: Check) -> str:
 # ---------------------------------------------------------------------------------------------- runners
 @dataclass(frozen=True)
 class CheckResult:
-    """The outcome of one check on one case: ``detail`` is the skip reason or the failure."""
+    """The outcome of one check on one case: ``detail`` is the skip reason or the failure, ``where`` the
+    failure's traceback (the frames from the check down to the error)."""
 
     case: str
     check: str
     outcome: Literal["passed", "skipped", "failed"]
     detail: str = ""
+    where: str = ""
 
     def __str__(self) -> str:
         return f"{self.case} / {self.check}: {self.outcome}" + (f" ({self.detail})" if self.detail else "")
@@ -406,8 +408,8 @@ def run_conformance(cases: ConformanceCase | Sequence[ConformanceCase], checks: 
             except NotApplicable as e:
                 result = CheckResult(case.name, _check_name(check), "skipped", str(e))
             except Exception as e:
-                detail = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
-                result = CheckResult(case.name, _check_name(check), "failed", detail)
+                result = CheckResult(case.name, _check_name(check), "failed", f"{type(e).__name__}: {e}",
+                                     "".join(traceback.format_tb(e.__traceback__)))
             else:
                 result = CheckResult(case.name, _check_name(check), "passed")
             if verbose:
@@ -416,7 +418,7 @@ def run_conformance(cases: ConformanceCase | Sequence[ConformanceCase], checks: 
     failed = [r for r in results if r.outcome == "failed"]
     if failed and raise_on_failure:
         raise ConformanceError(f"{len(failed)} of {len(results)} conformance checks failed:\n\n"
-                               + "\n\n".join(str(r) for r in failed))
+                               + "\n\n".join(f"{r}\n{r.where}" for r in failed))
     return results
 
 
