@@ -212,5 +212,5 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
     return session
 
 
-#: Still imported by ``freeloc/__init__.py``; not part of this module's API (use :func:`enable`).
+#: Bound for ``freeloc/__init__.py``, which imports this name; not part of this module's API (use :func:`enable`).
 apply = enable
