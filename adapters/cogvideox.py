@@ -29,8 +29,8 @@ Models without RoPE (CogVideoX-2b, ``config.use_rotary_positional_embeddings=Fal
 positions): temporal position methods do not apply and are refused
 (:meth:`CogVideoXAdapter.check_supported`); attention-pattern methods (``tsa``, ``sliding-window``)
 work: the adapter gives ``attend`` no rotary layout (``rotary=None``), so nothing is rotated. A call of
-a RoPE model without ``image_rotary_emb`` runs the original processor. The trained length comes from
-``freeloc/data/models/cogvideox.json``.
+a RoPE model without ``image_rotary_emb`` runs the original processor. The trained lengths are
+declared in :attr:`CogVideoXAdapter.model_data`.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
+from ..adapter import ConfigVariant, FreeLOCProcessor, LayerContext, ModelClass, ModelData, TransformerAdapter
 from ..plan import DIRECT, LayerPlan
 from ..rotary import RotaryLayout
-from .base import FreeLOCProcessor, LayerContext, TransformerAdapter
 
 __all__ = ["CogVideoXAdapter", "FreeLOCCogVideoXAttnProcessor", "PositionCheck", "rotary_layout",
            "ATTENTION_ONLY_METHODS"]
@@ -168,8 +168,14 @@ class FreeLOCCogVideoXAttnProcessor(FreeLOCProcessor):
 class CogVideoXAdapter(TransformerAdapter):
     """Installs FreeLOC on a ``CogVideoXTransformer3DModel`` (CogVideoX 1.0 and 1.5; 2b: attention methods only)."""
 
-    model_classes = ("CogVideoXTransformer3DModel",)
-    data_name = "cogvideox"
+    model_data = ModelData(
+        classes=(ModelClass(
+            "CogVideoXTransformer3DModel", trained_video_frames=49,
+            variants=(ConfigVariant("CogVideoX1.5-5B", {"patch_size_t": 2}, trained_video_frames=81),),
+            note="CogVideoX 1.0 (2b, 5b, 5b-I2V): 49 frames = 13 latent frames; CogVideoX 1.5 (patch_size_t=2): 81 "
+                 "frames = 21 latent frames, padded to 22 = 11 temporal tokens"),),
+        temporal_factor=4,
+    )
     #: Shared by the layers of one installation: checks the pipeline's rotary tables once per forward.
     _positions: PositionCheck | None = None
 

@@ -22,7 +22,7 @@ differs per query), runs the original processor: bit-for-bit the unhooked model.
 (``context_embedder.token_refiner.*``, text only) is left alone.
 
 The rotary layout is read from the model: ``config.rope_axes_dim`` (temporal channels first) and
-``transformer.rope.theta``. The trained length comes from ``freeloc/data/models/hunyuan.json``.
+``transformer.rope.theta``. The trained lengths are declared in the adapters' ``model_data``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
+from ..adapter import ConfigVariant, FreeLOCProcessor, LayerContext, ModelClass, ModelData, TransformerAdapter
 from ..rotary import RotaryLayout
-from .base import FreeLOCProcessor, LayerContext, TransformerAdapter
 
 __all__ = [
     "FreeLOCHunyuanVideo15AttnProcessor",
@@ -214,8 +214,14 @@ class FreeLOCHunyuanVideo15AttnProcessor(_Processor):
 class HunyuanVideoAdapter(TransformerAdapter):
     """Installs FreeLOC on a ``HunyuanVideoTransformer3DModel`` (T2V, and the I2V variants)."""
 
-    model_classes = ("HunyuanVideoTransformer3DModel",)
-    data_name = "hunyuan"
+    model_data = ModelData(
+        classes=(ModelClass(
+            "HunyuanVideoTransformer3DModel", trained_video_frames=129,
+            variants=(ConfigVariant("SkyReels-V1-Hunyuan-I2V", {"in_channels": 32}, trained_video_frames=None),),
+            note="HunyuanVideo T2V / I2V: 129 frames (33 latent). SkyReels-V1 fine-tunes (in_channels=32 for I2V; the "
+                 "T2V one cannot be told apart by its config) generate 97 frames by default: pass trained_frames="),),
+        temporal_factor=4,
+    )
 
     def attention_layers(self) -> list[torch.nn.Module]:
         """``transformer_blocks.{i}.attn``, then ``single_transformer_blocks.{i}.attn``."""
@@ -241,7 +247,13 @@ class HunyuanVideoAdapter(TransformerAdapter):
 class HunyuanVideo15Adapter(HunyuanVideoAdapter):
     """Installs FreeLOC on a ``HunyuanVideo15Transformer3DModel`` (dual-stream blocks only)."""
 
-    model_classes = ("HunyuanVideo15Transformer3DModel",)
+    model_data = ModelData(
+        classes=(ModelClass(
+            "HunyuanVideo15Transformer3DModel", trained_video_frames=None,
+            note="the trained length of HunyuanVideo 1.5 is not published in a form freeloc can rely on (its pipeline "
+                 "generates 121 frames by default): pass trained_frames="),),
+        temporal_factor=4,
+    )
 
     def attention_layers(self) -> list[torch.nn.Module]:
         """``transformer_blocks.{i}.attn``."""

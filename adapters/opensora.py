@@ -14,8 +14,8 @@ adapter does not import it: it works with any model of that class name that has
 What is hooked: a pre-hook reads the grid from ``img_ids``; every block's processor is replaced by one
 that computes q/k/v exactly as Open-Sora's processors do, attends with
 :func:`freeloc.attention.attend` (text first, never rotated: its ids are zeros), and applies the same
-residual updates. The trained length (129 frames = 33 latent frames, HunyuanVideo VAE) comes from
-``freeloc/data/models/opensora.json``.
+residual updates. The trained length (129 frames = 33 latent frames, HunyuanVideo VAE) is declared in
+:attr:`OpenSoraAdapter.model_data`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..adapter import FreeLOCProcessor, LayerContext, ModelClass, ModelData, TransformerAdapter
 from ..rotary import RotaryLayout
-from .base import FreeLOCProcessor, LayerContext, TransformerAdapter
 
 __all__ = ["OpenSoraAdapter"]
 
@@ -94,8 +94,11 @@ class _SingleProcessor(FreeLOCProcessor):
 class OpenSoraAdapter(TransformerAdapter):
     """Installs FreeLOC on Open-Sora 2.0's ``MMDiTModel`` (duck-typed; see the module docstring)."""
 
-    model_classes = ("MMDiTModel",)
-    data_name = "opensora"
+    model_data = ModelData(
+        classes=(ModelClass("MMDiTModel", trained_video_frames=129,
+                            note="Open-Sora 2.0, HunyuanVideo VAE: 129 frames = 33 latent frames"),),
+        temporal_factor=4,
+    )
 
     def attention_layers(self) -> list[torch.nn.Module]:
         """Double-stream blocks, then single-stream blocks (each block holds its processor)."""

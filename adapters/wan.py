@@ -11,8 +11,8 @@ What is hooked:
   processor, so it is bit-for-bit the unhooked model. Cross-attention ``attn2`` is not touched.
 
 The rotary layout is read from the model's own ``rope`` module: its channel split and, from its
-frequency buffers, its theta. The trained length and the shipped plans come from
-``freeloc/data/models/wan.json``.
+frequency buffers, its theta. The trained lengths and the shipped plan are declared in
+:attr:`WanAdapter.model_data`.
 
 ``SkyReelsV2Transformer3DModel`` reuses Wan's blocks, rope and processor signature unchanged and is
 handled by the same adapter (its trained length must be given: ``trained_frames=``). Layers called
@@ -27,8 +27,16 @@ from typing import Any
 
 import torch
 
+from ..adapter import (
+    ConfigVariant,
+    FreeLOCProcessor,
+    LayerContext,
+    ModelClass,
+    ModelData,
+    ShippedPlan,
+    TransformerAdapter,
+)
 from ..rotary import RotaryLayout
-from .base import FreeLOCProcessor, LayerContext, TransformerAdapter
 
 __all__ = ["WanAdapter", "FreeLOCWanAttnProcessor", "rotary_layout"]
 
@@ -77,8 +85,18 @@ class FreeLOCWanAttnProcessor(FreeLOCProcessor):
 class WanAdapter(TransformerAdapter):
     """Installs FreeLOC on a ``WanTransformer3DModel`` (or ``SkyReelsV2Transformer3DModel``)."""
 
-    model_classes = ("WanTransformer3DModel", "SkyReelsV2Transformer3DModel")
-    data_name = "wan"
+    model_data = ModelData(
+        classes=(
+            ModelClass("WanTransformer3DModel", trained_video_frames=81,  # 21 latent frames (Wan2.1, Wan2.2 A14B)
+                       variants=(ConfigVariant("Wan2.2-TI2V-5B", {"in_channels": 48}, trained_video_frames=121),)),
+            ModelClass("SkyReelsV2Transformer3DModel", trained_video_frames=None,
+                       note="SkyReels-V2 checkpoints differ in trained length: pass trained_frames="),
+        ),
+        temporal_factor=4,
+        plans=(ShippedPlan("wan2.1-t2v-1.3b", "WanTransformer3DModel",
+                           {"num_layers": 30, "num_attention_heads": 12, "attention_head_dim": 128},
+                           package=__package__),),
+    )
 
     def attention_layers(self) -> list[torch.nn.Module]:
         """The self-attention modules, in order (``blocks.{i}.attn1``)."""

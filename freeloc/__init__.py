@@ -9,7 +9,9 @@ What users call:
 * the methods: :class:`VRPR` and :class:`TSA` (FreeLOC's two corrections), and the baselines
   :class:`SlidingWindow`, :class:`PI`, :class:`NTK`, :class:`YaRN`, :class:`RIFLEx`;
 * :func:`attend` with its :class:`AttentionOptions`: band-split attention merged exactly by
-  log-sum-exp, on a model's :class:`RotaryLayout`, for code that calls attention itself.
+  log-sum-exp, on a model's :class:`RotaryLayout`, for code that calls attention itself;
+* :func:`register_adapter`: add an adapter for a new model (or declare it under the entry-point group
+  ``freeloc.adapters``).
 
 The core needs only PyTorch (and einops, jaxtyping, beartype); adapters for diffusers and Open-Sora
 models live in ``freeloc.adapters``, the command line and plots in ``freeloc.app``, the shapes test
@@ -23,6 +25,7 @@ from .patterns import TSA, SlidingWindow
 from .plan import LayerPlan
 from .positions import NTK, PI, VRPR, RIFLEx, YaRN
 from .probing import probe
+from .registry import register_adapter
 from .rotary import RotaryLayout
 from .session import Session, enable
 
@@ -43,4 +46,5 @@ __all__ = [
     "attend",
     "enable",
     "probe",
+    "register_adapter",
 ]

@@ -36,7 +36,6 @@ import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -247,23 +246,29 @@ class LayerPlan:
 
     @staticmethod
     def shipped() -> list[str]:
-        """Names of the plans shipped with freeloc (for :meth:`published`)."""
-        folder = resources.files("freeloc").joinpath("data", "plans")
-        return sorted(p.name[: -len(".json")] for p in folder.iterdir() if p.name.endswith(".json"))
+        """Names of the plans shipped with the installed adapters (for :meth:`published`).
+
+        Each adapter declares its plans (:class:`freeloc.adapter.ShippedPlan`); they are found through
+        :mod:`freeloc.registry`.
+        """
+        from .registry import shipped_plans  # the registry imports the adapters, which import this module
+
+        return sorted(shipped_plans())
 
     @classmethod
     def published(cls, name: str) -> LayerPlan:
-        """Load a plan shipped with freeloc, e.g. ``"wan2.1-t2v-1.3b"``.
+        """Load a plan shipped with an installed adapter, e.g. ``"wan2.1-t2v-1.3b"``.
 
         Raises:
             ValueError: when no plan of that name is shipped (the message lists those that are).
         """
-        names = cls.shipped()
+        from .registry import shipped_plans
+
+        plans = shipped_plans()
         key = name[: -len(".json")] if name.endswith(".json") else name
-        if key not in names:
-            raise ValueError(f"no shipped layer plan named {name!r}; shipped plans: {names}")
-        text = resources.files("freeloc").joinpath("data", "plans", f"{key}.json").read_text(encoding="utf-8")
-        return cls.from_json(text)
+        if key not in plans:
+            raise ValueError(f"no shipped layer plan named {name!r}; shipped plans: {sorted(plans)}")
+        return plans[key].load()
 
     # ------------------------------------------------------------------ serialization
     def to_dict(self) -> dict[str, Any]:

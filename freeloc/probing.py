@@ -186,8 +186,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             without temporal compression); default: the pipeline's, else the model data's.
     """
     import freeloc
-    from freeloc.adapters import adapters_for
-    from freeloc.adapters.base import model_data
+    from freeloc.registry import adapters_for
 
     name, module, adapter_cls = adapters_for(target)[0]
     adapter = adapter_cls(module, name=name)
@@ -196,7 +195,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     t0 = time.perf_counter()
     enable_kw: dict[str, Any] = dict(trained_frames=trained_frames, temporal_factor=temporal_factor)
     # the trained and probed lengths in temporal tokens, as the adapter counts them
-    data_factor = temporal_factor or factor or int(model_data(adapter.data_name)["temporal_factor"])
+    data_factor = temporal_factor or factor or adapter.model_data.temporal_factor
     t_video = trained_frames if trained_frames is not None else adapter.trained_video_frames()
     t_latent = adapter.video_to_latent(t_video, data_factor)
     f_latent = adapter.video_to_latent(num_frames, data_factor)

@@ -6,12 +6,13 @@ Hooks are global state on a user's model, so the safe path is the easy one::
         frames = pipe(prompt=..., num_frames=321).frames[0]
     print(session.report())
 
-or, without a ``with`` block, ``handle = freeloc.apply(...); ...; handle.remove()``. Leaving the
+or, without a ``with`` block, ``session = freeloc.enable(...); ...; session.remove()``. Leaving the
 block (normally or by an exception) or calling :meth:`Session.remove` restores every processor,
 hook and attribute the session changed, in reverse order; removing twice is harmless.
 
-This module is framework-independent: adapters (``freeloc.adapters``, which may import diffusers)
-are looked up lazily, by the class of each transformer found in the target.
+This module is framework-independent: the adapter of each transformer found in the target is looked
+up in :mod:`freeloc.registry` (entry points of the group ``freeloc.adapters``), by the transformer's
+class name.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .attention import AttentionOptions
+from .attention.options import BACKENDS
 from .methods import METHODS
 from .plan import DIRECT, LayerPlan
 
-__all__ = ["Session", "LayerStats", "apply", "enable", "plan_for", "METHOD_CHOICES"]
+if TYPE_CHECKING:
+    from .adapter import ShippedPlan
+
+__all__ = ["Session", "LayerStats", "enable", "plan_for", "METHOD_CHOICES"]
 
 #: Values of ``method=``: the layer plan ("freeloc"), one method on every layer, or no change.
 METHOD_CHOICES = ("freeloc", DIRECT, *sorted(m for m in METHODS if m != "key-shift"))
@@ -115,7 +121,7 @@ class Timer:
 
 
 def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
-             shipped: str | None, model_name: str, method_params: dict[str, Any] | None = None,
+             shipped: ShippedPlan | None, model_name: str, method_params: dict[str, Any] | None = None,
              uniform: str = "vrpr") -> LayerPlan:
     """The layer plan a session applies, with clear errors.
 
@@ -142,7 +148,7 @@ def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
             raise ValueError(
                 f"no shipped layer plan matches {model_name} ({num_layers} self-attention layers): run "
                 f"`freeloc probe` on it and pass plan=PATH, or pass plan='uniform' ({uniform} on every layer)")
-        resolved = LayerPlan.published(shipped)
+        resolved = shipped.load()
     elif isinstance(plan, LayerPlan):
         resolved = plan
     elif plan == "uniform":
@@ -158,7 +164,8 @@ def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
 def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: LayerPlan | str | Path | None = None,
            method: str = "freeloc", *, adapter: Any = None, trained_frames: int | None = None,
            backend: str = "auto", method_params: dict[str, Any] | None = None,
-           observer: Callable[..., None] | None = None, temporal_factor: int | None = None) -> Session:
+           observer: Callable[..., None] | None = None, temporal_factor: int | None = None,
+           attention: AttentionOptions | None = None) -> Session:
     """Apply FreeLOC (or a baseline) to a pipeline or transformer; use as a context manager.
 
     Args:
@@ -168,7 +175,8 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
         plan: see :func:`plan_for`.
         method: ``"freeloc"`` (the layer plan), ``"direct"`` (no change), or one method on every
             layer: ``"vrpr"``, ``"tsa"``, ``"pi"``, ``"ntk"``, ``"yarn"``, ``"riflex"``, ``"sliding-window"``.
-        adapter: an adapter class to use instead of the one found by the model's class.
+        adapter: an adapter class (a :class:`~freeloc.adapter.TransformerAdapter` subclass) to use
+            instead of the one the registry finds for the model's class.
         trained_frames: the trained length in video frames, overriding the model's data.
         backend: attention backend for :func:`freeloc.attention.attend`.
         method_params: parameters of a single ``method`` on every layer, e.g. ``{"k": 4}`` for RIFLEx or
@@ -176,12 +184,20 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
         observer: called with each hooked layer's attention inputs (used by the probe).
         temporal_factor: video frames per latent frame, overriding the pipeline's and the model data's
             (1 for a model without temporal compression); ``latent = (video - 1) // factor + 1``.
+        attention: tuning settings of every hooked layer's :func:`freeloc.attention.attend` call
+            (:class:`~freeloc.attention.AttentionOptions`); None: the defaults.
 
     Returns:
         The :class:`Session`; leaving its ``with`` block or :meth:`Session.remove` undoes everything.
+        Without a ``with`` block, call :meth:`Session.remove` when done.
     """
-    from .adapters import adapters_for
+    from .registry import adapters_for  # the registry imports the adapter base, which imports this module
 
+    if attention is not None and not isinstance(attention, AttentionOptions):
+        raise TypeError(f"attention must be a freeloc.AttentionOptions or None, got {type(attention).__name__} "
+                        f"({attention!r})")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     found = adapters_for(target, adapter)
     session = Session(observer=observer)
     try:
@@ -189,12 +205,8 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
             adapter_cls(module, name=name).install(
                 session, method=method, plan=plan, num_frames=num_frames, trained_frames=trained_frames,
                 backend=backend, pipeline=None if module is target else target, method_params=method_params,
-                temporal_factor=temporal_factor)
+                temporal_factor=temporal_factor, attention=attention)
     except BaseException:
         session.remove()
         raise
     return session
-
-
-#: ``handle = freeloc.apply(...)``; ``handle.remove()``: the same as :func:`enable`, without a block.
-apply = enable

@@ -1,6 +1,6 @@
 """Test configuration and the fixtures test modules share.
 
-The helper modules of this folder (``support``, ``opensora_standin``) are made importable.
+The helper modules of this folder (``support``, ``opensora_vendored``) are made importable.
 """
 
 from __future__ import annotations

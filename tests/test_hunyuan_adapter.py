@@ -9,7 +9,6 @@ import torch
 
 diffusers = pytest.importorskip("diffusers", reason="the HunyuanVideo adapter needs diffusers (extra 'diffusers')")
 
-from freeloc.adapters.base import GridState, LayerContext  # noqa: E402
 from freeloc.adapters.hunyuan import (  # noqa: E402
     FreeLOCHunyuanVideo15AttnProcessor,
     FreeLOCHunyuanVideoAttnProcessor,
@@ -18,6 +17,7 @@ from freeloc.adapters.hunyuan import (  # noqa: E402
 )
 
 import freeloc  # noqa: E402
+from freeloc.adapter import GridState, LayerContext  # noqa: E402
 from freeloc.session import LayerStats  # noqa: E402
 
 TRAINED_VIDEO = 9  # the tiny model's "trained length" in video frames: 3 latent frames (cap 2)

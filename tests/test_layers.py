@@ -33,14 +33,6 @@ ENTRY_POINTS = ("freeloc.__main__",)
 OPTIONAL = ("matplotlib", "tqdm", "imageio", "PIL", "diffusers", "transformers", "safetensors")
 #: What the core itself depends on (``pyproject.toml``): what these load is not freeloc's doing.
 DEPENDENCIES = ("torch", "einops", "jaxtyping", "beartype", "numpy")
-#: Core modules that find a model's adapter in ``freeloc.adapters`` when called (inside a function):
-#: the only imports from the core upwards that (a) allows. An entry that no longer occurs fails the
-#: test, so that the list stays exact.
-ADAPTER_LOOKUPS = {
-    ("freeloc.session", "freeloc.adapters"),
-    ("freeloc.probing", "freeloc.adapters"),
-    ("freeloc.probing", "freeloc.adapters.base"),
-}
 
 
 @dataclass(frozen=True)
@@ -118,15 +110,12 @@ def imports() -> list[Import]:
 
 
 def test_the_core_imports_nothing_above_it(imports: list[Import]) -> None:
+    """The core finds adapters through the registry (entry points), never by importing them."""
     upward = [imp for imp in imports if is_core(imp.module) and not is_core(imp.target)]
-    allowed = [imp for imp in upward if (imp.module, imp.target) in ADAPTER_LOOKUPS and not imp.on_import]
-    wrong = [f"{imp.module} (line {imp.line}) imports {imp.target}" for imp in upward if imp not in allowed]
+    wrong = [f"{imp.module} (line {imp.line}) imports {imp.target}" for imp in upward]
     print(f"(a) {sum(is_core(imp.module) for imp in imports)} imports of core modules checked for "
-          f"{', '.join(ABOVE_CORE)}; adapter lookups allowed inside functions: "
-          f"{[f'{imp.module}:{imp.line} -> {imp.target}' for imp in allowed]}")
+          f"{', '.join(ABOVE_CORE)}")
     assert not wrong, "core modules import the applications, the test bed or the adapters:\n" + "\n".join(wrong)
-    gone = ADAPTER_LOOKUPS - {(imp.module, imp.target) for imp in allowed}
-    assert not gone, f"these adapter lookups no longer occur: remove them from ADAPTER_LOOKUPS: {sorted(gone)}"
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import pytest
@@ -141,10 +142,10 @@ def test_removal_is_exact_after_exit_exception_and_remove() -> None:
             run(model, 24)
             raise KeyError("inside the block")
     assert_same_state(before, snapshot(model))
-    handle = freeloc.enable(model, method="vrpr", trained_frames=TRAINED_VIDEO)
+    session = freeloc.enable(model, method="vrpr", trained_frames=TRAINED_VIDEO)  # without a with-block
     run(model, 24)
-    handle.remove()
-    handle.remove()  # harmless
+    session.remove()
+    session.remove()  # harmless
     assert_same_state(before, snapshot(model))
     assert torch.equal(run(model, 24), base)
 
@@ -175,6 +176,47 @@ def test_bad_input_is_rejected_with_the_model_untouched(kwargs: dict, match: str
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):
         freeloc.enable(model, trained_frames=TRAINED_VIDEO, **kwargs)
+    assert_same_state(before, snapshot(model))
+
+
+def test_attention_options_reach_every_attend_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    import freeloc.adapter
+
+    seen: list = []
+    original = freeloc.adapter.attend
+
+    def record(*args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(kwargs["options"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(freeloc.adapter, "attend", record)
+    model = tiny_wan()
+    options = freeloc.AttentionOptions(layout="packed", batch_keys=256)
+    with freeloc.enable(model, method="tsa", trained_frames=TRAINED_VIDEO, attention=options):
+        out = run(model, 24)
+    assert len(seen) == 2 and all(o is options for o in seen)  # one call per layer
+    with freeloc.enable(model, method="tsa", trained_frames=TRAINED_VIDEO):
+        torch.testing.assert_close(run(model, 24), out, atol=1e-6, rtol=0)
+    assert seen[-1] is None  # the defaults
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(attention={"layout": "packed"}), TypeError, "must be a freeloc.AttentionOptions or None, got dict"),
+        (dict(attention="flex"), TypeError, "must be a freeloc.AttentionOptions or None, got str"),
+        (dict(backend="fast"), ValueError, r"backend must be one of \['auto', 'reference', 'chunked', 'flex'\]"),
+    ],
+)
+def test_bad_attention_settings_are_rejected_with_the_model_untouched(kwargs: dict, error: type,
+                                                                      match: str) -> None:
+    model = tiny_wan()
+    before = snapshot(model)
+    # freeloc.enable as users call it: the test run wraps it in a type checker, which refuses a value of the
+    # wrong type by its annotation before the function's own check
+    enable = inspect.unwrap(freeloc.enable)
+    with pytest.raises(error, match=match):
+        enable(model, plan="uniform", trained_frames=TRAINED_VIDEO, **kwargs)
     assert_same_state(before, snapshot(model))
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .case import ConformanceCase
+from freeloc.testing import ConformanceCase
+
+from . import DIFFUSERS_MISSING
 
 
 def _wan(cls_name: str) -> torch.nn.Module:
@@ -26,7 +28,8 @@ def _run(model: torch.nn.Module, frames: int) -> torch.Tensor:
 
 
 CASES = [
-    ConformanceCase("wan", lambda: _wan("WanTransformer3DModel"), _run, trained_video_frames=21, trained_latent=6),
+    ConformanceCase("wan", lambda: _wan("WanTransformer3DModel"), _run, trained_video_frames=21, trained_latent=6,
+                    skip_reason=DIFFUSERS_MISSING),
     ConformanceCase("skyreels-v2", lambda: _wan("SkyReelsV2Transformer3DModel"), _run, trained_video_frames=21,
-                    trained_latent=6),
+                    trained_latent=6, skip_reason=DIFFUSERS_MISSING),
 ]
