@@ -6,10 +6,10 @@ What is hooked:
   laid out ``(B, F, C, H, W)``, so the grid is ``(F / p_t, H / p, W / p)`` (``p_t =
   config.patch_size_t or 1``);
 * the processor of every self-attention ``transformer_blocks.{i}.attn1`` is replaced by
-  :class:`FreeLOCCogVideoXAttnProcessor`. It computes q/k/v exactly as diffusers'
+  ``FreeLOCCogVideoXAttnProcessor``. It computes q/k/v exactly as diffusers'
   ``CogVideoXAttnProcessor2_0`` (or ``FusedCogVideoXAttnProcessor2_0``) does: the sequence is
   ``[text, video]`` (the text length is read from ``encoder_hidden_states``), projections, then the
-  LayerNorm q/k norms; it then attends with :func:`freeloc.attention.attend` (``text_before`` = the
+  LayerNorm q/k norms; it then attends with ``freeloc.attention.attend`` (``text_before`` = the
   text length; text tokens are never rotated), projects and splits the output as the original. A
   layer whose method resolves to nothing at this length, or one called with an attention mask, calls
   the original processor, so it is bit-for-bit the unhooked model.
@@ -17,7 +17,7 @@ What is hooked:
 Positions. CogVideoX has no RoPE module: the pipeline builds ``image_rotary_emb`` (cos, sin tables of
 shape ``(F*H'*W', head_dim)``; temporal = the first ``head_dim // 4`` channels, height and width
 ``3 * head_dim // 8`` each, theta 10000, interleaved pairs) and passes it to ``forward``. The adapter
-does not use those tables: it rotates with :meth:`freeloc.RotaryLayout.cogvideox`, which reproduces
+does not use those tables: it rotates with ``freeloc.RotaryLayout.cogvideox``, which reproduces
 them for integer positions ``0..F-1``, ``0..H'-1``, ``0..W'-1``. Before the first hooked layer of a
 forward the tables are compared with that layout (once per table object): CogVideoX 1.5 pipelines
 (``grid_type="slice"``) and CogVideoX 1.0 pipelines at the trained resolution (the latent grid equal
@@ -27,10 +27,10 @@ pipeline at another resolution crops and rescales the spatial positions (non-int
 
 Models without RoPE (CogVideoX-2b, ``config.use_rotary_positional_embeddings=False``, additive sin-cos
 positions): temporal position methods do not apply and are refused
-(:meth:`CogVideoXAdapter.check_supported`); attention-pattern methods (``tsa``, ``sliding-window``)
+(``CogVideoXAdapter.check_supported``); attention-pattern methods (``tsa``, ``sliding-window``)
 work: the adapter gives ``attend`` no rotary layout (``rotary=None``), so nothing is rotated. A call of
 a RoPE model without ``image_rotary_emb`` runs the original processor. The trained lengths are
-declared in :attr:`CogVideoXAdapter.model_data`.
+declared in ``CogVideoXAdapter.model_data``.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class PositionCheck:
 
 
 class FreeLOCCogVideoXAttnProcessor(FreeLOCProcessor):
-    """Self-attention of one CogVideoX block through :func:`freeloc.attention.attend`."""
+    """Self-attention of one CogVideoX block through ``freeloc.attention.attend``."""
 
     def __init__(self, original: Any, ctx: LayerContext, positions: PositionCheck | None, fused: bool) -> None:
         super().__init__(original, ctx)

@@ -7,14 +7,14 @@ What is hooked:
 * HunyuanVideo: the processor of every ``transformer_blocks.{i}.attn`` (dual stream: video tokens
   through ``to_q/k/v``, text tokens through ``add_q/k/v_proj``) and then of every
   ``single_transformer_blocks.{i}.attn`` (single stream: the block hands video and text separately and
-  the processor concatenates them) is replaced by :class:`FreeLOCHunyuanVideoAttnProcessor`; plan
+  the processor concatenates them) is replaced by ``FreeLOCHunyuanVideoAttnProcessor``; plan
   order is dual blocks first, then single blocks;
 * HunyuanVideo 1.5: the processor of every ``transformer_blocks.{i}.attn`` is replaced by
-  :class:`FreeLOCHunyuanVideo15AttnProcessor`, which never builds the dense ``[B, 1, N, N]`` mask
+  ``FreeLOCHunyuanVideo15AttnProcessor``, which never builds the dense ``[B, 1, N, N]`` mask
   of diffusers' processor (it passes the text padding as a per-key mask instead).
 
 The processors compute q/k/v exactly as diffusers' processors do (projections, RMS norms, the
-sequence ``[video, text]``), attend with :func:`freeloc.attention.attend` (RoPE on the video tokens
+sequence ``[video, text]``), attend with ``freeloc.attention.attend`` (RoPE on the video tokens
 only, text tokens dense and never rotated, padded text keys masked) and apply the original output
 split and projections. A layer whose method resolves to nothing at this length, or a call this
 adapter cannot express exactly (no rotary embedding, no text, a mask that also masks video keys or
@@ -99,7 +99,7 @@ class _Processor(FreeLOCProcessor):
 
 
 class FreeLOCHunyuanVideoAttnProcessor(_Processor):
-    """Self-attention of one HunyuanVideo block (dual or single stream) through :func:`freeloc.attention.attend`.
+    """Self-attention of one HunyuanVideo block (dual or single stream) through ``freeloc.attention.attend``.
 
     Returns ``(video, text)`` outputs as diffusers' ``HunyuanVideoAttnProcessor2_0`` does: for a dual
     block after ``to_out`` / ``to_add_out``, for a single block (``pre_only``, no output projection)
@@ -159,7 +159,7 @@ class FreeLOCHunyuanVideoAttnProcessor(_Processor):
 
 
 class FreeLOCHunyuanVideo15AttnProcessor(_Processor):
-    """Self-attention of one HunyuanVideo 1.5 block through :func:`freeloc.attention.attend`.
+    """Self-attention of one HunyuanVideo 1.5 block through ``freeloc.attention.attend``.
 
     diffusers' ``HunyuanVideo15AttnProcessor2_0`` receives the text padding mask ``(B, L)`` and
     builds ``m_i & m_j`` over all ``N = S + L`` tokens, a dense ``[B, 1, N, N]`` bool mask, in every

@@ -13,9 +13,9 @@ adapter does not import it: it works with any model of that class name that has
 
 What is hooked: a pre-hook reads the grid from ``img_ids``; every block's processor is replaced by one
 that computes q/k/v exactly as Open-Sora's processors do, attends with
-:func:`freeloc.attention.attend` (text first, never rotated: its ids are zeros), and applies the same
+``freeloc.attention.attend`` (text first, never rotated: its ids are zeros), and applies the same
 residual updates. The trained length (129 frames = 33 latent frames, HunyuanVideo VAE) is declared in
-:attr:`OpenSoraAdapter.model_data`.
+``OpenSoraAdapter.model_data``.
 """
 
 from __future__ import annotations

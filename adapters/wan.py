@@ -5,14 +5,14 @@ What is hooked:
 * a forward pre-hook on the transformer records the latent grid of each call
   (``(F / p_t, H / p_h, W / p_w)``);
 * the processor of every self-attention ``blocks.{i}.attn1`` is replaced by
-  :class:`FreeLOCWanAttnProcessor`, which computes q/k/v exactly as diffusers' ``WanAttnProcessor``
-  (projections, fused or not, RMS norms) and attends with :func:`freeloc.attention.attend` using the
+  ``FreeLOCWanAttnProcessor``, which computes q/k/v exactly as diffusers' ``WanAttnProcessor``
+  (projections, fused or not, RMS norms) and attends with ``freeloc.attention.attend`` using the
   layer's method; a layer whose method resolves to nothing at this length calls the original
   processor, so it is bit-for-bit the unhooked model. Cross-attention ``attn2`` is not touched.
 
 The rotary layout is read from the model's own ``rope`` module: its channel split and, from its
 frequency buffers, its theta. The trained lengths and the shipped plan are declared in
-:attr:`WanAdapter.model_data`.
+``WanAdapter.model_data``.
 
 ``SkyReelsV2Transformer3DModel`` reuses Wan's blocks, rope and processor signature unchanged and is
 handled by the same adapter (its trained length must be given: ``trained_frames=``). Layers called
@@ -56,7 +56,7 @@ def rotary_layout(transformer: torch.nn.Module) -> RotaryLayout:
 
 
 class FreeLOCWanAttnProcessor(FreeLOCProcessor):
-    """Self-attention of one Wan block through :func:`freeloc.attention.attend`."""
+    """Self-attention of one Wan block through ``freeloc.attention.attend``."""
 
     def __call__(
         self,

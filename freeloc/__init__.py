@@ -2,15 +2,15 @@
 
 What users call:
 
-* :func:`enable`: apply a layer plan (or one method on every layer) to a pipeline or transformer;
-  it returns a :class:`Session` that takes everything off again;
-* :func:`probe`: measure which layers suffer from positions and which from context, and write the
-  :class:`LayerPlan`;
-* the methods: :class:`VRPR` and :class:`TSA` (FreeLOC's two corrections), and the baselines
-  :class:`SlidingWindow`, :class:`PI`, :class:`NTK`, :class:`YaRN`, :class:`RIFLEx`;
-* :func:`attend` with its :class:`AttentionOptions`: band-split attention merged exactly by
-  log-sum-exp, on a model's :class:`RotaryLayout`, for code that calls attention itself;
-* :func:`register_adapter`: add an adapter for a new model (or declare it under the entry-point group
+* ``enable``: apply a layer plan (or one method on every layer) to a pipeline or transformer;
+  it returns a ``Session`` that takes everything off again;
+* ``probe``: measure which layers suffer from positions and which from context, and write the
+  ``LayerPlan``;
+* the methods: ``VRPR`` and ``TSA`` (FreeLOC's two corrections), and the baselines
+  ``SlidingWindow``, ``PI``, ``NTK``, ``YaRN``, ``RIFLEx``;
+* ``attend`` with its ``AttentionOptions``: band-split attention merged exactly by
+  log-sum-exp, on a model's ``RotaryLayout``, for code that calls attention itself;
+* ``register_adapter``: add an adapter for a new model (or declare it under the entry-point group
   ``freeloc.adapters``).
 
 The core needs only PyTorch (and einops, jaxtyping, beartype); adapters for diffusers and Open-Sora

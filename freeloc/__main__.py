@@ -1,4 +1,4 @@
-"""``python -m freeloc``: the same as the ``freeloc`` command (see :mod:`freeloc.app.cli`)."""
+"""``python -m freeloc``: the same as the ``freeloc`` command (see ``freeloc.app.cli``)."""
 
 from __future__ import annotations
 

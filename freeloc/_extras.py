@@ -2,7 +2,7 @@
 
 The core needs only PyTorch and a few small packages. The command line, the plots, the video writing and
 the shapes test bed need more (matplotlib, tqdm, imageio, Pillow, diffusers, safetensors); each imports
-them inside the function that uses them, through :func:`require`, so that a missing package is one
+them inside the function that uses them, through ``require``, so that a missing package is one
 clear error that names the extra to install.
 
 Examples:
@@ -25,18 +25,18 @@ _DISTRIBUTIONS = {"PIL": "pillow", "imageio_ffmpeg": "imageio-ffmpeg"}
 
 
 def require(module: str, extra: str, purpose: str) -> ModuleType:
-    """Import ``module``, or raise an :class:`ImportError` that names the extra to install.
+    """Import ``module``, or raise an ``ImportError`` that names the extra to install.
 
     Args:
         module: the dotted module name, e.g. ``"matplotlib"`` or ``"safetensors.torch"``.
-        extra: the extra of freeloc that installs it, one of :data:`EXTRAS`.
+        extra: the extra of freeloc that installs it, one of ``EXTRAS``.
         purpose: what needs it, the start of the message, e.g. ``"freeloc explain --png"``.
 
     Returns:
         The imported module.
 
     Raises:
-        ValueError: If ``extra`` is not one of :data:`EXTRAS`.
+        ValueError: If ``extra`` is not one of ``EXTRAS``.
         ImportError: If the module cannot be imported, e.g. ``freeloc explain --png needs matplotlib:
             pip install "freeloc[app]"``; the original error is its cause.
     """

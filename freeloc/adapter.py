@@ -1,17 +1,17 @@
 """What every adapter shares: installing a layer plan on a transformer and taking it off exactly.
 
-An adapter knows one architecture. It subclasses :class:`TransformerAdapter` and says only what is
-true of its model: which modules are self-attention (:meth:`~TransformerAdapter.attention_layers`),
+An adapter knows one architecture. It subclasses ``TransformerAdapter`` and says only what is
+true of its model: which modules are self-attention (``attention_layers``),
 its rotary layout, how to read the latent grid from a forward call, its temporal patch, a processor
-that computes the layer's q/k/v and hands them to :meth:`LayerContext.attend`, and its model data
-(:class:`ModelData`: trained lengths, temporal factor, shipped plans). Everything else (plans, the
+that computes the layer's q/k/v and hands them to ``LayerContext.attend``, and its model data
+(``ModelData``: trained lengths, temporal factor, shipped plans). Everything else (plans, the
 double-apply check, the grid hook, the undo log) is here.
 
-Adapters are found through :mod:`freeloc.registry`: a package declares its adapter class as an entry
+Adapters are found through ``freeloc.registry``: a package declares its adapter class as an entry
 point of the group ``freeloc.adapters``, or code registers one with
-:func:`~freeloc.registry.register_adapter`.
+``register_adapter``.
 
-Example:
+Examples:
     >>> data = ModelData(
     ...     classes=(ModelClass("MyVideoTransformer", trained_video_frames=81,
     ...                         variants=(ConfigVariant("my-5b", {"in_channels": 48}, trained_video_frames=121),)),),
@@ -276,7 +276,7 @@ class LayerContext:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: Method, *, text_before: int = 0,
                text_after: int = 0, text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """:func:`freeloc.attention.attend` on the layer's q/k/v (before RoPE), recording statistics."""
+        """``freeloc.attention.attend`` on the layer's q/k/v (before RoPE), recording statistics."""
         grid = self.grid.value
         assert grid is not None
         if self.observer is not None:
@@ -314,7 +314,7 @@ class FreeLOCProcessor:
 
 # ---------------------------------------------------------------------------------------------- the adapter
 class TransformerAdapter:
-    """Base class of the adapters: subclasses declare :attr:`model_data` and fill in the model-specific parts."""
+    """Base class of the adapters: subclasses declare ``model_data`` and fill in the model-specific parts."""
 
     #: The transformer classes this adapter handles, their trained lengths, temporal factor and shipped plans.
     model_data: ClassVar[ModelData]
@@ -356,7 +356,7 @@ class TransformerAdapter:
 
     # ------------------------------------------------------------------ data
     def trained_video_frames(self) -> int:
-        """The trained length in video frames, from :attr:`model_data` (by class, then config variant)."""
+        """The trained length in video frames, from ``model_data`` (by class, then config variant)."""
         cls = type(self.transformer).__name__
         data = self.model_data
         if cls not in data.class_names:

@@ -2,7 +2,7 @@
 
 A **band** is a set of (query frame, key frame) pairs, optionally filtered per token pair by a
 spatial *stripe*, together with the temporal positions that queries and keys use inside it.
-A :class:`BandSet` is what a method hands to :func:`freeloc.attention.attend`: disjoint bands that
+A ``BandSet`` is what a method hands to ``freeloc.attention.attend``: disjoint bands that
 together cover every pair the method attends, plus an optional replacement of the temporal RoPE
 frequencies (NTK, YaRN, RIFLEx). Backends compute each band's attention (``chunked``: in passes per
 band; ``flex``: one kernel per group of bands sharing their query rotation) and merge the results
@@ -192,7 +192,7 @@ class BandSet:
         """Which (query block, key block) tiles hold any attended pair, and which are entirely attended.
 
         Returns two bool tensors [Qb, Kb] (``any``, ``full``), computed from the frame-level tables
-        (never from N^2 token pairs); see :meth:`Band.block_table`.
+        (never from N^2 token pairs); see ``Band.block_table``.
         """
         if not self.bands:
             nb = -(-self.num_frames * tokens_per_frame // block_size)
@@ -237,7 +237,7 @@ def gap_and_span(q_lo: Tensor, q_hi: Tensor, k_lo: Tensor, k_hi: Tensor) -> tupl
 
 
 def count_per_tile(q_block: Tensor, k_block: Tensor, x: Tensor) -> Tensor:
-    """Sum a [Q pieces, K pieces] table into [Qb, Kb] tiles (pieces from :func:`token_pieces`)."""
+    """Sum a [Q pieces, K pieces] table into [Qb, Kb] tiles (pieces from ``token_pieces``)."""
     nqb, nkb = int(q_block[-1]) + 1, int(k_block[-1]) + 1
     idx = (q_block[:, None] * nkb + k_block[None, :]).flatten()
     return torch.zeros(nqb * nkb, dtype=torch.long).index_add_(0, idx, x.flatten().long()).view(nqb, nkb)

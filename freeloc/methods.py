@@ -1,8 +1,8 @@
 """The method interface shared by temporal-position methods and attention-pattern methods.
 
-Every method is a small frozen dataclass: serializable (:meth:`Method.to_dict` /
-:func:`method_from_dict`), validated on construction, and able to describe itself at a given length
-as a :class:`~freeloc.bands.BandSet` (:meth:`Method.band_set`). Methods register under a short name
+Every method is a small frozen dataclass: serializable (``Method.to_dict`` /
+``method_from_dict``), validated on construction, and able to describe itself at a given length
+as a ``BandSet`` (``Method.band_set``). Methods register under a short name
 (``"vrpr"``, ``"tsa"``, ``"pi"``...) used in layer plans and on the command line.
 """
 
@@ -38,7 +38,7 @@ class Method:
         raise NotImplementedError
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"method": name, **parameters}``; :func:`method_from_dict` inverts it."""
+        """``{"method": name, **parameters}``; ``method_from_dict`` inverts it."""
         return {"method": self.name, **dataclasses.asdict(self)}  # type: ignore[call-overload]
 
     @classmethod

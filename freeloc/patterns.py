@@ -1,9 +1,9 @@
 """Attention-pattern methods: which key tokens each query attends (TSA, sliding window).
 
-* :class:`TSA` (FreeLOC's Tiered Sparse Attention, docs/method.md §3): dense near frames, a
+* ``TSA`` (FreeLOC's Tiered Sparse Attention, docs/method.md §3): dense near frames, a
   spatial stripe at middle distances, and the first frame as an attention sink seen through grouped
   positions from far away. At 4x length it attends about a third of the token pairs.
-* :class:`SlidingWindow`: every query attends the frames within ``window`` of its own (and, with
+* ``SlidingWindow``: every query attends the frames within ``window`` of its own (and, with
   ``sink=True``, the first frame), with the original positions.
 
 Examples:

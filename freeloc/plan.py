@@ -1,7 +1,7 @@
 """Layer plans: which self-attention layer gets which method, as versioned, validated data.
 
-A :class:`LayerPlan` holds one method name per self-attention layer (a key of
-:data:`~freeloc.methods.METHODS`, or ``"direct"`` for an unchanged layer), optional explicit
+A ``LayerPlan`` holds one method name per self-attention layer (a key of
+``METHODS``, or ``"direct"`` for an unchanged layer), optional explicit
 parameters per layer, optional per-layer probe scores, the identity of the model the plan was made
 for and the model's trained length. It is plain data: JSON in, JSON out.
 
@@ -19,7 +19,7 @@ JSON schema (version 1)::
      "scores": {"position": [...], "context": [...]},
      "meta": {"source": "..."}}
 
-Example:
+Examples:
     >>> plan = LayerPlan.published("wan2.1-t2v-1.3b")
     >>> plan.num_layers, plan.methods[:3]
     (30, ['tsa', 'tsa', 'vrpr'])
@@ -78,7 +78,7 @@ class LayerPlan:
 
     Args:
         methods: one method name per self-attention layer, in layer order: a key of
-            :data:`~freeloc.methods.METHODS` (``"vrpr"``, ``"tsa"``, ``"pi"``, ``"ntk"``, ``"yarn"``,
+            ``METHODS`` (``"vrpr"``, ``"tsa"``, ``"pi"``, ``"ntk"``, ``"yarn"``,
             ``"riflex"``, ``"sliding-window"``) or ``"direct"`` (unchanged).
         params: per-layer explicit parameters of the method (``{}``: derive them at run time from
             the length). An empty list means ``{}`` for every layer. RIFLEx may give only ``k``;
@@ -177,11 +177,11 @@ class LayerPlan:
         """The same method (and parameters) on every layer.
 
         Args:
-            method: a method name (see :class:`LayerPlan`), or ``"direct"``.
+            method: a method name (see ``LayerPlan``), or ``"direct"``.
             num_layers: number of self-attention layers.
             **params: explicit parameters for every layer (none: derived from the length at run time).
 
-        Example:
+        Examples:
             >>> LayerPlan.uniform("tsa", 4).summary()
             '4 layers: tsa 4'
         """
@@ -215,7 +215,7 @@ class LayerPlan:
         Raises:
             ValueError: for an index out of range, listed twice, or in both lists.
 
-        Example:
+        Examples:
             >>> LayerPlan.from_lists([0, 2], [1], num_layers=4).methods
             ['tsa', 'vrpr', 'tsa', 'direct']
         """
@@ -246,10 +246,10 @@ class LayerPlan:
 
     @staticmethod
     def shipped() -> list[str]:
-        """Names of the plans shipped with the installed adapters (for :meth:`published`).
+        """Names of the plans shipped with the installed adapters (for ``published``).
 
-        Each adapter declares its plans (:class:`freeloc.adapter.ShippedPlan`); they are found through
-        :mod:`freeloc.registry`.
+        Each adapter declares its plans (``freeloc.adapter.ShippedPlan``); they are found through
+        ``freeloc.registry``.
         """
         from .registry import shipped_plans  # the registry imports the adapters, which import this module
 
@@ -287,7 +287,7 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, data: Any) -> LayerPlan:
-        """Build a plan from :meth:`to_dict`'s output, validating everything.
+        """Build a plan from ``to_dict``'s output, validating everything.
 
         Raises:
             ValueError: wrong schema name, unsupported version, unknown keys or method names, bad
@@ -367,7 +367,7 @@ class LayerPlan:
         """Parse and validate a plan from JSON text.
 
         Raises:
-            ValueError: for invalid JSON or an invalid plan (see :meth:`from_dict`).
+            ValueError: for invalid JSON or an invalid plan (see ``from_dict``).
         """
         try:
             data = json.loads(text)
@@ -383,7 +383,7 @@ class LayerPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> LayerPlan:
-        """Read a plan written by :meth:`save`.
+        """Read a plan written by ``save``.
 
         Raises:
             ValueError: when the file's content is not a valid plan (the message names the file).
@@ -398,7 +398,7 @@ class LayerPlan:
     def layers_of(self, method: str) -> list[int]:
         """Indices of the layers that use ``method``.
 
-        Example:
+        Examples:
             >>> LayerPlan.from_lists([0, 2], [1], num_layers=3).layers_of("tsa")
             [0, 2]
         """
@@ -455,7 +455,7 @@ class LayerPlan:
     def summary(self) -> str:
         """A short human description: layer count and how many layers use each method.
 
-        Example:
+        Examples:
             >>> LayerPlan.from_lists([0, 2], [1], num_layers=4, trained_frames=21).summary()
             '4 layers: tsa 2, vrpr 1, direct 1; trained_frames 21'
         """

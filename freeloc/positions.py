@@ -2,13 +2,13 @@
 
 All of them change only the **temporal** part of a 3D RoPE; height and width stay as they are.
 
-* :class:`VRPR` (FreeLOC's Video-based Relative Position Re-encoding) re-encodes positions per
+* ``VRPR`` (FreeLOC's Video-based Relative Position Re-encoding) re-encodes positions per
   band of frame distance so that every effective relative distance lies inside the trained range.
-* :class:`PI` (position interpolation): temporal positions divided by ``s = F / T``.
-* :class:`NTK` (NTK-aware scaling): temporal theta multiplied by ``s ** (d / (d - 2))``,
+* ``PI`` (position interpolation): temporal positions divided by ``s = F / T``.
+* ``NTK`` (NTK-aware scaling): temporal theta multiplied by ``s ** (d / (d - 2))``,
   ``d`` = number of temporal rotary channels.
-* :class:`YaRN`: per-frequency ramp between interpolation (``w / s``) and extrapolation (``w``).
-* :class:`RIFLEx`: the intrinsic temporal frequency ``k`` (1-based) lowered to ``0.9 * 2 pi / F``.
+* ``YaRN``: per-frequency ramp between interpolation (``w / s``) and extrapolation (``w``).
+* ``RIFLEx``: the intrinsic temporal frequency ``k`` (1-based) lowered to ``0.9 * 2 pi / F``.
 
 Examples:
     >>> v = VRPR.for_length(num_frames=81, trained_frames=21)
@@ -114,9 +114,9 @@ class VRPR(Method):
     def for_length(cls, num_frames: int, trained_frames: int) -> VRPR:
         """The setting for ``num_frames`` temporal tokens of a model trained on ``trained_frames``.
 
-        * ``num_frames <= trained_frames``: :meth:`identity` (nothing is out of range).
+        * ``num_frames <= trained_frames``: ``identity`` (nothing is out of range).
         * the published points (41, 21) and (81, 21): the published settings.
-        * any other length: :meth:`derive`.
+        * any other length: ``derive``.
         """
         _check_frames(num_frames, trained_frames)
         if num_frames <= trained_frames:
@@ -134,7 +134,7 @@ class VRPR(Method):
         With ``cap = T - 1`` and ``g1 = 2`` (as in both published settings), the far tier's group
         ``g2`` is the first of 8, 16, 32, ... (8 is the published one) that admits a setting where
 
-        * every property of :meth:`violations` holds at this length,
+        * every property of ``violations`` holds at this length,
         * the far tier ends exactly at the cap: ``(F - 1) // g2 + c2 == cap`` (the farthest pair
           lands on the cap, so the whole trained range is used and nothing is clipped), and
         * the exact near tier keeps at least half the trained range: ``w1 >= ceil(cap / 2)``
@@ -222,7 +222,7 @@ class VRPR(Method):
 
 
 def _properties_hold(w1: int, w2: int, g1: int, g2: int, cap: int, f: int) -> bool:
-    """Fast integer check of :meth:`VRPR.violations` (same properties), used by the search."""
+    """Fast integer check of ``VRPR.violations`` (same properties), used by the search."""
     c1 = w1 - -(-w1 // g1)
     c2 = w2 - w2 // g2 - (w2 - w1) // g1
     i = np.arange(f)[:, None]
@@ -279,7 +279,7 @@ def _positive_float(owner: str, name: str, value: object, minimum: float = 0.0) 
 @register
 @dataclass(frozen=True)
 class PI(Method):
-    """Position interpolation: temporal positions ``t / scale`` (``scale = F / T`` from :meth:`for_length`)."""
+    """Position interpolation: temporal positions ``t / scale`` (``scale = F / T`` from ``for_length``)."""
 
     name = "pi"
     scale: float | int

@@ -14,9 +14,9 @@ Logits and entropies come from the layer's own q/k (seen through the adapter whi
 are computed for the sampled queries only, in chunks of keys: no [N, N] map is built. The model's
 outputs are compared with one shared unperturbed run.
 
-Selection rule (:func:`select`): each score is divided by its largest value over the layers; a layer
+Selection rule (``select``): each score is divided by its largest value over the layers; a layer
 gets TSA when its normalized context score exceeds its normalized position score by more than
-``margin`` (context sensitivity dominates), VRPR otherwise (method.md section 4). With ``tsa_count``
+``margin`` (context sensitivity dominates), VRPR otherwise (docs/method.md §4). With ``tsa_count``
 the ``tsa_count`` layers with the largest difference get TSA instead.
 
 Inputs: with a pipeline, ``inputs=`` are its own call arguments (a real prompt): the pipeline runs until
@@ -175,14 +175,14 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         trained_frames: the trained length in video frames (default: the model's data).
         max_queries: sampled query tokens per layer.
         margin: TSA for a layer whose normalized context score exceeds its normalized position score
-            by more than this (:func:`select`).
+            by more than this (``select``).
         tsa_count: instead of ``margin``, TSA for exactly this many layers, those with the largest
-            difference (:func:`select`).
+            difference (``select``).
         latent_size: (height, width) of the synthetic latents (default: the adapter's, e.g. Wan 480p).
         progress: ``True`` writes a status line over the layers to stderr; a callable receives
             ``(done, total)`` layers instead (``(0, total)`` first); either prints the cost when done.
             ``False``: silent.
-        temporal_factor: video frames per latent frame, as in :func:`freeloc.enable` (1 for a model
+        temporal_factor: video frames per latent frame, as in ``freeloc.enable`` (1 for a model
             without temporal compression); default: the pipeline's, else the model data's.
     """
     import freeloc

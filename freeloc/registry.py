@@ -9,16 +9,16 @@ The core finds adapters only here, from two sources:
       mymodel = "mypkg.adapter:MyAdapter"
 
   freeloc's own adapters (``freeloc.adapters.*``) are declared the same way in freeloc's;
-* classes registered in the running process with :func:`register_adapter` (a script, a notebook,
+* classes registered in the running process with ``register_adapter`` (a script, a notebook,
   a test), which needs no installed package.
 
-An adapter is a :class:`~freeloc.adapter.TransformerAdapter` subclass; the transformer classes it
-handles are the names in its ``model_data`` (:class:`~freeloc.adapter.ModelData`), matched against
+An adapter is a ``TransformerAdapter`` subclass; the transformer classes it
+handles are the names in its ``model_data`` (``ModelData``), matched against
 ``type(transformer).__name__``. Errors name what is wrong: an entry point that fails to load (with its
 error), two adapters claiming one class (both), a class without an adapter (the supported ones, and
 how to add one).
 
-Example:
+Examples:
     >>> from freeloc.registry import supported_classes
     >>> "WanTransformer3DModel" in supported_classes()
     True
@@ -77,7 +77,7 @@ class Registration:
 
     Attributes:
         adapter: the adapter class.
-        entry_point: the entry point that declared it (``None``: registered by :func:`register_adapter`).
+        entry_point: the entry point that declared it (``None``: registered by ``register_adapter``).
     """
 
     adapter: type[TransformerAdapter]
@@ -111,11 +111,11 @@ def _default_entry_points(group: str) -> tuple[metadata.EntryPoint, ...]:
 
 
 class AdapterRegistry:
-    """Adapters from entry points (loaded once, on first use) and from :meth:`register`.
+    """Adapters from entry points (loaded once, on first use) and from ``register``.
 
     Args:
         group: the entry-point group to read.
-        entry_points: returns the entry points of ``group`` (default: :func:`importlib.metadata.entry_points`).
+        entry_points: returns the entry points of ``group`` (default: ``importlib.metadata.entry_points``).
     """
 
     def __init__(self, group: str = ENTRY_POINT_GROUP,
@@ -140,7 +140,7 @@ class AdapterRegistry:
         return adapter
 
     def unregister(self, adapter: type) -> None:
-        """Forget an adapter registered with :meth:`register` (entry points stay)."""
+        """Forget an adapter registered with ``register`` (entry points stay)."""
         before = len(self._registered)
         self._registered = [r for r in self._registered if r.adapter is not adapter]
         if len(self._registered) == before:
@@ -205,7 +205,7 @@ class AdapterRegistry:
         return found[0]
 
     def adapter_for_class(self, class_name: str) -> type[TransformerAdapter]:
-        """The adapter class for transformers of the class ``class_name`` (see :meth:`registration_for_class`)."""
+        """The adapter class for transformers of the class ``class_name`` (see ``registration_for_class``)."""
         return self.registration_for_class(class_name).adapter
 
     def shipped_plans(self) -> dict[str, ShippedPlan]:
@@ -245,7 +245,7 @@ REGISTRY = AdapterRegistry()
 
 
 def register_adapter(adapter: A) -> A:
-    """Class decorator: register an adapter in this process (see :meth:`AdapterRegistry.register`).
+    """Class decorator: register an adapter in this process (see ``AdapterRegistry.register``).
 
     Example::
 
@@ -259,7 +259,7 @@ def register_adapter(adapter: A) -> A:
 
 
 def registrations() -> list[Registration]:
-    """Every adapter of :data:`REGISTRY`, with where it came from."""
+    """Every adapter of ``REGISTRY``, with where it came from."""
     return REGISTRY.registrations()
 
 

@@ -137,7 +137,7 @@ class RotaryLayout:
         w_pos: Real[Tensor, " tokens"],
         t_freqs: Float[Tensor, " t_pairs"] | None = None,
     ) -> tuple[Float[Tensor, "tokens pairs"], Float[Tensor, "tokens pairs"]]:
-        """``cos`` and ``sin`` (float32) of :meth:`angles`, one value per channel pair."""
+        """``cos`` and ``sin`` (float32) of ``angles``, one value per channel pair."""
         a = self.angles(t_pos, h_pos, w_pos, t_freqs)
         return a.cos().float(), a.sin().float()
 
@@ -168,7 +168,7 @@ class RotaryLayout:
         sin: Float[Tensor, "*table pairs"],
         out: Float[Tensor, "batch tokens heads dim"] | None = None,
     ) -> Float[Tensor, "batch tokens heads dim"]:
-        """Rotate ``x`` by precomputed per-pair ``cos``/``sin`` (from :meth:`cos_sin`).
+        """Rotate ``x`` by precomputed per-pair ``cos``/``sin`` (from ``cos_sin``).
 
         The tables are ``[tokens, pairs]``, or ``[frames, tokens_per_frame, pairs]`` with either of the first
         two sizes 1: one row per frame, or per place in a frame, broadcast over the frame-major tokens
@@ -201,7 +201,7 @@ class RotaryLayout:
     def temporal_cos_sin(
         self, t_pos: Real[Tensor, " tokens"], t_freqs: Float[Tensor, " t_pairs"] | None = None
     ) -> tuple[Float[Tensor, "tokens t_pairs"], Float[Tensor, "tokens t_pairs"]]:
-        """``cos``/``sin`` (float32) of the temporal pairs only, for :meth:`rotate_temporal` (given one
+        """``cos``/``sin`` (float32) of the temporal pairs only, for ``rotate_temporal`` (given one
         position per frame: one row per frame, to be viewed as ``[frames, 1, t_pairs]``)."""
         tf = self.temporal_freqs() if t_freqs is None else t_freqs.to(torch.float64)
         a = torch.outer(t_pos.to(torch.float64), tf.to(t_pos.device))
@@ -218,7 +218,7 @@ class RotaryLayout:
 
         Rotations add their angles, so rotating a tensor that carries its spatial rotation only
         (temporal position 0) by temporal angles gives exactly the full rotation at those positions.
-        Tables and ``out``: as in :meth:`apply` (temporal angles depend on the frame alone, so a table of
+        Tables and ``out``: as in ``apply`` (temporal angles depend on the frame alone, so a table of
         ``[frames, 1, t_pairs]`` is enough).
         """
         return self.rotate_split(x, (cos, sin), None, out)
@@ -226,7 +226,7 @@ class RotaryLayout:
     def spatial_cos_sin(
         self, h_pos: Real[Tensor, " tokens"], w_pos: Real[Tensor, " tokens"]
     ) -> tuple[Float[Tensor, "tokens s_pairs"], Float[Tensor, "tokens s_pairs"]]:
-        """``cos``/``sin`` (float32) of the height and width pairs only, for :meth:`rotate_split` (given the
+        """``cos``/``sin`` (float32) of the height and width pairs only, for ``rotate_split`` (given the
         places of one frame: one row per place, to be viewed as ``[1, tokens_per_frame, s_pairs]``)."""
         cos, sin = self.cos_sin(torch.zeros_like(h_pos, dtype=torch.float64), h_pos, w_pos)
         return cos[:, self.t_dim // 2:], sin[:, self.t_dim // 2:]
@@ -239,10 +239,10 @@ class RotaryLayout:
         out: Float[Tensor, "batch tokens heads dim"] | None = None,
     ) -> Float[Tensor, "batch tokens heads dim"]:
         """Rotate the temporal pairs by ``temporal`` and the height and width pairs by ``spatial`` (each a
-        ``(cos, sin)`` pair from :meth:`temporal_cos_sin` / :meth:`spatial_cos_sin`, shaped as the tables of
-        :meth:`apply`: per token, or by frame / by place in a frame), in one pass over ``x``; a part given
-        None keeps its channels as they are. With both given it is :meth:`apply` at those positions, from
-        tables F and S times smaller than a table per token. ``out``: as in :meth:`apply`.
+        ``(cos, sin)`` pair from ``temporal_cos_sin`` / ``spatial_cos_sin``, shaped as the tables of
+        ``apply``: per token, or by frame / by place in a frame), in one pass over ``x``; a part given
+        None keeps its channels as they are. With both given it is ``apply`` at those positions, from
+        tables F and S times smaller than a table per token. ``out``: as in ``apply``.
         """
         pairs = (self._pairs_of("t"), self._pairs_of("s"))
         tabs = (temporal, spatial if self.h_dim + self.w_dim else None)  # no spatial channels: nothing to rotate
@@ -363,7 +363,7 @@ def _rotate_complex_into(
     cos: Float[Tensor, "*table pairs"], sin: Float[Tensor, "*table pairs"],
 ) -> Float[Tensor, "batch tokens heads dim"]:
     """Interleaved pairs: ``out = x * (cos + i sin)`` pair by pair, computed in float32 (CPU); tables as in
-    :meth:`RotaryLayout.apply`."""
+    ``RotaryLayout.apply``."""
     hit = _CIS.get(cos)
     if hit is None or hit[0] is not sin:
         cis = torch.complex(cos.float(), sin.float())

@@ -7,11 +7,11 @@ Hooks are global state on a user's model, so the safe path is the easy one::
     print(session.report())
 
 or, without a ``with`` block, ``session = freeloc.enable(...); ...; session.remove()``. Leaving the
-block (normally or by an exception) or calling :meth:`Session.remove` restores every processor,
+block (normally or by an exception) or calling ``Session.remove`` restores every processor,
 hook and attribute the session changed, in reverse order; removing twice is harmless.
 
 This module is framework-independent: the adapter of each transformer found in the target is looked
-up in :mod:`freeloc.registry` (entry points of the group ``freeloc.adapters``), by the transformer's
+up in ``freeloc.registry`` (entry points of the group ``freeloc.adapters``), by the transformer's
 class name.
 """
 
@@ -68,7 +68,7 @@ class Session:
     _active: bool = True
 
     def on_remove(self, undo: Callable[[], None]) -> None:
-        """Register an undo step; steps run in reverse order on :meth:`remove`."""
+        """Register an undo step; steps run in reverse order on ``remove``."""
         self._undo.append(undo)
 
     @property
@@ -107,7 +107,7 @@ class Session:
 
 
 class Timer:
-    """Adds the wall time of a block to a :class:`LayerStats`."""
+    """Adds the wall time of a block to a ``LayerStats``."""
 
     def __init__(self, stats: LayerStats) -> None:
         self.stats = stats
@@ -172,24 +172,24 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
         target: a diffusers pipeline (every transformer it holds is patched) or a transformer module.
         num_frames: the video length in **video** frames (converted with the model's VAE factor);
             ``None`` takes the grid from each forward's latent.
-        plan: see :func:`plan_for`.
+        plan: see ``plan_for``.
         method: ``"freeloc"`` (the layer plan), ``"direct"`` (no change), or one method on every
             layer: ``"vrpr"``, ``"tsa"``, ``"pi"``, ``"ntk"``, ``"yarn"``, ``"riflex"``, ``"sliding-window"``.
-        adapter: an adapter class (a :class:`~freeloc.adapter.TransformerAdapter` subclass) to use
+        adapter: an adapter class (a ``TransformerAdapter`` subclass) to use
             instead of the one the registry finds for the model's class.
         trained_frames: the trained length in video frames, overriding the model's data.
-        backend: attention backend for :func:`freeloc.attention.attend`.
+        backend: attention backend for ``freeloc.attention.attend``.
         method_params: parameters of a single ``method`` on every layer, e.g. ``{"k": 4}`` for RIFLEx or
             ``{"window": 10}`` for the sliding window; empty: derived from the length.
         observer: called with each hooked layer's attention inputs (used by the probe).
         temporal_factor: video frames per latent frame, overriding the pipeline's and the model data's
             (1 for a model without temporal compression); ``latent = (video - 1) // factor + 1``.
-        attention: tuning settings of every hooked layer's :func:`freeloc.attention.attend` call
-            (:class:`~freeloc.attention.AttentionOptions`); None: the defaults.
+        attention: tuning settings of every hooked layer's ``freeloc.attention.attend`` call
+            (``AttentionOptions``); None: the defaults.
 
     Returns:
-        The :class:`Session`; leaving its ``with`` block or :meth:`Session.remove` undoes everything.
-        Without a ``with`` block, call :meth:`Session.remove` when done.
+        The ``Session``; leaving its ``with`` block or ``Session.remove`` undoes everything.
+        Without a ``with`` block, call ``Session.remove`` when done.
     """
     from .registry import adapters_for  # the registry imports the adapter base, which imports this module
 

@@ -1,6 +1,6 @@
 """The adapter conformance suite: the checks every adapter must pass, runnable from any repository.
 
-An adapter author describes a tiny model of the architecture as a :class:`ConformanceCase` (how to
+An adapter author describes a tiny model of the architecture as a ``ConformanceCase`` (how to
 build it, how to run one forward at a given number of temporal tokens) and runs every check on it,
 in their own test file::
 
@@ -9,12 +9,12 @@ in their own test file::
     CASES = [ConformanceCase("mymodel", make_model, run, trained_video_frames=21, trained_latent=6)]
     test_conformance = conformance_tests(CASES)    # one pytest test per (case, check)
 
-or without pytest: ``run_conformance(CASES)`` runs them all and raises :class:`ConformanceError`
+or without pytest: ``run_conformance(CASES)`` runs them all and raises ``ConformanceError``
 listing every failure. Each check is a plain function of a case (``check_*``, listed in
-:data:`CHECKS`); a check that does not apply to a case (a model without RoPE, a case whose model is
-not available here) raises :class:`NotApplicable` with the reason, which pytest reports as a skip.
+``CHECKS``); a check that does not apply to a case (a model without RoPE, a case whose model is
+not available here) raises ``NotApplicable`` with the reason, which pytest reports as a skip.
 
-This module needs only torch and freeloc; pytest is imported by :func:`conformance_tests` alone.
+This module needs only torch and freeloc; pytest is imported by ``conformance_tests`` alone.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class ConformanceCase:
         text_tokens: text tokens in each self-attention sequence (0: video only).
         position_methods: whether the model has RoPE (position methods apply).
         skip_reason: why this case cannot run here (e.g. its model's code is not available); every
-            check then reports :class:`NotApplicable` with it. None: the case runs.
+            check then reports ``NotApplicable`` with it. None: the case runs.
     """
 
     name: str
@@ -143,7 +143,7 @@ def snapshot(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def assert_restored(case: ConformanceCase, before: dict[str, Any], model: torch.nn.Module, when: str) -> None:
-    """The model is exactly as in ``before`` (a :func:`snapshot`)."""
+    """The model is exactly as in ``before`` (a ``snapshot``)."""
     after = snapshot(model)
     _expect(len(before["processors"]) == len(after["processors"]) and all(
         a is b for a, b in zip(before["processors"], after["processors"], strict=True)),
@@ -162,7 +162,7 @@ class _BoomError(Exception):
 
 @contextmanager
 def _recording_layer_zero() -> Iterator[list[dict[str, Any]]]:
-    """Records the first :meth:`LayerContext.attend` call of layer 0 (its inputs and output) while active."""
+    """Records the first ``LayerContext.attend`` call of layer 0 (its inputs and output) while active."""
     calls: list[dict[str, Any]] = []
     original = LayerContext.attend
 
@@ -345,7 +345,7 @@ def check_hooked_layer_equals_core_attend(case: ConformanceCase) -> None:
                atol=1e-6, rtol=0.0)
 
 
-#: Every check, in the order :func:`run_conformance` runs them.
+#: Every check, in the order ``run_conformance`` runs them.
 CHECKS: tuple[Check, ...] = (
     check_direct_equals_unhooked,
     check_identity_plan_equals_unhooked,
@@ -393,12 +393,12 @@ def run_conformance(cases: ConformanceCase | Sequence[ConformanceCase], checks: 
 
     Args:
         cases: one case or several.
-        checks: the checks to run (default: all of :data:`CHECKS`).
-        raise_on_failure: raise :class:`ConformanceError` listing every failure (after running all checks).
+        checks: the checks to run (default: all of ``CHECKS``).
+        raise_on_failure: raise ``ConformanceError`` listing every failure (after running all checks).
         verbose: print each result as it comes.
 
     Returns:
-        One :class:`CheckResult` per (case, check); checks that do not apply are ``"skipped"`` with the reason.
+        One ``CheckResult`` per (case, check); checks that do not apply are ``"skipped"`` with the reason.
     """
     results = []
     for case in _as_cases(cases):

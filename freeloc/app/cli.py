@@ -6,9 +6,9 @@ Subcommands:
   its effective relative distances r(Δ), and how sparse TSA's attention is, next to the sliding-window
   baseline. ``--json`` prints the same as one JSON object, ``--png`` draws it.
 * ``freeloc demo``: the shipped shapes model (or a tiny random Wan pipeline) at 4x its trained length,
-  direct and with FreeLOC (:func:`freeloc.app.video.demo`).
-* ``freeloc generate``: a long video with a diffusers pipeline (:func:`freeloc.app.video.generate`).
-* ``freeloc probe``: the layer plan of a diffusers pipeline's transformer (:func:`freeloc.probe`).
+  direct and with FreeLOC (``freeloc.app.video.demo``).
+* ``freeloc generate``: a long video with a diffusers pipeline (``freeloc.app.video.generate``).
+* ``freeloc probe``: the layer plan of a diffusers pipeline's transformer (``freeloc.probe``).
 
 ``explain`` without ``--png`` needs only the core. The pictures, the progress bar and the videos need
 the ``app`` extra, the shapes model the ``shapes`` extra and real pipelines the ``diffusers`` extra; a
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def tqdm_progress(desc: str, unit: str) -> Callable[[int, int], None]:
-    """A ``(done, total)`` progress callback, as :func:`freeloc.probe` takes, that draws a tqdm bar.
+    """A ``(done, total)`` progress callback, as ``freeloc.probe`` takes, that draws a tqdm bar.
 
     The bar opens at the first call, with its total, and closes when ``done`` reaches it.
     """
@@ -344,7 +344,7 @@ def _profile_text(r_min: list[int], r_max: list[int], width: int = 96) -> list[s
 
 
 def explain_text(data: dict[str, Any]) -> str:
-    """The human-readable report of ``freeloc explain`` for :func:`explain_data`'s output."""
+    """The human-readable report of ``freeloc explain`` for ``explain_data``'s output."""
     inp, f, t, cap = data["input"], data["num_frames"], data["trained_frames"], data["cap"]
     v, tsa, win = data["vrpr"], data["tsa"], data["sliding_window"]
     out = []

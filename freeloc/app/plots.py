@@ -32,7 +32,7 @@ def _pyplot(purpose: str) -> ModuleType:
 
 
 def explain_png(data: dict[str, Any], path: Path) -> Path:
-    """Draw :func:`freeloc.app.cli.explain_data`'s result: r[i, j], the r(Δ) profile, and TSA's frame pattern."""
+    """Draw ``freeloc.app.cli.explain_data``'s result: r[i, j], the r(Δ) profile, and TSA's frame pattern."""
     plt = _pyplot("freeloc explain --png")
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -106,7 +106,7 @@ def explain_png(data: dict[str, Any], path: Path) -> Path:
 def plot_scores(plan: LayerPlan, path: Path | str) -> Path | str:
     """Both sensitivity scores per layer (normalized by their maximum) and the resulting assignment, as PNG.
 
-    ``plan`` is a plan written by :func:`freeloc.probe` (it holds the scores); returns ``path``.
+    ``plan`` is a plan written by ``freeloc.probe`` (it holds the scores); returns ``path``.
     """
     plt = _pyplot("freeloc probe --png")
 

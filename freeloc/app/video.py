@@ -3,11 +3,11 @@
 This module sits beside the CLI, above the core: it imports diffusers, imageio and Pillow inside the
 functions that use them (the ``diffusers`` and ``app`` extras), so ``import freeloc`` never does.
 
-* :func:`generate`: a diffusers pipeline from ``from_pretrained`` (a hub id or a local folder), one
+* ``generate``: a diffusers pipeline from ``from_pretrained`` (a hub id or a local folder), one
   ``freeloc.enable`` block around the call, an mp4 and a JSON sidecar with every setting and the
   session's per-layer report.
-* :func:`demo`: by default the shapes model shipped with the package (a small Wan transformer trained
-  on 16-frame clips of bouncing shapes, :mod:`freeloc.shapes.model`) generating at 4x its trained
+* ``demo``: by default the shapes model shipped with the package (a small Wan transformer trained
+  on 16-frame clips of bouncing shapes, ``freeloc.shapes.model``) generating at 4x its trained
   length with ``direct`` and with FreeLOC (the probe's plan for that model): both mp4s, a PNG strip of
   frames and a table of pixel metrics. ``model="random"``: a tiny random Wan pipeline at 4x its declared
   trained length (noise: it shows the mechanics, not quality).
@@ -86,7 +86,7 @@ def demo(out_dir: Path = Path("freeloc-demo"), steps: int | None = None, size: i
         model: ``"shapes"`` (the shipped trained model) or ``"random"`` (a tiny random Wan pipeline).
         conditions: ``shapes`` only: how many clips (conditions) to generate side by side, 1 to 8.
         guidance: classifier-free guidance scale (default: ``shapes``, the shipped model's own,
-            :func:`~freeloc.shapes.model.shipped_guidance`; ``random``, 3.0). 1.0 turns it off.
+            ``shipped_guidance``; ``random``, 3.0). 1.0 turns it off.
     """
     if guidance is not None and (not isinstance(guidance, (int, float)) or isinstance(guidance, bool)
                                  or not math.isfinite(guidance) or guidance < 0):
@@ -126,7 +126,7 @@ def _label(text: str, height: int, width: int = 96) -> Float[Tensor, "3 height w
 
 def compare_frames(rows: dict[str, Float[Tensor, "frames 3 _height width"]]
                    ) -> Float[Tensor, "frames 3 stacked_height labelled_width"]:
-    """Labelled (T, 3, H, W) tiles (from :func:`_tile`) stacked top to bottom: one video to compare them."""
+    """Labelled (T, 3, H, W) tiles (from ``_tile``) stacked top to bottom: one video to compare them."""
     pieces = []
     for i, (name, tile) in enumerate(rows.items()):
         label = _label(name, tile.shape[2])[None].expand(tile.shape[0], -1, -1, -1)

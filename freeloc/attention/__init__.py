@@ -1,8 +1,8 @@
 """Band-split self-attention, merged exactly by log-sum-exp.
 
-:func:`attend` is the one entry point: give it q, k, v **before** RoPE, the video token grid, a
-method (:class:`~freeloc.VRPR`, :class:`~freeloc.TSA`, :class:`~freeloc.SlidingWindow`, a
-baseline, or ``None`` for plain RoPE attention) and the model's :class:`~freeloc.RotaryLayout`.
+``attend`` is the one entry point: give it q, k, v **before** RoPE, the video token grid, a
+method (``VRPR``, ``TSA``, ``SlidingWindow``, a
+baseline, or ``None`` for plain RoPE attention) and the model's ``RotaryLayout``.
 Three backends compute the same numbers:
 
 * ``reference``: dense masked softmax over [N, N] (tests; N <= 8192 by default);
@@ -10,11 +10,11 @@ Three backends compute the same numbers:
   (default on CPU; it runs on CUDA too, but there its masked calls for TSA's stripe are slow);
 * ``flex``: ``flex_attention`` with block masks from frame-level tables (default on CUDA; there the
   sliding windows of the bands without a stripe run on the fused dense kernel instead, see
-  :attr:`AttentionOptions.unstriped`).
+  ``AttentionOptions.unstriped``).
 
 How a call runs: validate -> the method's bands at this grid -> a plan (pure, cached: the rotations
 and the parts of the call, each bound to one backend) -> rotate -> run the parts -> one merge by
-log-sum-exp (docs/method.md §7). Every tuning setting is an :class:`AttentionOptions`.
+log-sum-exp (docs/method.md §7). Every tuning setting is an ``AttentionOptions``.
 
 Examples:
     >>> import torch, freeloc
@@ -97,7 +97,7 @@ def attend(
         text_mask: (batch, text_before + text_after) bool, False for text tokens that no query may
             attend (prompt padding), in sequence order; None: every text token is attended.
         scale: softmax scale, default ``1 / sqrt(head_dim)``.
-        options: tuning settings (:class:`AttentionOptions`); None: the defaults.
+        options: tuning settings (``AttentionOptions``); None: the defaults.
 
     Returns:
         (batch, seq, heads, head_dim) in ``q``'s dtype.
@@ -182,7 +182,7 @@ def _with_text(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, outs: list[
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, grid: object, method: object, rotary: object, backend: object,
                   text_before: object, text_after: object, text_mask: Tensor | None,
                   options: object) -> tuple[int, int, int]:
-    """Every argument of :func:`attend` checked, with errors that name the value and what is accepted;
+    """Every argument of ``attend`` checked, with errors that name the value and what is accepted;
     returns the grid."""
     if not isinstance(options, AttentionOptions):
         raise TypeError(f"options must be a freeloc.AttentionOptions or None, got {type(options).__name__}")

@@ -1,4 +1,4 @@
-"""The ``chunked`` backend's executor: runs a plan's stacks and passes (:mod:`freeloc.attention._passes`).
+"""The ``chunked`` backend's executor: runs a plan's stacks and passes (``freeloc.attention._passes``).
 
 Each pass is one fused attention call with its LSE (``attention_with_lse``); passes are merged online,
 exactly, in float32. Memory is bounded by one pass (chunk queries x gathered keys); a stack copies
@@ -67,7 +67,7 @@ def run_chunked(
 
     ``qs[b]``/``ks[b]`` are the video queries/keys rotated at band ``b``'s positions, head-major
     (batch, heads, tokens, dim) with contiguous tokens (``attend`` writes them so); ``key_buffers`` holds,
-    for each group of :func:`~freeloc.attention._passes.key_groups`, its bands' key rotations one after
+    for each group of ``key_groups``, its bands' key rotations one after
     the other in one (batch, heads, len * tokens, dim) tensor, as the stacks read them.
     Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
     """

@@ -1,6 +1,6 @@
-"""The ``flex`` backend's executor: runs a plan's flex calls (:class:`~freeloc.attention._planning.FlexPart`).
+"""The ``flex`` backend's executor: runs a plan's flex calls (``FlexPart``).
 
-Each call (:class:`~freeloc.attention._flex_groups.FlexGroup`) is one ``flex_attention`` with its block
+Each call (``FlexGroup``) is one ``flex_attention`` with its block
 mask; the keys of its segments are concatenated (packed layout) or written into padded frames
 (frame-aligned layout), and the outputs and LSEs are returned by frame, not merged: the caller merges
 every part of a call in one pass.

@@ -1,6 +1,6 @@
 """The flex backend's calls: which bands share one ``flex_attention`` call, and the call's mask.
 
-Bands whose queries share one rotation (after :meth:`~freeloc.bands.BandSet.aligned`) form a group
+Bands whose queries share one rotation (after ``aligned``) form a group
 and run as **one** ``flex_attention`` call: the keys of the group are the concatenation of a few key
 *segments* (the key frames a band uses, rotated at that band's key positions; bands with the same
 key positions share a segment), and the mask of the call sends every query to the segment of the
@@ -8,14 +8,14 @@ band its pair belongs to. A group's work is its bands' work, in one kernel with 
 no per-band launch, epilogue or merge, and no load imbalance between a band of past and a band of
 future keys.
 
-Each group's :class:`~torch.nn.attention.flex_attention.BlockMask` is built with
+Each group's ``BlockMask`` is built with
 ``BlockMask.from_kv_blocks`` from frame-level tables (never ``create_block_mask`` over N^2 tokens).
 Two token layouts (``AttentionOptions.layout``):
 
 * **packed**: the frames' tokens back to back, as the model has them. Blocks of 128 tokens cut across
   frames (1560 tokens per frame at Wan 480p is not a multiple of 128), so the ``mask_mod`` cuts the
   partial blocks: per query frame a few intervals of key frames, each with a stripe width
-  (:meth:`FlexGroup.intervals`), read once per query row; per token pair it is integer arithmetic,
+  (``FlexGroup.intervals``), read once per query row; per token pair it is integer arithmetic,
   with no table load (a per-pair table lookup makes partial blocks cost several full ones).
 * **frame-aligned** (the default on CUDA for band sets with a stripe, when padding adds at most 1/8
   to a frame): each frame is padded with zero tokens to a whole number of blocks, so that every block
@@ -25,7 +25,7 @@ Two token layouts (``AttentionOptions.layout``):
   ``(padded / S)^2`` more work on full blocks (1.14 at S = 1560), which is why VRPR stays packed.
 
 Striped frame-aligned calls may use key blocks of 64 (``AttentionOptions.stripe_key_block``): each key
-frame is then shifted inside its padded slot (:func:`stripe_tiling`) so that the stripe of a 128-query
+frame is then shifted inside its padded slot (``stripe_tiling``) so that the stripe of a 128-query
 block covers fewer key blocks and more of them whole: at 1560 tokens per frame and the TSA stripe (195),
 9 blocks of 64 keys, 4 of them whole, instead of 5 of 128 with 1 whole.
 
@@ -125,8 +125,8 @@ class FlexGroup:
     (``tokens_per_frame`` for a band without stripe, 0 for no band; last row and column: padding).
 
     Two token layouts: *packed* (frames of ``S`` tokens back to back, blocks cut across frames) and
-    *frame-aligned* (each frame padded to :func:`padded_frame` tokens, so that every block lies in one
-    frame and the frame pattern is carried by the block table alone; see :meth:`block_mask`).
+    *frame-aligned* (each frame padded to ``padded_frame`` tokens, so that every block lies in one
+    frame and the frame pattern is carried by the block table alone; see ``block_mask``).
     """
 
     bands: tuple[int, ...]
@@ -142,14 +142,14 @@ class FlexGroup:
         return self.width.shape[1] - 1
 
     def tiling(self, tokens_per_frame: int, key_block: int = BLOCK_SIZE) -> tuple[int, int]:
-        """``(key block, key shift)`` of the call in the frame-aligned layout (:func:`stripe_tiling`; key
+        """``(key block, key shift)`` of the call in the frame-aligned layout (``stripe_tiling``; key
         blocks of ``key_block`` if it has a stripe)."""
         return stripe_tiling(tokens_per_frame, self.stripe_width(tokens_per_frame), key_block)
 
     def block_table(self, tokens_per_frame: int, aligned: bool = False,
                     key_block: int = BLOCK_SIZE) -> tuple[Tensor, Tensor]:
         """(any, full) bool [Qb, Kb] tables of the call, from frame-level pieces (never N^2 tokens); in the
-        frame-aligned layout the key blocks are those of :meth:`tiling`."""
+        frame-aligned layout the key blocks are those of ``tiling``."""
         if aligned:
             return self._aligned_block_table(tokens_per_frame, key_block)
         s = tokens_per_frame
@@ -163,7 +163,7 @@ class FlexGroup:
 
     def stripe_width(self, tokens_per_frame: int) -> int:
         """The one stripe width of the call's pairs (``tokens_per_frame``: no stripe); frame-aligned calls
-        hold bands of one width (:func:`flex_groups` with ``by_stripe``)."""
+        hold bands of one width (``flex_groups`` with ``by_stripe``)."""
         widths = torch.unique(self.width[self.width > 0])
         if len(widths) != 1:
             raise ValueError(f"a frame-aligned flex call needs bands of one stripe width, got {widths.tolist()}")
@@ -190,7 +190,7 @@ class FlexGroup:
     def mask_mod(self, tokens_per_frame: int, device: torch.device, aligned: bool = False,
                  frame_table: bool = True, key_block: int = BLOCK_SIZE) -> Any:
         """The call's ``mask_mod``, exact on every token pair; in the frame-aligned layout with
-        ``frame_table=False``, exact on the partial blocks of :meth:`block_table` only (see :meth:`block_mask`)."""
+        ``frame_table=False``, exact on the partial blocks of ``block_table`` only (see ``block_mask``)."""
         s = tokens_per_frame
         f = self.num_frames
         if aligned:
@@ -268,7 +268,7 @@ class FlexGroup:
         """The call's ``BlockMask`` (on ``device``) in the packed or the frame-aligned layout.
 
         Packed: the ``mask_mod`` tests the key frame against the query frame's intervals
-        (:meth:`intervals`) and the raster distance against their stripe widths. Frame-aligned: every
+        (``intervals``) and the raster distance against their stripe widths. Frame-aligned: every
         block lies in one frame, the block table alone decides which frame pairs are attended, and on
         CUDA (where the compiled kernel evaluates ``mask_mod`` on partial blocks only) the ``mask_mod``
         is the stripe and the padding test alone: integer arithmetic on the token index, no table load

@@ -3,8 +3,8 @@
 Eager PyTorch runs a rotation or a merge of attention passes as about ten elementwise kernels over
 float32 temporaries; at video sizes (a hundred thousand tokens x 12 heads x 128 channels) each pass
 is a fraction of a millisecond, and together they add up next to the attention kernels. Where
-:func:`compiles_on` holds (CUDA, unless ``AttentionOptions.compile_steps`` says otherwise),
-:func:`on_device` returns the function compiled with ``torch.compile`` (one kernel, inputs read
+``compiles_on`` holds (CUDA, unless ``AttentionOptions.compile_steps`` says otherwise),
+``on_device`` returns the function compiled with ``torch.compile`` (one kernel, inputs read
 once); where compiling fails it warns once and the eager function runs from then on.
 """
 
@@ -38,13 +38,13 @@ def recompile_limit_at_least(n: int) -> Any:
 
 
 def compiles_on(device: torch.device, options: AttentionOptions) -> bool:
-    """Whether :func:`on_device` compiles for this device: ``options.compile_steps``, or on CUDA when
+    """Whether ``on_device`` compiles for this device: ``options.compile_steps``, or on CUDA when
     that is None."""
     return options.compile_steps if options.compile_steps is not None else device.type == "cuda"
 
 
 def write_into(fn: Callable[..., Tensor], out: Tensor, *args: Any) -> Tensor:
-    """``out.copy_(fn(*args))``; returns ``out``. Compiled through :func:`on_device` the result is stored
+    """``out.copy_(fn(*args))``; returns ``out``. Compiled through ``on_device`` the result is stored
     straight into ``out`` (any strides: a transposed view of a head-major buffer), with no temporary."""
     return out.copy_(fn(*args))
 
@@ -56,7 +56,7 @@ def _compiled(fn: Callable[..., Any], dynamic: bool | None = False) -> Callable[
 
 
 def on_device(fn: F, device: torch.device, options: AttentionOptions, dynamic: bool | None = False) -> F:
-    """``fn`` compiled where :func:`compiles_on` holds, ``fn`` itself elsewhere or where compiling it
+    """``fn`` compiled where ``compiles_on`` holds, ``fn`` itself elsewhere or where compiling it
     failed before.
 
     ``dynamic``: as ``torch.compile``'s. False (the default): one kernel per input shape, for steps run

@@ -2,12 +2,12 @@
 
 On CPU this uses PyTorch's fused flash kernel for CPU, which returns the LSE exactly. On CUDA it uses
 a fused kernel that returns the LSE (cuDNN's, then FlashAttention's, then the memory-efficient one:
-:data:`CUDA_KERNELS`; with a mask, cuDNN's or the memory-efficient one), the first one that is
+``CUDA_KERNELS``; with a mask, cuDNN's or the memory-efficient one), the first one that is
 **checked** to work here: on first use for a (device, dtype, head dim, masked or not, overlapping key
 windows or not), each candidate runs a small random problem of that kind and its output and LSE are
 compared with a plain float32 computation; a candidate that raises or disagrees is skipped from then
 on (``checked_kernels`` says what was chosen). The candidates and the device types they are tried on
-are :class:`~freeloc.attention.AttentionOptions`' ``fused_kernels`` and ``fused_devices``. PyTorch
+are ``AttentionOptions``' ``fused_kernels`` and ``fused_devices``. PyTorch
 reaches these kernels through private operators whose signatures and return layouts have changed
 between releases; the check makes a wrong or missing one a slower call instead of a wrong result.
 Elsewhere (float64, or no kernel passed) a plain float32 computation runs, in row chunks of at most
@@ -32,7 +32,7 @@ __all__ = ["CUDA_KERNELS", "FusedKernel", "attention_with_lse", "checked_kernels
 
 
 def uses_fused_cpu_kernel(q: Tensor) -> bool:
-    """Whether :func:`attention_with_lse` runs PyTorch's fused CPU flash kernel for this query."""
+    """Whether ``attention_with_lse`` runs PyTorch's fused CPU flash kernel for this query."""
     return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -99,7 +99,7 @@ _CHOSEN: dict[tuple[str, torch.dtype, int, bool, bool, tuple[FusedKernel, ...]],
 
 
 def checked_kernels() -> dict[tuple[str, torch.dtype, int, bool, bool], str | None]:
-    """What :func:`fused_kernel_for` chose so far, per (device, dtype, head dim, masked, overlapping
+    """What ``fused_kernel_for`` chose so far, per (device, dtype, head dim, masked, overlapping
     key windows): the kernel's name, or None where every candidate failed its check."""
     return {key[:5]: None if k is None else k.name for key, k in _CHOSEN.items()}
 
@@ -133,7 +133,7 @@ def _float_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
 
 def _check(kernel: FusedKernel, device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool,
            overlapping: bool) -> bool:
-    """Run ``kernel`` on a small random problem of this kind and compare with :func:`_float_attention`."""
+    """Run ``kernel`` on a small random problem of this kind and compare with ``_float_attention``."""
     g = torch.Generator().manual_seed(0)
     b, h, nq, nk = 2, 3, 37, 53
 
@@ -205,13 +205,13 @@ def choose_kernel(candidates: tuple[FusedKernel, ...], device: torch.device, dty
 
 def uses_fused_kernel(q: Tensor, masked: bool = False, overlapping: bool = False,
                       options: AttentionOptions = DEFAULT_OPTIONS) -> bool:
-    """Whether :func:`attention_with_lse` runs a fused kernel (which tiles: its memory does not grow with
-    the number of logits) for calls like this one (see :func:`fused_kernel_for`)."""
+    """Whether ``attention_with_lse`` runs a fused kernel (which tiles: its memory does not grow with
+    the number of logits) for calls like this one (see ``fused_kernel_for``)."""
     return uses_fused_cpu_kernel(q) or fused_kernel_for(q, masked, overlapping, options) is not None
 
 
 def prepare_mask(mask: Bool[Tensor, "*batch q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """``(additive bias in dtype, rows that have a key)`` of a bool mask, for :func:`attention_with_lse`;
+    """``(additive bias in dtype, rows that have a key)`` of a bool mask, for ``attention_with_lse``;
     the rows are None when every row has a key (checked here once, not on every call)."""
     bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
     has_key = mask.any(-1)
@@ -231,7 +231,7 @@ def attention_with_lse(
 
     ``mask`` is [q, k], or [batch, 1, q, k] for a per-sample mask.
 
-    ``prepared`` may carry ``(bias, has_key)`` from :func:`prepare_mask` for this mask (reused
+    ``prepared`` may carry ``(bias, has_key)`` from ``prepare_mask`` for this mask (reused
     across calls with the same mask). Returns the output (``q.dtype``) and the natural-log LSE of
     the scaled logits (float32).
     """

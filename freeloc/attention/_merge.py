@@ -60,9 +60,9 @@ def merge_into_(
 ) -> None:
     """Merge a pass into a running (output, LSE) in place (both float32; views are fine).
 
-    The running LSE uses :data:`EMPTY_LSE` for rows without keys yet; the pass's LSE may be ``-inf``
+    The running LSE uses ``EMPTY_LSE`` for rows without keys yet; the pass's LSE may be ``-inf``
     there, and its output must be finite (0) on its rows without keys, as
-    ``attention_with_lse`` (:mod:`freeloc.attention._kernels`) returns it. Convert the final LSE with
+    ``attention_with_lse`` (``freeloc.attention._kernels``) returns it. Convert the final LSE with
     ``lse.masked_fill(lse <= EMPTY_LSE / 2, -inf)``.
     """
     # the pass's weight in the merged output is exp(lse - new) = sigmoid(lse - acc_lse): three in-place
@@ -76,8 +76,8 @@ def merge_pass_into_(
     acc_out: Float[Tensor, "*rows dim"], acc_lse: Float[Tensor, " *rows"],
     out: Float[Tensor, "*rows dim"], lse: Float[Tensor, " *rows"],
 ) -> None:
-    """:func:`merge_into_` for a pass output in any dtype (a fused kernel's bf16): compiled on CUDA
-    (``on_device`` of :mod:`freeloc.attention._fused`), the conversion and the merge are one kernel."""
+    """``merge_into_`` for a pass output in any dtype (a fused kernel's bf16): compiled on CUDA
+    (``on_device`` of ``freeloc.attention._fused``), the conversion and the merge are one kernel."""
     _MERGE_INTO(acc_out, acc_lse, out.float(), lse)
 
 
@@ -87,7 +87,7 @@ _MERGE_INTO = inspect.unwrap(merge_into_)
 
 def merge_outputs(outs: list[Float[Tensor, "*rows dim"]], lses: list[Float[Tensor, " *rows"]],
                   dtype: torch.dtype) -> Float[Tensor, "*rows dim"]:
-    """The output of :func:`merge_lse` alone, in ``dtype``: compiled on CUDA, one kernel writes it in that
+    """The output of ``merge_lse`` alone, in ``dtype``: compiled on CUDA, one kernel writes it in that
     dtype (no float32 copy of the merged output)."""
     return _MERGE_LSE(outs, lses)[0].to(dtype)
 

@@ -4,16 +4,16 @@ Queries are processed in chunks of whole frames, chosen per band. For each chunk
 key frames that the band pairs with the chunk's frames are read; a striped band additionally splits
 the chunk's queries into spatial sub-blocks and reads, per key frame, only the raster range within
 the stripe; the sub-blocks away from the frame edges (same shape, same stripe pattern) run as the
-batch of one call. A pass's rows and keys are a slice of whole frames or a :class:`Window` (runs of
+batch of one call. A pass's rows and keys are a slice of whole frames or a ``Window`` (runs of
 consecutive frames x one raster range), read as strided views: no gather of token indices.
 Where a band's (or two bands') key frames form a window that slides one frame per query frame (VRPR's
 and TSA's near tiers, VRPR's far tiers read from one buffer of their two key rotations), the frames
-run as one :class:`Stack`: one fused call whose batch entries are the query frames, each reading its
+run as one ``Stack``: one fused call whose batch entries are the query frames, each reading its
 window as an overlapping strided view. The rest of the band is planned in passes as above.
 
 The plan depends only on the band set, the grid, the head dim and the options' cost model
-(:class:`~freeloc.attention.AttentionOptions`: ``call_cost``, ``mask_cost``, ``gather_cost``,
-``batch_keys``, ``stacking``), and is cached. Running it is :mod:`freeloc.attention._chunked`'s job.
+(``AttentionOptions``: ``call_cost``, ``mask_cost``, ``gather_cost``,
+``batch_keys``, ``stacking``), and is cached. Running it is ``freeloc.attention._chunked``'s job.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ MaskEntry = tuple[Tensor, tuple[Tensor, Tensor | None] | None]
 
 
 class PassPlan(tuple):
-    """The stacks and passes of one band set and grid (a tuple of :class:`Stack` and :class:`Pass`).
+    """The stacks and passes of one band set and grid (a tuple of ``Stack`` and ``Pass``).
 
     ``masks`` holds the masks the chunked backend built for its passes, by (mask pattern, device,
     dtype): ``(bool mask, prepared bias or None)``, up to ``mask_bytes``; the plan is cached, so they
@@ -230,7 +230,7 @@ def _plan_band(band_id: int, band: Band, g: int, s: int, sub_block: int, batch_k
 
 
 def _estimate(band: Band, g: int, s: int, sub_block: int, head_dim: int, options: AttentionOptions) -> int:
-    """Planner cost of :func:`_plan_band` with these choices, without building its masks."""
+    """Planner cost of ``_plan_band`` with these choices, without building its masks."""
     f = band.num_frames
     starts = torch.arange(0, f, g)
     chunked = _chunked_pairs(band, g)
@@ -370,9 +370,9 @@ def plan_passes(band_set: BandSet, tokens_per_frame: int, head_dim: int = 128,
                 options: AttentionOptions = DEFAULT_OPTIONS) -> PassPlan:
     """The stacks and passes the chunked backend runs for this band set (cached per band-set object).
 
-    First the stacks (:func:`_stacks`); then each band's remaining pairs get their own query chunking:
+    First the stacks (``_stacks``); then each band's remaining pairs get their own query chunking:
     the number of frames per chunk (and, for a striped band, the spatial sub-block) that minimises
-    computed pairs x head_dim + ``options.call_cost`` per call (the cost model of :class:`AttentionOptions`).
+    computed pairs x head_dim + ``options.call_cost`` per call (the cost model of ``AttentionOptions``).
     """
     s = tokens_per_frame
     stacks, bands = _stacks(band_set, s, head_dim, options)
@@ -423,7 +423,7 @@ def plan_stacks(band_set: BandSet, tokens_per_frame: int, min_frames: int = 8,
     """The band set's sliding key windows as stacks, and what they leave (None: nothing).
 
     Largest first (in frame pairs), over each unstriped band alone and each pair of unstriped bands with
-    the same query positions (keys read from one buffer of both rotations, as :func:`plan_passes` does),
+    the same query positions (keys read from one buffer of both rotations, as ``plan_passes`` does),
     while the largest spans at least ``min_frames`` query frames; then, per unstriped band, the largest
     blocks of consecutive query frames x consecutive key frames (TSA's sink: every frame past ``D2`` x
     frame 0) of at least ``min_frames`` query frames, as unmasked passes; then, if at most

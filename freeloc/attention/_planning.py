@@ -1,16 +1,16 @@
 """The attention planner: a method's bands at one shape -> the parts of the call, each bound to one backend.
 
-An :class:`AttentionPlan` says everything :func:`~freeloc.attention.attend` does after validation:
-which rotations of q and k it computes and where it writes them (:class:`Rotations`: per band, shared
+An ``AttentionPlan`` says everything ``attend`` does after validation:
+which rotations of q and k it computes and where it writes them (``Rotations``: per band, shared
 between bands with equal positions, head-major where the chunked backend reads them, key rotations of
 bands that one stack reads written one after the other into one buffer), and the parts that compute
 the attention:
 
-* :class:`DensePart`: plain attention (a method that changes nothing at this length), one fused call;
-* :class:`ReferencePart`: the dense masked softmax the other backends are tested against;
-* :class:`ChunkedPart`: stacks and passes of fused attention calls (:mod:`freeloc.attention._passes`);
-* :class:`FlexPart`: block-sparse ``flex_attention`` calls (:mod:`freeloc.attention._flex_groups`);
-* :class:`TextPart`: the text tokens, dense, at their original positions (models with text in the
+* ``DensePart``: plain attention (a method that changes nothing at this length), one fused call;
+* ``ReferencePart``: the dense masked softmax the other backends are tested against;
+* ``ChunkedPart``: stacks and passes of fused attention calls (``freeloc.attention._passes``);
+* ``FlexPart``: block-sparse ``flex_attention`` calls (``freeloc.attention._flex_groups``);
+* ``TextPart``: the text tokens, dense, at their original positions (models with text in the
   sequence).
 
 The video parts' outputs are merged once, exactly, by their log-sum-exp (docs/method.md §7). A plan is
@@ -56,7 +56,7 @@ class ChunkedPart:
 
 @dataclass(frozen=True, eq=False)
 class FlexPart:
-    """The video queries over ``bands`` in ``flex_attention`` calls, one per group (:class:`FlexGroup`).
+    """The video queries over ``bands`` in ``flex_attention`` calls, one per group (``FlexGroup``).
 
     ``aligned``: frames padded to whole blocks; ``key_block``: the key block of striped frame-aligned
     calls; ``fallback``: the same calls with key blocks of 128, for a device that refuses 64.
@@ -104,7 +104,7 @@ class Rotations:
 
 @dataclass(frozen=True, eq=False)
 class AttentionPlan:
-    """What one :func:`~freeloc.attention.attend` call computes: rotations, then parts, then one merge."""
+    """What one ``attend`` call computes: rotations, then parts, then one merge."""
 
     backend: str
     bands: BandSet
@@ -131,7 +131,7 @@ def plan_attention(q: Tensor, bands: BandSet, grid: tuple[int, int, int], text_b
                    backend: str, options: AttentionOptions) -> AttentionPlan:
     """The plan for queries like ``q`` (device, dtype, head dim): the automatic choices resolved here
     (backend, what the flex backend leaves to the dense kernel, the striped calls' key block), the rest
-    from the cached :func:`_plan`. ``bands`` is the method's band set at this grid."""
+    from the cached ``_plan``. ``bands`` is the method's band set at this grid."""
     if backend == "auto":
         backend = "flex" if q.device.type == "cuda" else "chunked"
     mode, key_block = "", BLOCK_SIZE

@@ -1,6 +1,6 @@
-"""Rotating q and k as a plan's :class:`~freeloc.attention._planning.Rotations` say.
+"""Rotating q and k as a plan's ``Rotations`` say.
 
-Each rotation is one pass over q or k (:meth:`~freeloc.RotaryLayout.rotate_split`): the height and
+Each rotation is one pass over q or k (``rotate_split``): the height and
 width pairs at their places, the temporal pairs at the original positions or at one band's, from cos/sin
 tables as small as their angles allow (one row per frame for the temporal pairs, one row per place in
 a frame for the spatial ones), cached per device. Where the small steps are compiled
@@ -40,7 +40,7 @@ def _spatial_positions(height: int, width: int) -> tuple[Tensor, Tensor]:
 @functools.lru_cache(maxsize=32)
 def cos_sin(bands: BandSet, band: int | None, side: str, grid: tuple[int, int, int], rotary: RotaryLayout,
             device: str) -> tuple[Tensor, Tensor]:
-    """RoPE cos/sin tables of one part of the rotation, for :meth:`RotaryLayout.rotate_split` (which
+    """RoPE cos/sin tables of one part of the rotation, for ``RotaryLayout.rotate_split`` (which
     broadcasts them over the frame-major tokens).
 
     ``band=-1``: the height and width pairs, one row per place in a frame ``[1, S, s_pairs]``; otherwise

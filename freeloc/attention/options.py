@@ -1,6 +1,6 @@
-"""Every tuning setting of :func:`~freeloc.attention.attend`, in one frozen object.
+"""Every tuning setting of ``attend``, in one frozen object.
 
-Settings never live in module-level variables: an :class:`AttentionOptions` is passed down the call
+Settings never live in module-level variables: an ``AttentionOptions`` is passed down the call
 (``attend(..., options=...)``, ``freeloc.enable(..., attention=...)``) and is part of every cache key
 (plans, masks, kernel choices), so two calls with different options never share a stale decision.
 The defaults are what the library ships; none of them changes a result beyond floating-point
@@ -29,9 +29,9 @@ __all__ = ["AttentionOptions", "BACKENDS", "DEFAULT_OPTIONS", "LAYOUTS", "UNSTRI
 
 #: Values of ``attend(backend=...)``.
 BACKENDS = ("auto", "reference", "chunked", "flex")
-#: Values of :attr:`AttentionOptions.unstriped`.
+#: Values of ``AttentionOptions.unstriped``.
 UNSTRIPED_MODES = ("auto", "flex", "stacks", "chunked")
-#: Values of :attr:`AttentionOptions.layout`.
+#: Values of ``AttentionOptions.layout``.
 LAYOUTS = ("auto", "aligned", "packed")
 
 _POSITIVE_INTS = ("stack_min_frames", "call_cost", "batch_keys", "stack_logits", "float_logits", "max_dense_tokens")
@@ -40,7 +40,7 @@ _NON_NEGATIVE_INTS = ("small_blocks", "mask_cost", "gather_cost", "mask_cache_by
 
 @dataclass(frozen=True)
 class AttentionOptions:
-    """How :func:`~freeloc.attention.attend` runs: kernel choices, pieces, memory bounds.
+    """How ``attend`` runs: kernel choices, pieces, memory bounds.
 
     Attributes:
         unstriped: on the ``flex`` backend, what runs on the fused dense kernel instead of flex:
@@ -153,9 +153,9 @@ class AttentionOptions:
 
     @property
     def kernel_options(self) -> dict[str, Any]:
-        """:attr:`flex_kernel_options` as a dict (stored as sorted ``(name, value)`` pairs, hashable)."""
+        """``flex_kernel_options`` as a dict (stored as sorted ``(name, value)`` pairs, hashable)."""
         return dict(self.flex_kernel_options)
 
 
-#: The options :func:`~freeloc.attention.attend` uses when given none.
+#: The options ``attend`` uses when given none.
 DEFAULT_OPTIONS = AttentionOptions()

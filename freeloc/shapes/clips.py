@@ -1,10 +1,10 @@
 """Synthetic clips of bouncing shapes: the test bed's data.
 
-A clip is described by a :class:`ClipSpec`: one to three coloured squares or discs, each moving at a
-constant velocity and bouncing off the frame borders. :func:`random_spec` draws one from a seed,
-:func:`render` draws it exactly (hard edges, colours taken verbatim from :data:`PALETTE` over
-:data:`BACKGROUND`), :func:`trajectory` gives the true centres, and :func:`condition` gives a fixed-size
-vector a model can receive in place of a text embedding. :mod:`freeloc.shapes.metrics` scores a video
+A clip is described by a ``ClipSpec``: one to three coloured squares or discs, each moving at a
+constant velocity and bouncing off the frame borders. ``random_spec`` draws one from a seed,
+``render`` draws it exactly (hard edges, colours taken verbatim from ``PALETTE`` over
+``BACKGROUND``), ``trajectory`` gives the true centres, and ``condition`` gives a fixed-size
+vector a model can receive in place of a text embedding. ``freeloc.shapes.metrics`` scores a video
 against its spec from the pixels.
 """
 
@@ -42,11 +42,11 @@ PALETTE: tuple[tuple[float, float, float], ...] = (
 )
 #: Background colour (dark grey).
 BACKGROUND: tuple[float, float, float] = (0.2, 0.2, 0.2)
-#: Maximum number of shapes in a clip (and number of slots in :func:`condition`).
+#: Maximum number of shapes in a clip (and number of slots in ``condition``).
 MAX_SHAPES = 3
-#: Width of one shape slot in :func:`condition`: present, 6-way colour one-hot, is_disc, vy, vx, y, x.
+#: Width of one shape slot in ``condition``: present, 6-way colour one-hot, is_disc, vy, vx, y, x.
 SLOT_DIM = 1 + len(PALETTE) + 1 + 2 + 2
-#: Length of the :func:`condition` vector: ``MAX_SHAPES`` slots plus one global entry.
+#: Length of the ``condition`` vector: ``MAX_SHAPES`` slots plus one global entry.
 CONDITION_DIM = MAX_SHAPES * SLOT_DIM + 1
 #: Maximum speed |v| in pixels per frame.
 MAX_SPEED = 3.0
@@ -62,7 +62,7 @@ class ClipSpec:
 
     Attributes:
         num_shapes: Number of shapes, 1..3.
-        colors: Distinct palette indices (into :data:`PALETTE`), one per shape.
+        colors: Distinct palette indices (into ``PALETTE``), one per shape.
         shape_kinds: ``"square"`` or ``"disc"`` per shape.
         velocities: ``(vy, vx)`` per shape in pixels per frame; both components nonzero, ``|v| <= 3``.
         positions: ``(y, x)`` start centre per shape, inside ``[size, frame_size - 1 - size]``.
@@ -206,7 +206,7 @@ def render(spec: ClipSpec, num_frames: int) -> Float[Tensor, "frames 3 height wi
 def condition(spec: ClipSpec) -> Float[Tensor, " cond"]:
     """Fixed-size conditioning vector used in place of a text embedding.
 
-    Layout (length :data:`CONDITION_DIM` = 37): three slots of :data:`SLOT_DIM` = 12 numbers, slot ``i``
+    Layout (length ``CONDITION_DIM`` = 37): three slots of ``SLOT_DIM`` = 12 numbers, slot ``i``
     describing shape ``i`` (all zeros when ``i >= num_shapes``)::
 
         [present (1), colour one-hot (6), is_disc (1), vy / 3, vx / 3, y / frame_size, x / frame_size]

@@ -1,11 +1,11 @@
-"""Pixel-only quality metrics of a video against the clip it should show (:mod:`freeloc.shapes.clips`).
+"""Pixel-only quality metrics of a video against the clip it should show (``freeloc.shapes.clips``).
 
 The metrics read pixels only (no learned model). Shapes are detected per palette colour as
 8-connected components of pixels within ``tol`` (L-inf) of that colour and of at least
-:data:`MIN_PIXELS` pixels. Frames in which two shapes of the spec overlap (so that one may be partly
-hidden) are left out of the detection-based metrics, so real clips score exactly. :func:`evaluate`
-gives every metric of one video, :func:`evaluate_generated` the means over generated videos, each
-scored from where its own first frame put the shapes (:func:`fit_spec`).
+``MIN_PIXELS`` pixels. Frames in which two shapes of the spec overlap (so that one may be partly
+hidden) are left out of the detection-based metrics, so real clips score exactly. ``evaluate``
+gives every metric of one video, ``evaluate_generated`` the means over generated videos, each
+scored from where its own first frame put the shapes (``fit_spec``).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _components(mask: Tensor) -> tuple[Tensor, Tensor]:
     """8-connected components of a ``(B, H, W)`` boolean mask.
 
     Returns:
-        ``counts`` ``(B,)``: components with at least :data:`MIN_PIXELS` pixels, and ``kept`` ``(B, H, W)``:
+        ``counts`` ``(B,)``: components with at least ``MIN_PIXELS`` pixels, and ``kept`` ``(B, H, W)``:
         the pixels belonging to those components.
     """
     b, h, w = mask.shape
@@ -117,7 +117,7 @@ def shape_count_consistency(video: Float[Tensor, "frames 3 height width"], spec:
     """Fraction of frames whose detected per-colour shape counts equal the spec's.
 
     A frame matches when, for all six palette colours, the number of 8-connected components of at
-    least :data:`MIN_PIXELS` pixels near that colour is 1 for the spec's colours and 0 otherwise.
+    least ``MIN_PIXELS`` pixels near that colour is 1 for the spec's colours and 0 otherwise.
     Frames where shapes of the spec overlap are not scored (all frames are, if every frame overlaps).
 
     Args:
@@ -154,7 +154,7 @@ def shape_presence(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec
 def color_consistency(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol: float = 0.15) -> float:
     """Fraction of frames whose set of detected colours equals the spec's colours.
 
-    A colour is detected when it has at least one component of :data:`MIN_PIXELS` pixels. Frames where
+    A colour is detected when it has at least one component of ``MIN_PIXELS`` pixels. Frames where
     shapes of the spec overlap are not scored.
 
     Args:
@@ -203,7 +203,7 @@ def _displacements(video: Tensor, spec: ClipSpec, tol: float) -> tuple[Tensor, T
 def motion_error(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol: float = 0.15) -> float:
     """Mean ``| tracked displacement per frame - true speed |`` in pixels.
 
-    Averaged over the scored (frame pair, shape) entries (see :func:`dynamic_degree` for which pairs are
+    Averaged over the scored (frame pair, shape) entries (see ``dynamic_degree`` for which pairs are
     scored: both frames show the shape, no overlap, no bounce in between).
 
     Args:
@@ -309,7 +309,7 @@ def fit_spec(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol:
         tol: L-inf colour tolerance.
 
     Returns:
-        A new :class:`ClipSpec` (equal to ``spec`` for a rendered clip of it).
+        A new ``ClipSpec`` (equal to ``spec`` for a rendered clip of it).
     """
     _, kept = _detect(video[:1], tol)
     lo, hi = spec.size, spec.frame_size - 1 - spec.size
@@ -354,7 +354,7 @@ def evaluate(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec) -> d
 def evaluate_generated(videos: Float[Tensor, "batch frames 3 height width"], specs: list[ClipSpec]) -> dict[str, float]:
     """Mean metrics of generated videos, each scored against its asked clip from its own start.
 
-    Each video is scored with :func:`evaluate` against :func:`fit_spec` of its spec; the means skip
+    Each video is scored with ``evaluate`` against ``fit_spec`` of its spec; the means skip
     NaN entries (a metric with no scorable frame pair) and are NaN only when every video is NaN.
 
     Args:
@@ -362,7 +362,7 @@ def evaluate_generated(videos: Float[Tensor, "batch frames 3 height width"], spe
         specs: The ``B`` clip specs the videos were asked for.
 
     Returns:
-        The :func:`evaluate` keys, each averaged over the videos.
+        The ``evaluate`` keys, each averaged over the videos.
     """
     if len(specs) != videos.shape[0]:
         raise ValueError(f"need one spec per video: {videos.shape[0]} videos, {len(specs)} specs")

@@ -2,21 +2,21 @@
 
 The model is diffusers' ``WanTransformer3DModel`` at a small configuration, so the real Wan code path
 (and freeloc's Wan adapter) is what runs. It works in pixel space through a fixed patchifier: a
-``32 x 32`` RGB frame minus the background colour, times :data:`SCALE`, becomes a
+``32 x 32`` RGB frame minus the background colour, times ``SCALE``, becomes a
 ``(3 * 4 * 4) x 8 x 8`` latent frame (pixel unshuffle by 4), one latent frame per video frame (no VAE,
 no temporal compression). With the model's ``(1, 2, 2)`` patch a token holds ``192`` numbers, so the
 model's width (``num_heads * head_dim``) must be at least that: a narrower model cannot even pass the
 noise through, and its loss stalls.
 
-The model's "text" is the clip's condition (:func:`model_condition`), as one token or one token per
-shape slot (:attr:`ShapesConfig.slot_tokens`). It names the shapes, their colours and their velocities
+The model's "text" is the clip's condition (``model_condition``), as one token or one token per
+shape slot (``ShapesConfig.slot_tokens``). It names the shapes, their colours and their velocities
 but not where they start, so the model chooses the layout and must keep it moving consistently from
 frame to frame (a relation between frames, which is what RoPE's relative positions carry).
 
-Sampling (:func:`sample`) integrates the flow with Euler steps from Gaussian noise at any length.
-:func:`load` reads a training run of :mod:`freeloc.shapes.train`; :func:`load_shipped` the checkpoint
-shipped in the package (:data:`SHIPPED`), with its layer plan (:func:`shipped_plan`) and guidance
-scale (:func:`shipped_guidance`).
+Sampling (``sample``) integrates the flow with Euler steps from Gaussian noise at any length.
+``load`` reads a training run of ``freeloc.shapes.train``; ``load_shipped`` the checkpoint
+shipped in the package (``SHIPPED``), with its layer plan (``shipped_plan``) and guidance
+scale (``shipped_guidance``).
 
 Building the model needs diffusers and loading the shipped weights safetensors (the ``shapes`` extra);
 both are imported when first needed.
@@ -64,7 +64,7 @@ SHIPPED = Path(__file__).parent / "data"
 UNSHUFFLE = 4
 #: Latent scale: ``latent = (pixels - background) * SCALE`` (real clips then have an RMS near 0.55).
 SCALE = 4.0
-#: Where a learning-rate decay ends, as a fraction of ``lr`` (see :attr:`ShapesConfig.lr_decay_start`).
+#: Where a learning-rate decay ends, as a fraction of ``lr`` (see ``ShapesConfig.lr_decay_start``).
 LR_FLOOR = 0.05
 
 
@@ -90,7 +90,7 @@ class ShapesConfig:
     #: First training step with condition dropout (earlier steps keep every condition). A run saved
     #: before this step is a valid start for this config: up to it, the two trainings are the same.
     cond_drop_start: int = 0
-    #: How the condition reaches the model: ``False``, one token of all :data:`CONDITION_DIM` numbers;
+    #: How the condition reaches the model: ``False``, one token of all ``CONDITION_DIM`` numbers;
     #: ``True``, one token per shape slot (its numbers and the shape count), so that cross-attention
     #: can tell the shapes apart.
     slot_tokens: bool = False
@@ -164,7 +164,7 @@ def decode(latent: Float[Tensor, "batch channels frames h w"]) -> Float[Tensor, 
 
 
 def model_condition(spec: ClipSpec) -> Float[Tensor, " cond"]:
-    """The model's condition: :func:`freeloc.shapes.clips.condition` with the start positions zeroed.
+    """The model's condition: ``freeloc.shapes.clips.condition`` with the start positions zeroed.
 
     The shapes, colours and velocities are asked for; where the shapes start is left to the model.
     """
@@ -196,7 +196,7 @@ def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesCon
 
 
 def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, progress: bool = True) -> LayerPlan:
-    """The layer plan :func:`freeloc.probe` writes for this model at ``multiple`` x its trained length.
+    """The layer plan ``freeloc.probe`` writes for this model at ``multiple`` x its trained length.
 
     The probe's input is a rendered clip (seed 99) noised halfway (timestep 500) with its condition.
     """
@@ -213,7 +213,7 @@ def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, 
 
 
 def shipped_plan() -> LayerPlan:
-    """The probe's layer plan for the shipped model (``plan.json`` beside it; see :func:`probe_plan`)."""
+    """The probe's layer plan for the shipped model (``plan.json`` beside it; see ``probe_plan``)."""
     path = SHIPPED / "plan.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: reinstall freeloc with its package data")
@@ -229,7 +229,7 @@ def shipped_guidance() -> float:
 
 
 def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ShapesConfig]:
-    """The checkpoint shipped in the package (:data:`SHIPPED`), offline; eval mode.
+    """The checkpoint shipped in the package (``SHIPPED``), offline; eval mode.
 
     Raises:
         FileNotFoundError: If the package was installed without its data files.

@@ -1,15 +1,15 @@
-"""Training the shapes model (:mod:`freeloc.shapes.model`), exporting a run as the shipped checkpoint.
+"""Training the shapes model (``freeloc.shapes.model``), exporting a run as the shipped checkpoint.
 
 Training uses the flow-matching objective Wan uses: ``x_t = (1 - t) x_0 + t e`` with ``t`` drawn
 uniformly (after the same shift as the sampler), and the model predicts ``e - x_0``; the learning
 rate warms up linearly, and an exponential moving average of the weights is kept and is what
-:func:`freeloc.shapes.model.load` returns. Training is seeded and resumable (``checkpoint.pt`` holds the
+``freeloc.shapes.model.load`` returns. Training is seeded and resumable (``checkpoint.pt`` holds the
 model, its average, the optimizer, the step and the RNG states) and prints its progress;
 ``python -m freeloc.shapes.train --steps N --out DIR`` runs it, and
 ``python -m freeloc.shapes.train --out DIR --export DEST`` writes the run as a shippable checkpoint
-(:func:`export`: weights, metadata, layer plan, loss curve and model card).
+(``export``: weights, metadata, layer plan, loss curve and model card).
 
-The training data are :func:`freeloc.shapes.clips.random_spec` clips drawn from seeded generators, so a
+The training data are ``freeloc.shapes.clips.random_spec`` clips drawn from seeded generators, so a
 run is the same on every machine and device.
 """
 
@@ -144,7 +144,7 @@ CARD_SCORES = (("shape_presence", "shapes drawn / asked", "{:.2f}"),
 @torch.no_grad()
 def trained_length_scores(model: torch.nn.Module, cfg: ShapesConfig, guidances: list[float], *, clips: int = 8,
                           steps: int = 20, progress: bool = True) -> dict[float, dict[str, float]]:
-    """Pixel scores (:func:`freeloc.shapes.metrics.evaluate_generated`, mean of ``clips`` conditions, seeds
+    """Pixel scores (``freeloc.shapes.metrics.evaluate_generated``, mean of ``clips`` conditions, seeds
     20000 + i) of the model at its trained length, with each classifier-free guidance scale."""
     if not 1 <= clips <= 64:
         raise ValueError(f"clips must be between 1 and 64, got {clips}")
@@ -178,9 +178,9 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
 
     ``dest`` receives ``model.safetensors`` (float16 weights), ``model.json`` (the config, the steps,
     the final loss, the data generator settings and ``commit``, the commit of the training code),
-    ``plan.json`` (:func:`probe_plan` on the exported weights), ``loss.png`` and ``MODEL_CARD.md``.
+    ``plan.json`` (``probe_plan`` on the exported weights), ``loss.png`` and ``MODEL_CARD.md``.
     ``guidance`` is the classifier-free guidance scale to sample it with (``shipped_guidance()``).
-    ``evaluate``: guidance scales at which the card gets a table of :func:`trained_length_scores`
+    ``evaluate``: guidance scales at which the card gets a table of ``trained_length_scores``
     (``evaluate_clips`` conditions each; also stored in ``model.json``); None: no table.
     """
     save_file = require("safetensors.torch", "shapes", "exporting the shapes model").save_file
