@@ -25,7 +25,6 @@ import functools
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -225,19 +224,19 @@ def _properties_hold(w1: int, w2: int, g1: int, g2: int, cap: int, f: int) -> bo
     """Fast integer check of ``VRPR.violations`` (same properties), used by the search."""
     c1 = w1 - -(-w1 // g1)
     c2 = w2 - w2 // g2 - (w2 - w1) // g1
-    i = np.arange(f)[:, None]
-    j = np.arange(f)[None, :]
+    i = torch.arange(f)[:, None]
+    j = torch.arange(f)[None, :]
     d = i - j
-    r = np.where(np.abs(d) < w1, d, 0)
-    r = np.where((d >= w1) & (d < w2), (i // g1 + c1) - j // g1, r)
-    r = np.where((d >= w2), np.minimum(i // g2 + c2, cap) - j // g2, r)
-    r = np.where(d < 0, -r.T, r)  # future tiers mirror the past ones exactly
-    if np.abs(r).max() > cap:
+    r = torch.where(d.abs() < w1, d, 0)
+    r = torch.where((d >= w1) & (d < w2), (i // g1 + c1) - j // g1, r)
+    r = torch.where(d >= w2, torch.clamp(i // g2 + c2, max=cap) - j // g2, r)
+    r = torch.where(d < 0, -r.T, r)  # future tiers mirror the past ones exactly
+    if int(r.abs().max()) > cap:
         return False
     # For a fixed query, r must not decrease as a past key moves farther (j -> j - 1) and must not
     # increase as a future key moves farther (j -> j + 1): together, every row is non-increasing in j.
     # (Checking only the past half is not enough: a mirrored future row is a past *column*.)
-    return bool((np.diff(r, axis=1) <= 0).all())
+    return bool((torch.diff(r, dim=1) <= 0).all())
 
 
 @functools.lru_cache(maxsize=256)

@@ -32,7 +32,7 @@ ENTRY_POINTS = ("freeloc.__main__",)
 #: The packages only the applications and the test bed may load.
 OPTIONAL = ("matplotlib", "tqdm", "imageio", "PIL", "diffusers", "transformers", "safetensors")
 #: What the core itself depends on (``pyproject.toml``): what these load is not freeloc's doing.
-DEPENDENCIES = ("torch", "einops", "jaxtyping", "beartype", "numpy")
+DEPENDENCIES = ("torch", "einops", "jaxtyping", "beartype")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -34,6 +33,7 @@ def _pyplot(purpose: str) -> ModuleType:
 def explain_png(data: dict[str, Any], path: Path) -> Path:
     """Draw ``freeloc.app.cli.explain_data``'s result: r[i, j], the r(Δ) profile, and TSA's frame pattern."""
     plt = _pyplot("freeloc explain --png")
+    np = require("numpy", "app", "freeloc explain --png")
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 

@@ -72,7 +72,7 @@ class Pass:
 
     def __post_init__(self) -> None:
         if self.frame_ok is not None or self.near is not None:
-            ok = b"" if self.frame_ok is None else self.frame_ok.numpy().tobytes()
+            ok = () if self.frame_ok is None else tuple(self.frame_ok.flatten().tolist())
             shape = () if self.frame_ok is None else tuple(self.frame_ok.shape)
             object.__setattr__(self, "pattern", (id(self.near), ok, shape, _length(self.rows), _length(self.keys)))
 
