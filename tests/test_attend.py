@@ -108,6 +108,8 @@ def test_reference_refuses_long_sequences_before_any_work(spy: Callable[..., lis
         (dict(grid=(4, 2, 3), text_before=-1), "text_before must be"),
         (dict(grid=(4, 2, 3), rotary=freeloc.RotaryLayout.wan(36)), "head_dim of q is 24"),
         (dict(grid=(4, 2, 3), text_before=True), "text_before must be an int >= 0, got True"),
+        (dict(grid=(4, 2, 3), scale=float("nan")), "scale must be a finite number > 0 .*got nan"),
+        (dict(grid=(4, 2, 3), scale=-0.5), "scale must be a finite number > 0 .*got -0.5"),
     ],
 )
 def test_bad_input_errors(kwargs: dict, match: str) -> None:
@@ -230,3 +232,30 @@ def test_rotation_tables_are_shared_between_queries_and_keys(monkeypatch: pytest
     assert _rotations.cos_sin.cache_info().currsize == 1 + 2 + 1
     tp, sp = ROTARY.t_dim // 2, (HEAD_DIM - ROTARY.t_dim) // 2
     assert tables == [((19, 1, tp), (1, 15, sp))] * 3 + [(None, (1, 15, sp))]
+
+
+@pytest.mark.parametrize("which,match", [
+    ("int", r"one floating-point dtype .* got torch.int64, torch.int64, torch.int64"),
+    ("mixed", r"one floating-point dtype .* got torch.float32, torch.float64, torch.float32"),
+    ("device", r"one device, got cpu, meta, cpu"),
+])
+def test_inputs_attend_cannot_compute_are_refused(which: str, match: str) -> None:
+    """Integer q/k/v (which the kernels would truncate), mixed dtypes and mixed devices: one clear error each
+    (``attend``'s own, checked without the test-time type checker, which refuses some of them first)."""
+    import inspect
+
+    q = torch.randn(1, 24, 2, HEAD_DIM)
+    qkv_ = {"int": (q.long(), q.long(), q.long()), "mixed": (q, q.double(), q), "device": (q, q.to("meta"), q)}[which]
+    with pytest.raises(ValueError, match=match):
+        inspect.unwrap(attend)(*qkv_, grid=(4, 2, 3), method=freeloc.TSA(cap=2), rotary=ROTARY)
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked", "flex"])
+@pytest.mark.parametrize("empty", ["batch", "heads"])
+def test_no_sample_or_no_head_gives_an_empty_output(backend: str, empty: str) -> None:
+    """A batch of 0 samples (or 0 heads) is attended by every backend and method: an empty output of q's shape."""
+    b, h = (0, 2) if empty == "batch" else (1, 0)
+    q = torch.randn(b, 5 + 30 * 6, h, HEAD_DIM)
+    for method in (None, freeloc.TSA(cap=4), freeloc.VRPR.for_length(30, 13)):
+        out = attend(q, q, q, grid=(30, 2, 3), method=method, rotary=ROTARY, backend=backend, text_before=5)
+        assert out.shape == q.shape and out.dtype == q.dtype

@@ -103,8 +103,11 @@ def attend(
         (batch, seq, heads, head_dim) in ``q``'s dtype.
     """
     options = DEFAULT_OPTIONS if options is None else options
-    f, hh, ww = _check_inputs(q, k, v, grid, method, rotary, backend, text_before, text_after, text_mask, options)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    f, hh, ww = _check_inputs(q, k, v, grid, method, rotary, backend, text_before, text_after, text_mask, scale,
+                              options)
+    if q.numel() == 0:  # no sample or no head: nothing to attend
+        return q.new_empty(q.shape)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     plan = plan_attention(q, band_set_for(method, f, hh * ww, rotary), (f, hh, ww), text_before, text_after, backend,
                           options)
     video = slice(text_before, text_before + f * hh * ww)
@@ -180,7 +183,7 @@ def _with_text(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, outs: list[
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor, grid: object, method: object, rotary: object, backend: object,
-                  text_before: object, text_after: object, text_mask: Tensor | None,
+                  text_before: object, text_after: object, text_mask: Tensor | None, scale: object,
                   options: object) -> tuple[int, int, int]:
     """Every argument of ``attend`` checked, with errors that name the value and what is accepted;
     returns the grid."""
@@ -202,6 +205,11 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, grid: object, method: object,
     if q.ndim != 4 or q.shape != k.shape or k.shape != v.shape:
         raise ValueError(f"q, k, v must have the same shape (batch, seq, heads, dim), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must have one floating-point dtype (float16, bfloat16, float32 or float64), got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[1] != n:
         raise ValueError(f"seq length of q is {q.shape[1]}, but text_before + F*H'*W' + text_after = "
                          f"{text_before} + {f}*{hh}*{ww} + {text_after} = {n}")
@@ -211,6 +219,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, grid: object, method: object,
                          f"({q.shape[0]}, {n_text}), got {tuple(text_mask.shape)} {text_mask.dtype}")
     if isinstance(rotary, RotaryLayout) and q.shape[-1] != rotary.head_dim:
         raise ValueError(f"head_dim of q is {q.shape[-1]}, the rotary layout has {rotary.head_dim} channels")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise ValueError(f"scale must be a finite number > 0 (the softmax scale) or None for 1 / sqrt(head_dim), "
+                         f"got {scale!r}")
     if rotary is None and isinstance(method, Method) and method.changes_positions:
         raise ValueError(f"{type(method).__name__} changes temporal positions, but rotary=None (a model without "
                          f"RoPE): only attention-pattern methods apply (TSA, SlidingWindow) or method=None")
