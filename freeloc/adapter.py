@@ -402,6 +402,7 @@ class TransformerAdapter:
         layer_plan = plan_for(method, plan, len(layers), self.shipped_plan(), f"{type(tr).__name__}({self.name})",
                               method_params, uniform="vrpr" if rotary is not None else "tsa")
         self.check_supported(method, layer_plan)
+        layer_plan.check_for_model(type(tr).__name__, t_latent, expected)
         grid = GridState(expected)
 
         def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:

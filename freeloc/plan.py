@@ -171,6 +171,39 @@ class LayerPlan:
                 f"self-attention layers; a plan must have exactly one entry per layer"
             )
 
+    def check_for_model(self, model_class: str, trained_frames: int, num_frames: int | None = None) -> None:
+        """Check, before anything is installed, what would otherwise fail or go wrong at the first forward.
+
+        Every layer is resolved at ``num_frames`` temporal tokens (or, unknown or not longer than
+        ``trained_frames``, at twice the trained length), so that a method that cannot be built (a RIFLEx
+        layer without ``k``, VRPR with a trained length of 1) raises here, naming the layer. A plan made for
+        another model class, and an explicit VRPR ``cap`` above the model's trained range (``T - 1``) on a
+        layer that re-encodes at that length, give a warning: they may be deliberate.
+
+        Raises:
+            ValueError: naming the layer, its method and what is wrong.
+        """
+        import warnings
+
+        made_for = self.model.get("class")
+        if made_for and made_for != model_class:
+            warnings.warn(f"the layer plan was made for {made_for} ({self.model.get('name', 'no name')}), and is "
+                          f"applied to a {model_class}: its per-layer choices belong to the other model; "
+                          f"run `freeloc probe` on this one for its own plan", UserWarning, stacklevel=4)
+        f = num_frames if num_frames is not None and num_frames > trained_frames else 2 * trained_frames
+        for layer, name in enumerate(self.methods):
+            try:
+                method = self.resolve(layer, f, trained_frames)
+            except ValueError as err:
+                text = str(err)
+                raise ValueError(text if text.startswith("layer ") else f"layer {layer} ({name!r}): {text}") from err
+            cap = getattr(method, "cap", None)
+            re_encodes = method is not None and not getattr(method, "is_identity_for", lambda n: False)(f)
+            if name == "vrpr" and "cap" in self.params[layer] and re_encodes and cap > trained_frames - 1:
+                warnings.warn(f"layer {layer}: VRPR cap={cap} is beyond the model's trained range of relative "
+                              f"distances (|r| <= T - 1 = {trained_frames - 1}): distances up to {cap} are "
+                              f"out of distribution", UserWarning, stacklevel=4)
+
     # ------------------------------------------------------------------ constructors
     @classmethod
     def uniform(cls, method: str, num_layers: int, **params: Any) -> LayerPlan:
