@@ -404,9 +404,12 @@ class LayerPlan:
         """
         try:
             data = json.loads(text)
+            return cls.from_dict(data)
         except json.JSONDecodeError as e:
             raise ValueError(f"layer plan is not valid JSON: {e}") from e
-        return cls.from_dict(data)
+        except RecursionError:  # a plan is a few levels deep; Python's parser stops at about a thousand
+            raise ValueError("layer plan is nested too deeply to be a plan (JSON nesting past Python's recursion "
+                             "limit); a plan's JSON is at most a few levels deep") from None
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON to ``path``; returns the path."""

@@ -293,3 +293,18 @@ def test_resolve_rejects_bad_num_frames(num_frames: int) -> None:
     plan = LayerPlan.published(WAN)
     with pytest.raises(ValueError, match=rf"num_frames must be a positive int.*got {num_frames}"):
         plan.resolve(0, num_frames=num_frames)
+
+
+@pytest.mark.parametrize("depth", [200_000, 5_000])
+def test_a_deeply_nested_file_is_refused_naming_the_file(tmp_path: Path, depth: int) -> None:
+    """JSON nested past Python's recursion limit (in the file's top level, or inside a valid plan's meta):
+    one ValueError that names the file, not a RecursionError."""
+    path = tmp_path / "deep.json"
+    if depth > 10_000:
+        path.write_text("[" * depth + "]" * depth)
+    else:
+        plan = LayerPlan.uniform("vrpr", 2).to_dict()
+        text = json.dumps(plan)
+        path.write_text(text.replace('"meta": {}', '"meta": {"deep": ' + "[" * depth + "]" * depth + "}", 1))
+    with pytest.raises(ValueError, match=rf"{path.name}: layer plan is nested too deeply"):
+        LayerPlan.load(path)
