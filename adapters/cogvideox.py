@@ -59,11 +59,14 @@ _TABLE_ATOL = 1e-3
 def rotary_layout(transformer: torch.nn.Module) -> RotaryLayout:
     """The layout of ``image_rotary_emb``: temporal ``head_dim // 4``, height and width ``head_dim // 8 * 3``."""
     head_dim = int(transformer.config.attention_head_dim)
-    # diffusers' get_3d_rotary_pos_embed splits head_dim as (D // 4, D // 8 * 3, D // 8 * 3), in channel pairs
-    if head_dim % 8:
+    # diffusers' get_3d_rotary_pos_embed splits head_dim as (D // 4, D // 8 * 3, D // 8 * 3), in channel pairs:
+    # a layout of whole pairs that fills the head only when D is a multiple of 16
+    split = (head_dim // 4, head_dim // 8 * 3, head_dim // 8 * 3)
+    if head_dim % 16:
         raise ValueError(f"CogVideoX attention_head_dim={head_dim}: diffusers splits its rotary channels as "
-                         f"({head_dim // 4}, {head_dim // 8 * 3}, {head_dim // 8 * 3}), which is not a 3D RoPE "
-                         f"layout of {head_dim} channels; freeloc needs head_dim to be a multiple of 8")
+                         f"{split}, which is not a layout of whole channel pairs over {head_dim} channels, so freeloc "
+                         f"cannot rotate its queries and keys; its methods need head_dim to be a multiple of 16 "
+                         f"(only method='direct', or a plan of 'direct' layers, applies to this model)")
     return RotaryLayout.cogvideox(head_dim)
 
 

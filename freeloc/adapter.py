@@ -36,7 +36,7 @@ import torch
 
 from .attention import AttentionOptions, attend, band_set_for
 from .methods import Method
-from .plan import LayerPlan
+from .plan import DIRECT, LayerPlan
 from .rotary import RotaryLayout
 from .session import LayerStats, Session, Timer, plan_for
 
@@ -398,9 +398,14 @@ class TransformerAdapter:
         t_latent = self.video_to_latent(video_t, factor)
         expected = None if num_frames is None else self.video_to_latent(num_frames, factor)
         layers = self.attention_layers()
-        rotary = self.rotary_layout()
+        try:
+            rotary, no_layout = self.rotary_layout(), None
+        except ValueError as err:  # a RoPE freeloc cannot apply: only layers left unchanged are possible
+            rotary, no_layout = None, err
         layer_plan = plan_for(method, plan, len(layers), self.shipped_plan(), f"{type(tr).__name__}({self.name})",
-                              method_params, uniform="vrpr" if rotary is not None else "tsa")
+                              method_params, uniform="tsa" if rotary is None and no_layout is None else "vrpr")
+        if no_layout is not None and any(m != DIRECT for m in layer_plan.methods):
+            raise no_layout
         self.check_supported(method, layer_plan)
         layer_plan.check_for_model(type(tr).__name__, t_latent, expected)
         grid = GridState(expected)

@@ -216,8 +216,28 @@ def test_no_rope_bf16() -> None:
 def test_rotary_layout_matches_diffusers_split() -> None:
     layout = rotary_layout(cog10())
     assert (layout.t_dim, layout.h_dim, layout.w_dim, layout.theta) == (4, 6, 6, 10000.0)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        rotary_layout(cog10(attention_head_dim=12))
+    for head_dim in (12, 8):  # diffusers splits 8 as (2, 3, 3): odd, not whole channel pairs
+        with pytest.raises(ValueError, match=rf"attention_head_dim={head_dim}: .*multiple of 16"):
+            rotary_layout(cog10(attention_head_dim=head_dim))
+
+
+def test_a_head_dim_freeloc_cannot_rotate_still_takes_the_identity() -> None:
+    """diffusers' own CogVideoX 1.5 test config (``attention_head_dim=8``): enabling with nothing to change
+    (``method="direct"``, a plan of direct layers, the trained length) never raises and leaves the model
+    bit-identical; a method that needs the rotation is refused at ``enable``, naming the head dim. (Its
+    pipeline could not build ``image_rotary_emb`` at that head dim either: run as diffusers' test runs it.)"""
+    model = cog15(attention_head_dim=8, time_embed_dim=2, text_embed_dim=8, max_text_seq_length=8, sample_frames=8)
+    before = snapshot(model)
+    base = run(model, 12, text=8, rope=False)
+    with freeloc.enable(model, method="direct", trained_frames=TRAINED_VIDEO):
+        assert torch.equal(run(model, 12, text=8, rope=False), base)
+    with freeloc.enable(model, plan=freeloc.LayerPlan.uniform("direct", 2), trained_frames=TRAINED_VIDEO):
+        assert torch.equal(run(model, 12, text=8, rope=False), base)
+    assert_same_state(before, snapshot(model))
+    for kwargs in (dict(method="vrpr"), dict(method="tsa"), dict(plan="uniform")):
+        with pytest.raises(ValueError, match=r"attention_head_dim=8: .*only method='direct'"):
+            freeloc.enable(model, trained_frames=TRAINED_VIDEO, **kwargs)
+        assert_same_state(before, snapshot(model))
 
 
 def _pipeline_tables(config: dict, height: int, width: int, latent_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
