@@ -216,7 +216,7 @@ class LayerPlan:
 
         Examples:
             >>> LayerPlan.uniform("tsa", 4).summary()
-            '4 layers: tsa 4'
+            '4 layers: tsa 4 (0-3)'
         """
         if not _is_int(num_layers) or num_layers < 1:
             raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
@@ -489,14 +489,17 @@ class LayerPlan:
         return METHODS[name].for_length(num_frames, t)
 
     def summary(self) -> str:
-        """A short human description: layer count and how many layers use each method.
+        """A short human description: layer count, and how many and which layers use each method.
 
         Examples:
             >>> LayerPlan.from_lists([0, 2], [1], num_layers=4, trained_frames=21).summary()
-            '4 layers: tsa 2, vrpr 1, direct 1; trained_frames 21'
+            '4 layers: tsa 2 (0, 2), vrpr 1 (1), direct 1 (3); trained_frames 21'
+            >>> LayerPlan.from_lists([0, 1, 2, 5], [3, 4], num_layers=6).summary()
+            '6 layers: tsa 4 (0-2, 5), vrpr 2 (3-4)'
         """
         counts = Counter(self.methods)
-        text = f"{self.num_layers} layers: " + ", ".join(f"{m} {c}" for m, c in counts.most_common())
+        text = f"{self.num_layers} layers: " + ", ".join(f"{m} {c} ({_ranges(self.layers_of(m))})"
+                                                          for m, c in counts.most_common())
         extras = []
         if self.model.get("name"):
             extras.append(f"model {self.model['name']}")
@@ -505,6 +508,17 @@ class LayerPlan:
         if any(self.params):
             extras.append(f"{sum(1 for p in self.params if p)} with explicit params")
         return text + ("; " + ", ".join(extras) if extras else "")
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _validate_layer(index: int, name: object, params: object) -> None:

@@ -173,3 +173,20 @@ def test_probe_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str], pipeline_
     captured = capsys.readouterr()
     assert "probe: 3 layers" in captured.out
     assert "probing layers" in captured.err and "3/3" in captured.err  # the tqdm bar, on stderr
+
+
+def test_generate_help_gives_every_default_and_the_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    """``freeloc generate --help`` says what --steps, --guidance, --height, --width and --seed default to, and
+    lists the methods; an unknown method is a usage error (exit code 2) that lists them too."""
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for expected in ("denoising steps (default: 50)", "guidance scale (default: 5.0", "(default: the pipeline's own",
+                     "seed of the initial noise (default: 0)", "freeloc, direct, ntk, pi, riflex, sliding-window"):
+        assert expected in text, expected
+    with pytest.raises(SystemExit) as done:
+        main(["generate", "--model", "m", "--prompt", "p", "--num-frames", "9", "--out", "v.mp4", "--method", "fast"])
+    err = capsys.readouterr().err
+    print(err.splitlines()[-1])
+    assert done.value.code == 2 and "invalid choice: 'fast'" in err and "'vrpr'" in err

@@ -109,7 +109,8 @@ def test_published_wan_plan_matches_the_reference_lists() -> None:
     assert plan.model == {"name": "Wan2.1-T2V-1.3B", "class": "WanTransformer3DModel", "num_layers": 30,
                           "num_attention_heads": 12, "attention_head_dim": 128}
     assert plan.meta["source"] == "FreeLOC reference code (Wan2.1-T2V-1.3B)"
-    assert plan.summary().startswith("30 layers: tsa 17, vrpr 13")
+    assert plan.summary().startswith("30 layers: tsa 17 (0-1, 4, 6-7, 9-11, 13-16, 18, 22-25), "
+                                     "vrpr 13 (2-3, 5, 8, 12, 17, 19-21, 26-29)")
     plan.check_layers(30)
 
 
@@ -137,7 +138,7 @@ def test_uniform_gives_every_layer_its_own_params() -> None:
 def test_from_lists_fills_unlisted_layers_with_direct() -> None:
     plan = LayerPlan.from_lists([0, 3], [1], num_layers=5)
     assert plan.methods == ["tsa", "vrpr", "direct", "tsa", "direct"]
-    assert plan.summary() == "5 layers: tsa 2, direct 2, vrpr 1"
+    assert plan.summary() == "5 layers: tsa 2 (0, 3), direct 2 (2, 4), vrpr 1 (1)"
 
 
 # ---------------------------------------------------------------------------------------- validation

@@ -133,13 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--prompt", required=True)
     ge.add_argument("--negative-prompt", default=None)
     ge.add_argument("--num-frames", type=_positive_int, required=True, help="video frames, e.g. 321")
-    ge.add_argument("--height", type=_positive_int, default=None)
-    ge.add_argument("--width", type=_positive_int, default=None)
-    ge.add_argument("--steps", type=_positive_int, default=50)
-    ge.add_argument("--guidance", type=float, default=5.0)
-    ge.add_argument("--seed", type=int, default=0)
-    ge.add_argument("--method", default="freeloc", help="freeloc (default), direct, vrpr, tsa, pi, ntk, yarn, "
-                                                          "sliding-window")
+    ge.add_argument("--height", type=_positive_int, default=None,
+                    help="video height in pixels (default: the pipeline's own, 480 for Wan 2.1)")
+    ge.add_argument("--width", type=_positive_int, default=None,
+                    help="video width in pixels (default: the pipeline's own, 832 for Wan 2.1)")
+    ge.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default: 50)")
+    ge.add_argument("--guidance", type=float, default=5.0,
+                    help="classifier-free guidance scale (default: 5.0; 1 turns it off)")
+    ge.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    ge.add_argument("--method", default="freeloc", choices=METHOD_CHOICES, metavar="METHOD",
+                    help=f"the layer plan ('freeloc', the default), one method on every layer, or 'direct' (no "
+                         f"change); one of: {', '.join(METHOD_CHOICES)}")
     ge.add_argument("--plan", default=None, help="plan JSON path, or 'uniform' (default: the shipped plan)")
     ge.add_argument("--trained-frames", type=_positive_int, default=None,
                     help="the model's trained length in video frames (default: freeloc's data for the model)")
@@ -231,8 +235,6 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    if args.method not in METHOD_CHOICES:
-        parser.error(f"--method: expected one of {list(METHOD_CHOICES)}, got {args.method!r}")
     if args.out.suffix.lower() != ".mp4":
         parser.error(f"--out must end in .mp4, got {str(args.out)!r}")
     generate(args.model, args.prompt, args.num_frames, args.out, height=args.height, width=args.width,
