@@ -96,10 +96,42 @@ def test_generate_writes_video_and_sidecar(tmp_path: Path, pipeline_loader: Call
     assert all(layer["max_abs_distance"] <= 20 for layer in side["layers"])
 
 
+def saved_tiny_wan(folder: Path) -> Path:
+    """The tiny Wan pipeline with a tiny random UMT5 text encoder and a word-level tokenizer built in memory
+    (no hub), saved with ``save_pretrained``: a folder as a real checkpoint is laid out."""
+    import diffusers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "ball"]
+    vocab = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                          num_heads=2, relative_attention_num_buckets=8)).eval()
+    tiny = tiny_wan_pipeline()
+    diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny.vae, transformer=tiny.transformer,
+                          scheduler=tiny.scheduler).save_pretrained(folder)
+    return folder
+
+
+def test_generate_loads_a_saved_wan_pipeline_from_its_folder(tmp_path: Path, is_mp4: Callable[[Path], bool]) -> None:
+    """A Wan pipeline saved with ``save_pretrained`` loads through the real ``DiffusionPipeline.from_pretrained``
+    (which needs ``accelerate`` for Wan's float32 modules: part of the ``diffusers`` extra) and generates."""
+    folder = saved_tiny_wan(tmp_path / "tiny-wan")
+    out = tmp_path / "long.mp4"
+    code = main(["generate", "--model", str(folder), "--prompt", "a red ball", "--num-frames", "21", "--height", "32",
+                 "--width", "32", "--steps", "1", "--plan", "uniform", "--device", "cpu", "--dtype", "float32",
+                 "--out", str(out)])
+    assert code == 0 and is_mp4(out)
+    assert json.loads(out.with_suffix(".json").read_text())["settings"]["model"] == str(folder)
+
+
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["--method", "fast"], "--method: expected one of"),
+        (["--method", "fast"], "argument --method: invalid choice: 'fast'"),
         (["--out", "video.gif"], "--out must end in .mp4"),
         (["--num-frames", "0"], "expected a positive integer"),
     ],
