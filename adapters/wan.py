@@ -108,6 +108,14 @@ class WanAdapter(TransformerAdapter):
     def temporal_patch(self) -> int:
         return int(self.transformer.config.patch_size[0])
 
+    def video_to_latent(self, frames: int, factor: int) -> int:
+        """Temporal tokens of ``frames`` video frames, counted as Wan's pipelines count them: a length not of
+        the form ``factor * n + 1`` is first rounded as they round it (320 -> 321, 24 -> 25), then
+        ``(frames - 1) // factor + 1`` latent frames, ``// temporal_patch`` tokens."""
+        if frames % factor != 1:
+            frames = frames // factor * factor + 1
+        return super().video_to_latent(max(frames, 1), factor)
+
     def grid_from_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int, int]:
         hs = args[0] if args else kwargs["hidden_states"]  # (B, C, F, H, W)
         _, _, f, h, w = hs.shape

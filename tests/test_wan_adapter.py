@@ -262,6 +262,23 @@ def test_full_tiny_pipeline() -> None:
     assert max(s.max_abs_distance for s in session.layers) <= TRAINED_LATENT - 1
 
 
+@pytest.mark.parametrize("frames,latent", [(24, 7), (20, 6), (22, 6)])
+def test_num_frames_not_of_the_vae_form_counts_as_the_pipeline_rounds_it(frames: int, latent: int) -> None:
+    """Wan's pipelines round ``num_frames`` to ``4n + 1`` before the transformer sees it (24 -> 25, 22 -> 21):
+    enable counts the same latent frames, and the pipeline runs with the same ``num_frames``."""
+    model = tiny_wan()
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     temperal_downsample=[False, True, True]).eval()
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    embeds = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(2))
+    with freeloc.enable(pipe, num_frames=frames, plan="uniform", trained_frames=TRAINED_VIDEO) as session:
+        video = pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=16, width=16, num_frames=frames,
+                     num_inference_steps=1, guidance_scale=2.0, output_type="pt").frames
+    print(f"num_frames={frames}: {video.shape[1]} video frames, {latent} latent frames")
+    assert video.shape[1] == (latent - 1) * 4 + 1 and all(s.calls == 2 for s in session.layers)
+
+
 def test_fused_projections_give_the_same_hooked_output() -> None:
     f = 4 * TRAINED_LATENT
     model = tiny_wan()
