@@ -112,7 +112,7 @@ class WanAdapter(TransformerAdapter):
         """Temporal tokens of ``frames`` video frames, counted as Wan's pipelines count them: a length not of
         the form ``factor * n + 1`` is first rounded as they round it (320 -> 321, 24 -> 25), then
         ``(frames - 1) // factor + 1`` latent frames, ``// temporal_patch`` tokens."""
-        if frames % factor != 1:
+        if factor > 1 and frames % factor != 1:  # factor 1: no temporal compression, nothing to round
             frames = frames // factor * factor + 1
         return super().video_to_latent(max(frames, 1), factor)
 
