@@ -293,11 +293,26 @@ class LayerContext:
 
 
 class FreeLOCProcessor:
-    """Base of the adapters' processors: the original processor, the layer context, introspection."""
+    """Base of the adapters' processors: the original processor, the layer context, introspection.
+
+    diffusers' ``set_attention_backend`` / ``reset_attention_backend`` reach the original processor through
+    :attr:`_attention_backend`: a layer that runs the original (nothing to change at this length) uses the
+    backend the user chose, and keeps it after removal. The layers freeloc computes use ``attend``'s own
+    kernels (``freeloc.enable(backend=..., attention=...)``).
+    """
 
     def __init__(self, original: Any, ctx: LayerContext) -> None:
         self.original = original
         self.ctx = ctx
+
+    @property
+    def _attention_backend(self) -> Any:
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value: Any) -> None:
+        if hasattr(self.original, "_attention_backend"):
+            self.original._attention_backend = value
 
     @property
     def trained_frames(self) -> int:

@@ -479,3 +479,23 @@ def test_temporal_factor_override() -> None:
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="temporal_factor must be a positive int"):
         freeloc.enable(model, plan="uniform", trained_frames=6, temporal_factor=0)
+
+
+def test_set_attention_backend_reaches_the_original_processors() -> None:
+    """diffusers' ``set_attention_backend`` on a hooked model sets the backend of every wrapped original
+    processor (the layers that pass through use it), and ``reset_attention_backend`` clears it; after
+    removal the originals keep what the user set, and the output equals the unhooked model's."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    model = tiny_wan()
+    base = run(model, 24)
+    with freeloc.enable(model, method="direct", trained_frames=TRAINED_VIDEO):
+        model.set_attention_backend("native")
+        originals = [b.attn1.processor.original for b in model.blocks]
+        assert all(p._attention_backend == AttentionBackendName.NATIVE for p in originals)
+        assert torch.equal(run(model, 24), base)
+        model.reset_attention_backend()
+        assert all(p._attention_backend is None for p in originals)
+        model.set_attention_backend("native")
+    assert all(b.attn1.processor._attention_backend == AttentionBackendName.NATIVE for b in model.blocks)
+    assert torch.equal(run(model, 24), base)
