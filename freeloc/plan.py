@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._files import atomic_path
 from .methods import METHODS, Method, method_from_dict
 
 __all__ = ["LayerPlan", "DIRECT", "SCHEMA", "VERSION"]
@@ -414,7 +415,8 @@ class LayerPlan:
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON to ``path``; returns the path."""
         path = Path(path)
-        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        with atomic_path(path) as tmp:  # whole or not at all
+            tmp.write_text(self.to_json() + "\n", encoding="utf-8")
         return path
 
     @classmethod

@@ -188,6 +188,11 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     import freeloc
     from freeloc.registry import adapters_for
 
+    for label, value, low in (("num_frames", num_frames, 1), ("max_queries", max_queries, 1),
+                              ("trained_frames", trained_frames, 1), ("temporal_factor", temporal_factor, 1),
+                              ("seed", seed, 0)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ValueError(f"probe: {label} must be an int >= {low}, got {value!r}")
     name, module, adapter_cls = adapters_for(target)[0]
     adapter = adapter_cls(module, name=name)
     pipeline = None if module is target else target

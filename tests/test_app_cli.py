@@ -190,3 +190,81 @@ def test_generate_help_gives_every_default_and_the_methods(capsys: pytest.Captur
     err = capsys.readouterr().err
     print(err.splitlines()[-1])
     assert done.value.code == 2 and "invalid choice: 'fast'" in err and "'vrpr'" in err
+
+
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``freeloc argv``, expecting a usage error (exit code 2); returns the message's last line."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    print(err)
+    return err
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An output that cannot be written (under a file, in a folder nobody may write, a folder given for a
+    file) is a usage error before anything is loaded or computed."""
+    import freeloc.app.cli as cli
+
+    ran: list[str] = []
+    monkeypatch.setattr(cli, "demo", lambda *a, **kw: ran.append("demo"))
+    monkeypatch.setattr(cli, "generate", lambda *a, **kw: ran.append("generate"))
+    monkeypatch.setattr(cli, "explain_data", lambda *a, **kw: ran.append("explain"))
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    gen = ["generate", "--model", "org/model", "--prompt", "p", "--num-frames", "81"]
+    assert "is not a folder" in _usage_error(["demo", "--out", str(a_file / "sub")], capsys)
+    assert "is not a folder" in _usage_error([*gen, "--out", str(a_file / "x.mp4")], capsys)
+    assert "cannot write in folder '/proc'" in _usage_error(
+        ["explain", "--num-frames", "321", "--trained-frames", "81", "--png", "/proc/x.png"], capsys)
+    assert "is a folder; give a file name" in _usage_error(
+        ["probe", "--model", "org/model", "--num-frames", "321", "--out", str(tmp_path)], capsys)
+    assert ran == []
+
+
+def test_a_local_model_folder_that_does_not_exist_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _usage_error(["generate", "--model", "./models/nowhere", "--prompt", "p", "--num-frames", "81", "--out",
+                        "x.mp4"], capsys)
+    assert "--model: no such local folder './models/nowhere'" in err
+
+
+def test_explain_refuses_a_length_that_would_not_fit_in_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    """``explain --num-frames 1000000`` would allocate hundreds of TiB: refused first, with the figure."""
+    from freeloc.app.cli import explain_memory
+
+    err = _usage_error(["explain", "--num-frames", "1000000", "--trained-frames", "81"], capsys)
+    assert "explaining 250000 latent frames of 1560 tokens needs about" in err and "GiB are available" in err
+    assert explain_memory(81, 1560) < 2**30  # the lengths people ask for stay well under a GiB
+
+
+def test_errors_while_working_are_one_line_and_ctrl_c_too(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          pipeline_loader: Callable[..., type]) -> None:
+    """A model that cannot be loaded: one line, exit code 1 (no traceback). Ctrl-C: one line, exit code 130,
+    and no partial output file."""
+    def unreachable() -> Any:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them "
+                      "in the cached files.\nCheck your internet connection.")
+
+    def interrupted() -> Any:
+        raise KeyboardInterrupt
+
+    out = tmp_path / "v.mp4"
+    argv = ["generate", "--model", "org/model", "--prompt", "p", "--num-frames", "81", "--out", str(out)]
+    pipeline_loader(unreachable)
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("freeloc generate: error: We couldn't connect")
+    pipeline_loader(interrupted)
+    assert main(argv) == 130
+    assert capsys.readouterr().err == "freeloc generate: interrupted\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_refuses_a_frame_count_that_is_not_an_int() -> None:
+    """``probe``'s own check (the test-time type checker, which refuses it first, is unwrapped here)."""
+    import inspect
+
+    with pytest.raises(ValueError, match=r"probe: num_frames must be an int >= 1, got '93'"):
+        inspect.unwrap(freeloc.probe)(object(), "93")

@@ -14,8 +14,9 @@ import torch
 pytest.importorskip("diffusers", reason="video generation needs diffusers (extra 'diffusers')")
 pytest.importorskip("imageio_ffmpeg", reason="mp4 writing needs imageio-ffmpeg (extra 'app')")
 
+import freeloc  # noqa: E402
 from freeloc.app.cli import main  # noqa: E402
-from freeloc.app.video import compare_frames, demo, tiny_wan_pipeline  # noqa: E402
+from freeloc.app.video import compare_frames, demo, tiny_wan_pipeline, write_video  # noqa: E402
 
 
 def run_demo(args: list[str], out_dir: Path, capsys: pytest.CaptureFixture[str], is_mp4: Callable[[Path], bool]) -> str:
@@ -204,3 +205,28 @@ def test_compare_frames_stacks_labelled_tiles() -> None:
     label = both[0, :, :32, :96]
     assert bool((label < 0.5).any()) and bool((label == 1).any())  # dark text on white
     assert torch.equal(both[:, :, 32:48], torch.ones(5, 3, 16, 144))
+
+
+def test_an_interrupted_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Videos, plans and pictures are written under a temporary name and renamed when whole: an error (or
+    Ctrl-C) in the middle leaves neither the target nor the temporary file."""
+    import diffusers.utils
+
+    def half_written(frames: Any, path: str, fps: int = 16) -> None:
+        Path(path).write_bytes(b"\0" * 1000)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(diffusers.utils, "export_to_video", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        write_video(torch.rand(3, 3, 8, 8), tmp_path / "v.mp4")
+    assert list(tmp_path.iterdir()) == []
+    real_write = Path.write_text
+
+    def half_text(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
+        real_write(self, text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_text)
+    with pytest.raises(KeyboardInterrupt):
+        freeloc.LayerPlan.uniform("vrpr", 2).save(tmp_path / "plan.json")
+    assert list(tmp_path.iterdir()) == []

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .._extras import require
+from .._files import check_writable
 from ..patterns import TSA, SlidingWindow
 from ..positions import PUBLISHED_VRPR, VRPR
 from ..probing import probe
@@ -200,9 +201,9 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     diffusers = require("diffusers", "diffusers", "freeloc probe")
     progress = tqdm_progress("probing layers", "layer")
+    _check_outputs(parser, ("--out", args.out, False), ("--png", args.png, False))
+    _check_model(parser, args.model)
     if args.png is not None:
-        if not args.png.parent.is_dir():
-            parser.error(f"--png: folder {str(args.png.parent)!r} does not exist")
         require("matplotlib", "app", "freeloc probe --png")  # a missing matplotlib stops it before the probe runs
     pipe = diffusers.DiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
     pipe = pipe.to(args.device)
@@ -230,6 +231,7 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(f"--clips: expected 1 to 8, got {args.clips}")
     if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
         parser.error(f"--guidance: expected a finite number >= 0 (1 = no guidance), got {args.guidance}")
+    _check_outputs(parser, ("--out", args.out, True))
     demo(args.out, steps=args.steps, seed=args.seed, model=args.model, conditions=args.clips, guidance=args.guidance)
     return 0
 
@@ -237,6 +239,8 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.out.suffix.lower() != ".mp4":
         parser.error(f"--out must end in .mp4, got {str(args.out)!r}")
+    _check_outputs(parser, ("--out", args.out, False))
+    _check_model(parser, args.model)
     generate(args.model, args.prompt, args.num_frames, args.out, height=args.height, width=args.width,
              steps=args.steps, guidance=args.guidance, seed=args.seed, method=args.method, plan=args.plan,
              device=args.device, dtype=args.dtype, negative_prompt=args.negative_prompt,
@@ -396,12 +400,36 @@ def explain_text(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def explain_memory(num_frames: int, tokens_per_frame: int) -> int:
+    """Estimated peak bytes of :func:`explain_data` at ``num_frames`` temporal tokens: its block tables hold
+    one entry per pair of pieces (a frame cut at 128-token block boundaries), about 96 bytes per pair at
+    their peak (measured at 81-241 frames of 1560 tokens: 85-119)."""
+    pieces = -(-num_frames * tokens_per_frame // BLOCK_SIZE) + num_frames
+    return 96 * pieces * pieces
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; elsewhere 8 GiB)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
 def _cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _check_outputs(parser, ("--png", args.png, False))
+    f = args.num_frames if args.latent else video_to_latent(args.num_frames, args.temporal_factor)
+    need, have = explain_memory(f, args.tokens_per_frame), _available_memory()
+    if need > have:
+        parser.error(f"--num-frames {args.num_frames}: explaining {f} latent frames of {args.tokens_per_frame} tokens "
+                     f"needs about {need / 2**30:,.1f} GiB of memory and {have / 2**30:,.1f} GiB are available; "
+                     f"choose a shorter length or fewer --tokens-per-frame")
     data = explain_data(args.num_frames, args.trained_frames, args.tokens_per_frame,
                         latent=args.latent, temporal_factor=args.temporal_factor)
     if args.png is not None:
-        if not args.png.parent.is_dir():
-            parser.error(f"--png: folder {str(args.png.parent)!r} does not exist")
         explain_png(data, args.png)
         data["png"] = str(args.png)
     if args.json:
@@ -413,10 +441,29 @@ def _cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     return 0
 
 
+def _check_outputs(parser: argparse.ArgumentParser, *outputs: tuple[str, Path | None, bool]) -> None:
+    """Every ``(flag, path, is_folder)`` output can be written, before any work (usage error otherwise)."""
+    for flag, path, folder in outputs:
+        if path is not None:
+            try:
+                check_writable(path, flag, folder)
+            except ValueError as err:
+                parser.error(str(err))
+
+
+def _check_model(parser: argparse.ArgumentParser, model: str) -> None:
+    """A ``--model`` written as a local path must exist (a hub id is ``org/name``)."""
+    if not Path(model).expanduser().exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1
+                                                  or os.sep != "/" and os.sep in model):
+        parser.error(f"--model: no such local folder {model!r} (a hub id looks like 'org/name')")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``freeloc`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
 
-    Invalid arguments exit with code 2 and a message naming the value (argparse's convention).
+    Invalid arguments exit with code 2 and a message naming the value (argparse's convention). An error
+    while working (a model that cannot be loaded, a bad plan file, a missing extra) prints one line and
+    returns 1; Ctrl-C prints one line and returns 130. Outputs are written whole or not at all.
     """
     parser = build_parser()
     args = parser.parse_args(list(argv) if argv is not None else sys.argv[1:])
@@ -425,3 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like: not an error
         sys.stdout = open(os.devnull, "w")  # keeps Python from failing again when it flushes at exit
         return 0
+    except KeyboardInterrupt:
+        print(f"freeloc {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"freeloc {args.command}: error: {first}", file=sys.stderr)
+        return 1

@@ -15,6 +15,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .._extras import require
+from .._files import atomic_path
 from ..patterns import TSA
 from ..plan import LayerPlan
 from ..positions import VRPR
@@ -98,7 +99,8 @@ def explain_png(data: dict[str, Any], path: Path) -> Path:
     fig.suptitle(f"FreeLOC at F = {f} temporal tokens, T = {t}{unit}: VRPR {v['source']} setting",
                  fontsize=11)
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
@@ -127,7 +129,8 @@ def plot_scores(plan: LayerPlan, path: Path | str) -> Path | str:
     ax.set_title("layer sensitivity (TSA where context dominates)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -159,7 +162,8 @@ def report_png(direct: Session, long: Session, path: Path, num_frames: int, trai
     fig.suptitle(f"tiny Wan, {num_frames} latent frames = 4x its trained {trained}: direct vs FreeLOC")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -193,6 +197,7 @@ def frames_png(rows: dict[str, Float[Tensor, "_frames 3 _height _width"]], path:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path

@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .._extras import require
+from .._files import atomic_path
 from ..plan import LayerPlan
 from ..session import enable
 from ..shapes.clips import random_spec, render
@@ -52,7 +53,8 @@ def write_video(frames: Any, path: Path, fps: int = 16) -> Path:
         frames = frames.float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() if frames.shape[1] in (1, 3) \
             else frames.float().clamp(0, 1).cpu().numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    export_to_video(list(frames), str(path), fps=fps)
+    with atomic_path(path) as tmp:  # whole or not at all
+        export_to_video(list(frames), str(tmp), fps=fps)
     return path
 
 
@@ -254,6 +256,7 @@ def generate(model: str, prompt: str, num_frames: int, out: Path, *, height: int
     sidecar = dict(settings=settings, seconds=round(seconds, 3), video=str(out),
                    plan=session.plan.to_dict() if session.plan is not None else None, layers=session.stats())
     side = out.with_suffix(".json")
-    side.write_text(json.dumps(sidecar, indent=2))
+    with atomic_path(side) as tmp:
+        tmp.write_text(json.dumps(sidecar, indent=2))
     print(f"wrote {out} and {side} ({seconds:.1f} s)")
     return sidecar
