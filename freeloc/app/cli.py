@@ -421,6 +421,8 @@ def _available_memory() -> int:
 
 def _cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     _check_outputs(parser, ("--png", args.png, False))
+    if args.png is not None:
+        require("matplotlib", "app", "freeloc explain --png")  # a missing extra stops it before any work
     f = args.num_frames if args.latent else video_to_latent(args.num_frames, args.temporal_factor)
     need, have = explain_memory(f, args.tokens_per_frame), _available_memory()
     if need > have:
