@@ -59,6 +59,7 @@ def test_demo_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--guidance: expected a finite number >= 0 (1 = no guidance), got -2.0" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_random_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                     is_png: Callable[[Path], bool],
                                                     is_mp4: Callable[[Path], bool]) -> None:

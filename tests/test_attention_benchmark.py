@@ -12,6 +12,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
 
 
+@pytest.mark.slow
 def test_attention_benchmark_prints_times_memory_and_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "rows.json"

@@ -54,6 +54,7 @@ def test_the_guide_holds_the_whole_package() -> None:
     assert set(guide_files()) == PACKAGE_FILES
 
 
+@pytest.mark.slow
 def test_an_external_adapter_package_installs_passes_conformance_and_is_found(tmp_path: Path) -> None:
     # pip is looked up by its metadata, not imported: importing it here would switch this process to the
     # standard library's distutils (setuptools' import hook gives way to pip), which later breaks torch's

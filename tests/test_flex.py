@@ -178,6 +178,7 @@ def test_stripe_key_block_auto_rule() -> None:
             AttentionOptions(stripe_key_block=bad)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,method", methods()[:6], ids=[m[0] for m in methods()[:6]])
 @pytest.mark.parametrize("text", [(0, 0), (6, 0), (0, 5)], ids=["video", "text-before", "text-after"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -201,6 +202,7 @@ def test_flex_frame_aligned_pads_each_query_rotation_once(spy: Callable[..., lis
     assert len(pads) == 2 + 3 * 2  # queries: local = striped, sink; keys and values of the three calls
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,method", methods()[:6], ids=[m[0] for m in methods()[:6]])
 @pytest.mark.parametrize("text", [(0, 0), (6, 0), (0, 5)], ids=["video", "text-before", "text-after"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -391,6 +393,7 @@ def test_flex_key_blocks_of_64_ask_the_kernel_for_key_tiles_of_64(monkeypatch: p
                      {"num_warps": 8, "BLOCK_N": 32}, None]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,method", [("vrpr", freeloc.VRPR(1, 2, 2, 2, 4)), ("tsa", freeloc.TSA(d1=1, d2=3, cap=4)),
                                          ("sliding", freeloc.SlidingWindow(2, sink=False))],
                          ids=["vrpr", "tsa", "sliding"])

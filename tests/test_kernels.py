@@ -169,6 +169,7 @@ def test_a_kernel_that_fails_on_a_real_call_gives_way() -> None:
     torch.testing.assert_close(lse, want_l.float(), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["chunked", "flex-stacks", "flex-split", "flex-auto", "text-mask", "compiled"])
 def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The code path the GPU takes (a checked fused kernel for stacks, passes and the text pass, with

@@ -94,6 +94,7 @@ def test_stacks_and_passes_cover_each_pair_once(name: str, method: Method, f: in
         assert ("far-future", "far-past") in names, names
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,method,f", [("vrpr", freeloc.VRPR.for_length(30, 13), 30),
                                            ("vrpr-81", VRPR_81, 81), ("tsa-81", freeloc.TSA(cap=20), 81),
                                            ("sliding", freeloc.SlidingWindow(4), 30)],
@@ -180,6 +181,7 @@ def any_method(draw: st.DrawFn) -> Method:
     return freeloc.SlidingWindow(draw(st.integers(0, 8)), sink=draw(st.booleans()))
 
 
+@pytest.mark.slow
 @given(any_method(), st.integers(2, 40), st.integers(1, 4), st.integers(1, 5), st.integers(0, 2**16))
 @settings(max_examples=60, deadline=None)
 def test_chunked_plans_are_exact_for_any_method(method: Method, f: int, h: int, w: int, seed: int) -> None:
