@@ -240,12 +240,17 @@ def test_two_models_do_not_share_state() -> None:
     assert sa.layers[0].calls == 1 and sb.layers[0].calls == 0
 
 
-def test_full_tiny_pipeline() -> None:
-    model = tiny_wan()
+def tiny_pipeline(model: torch.nn.Module) -> object:
+    """A Wan pipeline around ``model`` with a tiny VAE and no text encoder (pass ``prompt_embeds``)."""
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                      temperal_downsample=[False, True, True]).eval()
-    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model,
+    return diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model,
                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
+def test_full_tiny_pipeline() -> None:
+    model = tiny_wan()
+    pipe = tiny_pipeline(model)
     embeds = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(2))
 
     def generate(frames: int) -> torch.Tensor:
@@ -267,10 +272,7 @@ def test_num_frames_not_of_the_vae_form_counts_as_the_pipeline_rounds_it(frames:
     """Wan's pipelines round ``num_frames`` to ``4n + 1`` before the transformer sees it (24 -> 25, 22 -> 21):
     enable counts the same latent frames, and the pipeline runs with the same ``num_frames``."""
     model = tiny_wan()
-    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                     temperal_downsample=[False, True, True]).eval()
-    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=model,
-                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    pipe = tiny_pipeline(model)
     embeds = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(2))
     with freeloc.enable(pipe, num_frames=frames, plan="uniform", trained_frames=TRAINED_VIDEO) as session:
         video = pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=16, width=16, num_frames=frames,

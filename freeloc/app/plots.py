@@ -24,6 +24,16 @@ from ..session import Session
 __all__ = ["explain_png", "frames_png", "plot_scores", "report_png"]
 
 
+def _save(plt: ModuleType, fig: Any, path: Any, dpi: int, make_folder: bool = False) -> Any:
+    """Write ``fig`` to ``path`` whole or not at all, close it, return ``path``."""
+    if make_folder:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def _pyplot(purpose: str) -> ModuleType:
     """``matplotlib.pyplot`` on the Agg backend (no display needed), or the error naming the ``app`` extra."""
     matplotlib = require("matplotlib", "app", purpose)
@@ -98,11 +108,7 @@ def explain_png(data: dict[str, Any], path: Path) -> Path:
             else f" ({inp['num_frames']} video frames, trained on {inp['trained_frames']})")
     fig.suptitle(f"FreeLOC at F = {f} temporal tokens, T = {t}{unit}: VRPR {v['source']} setting",
                  fontsize=11)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, Path(path), 100)
 
 
 def plot_scores(plan: LayerPlan, path: Path | str) -> Path | str:
@@ -129,10 +135,7 @@ def plot_scores(plan: LayerPlan, path: Path | str) -> Path | str:
     ax.set_title("layer sensitivity (TSA where context dominates)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, 110)
 
 
 def report_png(direct: Session, long: Session, path: Path, num_frames: int, trained: int) -> Path:
@@ -161,11 +164,7 @@ def report_png(direct: Session, long: Session, path: Path, num_frames: int, trai
         ax.legend(fontsize=8)
     fig.suptitle(f"tiny Wan, {num_frames} latent frames = 4x its trained {trained}: direct vs FreeLOC")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, 110, make_folder=True)
 
 
 def frames_png(rows: dict[str, Float[Tensor, "_frames 3 _height _width"]], path: Path, title: str,
@@ -196,8 +195,4 @@ def frames_png(rows: dict[str, Float[Tensor, "_frames 3 _height _width"]], path:
     axes[-1].set_xlabel("frame")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, 110, make_folder=True)
