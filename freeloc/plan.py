@@ -33,6 +33,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -184,8 +185,6 @@ class LayerPlan:
         Raises:
             ValueError: naming the layer, its method and what is wrong.
         """
-        import warnings
-
         made_for = self.model.get("class")
         if made_for and made_for != model_class:
             warnings.warn(f"the layer plan was made for {made_for} ({self.model.get('name', 'no name')}), and is "

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..bands import BandSet
 from ._flex_groups import BLOCK_SIZE, FlexGroup, flex_groups, split_striped, stripe_key_block, use_aligned
 from ._kernels import fused_kernel_for
-from ._passes import PassPlan, Stack, key_groups, plan_passes, plan_stacks
+from ._passes import PassPlan, key_groups, plan_passes, plan_stacks
 from .options import AttentionOptions
 
 __all__ = ["AttentionPlan", "ChunkedPart", "DensePart", "FlexPart", "Part", "ReferencePart", "Rotations", "TextPart",
@@ -88,8 +88,8 @@ class Rotations:
     the temporal pairs (False: every position is 0, the spatial rotation alone); ``head_major``: written as
     (batch, heads, tokens, dim), as the chunked backend reads them; ``key_buffers``: groups of bands whose
     key rotations are written one after the other into one head-major buffer (a stack reads them as one
-    key tensor); ``per_band``: whether the per-band rotations are needed at all; ``original``: whether every
-    token at its original positions is needed (plain attention, text, the reference).
+    key tensor); ``original``: whether every token at its original positions is needed (plain attention,
+    text, the reference).
     """
 
     q_source: tuple[int, ...] = ()
@@ -98,7 +98,6 @@ class Rotations:
     k_temporal: tuple[bool, ...] = ()
     head_major: bool = False
     key_buffers: tuple[tuple[int, ...], ...] = ()
-    per_band: bool = False
     original: bool = False
 
 
@@ -200,9 +199,5 @@ def _rotations(bands: BandSet, key_buffers: tuple[tuple[int, ...], ...], head_ma
         return first, tuple(bool(p.any()) for p in pos)
 
     (qs, qt), (ks, kt) = sources("q"), sources("k")
-    return Rotations(qs, ks, qt, kt, head_major, key_buffers, per_band=True, original=original)
+    return Rotations(qs, ks, qt, kt, head_major, key_buffers, original)
 
-
-def stacks_of(plan: AttentionPlan) -> list[Stack]:
-    """The stacks of a plan's chunked parts."""
-    return [p for part in plan.parts if isinstance(part, ChunkedPart) for p in part.passes if isinstance(p, Stack)]
