@@ -82,7 +82,11 @@ def _grid_cos_sin(grid: tuple[int, int, int], rotary: RotaryLayout, device: str)
 
 
 class PositionCheck:
-    """Verifies (once per table object) that ``image_rotary_emb`` holds the integer grid positions."""
+    """Verifies (once per table object) that ``image_rotary_emb`` holds the integer grid positions.
+
+    Inside a graph traced by ``torch.compile`` or ``torch.export`` the tables are computed by the graph
+    and have no values yet: only their shape is checked there.
+    """
 
     def __init__(self, rotary: RotaryLayout, model: str) -> None:
         self.rotary = rotary
@@ -91,6 +95,11 @@ class PositionCheck:
 
     def verify(self, image_rotary_emb: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int]) -> None:
         cos, sin = image_rotary_emb
+        if torch.compiler.is_compiling():
+            problem = self._shape_problem(cos, sin, grid)
+            if problem is not None:
+                raise ValueError(problem)
+            return
         last = self._last
         if last is None or last[0] is not cos or last[1] is not sin or last[2] != grid:
             # keep the tables referenced, so an identity match is never a recycled object
@@ -99,12 +108,19 @@ class PositionCheck:
         if problem is not None:
             raise ValueError(problem)
 
-    def _problem(self, cos: torch.Tensor, sin: torch.Tensor, grid: tuple[int, int, int]) -> str | None:
+    def _shape_problem(self, cos: torch.Tensor, sin: torch.Tensor, grid: tuple[int, int, int]) -> str | None:
         f, h, w = grid
         want = (f * h * w, self.rotary.head_dim)
         if tuple(cos.shape) != want or tuple(sin.shape) != want:
             return (f"{self.model}: image_rotary_emb has shape {tuple(cos.shape)}, expected (F*H'*W', head_dim) = "
                     f"{want} for the latent grid {grid}")
+        return None
+
+    def _problem(self, cos: torch.Tensor, sin: torch.Tensor, grid: tuple[int, int, int]) -> str | None:
+        shape = self._shape_problem(cos, sin, grid)
+        if shape is not None:
+            return shape
+        f, h, w = grid
         c, s = _grid_cos_sin(grid, self.rotary, str(cos.device))
         err = max(float((cos.float() - c.repeat_interleave(2, dim=1)).abs().max()),
                   float((sin.float() - s.repeat_interleave(2, dim=1)).abs().max()))

@@ -62,6 +62,10 @@ def key_text_mask(attention_mask: torch.Tensor | None, batch: int, video: int, t
     False). Returns ``(ok, text_mask)``: ``text_mask`` is ``(B, L)`` bool or None (no mask); ``ok`` is
     False when the mask cannot be expressed as a text-key mask (not bool, masks video keys, differs
     per query or per head): the caller then runs the original processor.
+
+    Inside a graph traced by ``torch.compile`` or ``torch.export`` the mask has no values to branch on:
+    the mask HunyuanVideo builds (video keys True, one mask for every query) is then asserted when the
+    graph runs.
     """
     if attention_mask is None:
         return True, None
@@ -72,12 +76,21 @@ def key_text_mask(attention_mask: torch.Tensor | None, batch: int, video: int, t
     if m.ndim == 4:
         if m.shape[1] != 1 or m.shape[2] not in (1, n):
             return False, None
-        if m.shape[2] == n and not bool((m == m[:, :, :1]).all()):  # a different mask per query
+        if m.shape[2] == n and not _holds((m == m[:, :, :1]).all(), "one key mask for every query"):
             return False, None
         m = m[:, 0, 0]
-    if m.shape[0] not in (1, batch) or not bool(m[:, :video].all()):
+    if m.shape[0] not in (1, batch) or not _holds(m[:, :video].all(), "every video key attended"):
         return False, None
     return True, m[:, video:].expand(batch, text)
+
+
+def _holds(condition: torch.Tensor, what: str) -> bool:
+    """Whether a property of the mask holds: read in eager calls, asserted when a traced graph runs."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(condition, f"freeloc's HunyuanVideo processor in a compiled graph needs the attention "
+                                       f"mask HunyuanVideo builds ({what}); run this call without compiling")
+        return True
+    return bool(condition)
 
 
 class _Processor(FreeLOCProcessor):

@@ -112,17 +112,48 @@ class OpenSoraAdapter(TransformerAdapter):
 
     def grid_from_call(self, args: tuple, kwargs: dict[str, Any]) -> tuple[int, int, int]:
         ids = args[1] if len(args) > 1 else kwargs["img_ids"]
-        pos = ids[0].round().long()  # (L, 3): t, h, w of each video token
-        f, hh, ww = (int(pos[:, i].max()) + 1 for i in range(3))
-        expected = torch.stack([
-            torch.arange(f).repeat_interleave(hh * ww),
-            torch.arange(hh).repeat_interleave(ww).repeat(f),
-            torch.arange(ww).repeat(f * hh)], dim=-1).to(pos.device)
-        if pos.shape != expected.shape or not torch.equal(pos, expected):
-            raise ValueError("freeloc expects Open-Sora img_ids in frame-major order starting at 0 "
-                             f"((t, h, w) = (0, 0, 0), (0, 0, 1), ...), got {ids.shape[1]} tokens that are not")
-        return (f, hh, ww)
+        if torch.compiler.is_compiling():
+            # the grid is read from the example img_ids while tracing; when the graph runs, its img_ids
+            # must be the same grid's (a graph is reused for every input of the same shapes)
+            try:
+                grid = _traced_grid(ids)
+            except Exception as e:  # tracing without values (torch.export's default, non-strict mode)
+                raise RuntimeError(
+                    "freeloc reads Open-Sora's latent grid from the values of img_ids, which this tracer does "
+                    "not have: export with torch.export.export(..., strict=True), or compile with torch.compile"
+                ) from e
+            torch._assert_async((ids[0].round().long() == _grid_ids(grid, ids.device)).all(),
+                                f"freeloc: this compiled graph was traced for the Open-Sora latent grid {grid}, "
+                                f"but img_ids hold another grid of as many tokens")
+            return grid
+        return _grid(ids)
 
     def make_processor(self, original: Any, ctx: LayerContext) -> Any:
         is_double = any(block is ctx.module for block in self.transformer.double_blocks)
         return (_DoubleProcessor if is_double else _SingleProcessor)(original, ctx)
+
+
+def _grid_ids(grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+    """The ``(t, h, w)`` ids of the video tokens of ``grid``, frame-major, as Open-Sora lays them out."""
+    f, hh, ww = grid
+    return torch.stack([
+        torch.arange(f, device=device).repeat_interleave(hh * ww),
+        torch.arange(hh, device=device).repeat_interleave(ww).repeat(f),
+        torch.arange(ww, device=device).repeat(f * hh)], dim=-1)
+
+
+def _grid(ids: torch.Tensor) -> tuple[int, int, int]:
+    """The latent grid of Open-Sora's ``img_ids`` (B, L, 3), with a clear error if they are not one."""
+    pos = ids[0].round().long()  # (L, 3): t, h, w of each video token
+    grid = tuple(int(pos[:, i].max()) + 1 for i in range(3))
+    expected = _grid_ids(grid, pos.device)  # type: ignore[arg-type]
+    if pos.shape != expected.shape or not torch.equal(pos, expected):
+        raise ValueError("freeloc expects Open-Sora img_ids in frame-major order starting at 0 "
+                         f"((t, h, w) = (0, 0, 0), (0, 0, 1), ...), got {ids.shape[1]} tokens that are not")
+    return grid  # type: ignore[return-value]
+
+
+@torch.compiler.assume_constant_result
+def _traced_grid(ids: torch.Tensor) -> tuple[int, int, int]:
+    """``_grid`` on the example values while tracing: a constant of the traced graph."""
+    return _grid(ids)

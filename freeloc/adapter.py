@@ -27,22 +27,26 @@ Examples:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .attention import AttentionOptions, attend, band_set_for
+from .attention._opaque import AttendCall, call_key, opaque_attend
 from .methods import Method
 from .plan import DIRECT, LayerPlan
 from .rotary import RotaryLayout
-from .session import LayerStats, Session, Timer, plan_for
+from .session import MARK, Installation, LayerStats, Session, Timer, plan_for
 
 __all__ = [
     "ConfigVariant",
     "FreeLOCProcessor",
+    "GridHook",
     "GridState",
     "LayerContext",
     "ModelClass",
@@ -52,8 +56,6 @@ __all__ = [
     "config_matches",
 ]
 
-#: Attribute set on a transformer while a session is applied to it (the double-apply check).
-_MARK = "_freeloc_session"
 T = TypeVar("T")
 
 
@@ -238,8 +240,46 @@ class GridState:
         self.value = value
 
 
+class GridHook:
+    """The transformer's forward pre-hook: records the grid of each call in ``state``.
+
+    An object rather than a closure, so that it lives on the module like the rest of the state: a
+    ``copy.deepcopy`` of the model gets its own hook and grid, and the model pickles.
+    """
+
+    def __init__(self, adapter: TransformerAdapter, state: GridState, identity: bool = False) -> None:
+        self.adapter = adapter
+        self.state = state
+        self.identity = identity  # every layer runs its own processor: the grid serves statistics only
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self.identity and torch.compiler.is_compiling():  # no statistics in a traced graph
+            return
+        self.state.set(self.adapter.grid_from_call(args, kwargs))
+
+
+@torch.compiler.assume_constant_result
+def _traced_method(ctx: LayerContext, frames: int) -> Method | None:
+    """``LayerContext.method`` inside a traced graph: run in Python while tracing, a constant in the graph."""
+    method = ctx.plan.resolve(ctx.layer, frames, ctx.trained_frames)
+    ctx.last_method = method
+    return method
+
+
+@torch.compiler.assume_constant_result
+def _traced_call_key(ctx: LayerContext, f: int, h: int, w: int, text_before: int, text_after: int) -> str:
+    """The key of the layer's ``attend`` call at this grid (see ``freeloc.attention._opaque``), made while tracing."""
+    method = ctx.plan.resolve(ctx.layer, f, ctx.trained_frames)
+    return call_key(AttendCall((f, h, w), method, ctx.rotary, ctx.backend, text_before, text_after, ctx.options))
+
+
 class LayerContext:
-    """One hooked self-attention layer: its plan entry, the grid, statistics, and the attention call."""
+    """One hooked self-attention layer: its plan entry, the grid, statistics, and the attention call.
+
+    Inside a graph traced by ``torch.compile`` or ``torch.export``, the method is resolved while tracing
+    (a constant of the graph; the shapes it depends on are guarded), ``attend`` is the opaque operator
+    ``torch.ops.freeloc.attend``, and no statistics are recorded.
+    """
 
     def __init__(self, grid: GridState, rotary: RotaryLayout | None, plan: LayerPlan, layer: int, trained_frames: int,
                  stats: LayerStats, backend: str, options: AttentionOptions | None = None) -> None:
@@ -258,16 +298,22 @@ class LayerContext:
     def method(self) -> Method | None:
         """The layer's method at the current grid; None: run the model's own processor."""
         grid = self.grid.value
-        method = None if grid is None else self.plan.resolve(self.layer, grid[0], self.trained_frames)
+        if grid is None:
+            return None
+        if torch.compiler.is_compiling():
+            return _traced_method(self, grid[0])
+        method = self.plan.resolve(self.layer, grid[0], self.trained_frames)
         self.last_method = method
         return method
 
-    def timer(self) -> Timer:
+    def timer(self) -> AbstractContextManager[None]:
         """Times a block into the layer's statistics and counts it as one call."""
-        return Timer(self.stats)
+        return nullcontext() if torch.compiler.is_compiling() else Timer(self.stats)
 
     def passthrough(self, call: Callable[[], T]) -> T:
         """Run the original processor (timed); its temporal distances reach F - 1."""
+        if torch.compiler.is_compiling():
+            return call()
         with Timer(self.stats):
             out = call()
         if self.grid.value is not None:
@@ -276,9 +322,15 @@ class LayerContext:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: Method, *, text_before: int = 0,
                text_after: int = 0, text_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``freeloc.attention.attend`` on the layer's q/k/v (before RoPE), recording statistics."""
+        """``freeloc.attention.attend`` on the layer's q/k/v (before RoPE), recording statistics.
+
+        ``method`` is what ``method()`` returned for this call.
+        """
         grid = self.grid.value
         assert grid is not None
+        if torch.compiler.is_compiling():
+            key = _traced_call_key(self, *grid, text_before, text_after)
+            return opaque_attend(q, k, v, text_mask, key)
         if self.observer is not None:
             self.observer(self, q, k, v, method, dict(text_before=text_before, text_after=text_after,
                                                       text_mask=text_mask))
@@ -399,7 +451,7 @@ class TransformerAdapter:
                 attention: AttentionOptions | None = None) -> None:
         """Validate everything, then install the grid hook and the processors, registering each undo."""
         tr = self.transformer
-        if getattr(tr, _MARK, None) is not None:
+        if getattr(tr, MARK, None) is not None:
             raise RuntimeError(f"freeloc is already applied to this {type(tr).__name__} ({self.name}); remove "
                                f"that session first (leave its with-block or call .remove())")
         for label, value, unit in (("num_frames", num_frames, "video frames"),
@@ -425,20 +477,56 @@ class TransformerAdapter:
         layer_plan.check_for_model(type(tr).__name__, t_latent, expected)
         grid = GridState(expected)
 
-        def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-            grid.set(self.grid_from_call(args, kwargs))
-
-        handle = tr.register_forward_pre_hook(pre_hook, with_kwargs=True)
-        session.on_remove(handle.remove)
-        setattr(tr, _MARK, session)
-        session.on_remove(lambda: delattr(tr, _MARK))
+        # Every change is recorded on the transformer itself (``Installation``), so a copy of the model
+        # carries a record of its own changes and can be removed like the original.
+        record = Installation(self.name, layer_plan)
+        setattr(tr, MARK, record)
+        record.undo(DeleteAttribute(tr, MARK))
+        session.add(record)
+        identity = all(m == DIRECT for m in layer_plan.methods)
+        handle = tr.register_forward_pre_hook(GridHook(self, grid, identity), with_kwargs=True)
+        record.undo(RemoveHook(handle))
         session.plan = layer_plan
         for i, attn in enumerate(layers):
             stats = LayerStats(self.name, i, layer_plan.methods[i])
-            session.layers.append(stats)
+            record.layers.append(stats)
             original = attn.processor
             ctx = LayerContext(grid, rotary, layer_plan, i, t_latent, stats, backend, attention)
             ctx.module = attn
             ctx.observer = session.observer
             attn.set_processor(self.make_processor(original, ctx))
-            session.on_remove(lambda attn=attn, original=original: attn.set_processor(original))
+            record.undo(RestoreProcessor(attn, original))
+
+
+# ---------------------------------------------------------------------------------------------- undo steps
+# Objects rather than closures: they refer to the modules they change, so a deepcopy of a hooked model
+# gets steps that undo the copy's changes, and a hooked model pickles.
+class DeleteAttribute:
+    """Undo: delete the attribute ``name`` of ``obj``."""
+
+    def __init__(self, obj: object, name: str) -> None:
+        self.obj, self.name = obj, name
+
+    def __call__(self) -> None:
+        if hasattr(self.obj, self.name):
+            delattr(self.obj, self.name)
+
+
+class RemoveHook:
+    """Undo: remove a hook by its handle."""
+
+    def __init__(self, handle: RemovableHandle) -> None:
+        self.handle = handle
+
+    def __call__(self) -> None:
+        self.handle.remove()
+
+
+class RestoreProcessor:
+    """Undo: give an attention module back its processor."""
+
+    def __init__(self, attn: torch.nn.Module, processor: Any) -> None:
+        self.attn, self.processor = attn, processor
+
+    def __call__(self) -> None:
+        self.attn.set_processor(self.processor)  # type: ignore[operator]

@@ -17,6 +17,7 @@ class name.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,14 @@ from .plan import DIRECT, LayerPlan
 if TYPE_CHECKING:
     from .adapter import ShippedPlan
 
-__all__ = ["Session", "LayerStats", "enable", "plan_for", "METHOD_CHOICES"]
+__all__ = ["Session", "Installation", "LayerStats", "enable", "plan_for", "METHOD_CHOICES", "MARK"]
+
+#: The attribute of a transformer holding the ``Installation`` of the session applied to it.
+MARK = "_freeloc_installation"
+
+#: Held while a session is applied or removed: enabling and removing are atomic, so two threads cannot
+#: both apply a session to one model.
+_LOCK = threading.RLock()
 
 #: Values of ``method=``: the layer plan ("freeloc"), one method on every layer, or no change.
 METHOD_CHOICES = ("freeloc", DIRECT, *sorted(m for m in METHODS if m != "key-shift"))
@@ -55,17 +63,82 @@ class LayerStats:
         return dict(self.__dict__)
 
 
+class Installation:
+    """What a session changed on one transformer, kept on the transformer (attribute ``MARK``).
+
+    The undo steps are objects that refer to the modules they change, so a ``copy.deepcopy`` or a
+    pickled-and-loaded copy of a hooked model holds the record of its own changes:
+    ``Session.of(copy).remove()`` restores the copy.
+    """
+
+    def __init__(self, name: str, plan: LayerPlan) -> None:
+        self.name = name
+        self.plan = plan
+        self.layers: list[LayerStats] = []
+        self._steps: list[Callable[[], None]] = []
+
+    def undo(self, step: Callable[[], None]) -> None:
+        """Register an undo step; steps run in reverse order on ``remove``."""
+        self._steps.append(step)
+
+    @property
+    def applied(self) -> bool:
+        return bool(self._steps)
+
+    def remove(self) -> list[Exception]:
+        """Run every undo step (the rest still run when one fails); returns the failures."""
+        errors: list[Exception] = []
+        with _LOCK:
+            while self._steps:
+                step = self._steps.pop()
+                try:
+                    step()
+                except Exception as e:  # keep undoing the rest, then report
+                    errors.append(e)
+        return errors
+
+
 @dataclass
 class Session:
     """An applied plan: per-layer statistics and the undo log that removes it."""
 
     plan: LayerPlan | None = None
-    layers: list[LayerStats] = field(default_factory=list)
     #: Called with (layer context, q, k, v, method, text kwargs) before each hooked attention (set it
     #: before installing; the probe uses it to see a layer's own q/k).
     observer: Callable[..., None] | None = None
+    installations: list[Installation] = field(default_factory=list)
     _undo: list[Callable[[], None]] = field(default_factory=list)
     _active: bool = True
+
+    @classmethod
+    def of(cls, target: torch.nn.Module | Any) -> Session:
+        """The session applied to ``target`` (a transformer, or a pipeline and its transformers).
+
+        Works on copies too: ``copy.deepcopy`` of a hooked model, or one pickled and loaded, carries
+        freeloc's changes with it, and ``Session.of(copy).remove()`` takes them off the copy.
+
+        Raises:
+            ValueError: if freeloc is not applied to ``target``.
+        """
+        modules = [target] if isinstance(target, torch.nn.Module) else [
+            m for m in vars(target).values() if isinstance(m, torch.nn.Module)]
+        found = [r for m in modules if isinstance(r := getattr(m, MARK, None), Installation)]
+        if not found:
+            raise ValueError(f"freeloc is not applied to this {type(target).__name__}")
+        session = cls(plan=found[0].plan)
+        for record in found:
+            session.add(record)
+        return session
+
+    @property
+    def layers(self) -> list[LayerStats]:
+        """Per hooked layer statistics, transformer by transformer."""
+        return [s for record in self.installations for s in record.layers]
+
+    def add(self, record: Installation) -> None:
+        """Take ``record`` into the session: ``remove`` undoes it."""
+        self.installations.append(record)
+        self._undo.append(record.remove)
 
     def on_remove(self, undo: Callable[[], None]) -> None:
         """Register an undo step; steps run in reverse order on ``remove``."""
@@ -77,14 +150,15 @@ class Session:
 
     def remove(self) -> None:
         """Restore the model exactly as it was. Safe to call more than once."""
-        errors = []
-        while self._undo:
-            undo = self._undo.pop()
-            try:
-                undo()
-            except Exception as e:  # keep undoing the rest, then report
-                errors.append(e)
-        self._active = False
+        errors: list[Exception] = []
+        with _LOCK:
+            while self._undo:
+                undo = self._undo.pop()
+                try:
+                    errors += undo() or []
+                except Exception as e:  # keep undoing the rest, then report
+                    errors.append(e)
+            self._active = False
         if errors:
             raise RuntimeError(f"freeloc: {len(errors)} undo step(s) failed while removing: {errors}") from errors[0]
 
@@ -95,7 +169,11 @@ class Session:
         self.remove()
 
     def report(self) -> str:
-        """A table: per layer, the method, calls, max |temporal relative distance|, density, time."""
+        """A table: per layer, the method, calls, max |temporal relative distance|, density, time.
+
+        Calls inside a graph compiled by ``torch.compile`` are not counted (statistics stay off the
+        compiled path).
+        """
         lines = [f"{'model':12} {'layer':>5} {'method':15} {'calls':>5} {'max |r|':>8} {'density':>8} {'time s':>8}"]
         for s in self.layers:
             lines.append(f"{s.model:12} {s.layer:5d} {s.method:15} {s.calls:5d} {s.max_abs_distance:8.1f} "
@@ -113,11 +191,13 @@ class Timer:
         self.stats = stats
 
     def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
+        # inside a compiled graph: no statistics (a clock cannot be traced, and would time the tracing)
+        self.t0 = None if torch.compiler.is_compiling() else time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        self.stats.seconds += time.perf_counter() - self.t0
-        self.stats.calls += 1
+        if self.t0 is not None:
+            self.stats.seconds += time.perf_counter() - self.t0
+            self.stats.calls += 1
 
 
 def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
@@ -200,13 +280,14 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
         raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     found = adapters_for(target, adapter)
     session = Session(observer=observer)
-    try:
-        for name, module, adapter_cls in found:
-            adapter_cls(module, name=name).install(
-                session, method=method, plan=plan, num_frames=num_frames, trained_frames=trained_frames,
-                backend=backend, pipeline=None if module is target else target, method_params=method_params,
-                temporal_factor=temporal_factor, attention=attention)
-    except BaseException:
-        session.remove()
-        raise
+    with _LOCK:  # the double-apply check and the install are one step
+        try:
+            for name, module, adapter_cls in found:
+                adapter_cls(module, name=name).install(
+                    session, method=method, plan=plan, num_frames=num_frames, trained_frames=trained_frames,
+                    backend=backend, pipeline=None if module is target else target, method_params=method_params,
+                    temporal_factor=temporal_factor, attention=attention)
+        except BaseException:
+            session.remove()
+            raise
     return session

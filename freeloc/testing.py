@@ -19,6 +19,8 @@ This module needs only torch and freeloc; pytest is imported by ``conformance_te
 
 from __future__ import annotations
 
+import copy
+import pickle
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +36,7 @@ from .session import Session, enable
 
 __all__ = [
     "CHECKS",
+    "SLOW_CHECKS",
     "Check",
     "CheckResult",
     "ConformanceCase",
@@ -41,6 +44,8 @@ __all__ = [
     "NotApplicable",
     "check_at_trained_length_equals_unhooked",
     "check_bad_input_leaves_the_model_unchanged",
+    "check_compiles_and_exports",
+    "check_copies_and_pickles",
     "check_direct_equals_unhooked",
     "check_double_apply_is_refused",
     "check_forced_plain_bands_equal_unhooked",
@@ -345,6 +350,125 @@ def check_hooked_layer_equals_core_attend(case: ConformanceCase) -> None:
                atol=1e-6, rtol=0.0)
 
 
+def _forward_inputs(case: ConformanceCase, model: torch.nn.Module, frames: int) -> tuple[tuple, dict[str, Any]]:
+    """The positional and keyword arguments of the model's forward in ``case.run(model, frames)``."""
+    seen: list[tuple[tuple, dict[str, Any]]] = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: seen.append((a, dict(kw))) if not seen else None,
+                                             with_kwargs=True)
+    try:
+        case.run(model, frames)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def _tensors(out: Any) -> list[torch.Tensor]:
+    """The tensors of a forward's output (a tensor, a tuple, a dict or a diffusers output dataclass)."""
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return [x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+@contextmanager
+def _without_runtime_type_checks() -> Iterator[None]:
+    """jaxtyping's runtime checks off: a test suite may install them (``--jaxtyping-packages``), and the
+    tracers of ``torch.compile`` and ``torch.export`` cannot follow their signature binding."""
+    import jaxtyping
+
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)
+
+
+def check_compiles_and_exports(case: ConformanceCase) -> None:
+    """``torch.compile(model, fullgraph=True)`` and ``torch.export`` of a hooked model trace without a graph
+    break, in identity mode and with a method changing every layer, and give the eager hooked output."""
+    with _without_runtime_type_checks():
+        _compiles_and_exports(case)
+
+
+def _compiles_and_exports(case: ConformanceCase) -> None:
+    model = _model(case)
+    f = case.long_frames
+    args, kwargs = _forward_inputs(case, model, f)
+
+    def compiled(m: torch.nn.Module) -> torch.Tensor:
+        return case.run(torch.compile(m, fullgraph=True, backend="eager"), f)
+
+    def exported(m: torch.nn.Module, strict: bool) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return _tensors(torch.export.export(m, args, kwargs, strict=strict).module()(*args, **kwargs))
+
+    # what the unhooked model itself cannot do is outside what freeloc can promise
+    with torch.no_grad():
+        base = _tensors(model(*args, **kwargs))
+    tracers: dict[str, Callable[[], list[torch.Tensor]]] = {"torch.compile(fullgraph=True)": lambda: [compiled(model)]}
+    for strict in (True, False):
+        tracers[f"torch.export(strict={strict})"] = lambda strict=strict: exported(model, strict)
+    unsupported = {}
+    for name, trace in tracers.items():
+        torch._dynamo.reset()
+        try:
+            got = trace()
+        except Exception as e:
+            unsupported[name] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            continue
+        same = len(got) == len(base) and all(
+            torch.allclose(g, b, atol=1e-5, rtol=1e-5) for g, b in zip(got, base, strict=True))
+        if not same:
+            unsupported[name] = "the traced unhooked model differs from the eager one"
+    if len(unsupported) == len(tracers):
+        raise NotApplicable(f"the unhooked {case.name} does not trace: {unsupported}")
+    for kwargs_enable in (dict(method="direct"), _uniform(case)):
+        with _enable(case, model, **kwargs_enable):
+            eager = case.run(model, f)
+            with torch.no_grad():
+                want = _tensors(model(*args, **kwargs))
+            if "torch.compile(fullgraph=True)" not in unsupported:
+                torch._dynamo.reset()
+                _close(case, f"torch.compile(fullgraph=True) with {kwargs_enable} differs from eager", compiled(model),
+                       eager, atol=1e-5, rtol=1e-5)
+            for strict in (True, False):
+                if f"torch.export(strict={strict})" in unsupported:
+                    continue
+                torch._dynamo.reset()
+                try:
+                    got = exported(model, strict)
+                except Exception as e:  # a refusal is fine when it says so clearly
+                    if str(e).startswith("freeloc"):
+                        continue
+                    raise
+                for g, w in zip(got, want, strict=True):
+                    _close(case, f"torch.export(strict={strict}) with {kwargs_enable} differs from eager", g, w,
+                           atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+
+
+def check_copies_and_pickles(case: ConformanceCase) -> None:
+    """A ``copy.deepcopy`` and a pickled copy of a hooked model run with FreeLOC like the original, without
+    touching it, and ``Session.of(copy).remove()`` restores the copy exactly."""
+    model = _model(case)
+    f = case.long_frames
+    base = case.run(model, f)
+    with _enable(case, model, **_uniform(case)):
+        hooked = case.run(model, f)
+        for how, clone in (("copy.deepcopy", copy.deepcopy), ("pickle", lambda m: pickle.loads(pickle.dumps(m)))):
+            twin = clone(model)
+            _close(case, f"a {how} of the hooked model does not run with FreeLOC", case.run(twin, f), hooked,
+                   atol=0.0, rtol=0.0)
+            _close(case, f"running a {how} of the hooked model changed the original", case.run(model, f), hooked,
+                   atol=0.0, rtol=0.0)
+            Session.of(twin).remove()
+            _expect(torch.equal(case.run(twin, f), base),
+                    f"{case.name}: after Session.of(copy).remove() a {how} is not the unhooked model")
+            _expect(not any(type(getattr(m, "processor", None)).__module__.startswith("freeloc")
+                            for m in twin.modules()), f"{case.name}: a {how} kept a freeloc processor after removal")
+        _close(case, "removing a copy's session changed the original", case.run(model, f), hooked, atol=0.0, rtol=0.0)
+
+
 #: Every check, in the order ``run_conformance`` runs them.
 CHECKS: tuple[Check, ...] = (
     check_direct_equals_unhooked,
@@ -356,7 +480,13 @@ CHECKS: tuple[Check, ...] = (
     check_double_apply_is_refused,
     check_bad_input_leaves_the_model_unchanged,
     check_hooked_layer_equals_core_attend,
+    check_compiles_and_exports,
+    check_copies_and_pickles,
 )
+
+
+#: Checks that take seconds rather than milliseconds (they trace the model several times).
+SLOW_CHECKS: tuple[Check, ...] = (check_compiles_and_exports,)
 
 
 def _check_name(check: Check) -> str:
@@ -430,12 +560,15 @@ def conformance_tests(cases: Sequence[ConformanceCase], checks: Sequence[Check] 
         test_conformance = conformance_tests(CASES)
 
     Test ids are ``<case>-<check>`` (e.g. ``mymodel-removal_is_exact_also_after_an_exception``); a check
-    that does not apply is skipped with its reason (shown by ``pytest -rs``).
+    that does not apply is skipped with its reason (shown by ``pytest -rs``). The checks of ``SLOW_CHECKS``
+    carry the marker ``slow`` (register it in your pytest configuration to select or deselect them).
     """
     import pytest
 
     cases = _as_cases(cases)
-    params = [pytest.param(case, check, id=f"{case.name}-{_check_name(check)}") for case in cases for check in checks]
+    params = [pytest.param(case, check, id=f"{case.name}-{_check_name(check)}",
+                           marks=[pytest.mark.slow] if check in SLOW_CHECKS else [])
+              for case in cases for check in checks]
 
     @pytest.mark.parametrize(("case", "check"), params)
     def test_conformance(case: ConformanceCase, check: Check) -> None:

@@ -3,6 +3,7 @@ wrong, only at the first forward are refused (or warned about) at ``enable``, wi
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
@@ -58,3 +59,105 @@ def test_a_plan_for_another_model_or_a_cap_out_of_range_is_warned_about() -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the model's own plan: no warning
         freeloc.enable(model, plan=own, trained_frames=TRAINED_VIDEO).remove()
+
+
+def test_two_threads_enabling_one_model_one_wins_and_removal_restores_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from freeloc.adapters.wan import WanAdapter
+
+    layers = WanAdapter.attention_layers
+
+    def slow_layers(self: WanAdapter) -> list[torch.nn.Module]:  # widens the window between check and install
+        time.sleep(0.02)
+        return layers(self)
+
+    monkeypatch.setattr(WanAdapter, "attention_layers", slow_layers)
+    for _ in range(3):
+        model = tiny_wan()
+        before = processors(model)
+        start = threading.Barrier(4)
+        results: list[object] = []
+
+        def enable(model: torch.nn.Module = model, start: threading.Barrier = start,
+                   results: list[object] = results) -> None:
+            start.wait()
+            try:
+                results.append(freeloc.enable(model, method="tsa", trained_frames=TRAINED_VIDEO))
+            except RuntimeError as refused:
+                results.append(refused)
+
+        threads = [threading.Thread(target=enable) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        sessions = [r for r in results if isinstance(r, freeloc.Session)]
+        refusals = [r for r in results if isinstance(r, RuntimeError)]
+        assert len(sessions) == 1 and len(refusals) == 3, results
+        assert all("already applied" in str(e) for e in refusals)
+        sessions[0].remove()
+        assert all(a is b for a, b in zip(processors(model), before, strict=True))
+        assert not model._forward_pre_hooks and not hasattr(model, "_freeloc_installation")
+
+
+def test_a_deepcopy_runs_with_its_own_grid_and_is_removable_apart_from_the_original() -> None:
+    import copy
+
+    model = tiny_wan()
+    g = torch.Generator().manual_seed(1)
+    x12, x10 = torch.randn(1, 16, 12, 8, 8, generator=g), torch.randn(1, 16, 10, 8, 8, generator=g)
+    enc = torch.randn(1, 7, 32, generator=g)
+
+    def run(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return m(x, torch.tensor([500]), enc, return_dict=False)[0]
+
+    unhooked = run(model, x12)
+    with freeloc.enable(model, method="vrpr", trained_frames=TRAINED_VIDEO) as session:
+        hooked = run(model, x12)
+        ema = copy.deepcopy(model)
+        run(ema, x10)  # the copy's own grid: the original's stays at 12 frames
+        original_grid = model.blocks[0].attn1.processor.ctx.grid.value
+        assert original_grid is not None and original_grid[0] == 12
+        assert torch.equal(run(ema, x12), hooked)
+        copy_session = freeloc.Session.of(ema)
+        # the copy's statistics go on from the original's at the copy (1 call), each counting its own calls
+        assert copy_session.layers[0].calls == 1 + 2 and session.layers[0].calls == 1
+    assert torch.equal(run(model, x12), unhooked)
+    assert torch.equal(run(ema, x12), hooked)  # removing the original leaves the copy hooked
+    copy_session.remove()
+    assert torch.equal(run(ema, x12), unhooked)
+    with pytest.raises(ValueError, match="freeloc is not applied to this WanTransformer3DModel"):
+        freeloc.Session.of(ema)
+
+
+def test_a_hooked_pipeline_is_found_by_session_of() -> None:
+    class Pipe:
+        def __init__(self, transformer: torch.nn.Module) -> None:
+            self.transformer = transformer
+
+    pipe = Pipe(tiny_wan())
+    before = processors(pipe.transformer)
+    freeloc.enable(pipe, method="tsa", trained_frames=TRAINED_VIDEO)
+    found = freeloc.Session.of(pipe)
+    assert [s.method for s in found.layers] == ["tsa", "tsa"]
+    found.remove()
+    assert all(a is b for a, b in zip(processors(pipe.transformer), before, strict=True))
+
+
+def test_statistics_stay_off_a_compiled_graph() -> None:
+    model = tiny_wan()
+    x = torch.randn(1, 16, 12, 8, 8)
+    enc = torch.randn(1, 7, 32)
+    torch._dynamo.reset()
+    from freeloc.testing import _without_runtime_type_checks  # the suite's checker is not traceable
+
+    with freeloc.enable(model, method="vrpr", trained_frames=TRAINED_VIDEO) as session, torch.no_grad(), \
+            _without_runtime_type_checks():
+        eager = model(x, torch.tensor([500]), enc, return_dict=False)[0]
+        compiled = torch.compile(model, fullgraph=True, backend="eager")(x, torch.tensor([500]), enc,
+                                                                        return_dict=False)[0]
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
+    assert [s.calls for s in session.layers] == [1, 1]  # the eager call only

@@ -65,7 +65,7 @@ def test_a_wrong_rotary_layout_fails_the_forced_plain_band_check_only() -> None:
         REGISTRY.unregister(WrongThetaAdapter)
     assert [(r.check, r.outcome) for r in results if r.outcome != "passed"] == [
         ("forced_plain_bands_equal_unhooked", "failed")]
-    assert len(results) == len(CHECKS) == 9
+    assert len(results) == len(CHECKS) == 11
 
 
 def test_checks_that_do_not_apply_are_skipped_with_the_reason() -> None:
@@ -85,6 +85,6 @@ def test_conformance_tests_makes_one_pytest_test_per_case_and_check() -> None:
     assert mark.name == "parametrize" and mark.args[0] == ("case", "check")
     ids = [p.id for p in mark.args[1]]
     assert len(ids) == 2 * len(CHECKS) and ids[0] == "wrong-theta-direct_equals_unhooked"
-    assert ids[-1] == "other-hooked_layer_equals_core_attend"
+    assert ids[-1] == "other-copies_and_pickles"
     with pytest.raises(ValueError, match="expected a ConformanceCase or a non-empty sequence of them"):
         conformance_tests([])
