@@ -39,6 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from .attention import AttentionOptions, attend, band_set_for
 from .attention._opaque import AttendCall, call_key, opaque_attend
 from .methods import Method
+from .parallel import Ulysses
 from .plan import DIRECT, LayerPlan
 from .rotary import RotaryLayout
 from .session import MARK, Installation, LayerStats, Session, Timer, plan_for
@@ -294,6 +295,8 @@ class LayerContext:
         self.last_method: Method | None = None
         self.module: torch.nn.Module | None = None  # the hooked layer, set by the adapter's install
         self.observer: Callable[..., None] | None = None  # sees each attend call's inputs (the probe)
+        #: diffusers' ParallelConfig of the layer (``enable_parallelism``), set through the processor
+        self.parallel_config: Any = None
 
     def method(self) -> Method | None:
         """The layer's method at the current grid; None: run the model's own processor."""
@@ -328,6 +331,17 @@ class LayerContext:
         """
         grid = self.grid.value
         assert grid is not None
+        ulysses = None if self.parallel_config is None else Ulysses.from_config(self.parallel_config)
+        if ulysses is not None:  # this rank's shard of the video tokens: attend on the full grid, its heads
+            f, h, w = grid
+            return ulysses.attend(lambda q, k, v: self._attend(q, k, v, method, text_before, text_after, text_mask),
+                                  q, k, v, f * h * w, text_before, text_after)
+        return self._attend(q, k, v, method, text_before, text_after, text_mask)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: Method, text_before: int,
+                text_after: int, text_mask: torch.Tensor | None) -> torch.Tensor:
+        grid = self.grid.value
+        assert grid is not None
         if torch.compiler.is_compiling():
             key = _traced_call_key(self, *grid, text_before, text_after)
             return opaque_attend(q, k, v, text_mask, key)
@@ -348,14 +362,18 @@ class FreeLOCProcessor:
     """Base of the adapters' processors: the original processor, the layer context, introspection.
 
     diffusers' ``set_attention_backend`` / ``reset_attention_backend`` reach the original processor through
-    :attr:`_attention_backend`: a layer that runs the original (nothing to change at this length) uses the
+    ``_attention_backend``: a layer that runs the original (nothing to change at this length) uses the
     backend the user chose, and keeps it after removal. The layers freeloc computes use ``attend``'s own
     kernels (``freeloc.enable(backend=..., attention=...)``).
+
+    diffusers' ``enable_parallelism`` reaches both through ``_parallel_config``: the layers freeloc computes
+    run Ulysses context parallelism (``freeloc.parallel``), the original gets the configuration too.
     """
 
     def __init__(self, original: Any, ctx: LayerContext) -> None:
         self.original = original
         self.ctx = ctx
+        ctx.parallel_config = getattr(original, "_parallel_config", None)
 
     @property
     def _attention_backend(self) -> Any:
@@ -365,6 +383,18 @@ class FreeLOCProcessor:
     def _attention_backend(self, value: Any) -> None:
         if hasattr(self.original, "_attention_backend"):
             self.original._attention_backend = value
+
+    @property
+    def _parallel_config(self) -> Any:
+        return self.ctx.parallel_config
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        # diffusers' enable_parallelism sets this on every processor that has it: the layers freeloc
+        # computes run Ulysses with it, and the original (for the layers it runs, and after removal) gets it too
+        self.ctx.parallel_config = value
+        if hasattr(self.original, "_parallel_config"):
+            self.original._parallel_config = value
 
     @property
     def trained_frames(self) -> int:

@@ -1,0 +1,153 @@
+"""What each process of the context-parallel tests runs (``tests/test_context_parallel.py``).
+
+Every case of a group runs inside one process group (spawning one costs seconds of imports); each rank
+saves its results, and the test compares them in the parent process.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TRAINED_VIDEO = 21  # 6 latent frames: 12 latent frames is 2x
+
+
+def _tiny_wan(heads: int) -> torch.nn.Module:
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=128,
+    ).eval()
+
+
+def _wan_cases(world: int, heads: int, uneven: bool) -> dict[str, Any]:
+    """Single process, and ``world`` ranks in both orders of enabling, then after removal."""
+    from diffusers import ContextParallelConfig
+
+    import freeloc
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 12, 8, 8, generator=g)  # batch 2
+    enc = torch.randn(2, 7, 32, generator=g)
+
+    def run(model: torch.nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x, torch.tensor([500, 700]), enc, return_dict=False)[0]
+
+    def parallel(model: torch.nn.Module, **config: Any) -> torch.nn.Module:
+        model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world, ulysses_anything=uneven,
+                                                              **config))
+        return model
+
+    plans: dict[str, dict[str, Any]] = {
+        "direct": dict(method="direct"), "vrpr": dict(method="vrpr"), "tsa": dict(method="tsa"),
+        "sliding-window": dict(method="sliding-window"),
+        "mixed": dict(plan=freeloc.LayerPlan(["tsa", "vrpr"])),
+    }
+    out: dict[str, Any] = {"unhooked_single": run(_tiny_wan(heads)),
+                           "unhooked_parallel": run(parallel(_tiny_wan(heads)))}
+    for name, kwargs in plans.items():
+        model = _tiny_wan(heads)
+        with freeloc.enable(model, trained_frames=TRAINED_VIDEO, **kwargs):
+            out[f"{name}/single"] = run(model)
+        model = _tiny_wan(heads)
+        session = freeloc.enable(model, trained_frames=TRAINED_VIDEO, **kwargs)
+        parallel(model)
+        out[f"{name}/freeloc_first"] = run(model)
+        session.remove()
+        out[f"{name}/freeloc_first_removed"] = run(model)
+        model = parallel(_tiny_wan(heads))
+        session = freeloc.enable(model, trained_frames=TRAINED_VIDEO, **kwargs)
+        out[f"{name}/parallel_first"] = run(model)
+        session.remove()
+        out[f"{name}/parallel_first_removed"] = run(model)
+    model = _tiny_wan(heads)
+    freeloc.enable(model, method="tsa", trained_frames=TRAINED_VIDEO)
+    try:
+        parallel(model, ring_degree=1)
+        out["processors_keep_config"] = all(
+            b.attn1.processor.original._parallel_config is b.attn1.processor._parallel_config is not None
+            for b in model.blocks)
+    finally:
+        freeloc.Session.of(model).remove()
+    return out
+
+
+def _errors(world: int) -> dict[str, Any]:
+    """The messages of what cannot run: ring attention; heads that do not divide without uneven mode."""
+    from diffusers import ContextParallelConfig
+
+    import freeloc
+
+    x = torch.randn(1, 16, 12, 8, 8)
+    enc = torch.randn(1, 7, 32)
+    found: dict[str, Any] = {}
+    for name, heads, config in (("ring", 2 * world, dict(ring_degree=world)),
+                                ("heads", world + 1, dict(ulysses_degree=world))):
+        model = _tiny_wan(heads)
+        model.enable_parallelism(config=ContextParallelConfig(**config))
+        with freeloc.enable(model, method="vrpr", trained_frames=TRAINED_VIDEO), torch.no_grad():
+            try:
+                model(x, torch.tensor([500]), enc, return_dict=False)
+            except ValueError as e:
+                found[name] = str(e)
+    return found
+
+
+def _core(world: int) -> dict[str, Any]:
+    """``Ulysses.attend`` on its own: uneven shards of tokens and heads, text before and after, a text mask."""
+    from freeloc import VRPR, RotaryLayout, attend
+    from freeloc.parallel import Ulysses, split_sizes
+
+    grid = (7, 3, 3)  # 63 video tokens: uneven over 2 and 4 ranks
+    n = grid[0] * grid[1] * grid[2]
+    g = torch.Generator().manual_seed(3)
+    out: dict[str, Any] = {}
+    for text_before, text_after in ((0, 0), (3, 0), (0, 5)):
+        heads = world + 2
+        q, k, v = (torch.randn(2, text_before + n + text_after, heads, 16, generator=g) for _ in range(3))
+        mask = torch.ones(2, text_before + text_after, dtype=torch.bool)
+        if text_before + text_after:
+            mask[1, -1] = False
+        kwargs = dict(grid=grid, method=VRPR.for_length(7, 3), rotary=RotaryLayout.wan(16),
+                      text_before=text_before, text_after=text_after,
+                      text_mask=mask if text_before + text_after else None)
+        single = attend(q, k, v, **kwargs)
+        ulysses = Ulysses(dist.group.WORLD, world, dist.get_rank(), uneven=True)
+        shards = split_sizes(n, world)
+        start = text_before + sum(shards[:ulysses.rank])
+        local = slice(start, start + shards[ulysses.rank])
+
+        def mine(x: torch.Tensor, local: slice = local, text_before: int = text_before,
+                 text_after: int = text_after) -> torch.Tensor:
+            return torch.cat([x[:, :text_before], x[:, local], x[:, x.shape[1] - text_after:]], dim=1)
+
+        got = ulysses.attend(lambda q, k, v, kwargs=kwargs: attend(q, k, v, **kwargs), mine(q), mine(k), mine(v),
+                             n, text_before, text_after)
+        out[f"core/{text_before}-{text_after}"] = (got, mine(single))
+    return out
+
+
+def main(rank: int, world: int, init: str, results: str, groups: list[str]) -> None:
+    torch.accelerator.device_count = lambda: 1  # diffusers maps ranks to devices by rank % device_count
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    found: dict[str, Any] = {}
+    runs: dict[str, Callable[[], dict[str, Any]]] = {
+        "wan": lambda: _wan_cases(world, 2 if world == 2 else 5, uneven=world != 2),
+        "errors": lambda: _errors(world),
+        "core": lambda: _core(world),
+    }
+    try:
+        for group in groups:
+            found.update({f"{group}:{k}": v for k, v in runs[group]().items()})
+    except Exception:
+        found["error"] = traceback.format_exc()
+    torch.save(found, Path(results) / f"rank{rank}.pt")
+    dist.destroy_process_group()

@@ -1,0 +1,88 @@
+"""Ulysses context parallelism with FreeLOC, on gloo with 2 and 3 CPU processes (``tests/parallel_worker.py``).
+
+The parallel output equals the single-process output for every method, whether freeloc or diffusers'
+``enable_parallelism`` comes first, and after removal the model is diffusers' own context-parallel model,
+bit for bit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="context parallelism is diffusers' (extra 'diffusers')")
+if not torch.distributed.is_available():
+    pytest.skip("this torch has no torch.distributed", allow_module_level=True)
+
+import parallel_worker  # noqa: E402
+
+METHODS = ("direct", "vrpr", "tsa", "sliding-window", "mixed")
+
+
+def spawn(world: int, groups: list[str], tmp: Path) -> list[dict[str, Any]]:
+    import torch.multiprocessing as mp
+
+    mp.spawn(parallel_worker.main, args=(world, f"file://{tmp / 'store'}", str(tmp), groups), nprocs=world)
+    results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for r, found in enumerate(results):
+        assert "error" not in found, f"rank {r}:\n{found['error']}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn(2, ["wan", "errors", "core"], tmp_path_factory.mktemp("cp2"))
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return spawn(3, ["wan", "core"], tmp_path_factory.mktemp("cp3"))
+
+
+def check_wan(results: list[dict[str, Any]]) -> None:
+    for r, found in enumerate(results):
+        torch.testing.assert_close(found["wan:unhooked_parallel"], found["wan:unhooked_single"], atol=1e-5, rtol=0)
+        for method in METHODS:
+            single = found[f"wan:{method}/single"]
+            for order in ("freeloc_first", "parallel_first"):
+                torch.testing.assert_close(found[f"wan:{method}/{order}"], single, atol=1e-5, rtol=0,
+                                           msg=lambda m, method=method, order=order, r=r: f"rank {r} {method} "
+                                                                                         f"{order}: {m}")
+                assert torch.equal(found[f"wan:{method}/{order}_removed"], found["wan:unhooked_parallel"]), (
+                    f"rank {r}, {method}, {order}: after removal the model is not diffusers' parallel model")
+        if "wan:processors_keep_config" in found:
+            assert found["wan:processors_keep_config"]
+
+
+@pytest.mark.slow
+def test_two_ranks_equal_one_process_in_both_orders_and_after_removal(two: list[dict[str, Any]]) -> None:
+    check_wan(two)
+    assert "wan:vrpr/single" in two[0] and not torch.equal(two[0]["wan:vrpr/single"], two[0]["wan:unhooked_single"])
+
+
+@pytest.mark.slow
+def test_three_ranks_with_uneven_groups_of_heads(three: list[dict[str, Any]]) -> None:
+    check_wan(three)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_ulysses_attend_with_uneven_shards_and_text(world: int, two: list[dict[str, Any]],
+                                                    three: list[dict[str, Any]]) -> None:
+    for r, found in enumerate(two if world == 2 else three):
+        cases = {k: v for k, v in found.items() if k.startswith("core:")}
+        assert len(cases) == 3
+        for name, (got, want) in cases.items():
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5,
+                                       msg=lambda m, r=r, name=name: f"rank {r} {name}: {m}")
+
+
+@pytest.mark.slow
+def test_what_cannot_run_is_refused_clearly(two: list[dict[str, Any]]) -> None:
+    found = two[0]
+    assert "ring_degree=2" in found["errors:ring"] and "Ulysses" in found["errors:ring"]
+    assert "3 attention heads do not divide by ulysses_degree=2" in found["errors:heads"]
+    assert "ulysses_anything=True" in found["errors:heads"]
