@@ -334,18 +334,25 @@ class LayerContext:
         ulysses = None if self.parallel_config is None else Ulysses.from_config(self.parallel_config)
         if ulysses is not None:  # this rank's shard of the video tokens: attend on the full grid, its heads
             f, h, w = grid
-            return ulysses.attend(lambda q, k, v: self._attend(q, k, v, method, text_before, text_after, text_mask),
-                                  q, k, v, f * h * w, text_before, text_after)
+            heads = q.shape[2]
+
+            def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                if self.observer is not None:  # the probe sees every head, as on one process
+                    self.observer(self, *(ulysses.gather_heads(x, heads) for x in (q, k, v)), method,
+                                  dict(text_before=text_before, text_after=text_after, text_mask=text_mask))
+                return self._attend(q, k, v, method, text_before, text_after, text_mask, observe=False)
+
+            return ulysses.attend(run, q, k, v, f * h * w, text_before, text_after)
         return self._attend(q, k, v, method, text_before, text_after, text_mask)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: Method, text_before: int,
-                text_after: int, text_mask: torch.Tensor | None) -> torch.Tensor:
+                text_after: int, text_mask: torch.Tensor | None, observe: bool = True) -> torch.Tensor:
         grid = self.grid.value
         assert grid is not None
         if torch.compiler.is_compiling():
             key = _traced_call_key(self, *grid, text_before, text_after)
             return opaque_attend(q, k, v, text_mask, key)
-        if self.observer is not None:
+        if observe and self.observer is not None:
             self.observer(self, q, k, v, method, dict(text_before=text_before, text_after=text_after,
                                                       text_mask=text_mask))
         out = attend(q, k, v, grid=grid, method=method, rotary=self.rotary, backend=self.backend,

@@ -101,6 +101,23 @@ def _errors(world: int) -> dict[str, Any]:
     return found
 
 
+def _probe(world: int) -> dict[str, Any]:
+    """The probe's plan and scores on one process and on ``world`` ranks."""
+    from diffusers import ContextParallelConfig
+
+    import freeloc
+
+    found: dict[str, Any] = {}
+    for name, parallel in (("single", False), ("parallel", True)):
+        model = _tiny_wan(2)
+        if parallel:
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+        plan = freeloc.probe(model, num_frames=45, trained_frames=TRAINED_VIDEO, latent_size=(8, 8), max_queries=64,
+                             progress=False)
+        found[name] = dict(methods=plan.methods, scores=plan.scores)
+    return found
+
+
 def _core(world: int) -> dict[str, Any]:
     """``Ulysses.attend`` on its own: uneven shards of tokens and heads, text before and after, a text mask."""
     from freeloc import VRPR, RotaryLayout, attend
@@ -143,6 +160,7 @@ def main(rank: int, world: int, init: str, results: str, groups: list[str]) -> N
         "wan": lambda: _wan_cases(world, 2 if world == 2 else 5, uneven=world != 2),
         "errors": lambda: _errors(world),
         "core": lambda: _core(world),
+        "probe": lambda: _probe(world),
     }
     try:
         for group in groups:

@@ -34,7 +34,7 @@ def spawn(world: int, groups: list[str], tmp: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return spawn(2, ["wan", "errors", "core"], tmp_path_factory.mktemp("cp2"))
+    return spawn(2, ["wan", "errors", "core", "probe"], tmp_path_factory.mktemp("cp2"))
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,13 @@ def test_what_cannot_run_is_refused_clearly(two: list[dict[str, Any]]) -> None:
     assert "ring_degree=2" in found["errors:ring"] and "Ulysses" in found["errors:ring"]
     assert "3 attention heads do not divide by ulysses_degree=2" in found["errors:heads"]
     assert "ulysses_anything=True" in found["errors:heads"]
+
+
+@pytest.mark.slow
+def test_the_probe_gives_the_same_plan_and_scores_on_two_ranks(two: list[dict[str, Any]]) -> None:
+    for r, found in enumerate(two):
+        single, parallel = found["probe:single"], found["probe:parallel"]
+        assert parallel["methods"] == single["methods"], f"rank {r}"
+        for key, values in single["scores"].items():
+            assert parallel["scores"][key] == pytest.approx(values, rel=1e-4, abs=1e-6), f"rank {r}: {key}"
+        assert any(v > 0 for v in single["scores"]["position"])  # the scores were computed
