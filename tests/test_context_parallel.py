@@ -96,3 +96,27 @@ def test_the_probe_gives_the_same_plan_and_scores_on_two_ranks(two: list[dict[st
         for key, values in single["scores"].items():
             assert parallel["scores"][key] == pytest.approx(values, rel=1e-4, abs=1e-6), f"rank {r}: {key}"
         assert any(v > 0 for v in single["scores"]["position"])  # the scores were computed
+
+
+def test_a_diffusers_whose_config_differs_is_refused_with_what_is_missing() -> None:
+    from types import SimpleNamespace
+
+    from freeloc.parallel import Ulysses
+
+    assert Ulysses.from_config(SimpleNamespace(context_parallel_config=None)) is None
+    other = SimpleNamespace(context_parallel_config=SimpleNamespace(ulysses_degree=2))
+    with pytest.raises(RuntimeError, match=r"tested with diffusers 0.42.*lacks \['ring_degree', '_ulysses_mesh'\]"):
+        Ulysses.from_config(other)
+    ring = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=2, ulysses_degree=1, _ulysses_mesh=None))
+    with pytest.raises(ValueError, match="got ring_degree=2"):
+        Ulysses.from_config(ring)
+    one = SimpleNamespace(context_parallel_config=SimpleNamespace(ring_degree=1, ulysses_degree=1, _ulysses_mesh=None))
+    assert Ulysses.from_config(one) is None
+
+
+def test_split_sizes_are_those_of_tensor_split() -> None:
+    from freeloc.parallel import split_sizes
+
+    for n in range(0, 20):
+        for parts in range(1, 6):
+            assert split_sizes(n, parts) == [len(c) for c in torch.arange(n).tensor_split(parts)]
