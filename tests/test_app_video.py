@@ -14,6 +14,8 @@ import torch
 pytest.importorskip("diffusers", reason="video generation needs diffusers (extra 'diffusers')")
 pytest.importorskip("imageio_ffmpeg", reason="mp4 writing needs imageio-ffmpeg (extra 'app')")
 
+from support import saved_tiny_wan  # noqa: E402
+
 import freeloc  # noqa: E402
 from freeloc.app.cli import main  # noqa: E402
 from freeloc.app.video import compare_frames, demo, tiny_wan_pipeline, write_video  # noqa: E402
@@ -96,26 +98,6 @@ def test_generate_writes_video_and_sidecar(tmp_path: Path, pipeline_loader: Call
     assert side["plan"]["layers"][0]["method"] == "vrpr"
     assert [layer["calls"] for layer in side["layers"]] == [4, 4, 4, 4]  # 2 steps x (cond, uncond)
     assert all(layer["max_abs_distance"] <= 20 for layer in side["layers"])
-
-
-def saved_tiny_wan(folder: Path) -> Path:
-    """The tiny Wan pipeline with a tiny random UMT5 text encoder and a word-level tokenizer built in memory
-    (no hub), saved with ``save_pretrained``: a folder as a real checkpoint is laid out."""
-    import diffusers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    words = ["<pad>", "</s>", "<unk>", "a", "red", "ball"]
-    vocab = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                          num_heads=2, relative_attention_num_buckets=8)).eval()
-    tiny = tiny_wan_pipeline()
-    diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny.vae, transformer=tiny.transformer,
-                          scheduler=tiny.scheduler).save_pretrained(folder)
-    return folder
 
 
 def test_generate_loads_a_saved_wan_pipeline_from_its_folder(tmp_path: Path, is_mp4: Callable[[Path], bool]) -> None:

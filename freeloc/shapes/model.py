@@ -34,6 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .._extras import require
+from .._progress import Progress
 from ..plan import LayerPlan
 from ..probing import probe
 from .clips import BACKGROUND, CONDITION_DIM, MAX_SHAPES, SLOT_DIM, ClipSpec, condition, random_spec, render
@@ -195,19 +196,22 @@ def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesCon
     return model.eval(), cfg
 
 
-def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, progress: bool = True) -> LayerPlan:
+def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, num_frames: int | None = None,
+               seed: int = 0, tsa_count: int | None = None, progress: Progress = True) -> LayerPlan:
     """The layer plan ``freeloc.probe`` writes for this model at ``multiple`` x its trained length.
 
     The probe's input is a rendered clip (seed 99) noised halfway (timestep 500) with its condition.
+    ``num_frames`` (video frames, here latent frames too) replaces ``multiple``; ``seed`` (the probe's
+    query sample), ``tsa_count`` and ``progress`` are passed to ``freeloc.probe``.
     """
-    frames = multiple * cfg.trained_frames
+    frames = multiple * cfg.trained_frames if num_frames is None else num_frames
     spec = random_spec(99, frame_size=cfg.frame_size)
     x0 = encode(render(spec, frames)[None])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(99))
     inputs = dict(hidden_states=0.5 * x0 + 0.5 * noise, timestep=torch.tensor([500.0]),
                   encoder_hidden_states=condition_tokens(cfg, model_condition(spec)[None]), return_dict=False)
-    plan = probe(model, frames, inputs=inputs, trained_frames=cfg.trained_frames, temporal_factor=1,
-                 progress=progress)
+    plan = probe(model, frames, inputs=inputs, trained_frames=cfg.trained_frames, temporal_factor=1, seed=seed,
+                 tsa_count=tsa_count, progress=progress)
     plan.meta["probe"]["inputs"] = "freeloc.shapes.model.probe_plan: a rendered clip (seed 99) at timestep 500"
     return plan
 
