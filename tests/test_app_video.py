@@ -213,3 +213,79 @@ def test_an_interrupted_write_leaves_no_partial_file(tmp_path: Path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         freeloc.LayerPlan.uniform("vrpr", 2).save(tmp_path / "plan.json")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_generate_compare_writes_one_video_of_panels_and_each_report(tmp_path: Path,
+                                                                     is_mp4: Callable[[Path], bool]) -> None:
+    """``--compare direct,freeloc`` on a saved tiny Wan pipeline: one mp4 with a labelled panel per method (the
+    same 21 frames each), one sidecar holding each method's report, as a single ``generate`` writes it."""
+    import imageio.v3 as iio
+
+    folder = saved_tiny_wan(tmp_path / "tiny-wan")
+    out = tmp_path / "compare.mp4"
+    assert main(["generate", "--model", str(folder), "--prompt", "a red ball", "--num-frames", "21",
+                 "--trained-frames", "9", "--height", "32", "--width", "32", "--steps", "1", "--plan", "uniform",
+                 "--device", "cpu", "--dtype", "float32", "--compare", "direct,freeloc", "--out", str(out)]) == 0
+    assert is_mp4(out)
+    video = iio.imread(out)
+    assert video.shape == (21, 2 * 32 + 16, 96 + 32, 3)  # two panels and a gap, each after a 96-pixel label
+    labels, direct, freeloc_panel = video[:, :, :96], video[:, :32, 96:], video[:, 48:, 96:]
+    assert (labels > 200).mean() > 0.9 and (labels < 100).any()  # dark text on white
+    assert abs(direct.astype(float) - freeloc_panel.astype(float)).mean() > 1  # the methods differ
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["methods"] == ["direct", "freeloc"] and side["video"] == str(out)
+    single = tmp_path / "single.mp4"
+    assert main(["generate", "--model", str(folder), "--prompt", "a red ball", "--num-frames", "21",
+                 "--trained-frames", "9", "--height", "32", "--width", "32", "--steps", "1", "--method", "direct",
+                 "--device", "cpu", "--dtype", "float32", "--out", str(single)]) == 0
+    alone = json.loads(single.with_suffix(".json").read_text())
+    for method, report in side["reports"].items():
+        assert set(report) == set(alone) and report["settings"].keys() == alone["settings"].keys()
+        assert report["settings"]["method"] == method and report["settings"]["seed"] == 0
+    assert [layer["max_abs_distance"] for layer in side["reports"]["direct"]["layers"]] == \
+        [layer["max_abs_distance"] for layer in alone["layers"]] == [5] * 4  # 21 frames: 6 latent, |r| up to 5
+    assert all(layer["max_abs_distance"] <= 2 for layer in side["reports"]["freeloc"]["layers"])  # trained: 3
+    assert side["reports"]["freeloc"]["settings"]["plan"] == "uniform"
+    assert side["reports"]["direct"]["settings"]["plan"] is None
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--compare", "direct,fast"], "argument --compare: unknown method 'fast' in 'direct,fast'; accepted: freeloc, "
+                                       "direct,"),
+        (["--compare", "direct"], "expected two or more methods separated by commas (e.g. direct,freeloc), got "
+                                  "'direct'"),
+        (["--compare", "direct,pi,direct"], "method 'direct' is listed twice in 'direct,pi,direct'"),
+        (["--compare", "direct,freeloc", "--method", "pi"], "--compare and --method exclude each other"),
+        (["--compare", "direct,pi", "--plan", "plan.json"], "--plan is the freeloc method's, and --compare direct,pi "
+                                                            "does not list freeloc"),
+    ],
+    ids=["unknown", "one", "twice", "with-method", "plan-without-freeloc"],
+)
+def test_generate_compare_bad_input_is_a_usage_error_before_loading(argv: list[str], message: str,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     pipeline_loader: Callable[..., type]) -> None:
+    loader = pipeline_loader(tiny_wan_pipeline, _encode_random_prompt)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", "org/model", "--prompt", "p", "--num-frames", "81", "--out", "v.mp4", *argv])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    print(err)
+    assert exc.value.code == 2 and message in err
+    assert loader.calls == []
+
+
+def test_generate_compare_checks_every_method_before_generating(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                pipeline_loader: Callable[..., type]) -> None:
+    """A method that cannot run on the pipeline (RIFLEx without its frequency index) stops the comparison before
+    the first video is generated: one line, exit code 1, nothing written."""
+    pipeline_loader(tiny_wan_pipeline, _encode_random_prompt)
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", "org/model", "--prompt", "p", "--num-frames", "21", "--height", "32",
+                 "--width", "32", "--steps", "1", "--device", "cpu", "--dtype", "float32", "--compare",
+                 "direct,riflex", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "generating" not in captured.out
+    assert captured.err.count("\n") == 1 and "riflex" in captured.err
+    assert list(tmp_path.iterdir()) == []

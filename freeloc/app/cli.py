@@ -7,7 +7,8 @@ Subcommands:
   baseline. ``--json`` prints the same as one JSON object, ``--png`` draws it.
 * ``freeloc demo``: the shipped shapes model (or a tiny random Wan pipeline) at 4x its trained length,
   direct and with FreeLOC (``freeloc.app.video.demo``).
-* ``freeloc generate``: a long video with a diffusers pipeline (``freeloc.app.video.generate``).
+* ``freeloc generate``: a long video with a diffusers pipeline (``freeloc.app.video.generate``), or one
+  video comparing several methods (``--compare``, ``freeloc.app.video.generate_compare``).
 * ``freeloc probe``: the layer plan (``freeloc.probe``) of the shipped shapes model (``--model shapes``) or
   of a diffusers pipeline's transformer (a local folder or a hub id), optionally on a real prompt (``--prompt``).
 
@@ -43,7 +44,7 @@ from ..probing import probe
 from ..session import METHOD_CHOICES
 from .plots import explain_png, plot_scores
 from .progress import tqdm_progress
-from .video import demo, generate
+from .video import demo, generate, generate_compare
 
 __all__ = ["main", "build_parser", "encode_prompt", "explain_data", "explain_text", "tqdm_progress", "video_to_latent"]
 
@@ -134,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate a long video with a diffusers pipeline (hub id or local folder) and FreeLOC",
         description="Load a pipeline with DiffusionPipeline.from_pretrained, generate inside freeloc.enable, "
-                    "write the mp4 and a JSON sidecar (settings and the per-layer report).",
+                    "write the mp4 and a JSON sidecar (settings and the per-layer report). With --compare, the "
+                    "same prompt and seed once per listed method: one mp4 of labelled panels and one sidecar "
+                    "with each method's report.",
     )
     ge.add_argument("--model", required=True, help="hub id or local folder, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     ge.add_argument("--prompt", required=True)
@@ -148,9 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--guidance", type=float, default=5.0,
                     help="classifier-free guidance scale (default: 5.0; 1 turns it off)")
     ge.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
-    ge.add_argument("--method", default="freeloc", choices=METHOD_CHOICES, metavar="METHOD",
+    ge.add_argument("--method", default=None, choices=METHOD_CHOICES, metavar="METHOD",
                     help=f"the layer plan ('freeloc', the default), one method on every layer, or 'direct' (no "
                          f"change); one of: {', '.join(METHOD_CHOICES)}")
+    ge.add_argument("--compare", type=_method_list, default=None, metavar="METHOD,METHOD[,...]",
+                    help="instead of --method: run each of these methods (comma-separated, e.g. direct,freeloc) "
+                         "with the same prompt and seed and write one video of labelled panels, top to bottom, "
+                         "and one sidecar with each method's report")
     ge.add_argument("--plan", default=None, help="plan JSON path, or 'uniform' (default: the shipped plan)")
     ge.add_argument("--trained-frames", type=_positive_int, default=None,
                     help="the model's trained length in video frames (default: freeloc's data for the model)")
@@ -287,15 +294,40 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _method_list(text: str) -> list[str]:
+    """argparse type of ``--compare``: two or more different methods, comma-separated."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in METHOD_CHOICES:
+            raise argparse.ArgumentTypeError(f"unknown method {name!r} in {text!r}; accepted: "
+                                             f"{', '.join(METHOD_CHOICES)}")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"method {twice[0]!r} is listed twice in {text!r}")
+    if len(names) < 2:
+        raise argparse.ArgumentTypeError(f"expected two or more methods separated by commas (e.g. direct,freeloc), "
+                                         f"got {text!r}")
+    return names
+
+
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.compare is not None and args.method is not None:
+        parser.error(f"--compare and --method exclude each other: --compare {','.join(args.compare)} runs each of "
+                     f"its methods, --method {args.method} one")
+    if args.compare is not None and args.plan is not None and "freeloc" not in args.compare:
+        parser.error(f"--plan is the freeloc method's, and --compare {','.join(args.compare)} does not list freeloc")
     if args.out.suffix.lower() != ".mp4":
         parser.error(f"--out must end in .mp4, got {str(args.out)!r}")
-    _check_outputs(parser, ("--out", args.out, False))
+    _check_outputs(parser, ("--out", args.out, False),
+                   ("--out (its JSON sidecar)", args.out.with_suffix(".json"), False))
     _check_model(parser, args.model)
-    generate(args.model, args.prompt, args.num_frames, args.out, height=args.height, width=args.width,
-             steps=args.steps, guidance=args.guidance, seed=args.seed, method=args.method, plan=args.plan,
-             device=args.device, dtype=args.dtype, negative_prompt=args.negative_prompt,
-             trained_frames=args.trained_frames)
+    common: dict[str, Any] = dict(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
+                                  seed=args.seed, plan=args.plan, device=args.device, dtype=args.dtype,
+                                  negative_prompt=args.negative_prompt, trained_frames=args.trained_frames)
+    if args.compare is not None:
+        generate_compare(args.model, args.prompt, args.num_frames, args.out, args.compare, **common)
+    else:
+        generate(args.model, args.prompt, args.num_frames, args.out, method=args.method or "freeloc", **common)
     return 0
 
 
