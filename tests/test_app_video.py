@@ -21,22 +21,26 @@ from freeloc.app.cli import main  # noqa: E402
 from freeloc.app.video import compare_frames, demo, tiny_wan_pipeline, write_video  # noqa: E402
 
 
-def run_demo(args: list[str], out_dir: Path, capsys: pytest.CaptureFixture[str], is_mp4: Callable[[Path], bool]) -> str:
-    """Run ``freeloc demo ARGS``, check both videos were written, return what it printed."""
+def run_demo(args: list[str], out_dir: Path, capsys: pytest.CaptureFixture[str],
+             is_mp4: Callable[[Path], bool]) -> tuple[str, str]:
+    """Run ``freeloc demo ARGS``, check both videos were written, return what it printed (stdout, stderr)."""
     t0 = time.perf_counter()
     assert main(["demo", *args]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     print(f"demo took {time.perf_counter() - t0:.1f} s")
     assert is_mp4(out_dir / "direct.mp4") and is_mp4(out_dir / "freeloc.mp4")
-    return out
+    return captured.out, captured.err
 
 
 def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                     is_png: Callable[[Path], bool],
                                                     is_mp4: Callable[[Path], bool]) -> None:
     """The default demo: the shipped shapes model, 64 frames (4x its 16), direct and FreeLOC (fewer steps here)."""
-    out = run_demo(["--out", str(tmp_path), "--steps", "3", "--clips", "1"], tmp_path, capsys, is_mp4)
+    out, err = run_demo(["--out", str(tmp_path), "--steps", "3", "--clips", "1"], tmp_path, capsys, is_mp4)
     assert is_png(tmp_path / "frames.png") and is_png(tmp_path / "motion.png")
+    assert "loading the shipped shapes model" in out.splitlines()[0]
+    for label in ("direct", "freeloc"):  # a bar over the sampling steps and one over the scored clips, per run
+        assert f"{label}: sampling: 100%" in err and "3/3" in err and f"{label}: scoring: 100%" in err
     assert "64 frames" in out and "motion.png" in out and "freeloc generate --model" in out
     assert is_mp4(tmp_path / "compare.mp4")
     table = {line[:28].strip(): line[28:].split() for line in out.splitlines()
@@ -65,8 +69,11 @@ def test_demo_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
 def test_random_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                     is_png: Callable[[Path], bool],
                                                     is_mp4: Callable[[Path], bool]) -> None:
-    out = run_demo(["--model", "random", "--out", str(tmp_path), "--steps", "2"], tmp_path, capsys, is_mp4)
+    out, err = run_demo(["--model", "random", "--out", str(tmp_path), "--steps", "2"], tmp_path, capsys, is_mp4)
     assert is_png(tmp_path / "report.png")
+    assert out.splitlines()[0] == "building a tiny random Wan pipeline ..." and "drawing report.png ..." in out
+    for label in ("direct", "freeloc"):  # the VAE decodes 81 latent frames, one by one
+        assert f"{label}: decoding: 100%" in err and "81/81" in err
     assert "tiny and random" in out and "freeloc generate --model" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("transformer ")]
     assert [r[2] for r in rows] == ["tsa", "vrpr", "tsa", "vrpr"]

@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from ..shapes.clips import random_spec, render
 from ..shapes.metrics import evaluate_generated
 from ..shapes.model import load_shipped, model_condition, sample, shipped_guidance, shipped_plan
 from .plots import frames_png, report_png
+from .progress import tqdm_progress
 
 __all__ = ["DEMO_MODELS", "compare_frames", "demo", "generate", "generate_compare", "load_pipeline",
            "tiny_wan_pipeline", "video_tensor", "write_video"]
@@ -143,6 +145,7 @@ def compare_frames(rows: dict[str, Float[Tensor, "frames 3 _height width"]]
 
 def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance: float | None) -> dict[str, Any]:
     t0 = time.perf_counter()
+    print("loading the shipped shapes model ...", flush=True)
     model, cfg = load_shipped()
     plan = shipped_plan()
     guidance = shipped_guidance() if guidance is None else float(guidance)
@@ -158,9 +161,12 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
         print(f"[{i + 1}/2] {conditions} clips of {frames} frames (4x the trained {trained}) with {label} ...",
               flush=True)
         with enable(model, num_frames=frames, trained_frames=trained, temporal_factor=1, **kwargs):
-            videos[label] = sample(model, cfg, cond, frames, steps=steps, seed=seed, guidance=guidance)
+            videos[label] = sample(model, cfg, cond, frames, steps=steps, seed=seed, guidance=guidance,
+                                   progress=tqdm_progress(f"{label}: sampling", "step"))
         results["videos"][label] = str(write_video(_tile(videos[label]), out_dir / f"{label}.mp4", fps=8))
-        results["scores"][label] = evaluate_generated(videos[label], specs)
+        results["scores"][label] = evaluate_generated(videos[label], specs,
+                                                      progress=tqdm_progress(f"{label}: scoring", "clip"))
+    print("writing compare.mp4, frames.png and motion.png ...", flush=True)
     results["compare"] = str(write_video(compare_frames({"direct": _tile(videos["direct"]),
                                                          "FreeLOC": _tile(videos["freeloc"])}),
                                          out_dir / "compare.mp4", fps=8))
@@ -196,26 +202,46 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
     return results
 
 
+@contextmanager
+def _decoding_progress(vae: torch.nn.Module, latent_frames: int, desc: str) -> Iterator[None]:
+    """A progress bar over the latent frames a Wan VAE decodes (its decoder runs once per latent frame)."""
+    update = tqdm_progress(desc, "frame")
+    done = [0]
+
+    def count(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        done[0] += 1
+        update(min(done[0], latent_frames), latent_frames)
+
+    handle = vae.decoder.register_forward_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _demo_random(out_dir: Path, steps: int, size: int, seed: int, guidance: float) -> dict[str, Any]:
     """Generate with a tiny random Wan pipeline at 4x its declared trained length, direct and FreeLOC."""
     t0 = time.perf_counter()
+    print("building a tiny random Wan pipeline ...", flush=True)
     pipe = tiny_wan_pipeline(seed)
     n_layers = len(pipe.transformer.blocks)
     plan = LayerPlan.from_lists(tsa_layers=list(range(0, n_layers, 2)), vrpr_layers=list(range(1, n_layers, 2)),
                                 num_layers=n_layers, meta={"source": "freeloc demo: alternating TSA / VRPR"})
     embeds = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(seed))
     results: dict[str, Any] = {"num_frames": DEMO_FRAMES, "trained_frames": DEMO_TRAINED_FRAMES, "videos": {}}
+    latent = (DEMO_FRAMES - 1) // 4 + 1
     sessions = {}
     for label, kwargs in (("direct", dict(method="direct")), ("freeloc", dict(plan=plan))):
         print(f"[{len(sessions) + 1}/2] generating {DEMO_FRAMES} frames with {label} ...", flush=True)
-        with enable(pipe, num_frames=DEMO_FRAMES, trained_frames=DEMO_TRAINED_FRAMES, **kwargs) as session:
+        with (enable(pipe, num_frames=DEMO_FRAMES, trained_frames=DEMO_TRAINED_FRAMES, **kwargs) as session,
+              _decoding_progress(pipe.vae, latent, f"{label}: decoding")):
             frames = pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=size, width=size,
                           num_frames=DEMO_FRAMES, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                           generator=torch.Generator().manual_seed(seed)).frames[0]
         sessions[label] = session
         results["videos"][label] = str(write_video(frames, out_dir / f"{label}.mp4"))
-    latent = (DEMO_FRAMES - 1) // 4 + 1
     trained = (DEMO_TRAINED_FRAMES - 1) // 4 + 1
+    print("drawing report.png ...", flush=True)
     results["png"] = str(report_png(sessions["direct"], sessions["freeloc"], out_dir / "report.png", latent, trained))
     results["layers"] = {k: s.stats() for k, s in sessions.items()}
     results["seconds"] = round(time.perf_counter() - t0, 2)

@@ -34,7 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .._extras import require
-from .._progress import Progress
+from .._progress import Progress, reporter
 from ..plan import LayerPlan
 from ..probing import probe
 from .clips import BACKGROUND, CONDITION_DIM, MAX_SHAPES, SLOT_DIM, ClipSpec, condition, random_spec, render
@@ -251,11 +251,14 @@ def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, S
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch cond"], num_frames: int, *,
-           steps: int = 20, seed: int = 0, guidance: float = 1.0) -> Float[Tensor, "batch frames 3 height width"]:
+           steps: int = 20, seed: int = 0, guidance: float = 1.0,
+           progress: Progress = False) -> Float[Tensor, "batch frames 3 height width"]:
     """Videos (B, T, 3, H, W) in [0, 1] for conditions ``cond`` (B, CONDITION_DIM), Euler flow sampling.
 
     ``guidance`` != 1 applies classifier-free guidance against the zero condition,
     ``v = v(0) + guidance * (v(cond) - v(0))``: meaningful for a model trained with ``cond_drop > 0``.
+    ``progress``: ``True`` writes a status line over the steps to stderr, a callable receives
+    ``(done, total)`` steps (``freeloc._progress``); ``False`` (default) is silent.
     """
     g = torch.Generator().manual_seed(seed)
     h = cfg.frame_size // UNSHUFFLE
@@ -264,7 +267,9 @@ def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch
     ts = _shifted(torch.linspace(1, 0, steps + 1), cfg.shift)
     tokens = condition_tokens(cfg, cond.to(dev))
     both_conds = torch.cat([torch.zeros_like(tokens), tokens])
-    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+    report = reporter(progress, "sampling steps")
+    report(0, steps)
+    for step, (t, t_next) in enumerate(zip(ts[:-1], ts[1:], strict=True), start=1):
         if guidance == 1.0:
             v = model(x, torch.full((x.shape[0],), float(t) * 1000, device=dev), tokens, return_dict=False)[0]
         else:  # conditioned and null-conditioned velocities in one batch
@@ -273,4 +278,5 @@ def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch
             v0, v1 = both.chunk(2)
             v = v0 + guidance * (v1 - v0)
         x = x + (t_next - t) * v
+        report(step, steps)
     return decode(x.float().cpu())
