@@ -23,7 +23,12 @@ Inputs: with a pipeline, ``inputs=`` are its own call arguments (a real prompt):
 its transformer is first called (the first denoising step), and that call is probed; with a transformer
 module, ``inputs=`` are its forward keyword arguments; else synthetic ones from the adapter
 (``TransformerAdapter.synthetic_inputs``: Gaussian latents of the target shape, Gaussian text embeddings
-of the model's width, timestep 500 of 1000: mid-denoising).
+of the model's width, timestep 500 of 1000: mid-denoising). ``text=`` puts given text embeddings (a
+prompt encoded by the pipeline's own text encoder) in place of the synthetic inputs' Gaussian ones.
+
+Cost: ``2 + sum over the probed layers of (shifts + 1)`` forwards of the model (a layer without RoPE has
+no position probe: 1). With progress on, the count and an estimate of the time (the faster of the first
+two forwards' times, times the count) are printed before the layers are probed.
 """
 
 from __future__ import annotations
@@ -150,6 +155,26 @@ def _pipeline_inputs(pipeline: Any, module: torch.nn.Module, call: dict[str, Any
     return seen
 
 
+def _synthetic_text(kwargs: dict[str, Any], text: Tensor) -> Tensor:
+    """``text`` in place of the synthetic inputs' Gaussian text embeddings (same width, device and dtype)."""
+    gaussian = kwargs.get("encoder_hidden_states")
+    if not isinstance(gaussian, Tensor):
+        raise ValueError("probe: text= needs synthetic inputs with encoder_hidden_states; pass inputs= instead")
+    if text.ndim != 3 or text.shape[0] != 1 or text.shape[-1] != gaussian.shape[-1]:
+        raise ValueError(f"probe: text must be (1, tokens, {gaussian.shape[-1]}) (the model's text width), "
+                         f"got {tuple(text.shape)}")
+    return text.detach().to(gaussian.device, gaussian.dtype)
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` for people: ``12 s``, ``3.5 min``, ``2.1 h``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _rel(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
@@ -159,7 +184,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
           seed: int = 0, trained_frames: int | None = None, max_queries: int = DEFAULT_QUERIES,
           margin: float = 0.0, tsa_count: int | None = None, latent_size: tuple[int, int] | None = None,
           progress: bool | Callable[[int, int], None] = True,
-          temporal_factor: int | None = None) -> LayerPlan:
+          temporal_factor: int | None = None, text: Tensor | None = None) -> LayerPlan:
     """Probe every self-attention layer of ``target`` at ``num_frames`` video frames; returns the plan.
 
     Args:
@@ -184,6 +209,9 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             ``False``: silent.
         temporal_factor: video frames per latent frame, as in ``freeloc.enable`` (1 for a model
             without temporal compression); default: the pipeline's, else the model data's.
+        text: text embeddings (1, tokens, the model's text width), e.g. a prompt encoded with the
+            pipeline's ``encode_prompt``: the synthetic inputs' conditioning instead of Gaussian tokens.
+            Not with ``inputs=``.
     """
     import freeloc
     from freeloc.registry import adapters_for
@@ -193,6 +221,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
                               ("seed", seed, 0)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
             raise ValueError(f"probe: {label} must be an int >= {low}, got {value!r}")
+    if text is not None and inputs is not None:
+        raise ValueError("probe: text= conditions the synthetic inputs; with inputs=, put the text embeddings in them")
     name, module, adapter_cls = adapters_for(target)[0]
     adapter = adapter_cls(module, name=name)
     pipeline = None if module is target else target
@@ -212,6 +242,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     window = (t_latent - 1) // 2 if window is None else window
     if inputs is None:
         kwargs = adapter.synthetic_inputs(f_latent, seed, latent_size)
+        if text is not None:
+            kwargs["encoder_hidden_states"] = _synthetic_text(kwargs, text)
     elif pipeline is not None:
         kwargs = _pipeline_inputs(pipeline, module, dict(inputs), num_frames)
     else:
@@ -229,14 +261,23 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     if any(not 0 <= i < n_layers for i in probed):
         raise ValueError(f"layers must be in 0..{n_layers - 1}, got {layers}")
     forwards = 0
+    t_forward = time.perf_counter()
     base = forward()
+    t_forward = time.perf_counter() - t_forward
     forwards += 1
     capture = _Capture()
     f = f_latent
     plain = LayerPlan.uniform("vrpr", n_layers, w1=f, w2=f + 1, g1=1, g2=1, cap=f - 1)  # plain, through attend
+    t_capture = time.perf_counter()
     with freeloc.enable(module, plan=plain, observer=capture, **enable_kw):
         forward()
         forwards += 1
+    # the faster of the first two forwards: the first one also pays for one-time setup
+    t_forward = min(t_forward, time.perf_counter() - t_capture)
+    total = forwards + sum(1 + (len(shifts) if capture.layers[i]["rotary"] is not None else 0) for i in probed)
+    if progress:
+        print(f"probe: {len(probed)} layers, {total} forwards of the model, about {t_forward:.2f} s each: about "
+              f"{_duration(total * t_forward)} in all (an estimate)", flush=True)
 
     def one_layer(layer: int, method: str, **params: Any) -> Tensor:
         plan = LayerPlan.uniform("direct", n_layers)
@@ -313,7 +354,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
                                      "window": window, "layers": probed, "seed": seed, "max_queries": max_queries,
                                      "temporal_factor": data_factor,
                                      "timestep": None if inputs is not None else 500,
-                                     "inputs": "given" if inputs is not None else "synthetic"},
+                                     "inputs": "given" if inputs is not None else
+                                     "synthetic" if text is None else "synthetic latents, given text"},
                            "cost": {"seconds": round(seconds, 3), "forwards": forwards}})
     if progress:
         print(f"probe: {len(probed)} layers, {forwards} forwards, {seconds:.1f} s")

@@ -1,7 +1,10 @@
 """What several test modules share: attention inputs, methods and tolerances (importable at collection
-time, for parametrization; the fixtures that wrap them are in ``conftest.py``)."""
+time, for parametrization; the fixtures that wrap them are in ``conftest.py``), and a tiny Wan pipeline
+saved to a folder."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -50,3 +53,25 @@ def rotate_original(x: torch.Tensor, grid: tuple[int, int, int], t_freqs: torch.
     hp = torch.arange(h, dtype=torch.float64).repeat_interleave(w).repeat(f)
     wp = torch.arange(w, dtype=torch.float64).repeat(f * h)
     return ROTARY.rotate(x, t, hp, wp, t_freqs)
+
+
+def saved_tiny_wan(folder: Path) -> Path:
+    """The tiny Wan pipeline with a tiny random UMT5 text encoder and a word-level tokenizer built in memory
+    (no hub), saved with ``save_pretrained``: a folder as a real checkpoint is laid out."""
+    import diffusers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    from freeloc.app.video import tiny_wan_pipeline
+
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "ball"]
+    vocab = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                          num_heads=2, relative_attention_num_buckets=8)).eval()
+    tiny = tiny_wan_pipeline()
+    diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny.vae, transformer=tiny.transformer,
+                          scheduler=tiny.scheduler).save_pretrained(folder)
+    return folder

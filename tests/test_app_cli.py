@@ -268,3 +268,75 @@ def test_probe_refuses_a_frame_count_that_is_not_an_int() -> None:
 
     with pytest.raises(ValueError, match=r"probe: num_frames must be an int >= 1, got '93'"):
         inspect.unwrap(freeloc.probe)(object(), "93")
+
+
+@pytest.mark.slow
+def test_probe_the_shipped_shapes_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``freeloc probe --model shapes``: the shipped model, offline (just past its trained 16 frames, to be
+    quick); the forward count and the time estimate come first."""
+    pytest.importorskip("diffusers", reason="the shapes model is a diffusers transformer (extra 'shapes')")
+    out = tmp_path / "plan.json"
+    assert main(["probe", "--model", "shapes", "--num-frames", "20", "--out", str(out), "--device", "cpu",
+                 "--dtype", "float32"]) == 0
+    plan = freeloc.LayerPlan.load(out)
+    assert len(plan.methods) == 4 and set(plan.methods) <= {"vrpr", "tsa"}
+    assert plan.meta["probe"]["model"] == "shapes" and plan.trained_frames == 16
+    assert plan.meta["probe"]["latent_frames"] == 20
+    assert all(x > 0 for x in plan.scores["position"]) and all(x > 0 for x in plan.scores["context"])
+    printed = capsys.readouterr().out
+    estimate = next(line for line in printed.splitlines() if "(an estimate)" in line)
+    print(estimate)
+    assert estimate.startswith("probe: 4 layers, 22 forwards of the model, about ")  # 2 + 4 x (4 + 1)
+    assert printed.index("(an estimate)") < printed.index("probe: 4 layers, 22 forwards, ")  # before the cost
+
+
+@pytest.mark.parametrize("flag,value", [("--prompt", "a red ball"), ("--height", "64"), ("--trained-frames", "8")])
+def test_probe_shapes_refuses_the_pipeline_options(flag: str, value: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    err = _usage_error(["probe", "--model", "shapes", "--out", str(tmp_path / "p.json"), flag, value], capsys)
+    assert f"{flag} is for pipelines; --model shapes probes the shipped shapes model" in err
+
+
+def test_probe_a_pipeline_needs_a_length(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _usage_error(["probe", "--model", "org/model", "--out", str(tmp_path / "p.json")], capsys)
+    assert "--num-frames is required for a pipeline" in err
+
+
+def test_probe_a_saved_pipeline_folder_with_and_without_a_prompt(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 spy: Callable[[object, str], list]) -> None:
+    """A tiny Wan pipeline saved with ``save_pretrained`` (a tiny UMT5 encoder and an in-memory tokenizer): probed
+    from its folder through the real ``DiffusionPipeline.from_pretrained``, no hub. With ``--prompt`` the text
+    encoder runs once and its embeddings condition the probe, which changes the scores."""
+    pytest.importorskip("diffusers", reason="probing a pipeline needs diffusers (extra 'diffusers')")
+    import transformers
+    from support import saved_tiny_wan
+
+    folder = saved_tiny_wan(tmp_path / "tiny-wan")
+    argv = ["probe", "--model", str(folder), "--num-frames", "45", "--trained-frames", "21", "--height", "32",
+            "--width", "32", "--device", "cpu", "--dtype", "float32"]
+    plain, prompted = tmp_path / "plain.json", tmp_path / "prompted.json"
+    assert main([*argv, "--out", str(plain)]) == 0
+    encoded = spy(transformers.UMT5EncoderModel, "forward")
+    assert main([*argv, "--out", str(prompted), "--prompt", "a red ball"]) == 0
+    assert len(encoded) == 1  # the prompt is encoded once
+    a, b = freeloc.LayerPlan.load(plain), freeloc.LayerPlan.load(prompted)
+    assert a.meta["probe"]["inputs"] == "synthetic" and a.meta["probe"]["model"] == str(folder)
+    assert b.meta["probe"]["inputs"] == "synthetic latents, given text" and b.meta["probe"]["prompt"] == "a red ball"
+    assert len(a.methods) == len(b.methods) == 4 and a.meta["probe"]["latent_frames"] == 12
+    assert a.scores["position"] != b.scores["position"]  # other conditioning, other attention
+    printed = capsys.readouterr().out
+    assert printed.count("probe: 4 layers, 22 forwards of the model, about ") == 2
+
+
+def test_probe_prompt_needs_a_text_encoder(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          pipeline_loader: Callable[..., type]) -> None:
+    """A pipeline without a text encoder cannot encode ``--prompt``: one line, exit code 1, nothing written."""
+    from freeloc.app.video import tiny_wan_pipeline
+
+    pipeline_loader(lambda: tiny_wan_pipeline(num_layers=1))
+    out = tmp_path / "plan.json"
+    assert main(["probe", "--model", "tiny/wan", "--num-frames", "93", "--trained-frames", "21", "--height", "32",
+                 "--width", "32", "--device", "cpu", "--prompt", "a red ball", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--prompt: this WanPipeline has no text encoder" in err
+    assert not out.exists()

@@ -14,27 +14,33 @@ import torch
 pytest.importorskip("diffusers", reason="video generation needs diffusers (extra 'diffusers')")
 pytest.importorskip("imageio_ffmpeg", reason="mp4 writing needs imageio-ffmpeg (extra 'app')")
 
+from support import saved_tiny_wan  # noqa: E402
+
 import freeloc  # noqa: E402
 from freeloc.app.cli import main  # noqa: E402
 from freeloc.app.video import compare_frames, demo, tiny_wan_pipeline, write_video  # noqa: E402
 
 
-def run_demo(args: list[str], out_dir: Path, capsys: pytest.CaptureFixture[str], is_mp4: Callable[[Path], bool]) -> str:
-    """Run ``freeloc demo ARGS``, check both videos were written, return what it printed."""
+def run_demo(args: list[str], out_dir: Path, capsys: pytest.CaptureFixture[str],
+             is_mp4: Callable[[Path], bool]) -> tuple[str, str]:
+    """Run ``freeloc demo ARGS``, check both videos were written, return what it printed (stdout, stderr)."""
     t0 = time.perf_counter()
     assert main(["demo", *args]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
     print(f"demo took {time.perf_counter() - t0:.1f} s")
     assert is_mp4(out_dir / "direct.mp4") and is_mp4(out_dir / "freeloc.mp4")
-    return out
+    return captured.out, captured.err
 
 
 def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                     is_png: Callable[[Path], bool],
                                                     is_mp4: Callable[[Path], bool]) -> None:
     """The default demo: the shipped shapes model, 64 frames (4x its 16), direct and FreeLOC (fewer steps here)."""
-    out = run_demo(["--out", str(tmp_path), "--steps", "3", "--clips", "1"], tmp_path, capsys, is_mp4)
+    out, err = run_demo(["--out", str(tmp_path), "--steps", "3", "--clips", "1"], tmp_path, capsys, is_mp4)
     assert is_png(tmp_path / "frames.png") and is_png(tmp_path / "motion.png")
+    assert "loading the shipped shapes model" in out.splitlines()[0]
+    for label in ("direct", "freeloc"):  # a bar over the sampling steps and one over the scored clips, per run
+        assert f"{label}: sampling: 100%" in err and "3/3" in err and f"{label}: scoring: 100%" in err
     assert "64 frames" in out and "motion.png" in out and "freeloc generate --model" in out
     assert is_mp4(tmp_path / "compare.mp4")
     table = {line[:28].strip(): line[28:].split() for line in out.splitlines()
@@ -63,8 +69,11 @@ def test_demo_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
 def test_random_demo_writes_videos_report_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                     is_png: Callable[[Path], bool],
                                                     is_mp4: Callable[[Path], bool]) -> None:
-    out = run_demo(["--model", "random", "--out", str(tmp_path), "--steps", "2"], tmp_path, capsys, is_mp4)
+    out, err = run_demo(["--model", "random", "--out", str(tmp_path), "--steps", "2"], tmp_path, capsys, is_mp4)
     assert is_png(tmp_path / "report.png")
+    assert out.splitlines()[0] == "building a tiny random Wan pipeline ..." and "drawing report.png ..." in out
+    for label in ("direct", "freeloc"):  # the VAE decodes 81 latent frames, one by one
+        assert f"{label}: decoding: 100%" in err and "81/81" in err
     assert "tiny and random" in out and "freeloc generate --model" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("transformer ")]
     assert [r[2] for r in rows] == ["tsa", "vrpr", "tsa", "vrpr"]
@@ -96,26 +105,6 @@ def test_generate_writes_video_and_sidecar(tmp_path: Path, pipeline_loader: Call
     assert side["plan"]["layers"][0]["method"] == "vrpr"
     assert [layer["calls"] for layer in side["layers"]] == [4, 4, 4, 4]  # 2 steps x (cond, uncond)
     assert all(layer["max_abs_distance"] <= 20 for layer in side["layers"])
-
-
-def saved_tiny_wan(folder: Path) -> Path:
-    """The tiny Wan pipeline with a tiny random UMT5 text encoder and a word-level tokenizer built in memory
-    (no hub), saved with ``save_pretrained``: a folder as a real checkpoint is laid out."""
-    import diffusers
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
-
-    words = ["<pad>", "</s>", "<unk>", "a", "red", "ball"]
-    vocab = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=vocab, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                          num_heads=2, relative_attention_num_buckets=8)).eval()
-    tiny = tiny_wan_pipeline()
-    diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=tiny.vae, transformer=tiny.transformer,
-                          scheduler=tiny.scheduler).save_pretrained(folder)
-    return folder
 
 
 def test_generate_loads_a_saved_wan_pipeline_from_its_folder(tmp_path: Path, is_mp4: Callable[[Path], bool]) -> None:
@@ -230,4 +219,80 @@ def test_an_interrupted_write_leaves_no_partial_file(tmp_path: Path, monkeypatch
     monkeypatch.setattr(Path, "write_text", half_text)
     with pytest.raises(KeyboardInterrupt):
         freeloc.LayerPlan.uniform("vrpr", 2).save(tmp_path / "plan.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_generate_compare_writes_one_video_of_panels_and_each_report(tmp_path: Path,
+                                                                     is_mp4: Callable[[Path], bool]) -> None:
+    """``--compare direct,freeloc`` on a saved tiny Wan pipeline: one mp4 with a labelled panel per method (the
+    same 21 frames each), one sidecar holding each method's report, as a single ``generate`` writes it."""
+    import imageio.v3 as iio
+
+    folder = saved_tiny_wan(tmp_path / "tiny-wan")
+    out = tmp_path / "compare.mp4"
+    assert main(["generate", "--model", str(folder), "--prompt", "a red ball", "--num-frames", "21",
+                 "--trained-frames", "9", "--height", "32", "--width", "32", "--steps", "1", "--plan", "uniform",
+                 "--device", "cpu", "--dtype", "float32", "--compare", "direct,freeloc", "--out", str(out)]) == 0
+    assert is_mp4(out)
+    video = iio.imread(out)
+    assert video.shape == (21, 2 * 32 + 16, 96 + 32, 3)  # two panels and a gap, each after a 96-pixel label
+    labels, direct, freeloc_panel = video[:, :, :96], video[:, :32, 96:], video[:, 48:, 96:]
+    assert (labels > 200).mean() > 0.9 and (labels < 100).any()  # dark text on white
+    assert abs(direct.astype(float) - freeloc_panel.astype(float)).mean() > 1  # the methods differ
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["methods"] == ["direct", "freeloc"] and side["video"] == str(out)
+    single = tmp_path / "single.mp4"
+    assert main(["generate", "--model", str(folder), "--prompt", "a red ball", "--num-frames", "21",
+                 "--trained-frames", "9", "--height", "32", "--width", "32", "--steps", "1", "--method", "direct",
+                 "--device", "cpu", "--dtype", "float32", "--out", str(single)]) == 0
+    alone = json.loads(single.with_suffix(".json").read_text())
+    for method, report in side["reports"].items():
+        assert set(report) == set(alone) and report["settings"].keys() == alone["settings"].keys()
+        assert report["settings"]["method"] == method and report["settings"]["seed"] == 0
+    assert [layer["max_abs_distance"] for layer in side["reports"]["direct"]["layers"]] == \
+        [layer["max_abs_distance"] for layer in alone["layers"]] == [5] * 4  # 21 frames: 6 latent, |r| up to 5
+    assert all(layer["max_abs_distance"] <= 2 for layer in side["reports"]["freeloc"]["layers"])  # trained: 3
+    assert side["reports"]["freeloc"]["settings"]["plan"] == "uniform"
+    assert side["reports"]["direct"]["settings"]["plan"] is None
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--compare", "direct,fast"], "argument --compare: unknown method 'fast' in 'direct,fast'; accepted: freeloc, "
+                                       "direct,"),
+        (["--compare", "direct"], "expected two or more methods separated by commas (e.g. direct,freeloc), got "
+                                  "'direct'"),
+        (["--compare", "direct,pi,direct"], "method 'direct' is listed twice in 'direct,pi,direct'"),
+        (["--compare", "direct,freeloc", "--method", "pi"], "--compare and --method exclude each other"),
+        (["--compare", "direct,pi", "--plan", "plan.json"], "--plan is the freeloc method's, and --compare direct,pi "
+                                                            "does not list freeloc"),
+    ],
+    ids=["unknown", "one", "twice", "with-method", "plan-without-freeloc"],
+)
+def test_generate_compare_bad_input_is_a_usage_error_before_loading(argv: list[str], message: str,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     pipeline_loader: Callable[..., type]) -> None:
+    loader = pipeline_loader(tiny_wan_pipeline, _encode_random_prompt)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", "org/model", "--prompt", "p", "--num-frames", "81", "--out", "v.mp4", *argv])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    print(err)
+    assert exc.value.code == 2 and message in err
+    assert loader.calls == []
+
+
+def test_generate_compare_checks_every_method_before_generating(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                pipeline_loader: Callable[..., type]) -> None:
+    """A method that cannot run on the pipeline (RIFLEx without its frequency index) stops the comparison before
+    the first video is generated: one line, exit code 1, nothing written."""
+    pipeline_loader(tiny_wan_pipeline, _encode_random_prompt)
+    out = tmp_path / "v.mp4"
+    assert main(["generate", "--model", "org/model", "--prompt", "p", "--num-frames", "21", "--height", "32",
+                 "--width", "32", "--steps", "1", "--device", "cpu", "--dtype", "float32", "--compare",
+                 "direct,riflex", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "generating" not in captured.out
+    assert captured.err.count("\n") == 1 and "riflex" in captured.err
     assert list(tmp_path.iterdir()) == []

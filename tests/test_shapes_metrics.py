@@ -156,3 +156,7 @@ def test_evaluate_generated_averages_fitted_scores_and_skips_nan() -> None:
     assert scores["motion_error"] == evaluate(videos[0], specs[0])["motion_error"]
     with pytest.raises(ValueError, match="need one spec per video: 2 videos, 1 specs"):
         evaluate_generated(videos, specs[:1])
+    calls: list[tuple[int, int]] = []
+    again = evaluate_generated(videos, specs, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 2), (1, 2), (2, 2)]  # one step per video
+    assert again["shape_presence"] == scores["shape_presence"]

@@ -116,3 +116,20 @@ def test_the_shipped_model_loads_offline_and_makes_the_shapes_it_is_asked_for() 
     scores = [evaluate(v, fit_spec(v, s)) for v, s in zip(videos, specs, strict=True)]
     print(scores)
     assert all(s["palette_fidelity"] > 0.9 for s in scores)  # a random or untrained model: about 0.2
+
+
+def test_sampling_reports_progress_per_step(tiny_shapes: ShapesConfig, capsys: pytest.CaptureFixture[str]) -> None:
+    """``sample(progress=...)``: a callable gets ``(done, total)`` steps, ``True`` a status line on stderr, and the
+    default is silent; the video is the same either way."""
+    from freeloc.shapes.model import build_model
+
+    model, cond = build_model(tiny_shapes).eval(), condition(random_spec(7))[None]
+    calls: list[tuple[int, int]] = []
+    seen = sample(model, tiny_shapes, cond, 8, steps=3, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    quiet = sample(model, tiny_shapes, cond, 8, steps=3)
+    assert capsys.readouterr().err == ""
+    sample(model, tiny_shapes, cond, 8, steps=3, progress=True)
+    err = capsys.readouterr().err
+    assert [part.split(",")[0] for part in err.split("\r")[1:]] == [f"sampling steps: {i}/3" for i in range(4)]
+    assert torch.equal(seen, quiet)

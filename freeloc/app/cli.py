@@ -7,8 +7,10 @@ Subcommands:
   baseline. ``--json`` prints the same as one JSON object, ``--png`` draws it.
 * ``freeloc demo``: the shipped shapes model (or a tiny random Wan pipeline) at 4x its trained length,
   direct and with FreeLOC (``freeloc.app.video.demo``).
-* ``freeloc generate``: a long video with a diffusers pipeline (``freeloc.app.video.generate``).
-* ``freeloc probe``: the layer plan of a diffusers pipeline's transformer (``freeloc.probe``).
+* ``freeloc generate``: a long video with a diffusers pipeline (``freeloc.app.video.generate``), or one
+  video comparing several methods (``--compare``, ``freeloc.app.video.generate_compare``).
+* ``freeloc probe``: the layer plan (``freeloc.probe``) of the shipped shapes model (``--model shapes``) or
+  of a diffusers pipeline's transformer (a local folder or a hub id), optionally on a real prompt (``--prompt``).
 
 ``explain`` without ``--png`` needs only the core. The pictures, the progress bar and the videos need
 the ``app`` extra, the shapes model the ``shapes`` extra and real pipelines the ``diffusers`` extra; a
@@ -30,7 +32,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +43,17 @@ from ..positions import PUBLISHED_VRPR, VRPR
 from ..probing import probe
 from ..session import METHOD_CHOICES
 from .plots import explain_png, plot_scores
-from .video import demo, generate
+from .progress import tqdm_progress
+from .video import demo, generate, generate_compare
 
-__all__ = ["main", "build_parser", "explain_data", "explain_text", "tqdm_progress", "video_to_latent"]
+__all__ = ["main", "build_parser", "encode_prompt", "explain_data", "explain_text", "tqdm_progress", "video_to_latent"]
 
 #: Tile size of block-sparse attention kernels, used for the block density.
 BLOCK_SIZE = 128
+#: The ``--model`` name of the shapes model shipped with freeloc (``freeloc demo``, ``freeloc probe``).
+SHAPES = "shapes"
+#: Video size of ``freeloc probe``'s inputs for a pipeline (Wan 2.1's 480p).
+PROBE_HEIGHT, PROBE_WIDTH = 480, 832
 
 
 def video_to_latent(video_frames: int, temporal_factor: int) -> int:
@@ -128,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="generate a long video with a diffusers pipeline (hub id or local folder) and FreeLOC",
         description="Load a pipeline with DiffusionPipeline.from_pretrained, generate inside freeloc.enable, "
-                    "write the mp4 and a JSON sidecar (settings and the per-layer report).",
+                    "write the mp4 and a JSON sidecar (settings and the per-layer report). With --compare, the "
+                    "same prompt and seed once per listed method: one mp4 of labelled panels and one sidecar "
+                    "with each method's report.",
     )
     ge.add_argument("--model", required=True, help="hub id or local folder, e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     ge.add_argument("--prompt", required=True)
@@ -142,9 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--guidance", type=float, default=5.0,
                     help="classifier-free guidance scale (default: 5.0; 1 turns it off)")
     ge.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
-    ge.add_argument("--method", default="freeloc", choices=METHOD_CHOICES, metavar="METHOD",
+    ge.add_argument("--method", default=None, choices=METHOD_CHOICES, metavar="METHOD",
                     help=f"the layer plan ('freeloc', the default), one method on every layer, or 'direct' (no "
                          f"change); one of: {', '.join(METHOD_CHOICES)}")
+    ge.add_argument("--compare", type=_method_list, default=None, metavar="METHOD,METHOD[,...]",
+                    help="instead of --method: run each of these methods (comma-separated, e.g. direct,freeloc) "
+                         "with the same prompt and seed and write one video of labelled panels, top to bottom, "
+                         "and one sidecar with each method's report")
     ge.add_argument("--plan", default=None, help="plan JSON path, or 'uniform' (default: the shipped plan)")
     ge.add_argument("--trained-frames", type=_positive_int, default=None,
                     help="the model's trained length in video frames (default: freeloc's data for the model)")
@@ -157,18 +170,30 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser(
         "probe",
         help="probe each self-attention layer's position and context sensitivity and write a layer plan",
-        description="Load a pipeline, probe every self-attention layer of its transformer alone (key positions "
-                    "shifted; context restricted to a window of the trained length) on synthetic inputs, and "
-                    "write the resulting layer plan (with its scores) as JSON.",
+        description="Probe every self-attention layer of a model alone (key positions shifted; context restricted "
+                    "to a window of the trained length) and write the resulting layer plan (with its scores) as "
+                    "JSON. --model shapes probes the shapes model shipped with freeloc (no download, on a rendered "
+                    "clip); a pipeline folder or hub id is probed on synthetic inputs, conditioned on --prompt "
+                    "when given. The number of forwards and an estimate of the time are printed first.",
     )
-    pr.add_argument("--model", required=True, help="hub id or local folder")
-    pr.add_argument("--num-frames", type=_positive_int, required=True, help="video frames to probe at, e.g. 321")
+    pr.add_argument("--model", required=True,
+                    help=f"'{SHAPES}' (the shapes model shipped with freeloc, as in `freeloc demo`), a local "
+                         f"pipeline folder (saved with save_pretrained) or a hub id")
+    pr.add_argument("--num-frames", type=_positive_int, default=None,
+                    help="video frames to probe at, longer than trained, e.g. 321 (default for shapes: 64, 4x its "
+                         "trained 16; required for a pipeline)")
     pr.add_argument("--out", type=Path, required=True, help="the plan JSON to write")
     pr.add_argument("--png", type=Path, default=None, help="also plot the scores and the assignment to this PNG")
+    pr.add_argument("--prompt", default=None,
+                    help="pipelines: encode this prompt once with the pipeline's text encoder and condition the "
+                         "probe's inputs on it (default: Gaussian text embeddings)")
     pr.add_argument("--trained-frames", type=_positive_int, default=None,
-                    help="the model's trained length in video frames (default: freeloc's data for the model)")
-    pr.add_argument("--height", type=_positive_int, default=480, help="video height of the synthetic inputs")
-    pr.add_argument("--width", type=_positive_int, default=832, help="video width of the synthetic inputs")
+                    help="pipelines: the model's trained length in video frames (default: freeloc's data for the "
+                         "model)")
+    pr.add_argument("--height", type=_positive_int, default=None,
+                    help=f"pipelines: video height of the probe's inputs (default {PROBE_HEIGHT})")
+    pr.add_argument("--width", type=_positive_int, default=None,
+                    help=f"pipelines: video width of the probe's inputs (default {PROBE_WIDTH})")
     pr.add_argument("--tsa-count", type=int, default=None, help="exactly this many TSA layers (default: the rule)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -178,39 +203,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def tqdm_progress(desc: str, unit: str) -> Callable[[int, int], None]:
-    """A ``(done, total)`` progress callback, as ``freeloc.probe`` takes, that draws a tqdm bar.
-
-    The bar opens at the first call, with its total, and closes when ``done`` reaches it.
-    """
-    tqdm = require("tqdm.auto", "app", "the freeloc command's progress bar").tqdm
-    bars: list[Any] = []
-
-    def update(done: int, total: int) -> None:
-        if not bars:
-            bars.append(tqdm(total=total, desc=desc, unit=unit))
-        bars[0].update(done - bars[0].n)
-        if done >= total:
-            bars[0].close()
-
-    return update
-
-
 def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    diffusers = require("diffusers", "diffusers", "freeloc probe")
+    shapes = args.model == SHAPES
+    if shapes:
+        for flag, value in (("--prompt", args.prompt), ("--trained-frames", args.trained_frames),
+                            ("--height", args.height), ("--width", args.width)):
+            if value is not None:
+                parser.error(f"{flag} is for pipelines; --model {SHAPES} probes the shipped shapes model on its own "
+                             f"32 x 32 clips, conditioned on shapes (trained on 16 frames)")
+        require("diffusers", "shapes", f"freeloc probe --model {SHAPES}")
+    else:
+        if args.num_frames is None:
+            parser.error(f"--num-frames is required for a pipeline (only --model {SHAPES} has a default)")
+        if args.prompt is not None and not args.prompt.strip():
+            parser.error("--prompt: expected some text, got an empty prompt")
+        require("diffusers", "diffusers", "freeloc probe")
     progress = tqdm_progress("probing layers", "layer")
     _check_outputs(parser, ("--out", args.out, False), ("--png", args.png, False))
-    _check_model(parser, args.model)
+    if not shapes:
+        _check_model(parser, args.model)
     if args.png is not None:
         require("matplotlib", "app", "freeloc probe --png")  # a missing matplotlib stops it before the probe runs
-    pipe = diffusers.DiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, args.dtype))
-    pipe = pipe.to(args.device)
-    spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8)
-    plan = probe(pipe, args.num_frames, trained_frames=args.trained_frames, seed=args.seed, tsa_count=args.tsa_count,
-                 latent_size=(args.height // spatial, args.width // spatial),
-                 progress=progress)
+    dtype = getattr(torch, args.dtype)
+    if shapes:
+        from ..shapes.model import load_shipped, probe_plan
+
+        model, cfg = load_shipped(dtype)
+        print(f"probing the shipped shapes model (trained on {cfg.trained_frames} frames) at "
+              f"{args.num_frames or 4 * cfg.trained_frames} frames", flush=True)
+        plan = probe_plan(model.to(args.device), cfg, num_frames=args.num_frames, seed=args.seed,
+                          tsa_count=args.tsa_count, progress=progress)
+    else:
+        diffusers = require("diffusers", "diffusers", "freeloc probe")
+        print(f"loading {args.model}", flush=True)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(args.device)
+        text = None if args.prompt is None else encode_prompt(pipe, args.prompt, args.device)
+        spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8) or 8)
+        height, width = args.height or PROBE_HEIGHT, args.width or PROBE_WIDTH
+        plan = probe(pipe, args.num_frames, trained_frames=args.trained_frames, seed=args.seed,
+                     tsa_count=args.tsa_count, latent_size=(height // spatial, width // spatial), progress=progress,
+                     text=text)
+        if args.prompt is not None:
+            plan.meta["probe"]["prompt"] = args.prompt
     plan.meta["probe"]["model"] = args.model
     plan.save(args.out)
     print(f"wrote {args.out}: {plan.summary()}")
@@ -218,6 +254,28 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         plot_scores(plan, args.png)
         print(f"wrote {args.png}")
     return 0
+
+
+def encode_prompt(pipe: Any, prompt: str, device: str) -> Any:
+    """``prompt`` encoded once by the pipeline's own text encoder: its embeddings (1, tokens, width).
+
+    Raises:
+        ValueError: If the pipeline has no text encoder (or no ``encode_prompt``).
+    """
+    import inspect
+
+    import torch
+
+    encode = getattr(pipe, "encode_prompt", None)
+    if encode is None or getattr(pipe, "text_encoder", None) is None:
+        raise ValueError(f"--prompt: this {type(pipe).__name__} has no text encoder to encode the prompt with; "
+                         f"probe it without --prompt")
+    kwargs: dict[str, Any] = {"prompt": prompt, "device": torch.device(device)}
+    if "do_classifier_free_guidance" in inspect.signature(encode).parameters:
+        kwargs["do_classifier_free_guidance"] = False  # the prompt's embeddings only, no negative prompt
+    with torch.no_grad():
+        out = encode(**kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _cuda() -> bool:
@@ -236,15 +294,40 @@ def _cmd_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
+def _method_list(text: str) -> list[str]:
+    """argparse type of ``--compare``: two or more different methods, comma-separated."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        if name not in METHOD_CHOICES:
+            raise argparse.ArgumentTypeError(f"unknown method {name!r} in {text!r}; accepted: "
+                                             f"{', '.join(METHOD_CHOICES)}")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"method {twice[0]!r} is listed twice in {text!r}")
+    if len(names) < 2:
+        raise argparse.ArgumentTypeError(f"expected two or more methods separated by commas (e.g. direct,freeloc), "
+                                         f"got {text!r}")
+    return names
+
+
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.compare is not None and args.method is not None:
+        parser.error(f"--compare and --method exclude each other: --compare {','.join(args.compare)} runs each of "
+                     f"its methods, --method {args.method} one")
+    if args.compare is not None and args.plan is not None and "freeloc" not in args.compare:
+        parser.error(f"--plan is the freeloc method's, and --compare {','.join(args.compare)} does not list freeloc")
     if args.out.suffix.lower() != ".mp4":
         parser.error(f"--out must end in .mp4, got {str(args.out)!r}")
-    _check_outputs(parser, ("--out", args.out, False))
+    _check_outputs(parser, ("--out", args.out, False),
+                   ("--out (its JSON sidecar)", args.out.with_suffix(".json"), False))
     _check_model(parser, args.model)
-    generate(args.model, args.prompt, args.num_frames, args.out, height=args.height, width=args.width,
-             steps=args.steps, guidance=args.guidance, seed=args.seed, method=args.method, plan=args.plan,
-             device=args.device, dtype=args.dtype, negative_prompt=args.negative_prompt,
-             trained_frames=args.trained_frames)
+    common: dict[str, Any] = dict(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
+                                  seed=args.seed, plan=args.plan, device=args.device, dtype=args.dtype,
+                                  negative_prompt=args.negative_prompt, trained_frames=args.trained_frames)
+    if args.compare is not None:
+        generate_compare(args.model, args.prompt, args.num_frames, args.out, args.compare, **common)
+    else:
+        generate(args.model, args.prompt, args.num_frames, args.out, method=args.method or "freeloc", **common)
     return 0
 
 

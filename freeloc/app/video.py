@@ -5,7 +5,8 @@ functions that use them (the ``diffusers`` and ``app`` extras), so ``import free
 
 * ``generate``: a diffusers pipeline from ``from_pretrained`` (a hub id or a local folder), one
   ``freeloc.enable`` block around the call, an mp4 and a JSON sidecar with every setting and the
-  session's per-layer report.
+  session's per-layer report. ``generate_compare``: the same prompt and seed once per method, one
+  video of labelled panels and one sidecar with each method's report.
 * ``demo``: by default the shapes model shipped with the package (a small Wan transformer trained
   on 16-frame clips of bouncing shapes, ``freeloc.shapes.model``) generating at 4x its trained
   length with ``direct`` and with FreeLOC (the probe's plan for that model): both mp4s, a PNG strip of
@@ -18,6 +19,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +37,10 @@ from ..shapes.clips import random_spec, render
 from ..shapes.metrics import evaluate_generated
 from ..shapes.model import load_shipped, model_condition, sample, shipped_guidance, shipped_plan
 from .plots import frames_png, report_png
+from .progress import tqdm_progress
 
-__all__ = ["DEMO_MODELS", "compare_frames", "demo", "generate", "tiny_wan_pipeline", "write_video"]
+__all__ = ["DEMO_MODELS", "compare_frames", "demo", "generate", "generate_compare", "load_pipeline",
+           "tiny_wan_pipeline", "video_tensor", "write_video"]
 
 #: The demo model's declared trained length (video frames) and its 4x length.
 DEMO_TRAINED_FRAMES = 81
@@ -140,6 +145,7 @@ def compare_frames(rows: dict[str, Float[Tensor, "frames 3 _height width"]]
 
 def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance: float | None) -> dict[str, Any]:
     t0 = time.perf_counter()
+    print("loading the shipped shapes model ...", flush=True)
     model, cfg = load_shipped()
     plan = shipped_plan()
     guidance = shipped_guidance() if guidance is None else float(guidance)
@@ -155,9 +161,12 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
         print(f"[{i + 1}/2] {conditions} clips of {frames} frames (4x the trained {trained}) with {label} ...",
               flush=True)
         with enable(model, num_frames=frames, trained_frames=trained, temporal_factor=1, **kwargs):
-            videos[label] = sample(model, cfg, cond, frames, steps=steps, seed=seed, guidance=guidance)
+            videos[label] = sample(model, cfg, cond, frames, steps=steps, seed=seed, guidance=guidance,
+                                   progress=tqdm_progress(f"{label}: sampling", "step"))
         results["videos"][label] = str(write_video(_tile(videos[label]), out_dir / f"{label}.mp4", fps=8))
-        results["scores"][label] = evaluate_generated(videos[label], specs)
+        results["scores"][label] = evaluate_generated(videos[label], specs,
+                                                      progress=tqdm_progress(f"{label}: scoring", "clip"))
+    print("writing compare.mp4, frames.png and motion.png ...", flush=True)
     results["compare"] = str(write_video(compare_frames({"direct": _tile(videos["direct"]),
                                                          "FreeLOC": _tile(videos["freeloc"])}),
                                          out_dir / "compare.mp4", fps=8))
@@ -193,26 +202,46 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
     return results
 
 
+@contextmanager
+def _decoding_progress(vae: torch.nn.Module, latent_frames: int, desc: str) -> Iterator[None]:
+    """A progress bar over the latent frames a Wan VAE decodes (its decoder runs once per latent frame)."""
+    update = tqdm_progress(desc, "frame")
+    done = [0]
+
+    def count(module: torch.nn.Module, args: tuple, output: Any) -> None:
+        done[0] += 1
+        update(min(done[0], latent_frames), latent_frames)
+
+    handle = vae.decoder.register_forward_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def _demo_random(out_dir: Path, steps: int, size: int, seed: int, guidance: float) -> dict[str, Any]:
     """Generate with a tiny random Wan pipeline at 4x its declared trained length, direct and FreeLOC."""
     t0 = time.perf_counter()
+    print("building a tiny random Wan pipeline ...", flush=True)
     pipe = tiny_wan_pipeline(seed)
     n_layers = len(pipe.transformer.blocks)
     plan = LayerPlan.from_lists(tsa_layers=list(range(0, n_layers, 2)), vrpr_layers=list(range(1, n_layers, 2)),
                                 num_layers=n_layers, meta={"source": "freeloc demo: alternating TSA / VRPR"})
     embeds = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(seed))
     results: dict[str, Any] = {"num_frames": DEMO_FRAMES, "trained_frames": DEMO_TRAINED_FRAMES, "videos": {}}
+    latent = (DEMO_FRAMES - 1) // 4 + 1
     sessions = {}
     for label, kwargs in (("direct", dict(method="direct")), ("freeloc", dict(plan=plan))):
         print(f"[{len(sessions) + 1}/2] generating {DEMO_FRAMES} frames with {label} ...", flush=True)
-        with enable(pipe, num_frames=DEMO_FRAMES, trained_frames=DEMO_TRAINED_FRAMES, **kwargs) as session:
+        with (enable(pipe, num_frames=DEMO_FRAMES, trained_frames=DEMO_TRAINED_FRAMES, **kwargs) as session,
+              _decoding_progress(pipe.vae, latent, f"{label}: decoding")):
             frames = pipe(prompt_embeds=embeds, negative_prompt_embeds=embeds, height=size, width=size,
                           num_frames=DEMO_FRAMES, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
                           generator=torch.Generator().manual_seed(seed)).frames[0]
         sessions[label] = session
         results["videos"][label] = str(write_video(frames, out_dir / f"{label}.mp4"))
-    latent = (DEMO_FRAMES - 1) // 4 + 1
     trained = (DEMO_TRAINED_FRAMES - 1) // 4 + 1
+    print("drawing report.png ...", flush=True)
     results["png"] = str(report_png(sessions["direct"], sessions["freeloc"], out_dir / "report.png", latent, trained))
     results["layers"] = {k: s.stats() for k, s in sessions.items()}
     results["seconds"] = round(time.perf_counter() - t0, 2)
@@ -227,6 +256,44 @@ def _demo_random(out_dir: Path, steps: int, size: int, seed: int, guidance: floa
     return results
 
 
+def load_pipeline(model: str, device: str = "cpu", dtype: str = "float32") -> Any:
+    """``DiffusionPipeline.from_pretrained(model)`` (a hub id or a local folder) in ``dtype``, on ``device``."""
+    diffusers = require("diffusers", "diffusers", "loading a pipeline")
+    return diffusers.DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype)).to(device)
+
+
+def _call_arguments(prompt: str, num_frames: int, height: int | None, width: int | None, steps: int,
+                    guidance: float, seed: int, negative_prompt: str | None) -> dict[str, Any]:
+    """The pipeline call of ``generate``: the same seed (a fresh generator) on every call."""
+    kwargs: dict[str, Any] = dict(prompt=prompt, num_frames=num_frames, num_inference_steps=steps,
+                                  guidance_scale=guidance, generator=torch.Generator(device="cpu").manual_seed(seed))
+    for key, value in (("height", height), ("width", width), ("negative_prompt", negative_prompt)):
+        if value is not None:
+            kwargs[key] = value
+    return kwargs
+
+
+def _run(pipeline: Any, call: dict[str, Any], method: str, plan: str | None,
+         trained_frames: int | None) -> tuple[Any, Any, float]:
+    """One generation inside a freeloc session: (frames, session, seconds)."""
+    t0 = time.perf_counter()
+    with enable(pipeline, num_frames=call["num_frames"], plan=plan, method=method,
+                trained_frames=trained_frames) as session:
+        frames = pipeline(**call).frames[0]
+    return frames, session, time.perf_counter() - t0
+
+
+def _report(settings: dict[str, Any], seconds: float, out: Path, session: Any) -> dict[str, Any]:
+    """What a ``generate`` sidecar holds for one run: its settings, time, video, plan and per-layer report."""
+    return dict(settings=settings, seconds=round(seconds, 3), video=str(out),
+                plan=session.plan.to_dict() if session.plan is not None else None, layers=session.stats())
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:  # whole or not at all
+        tmp.write_text(json.dumps(data, indent=2))
+
+
 def generate(model: str, prompt: str, num_frames: int, out: Path, *, height: int | None = None,
              width: int | None = None, steps: int = 50, guidance: float = 5.0, seed: int = 0,
              method: str = "freeloc", plan: str | None = None, device: str = "cpu", dtype: str = "float32",
@@ -234,29 +301,71 @@ def generate(model: str, prompt: str, num_frames: int, out: Path, *, height: int
              pipeline: Any = None) -> dict[str, Any]:
     """Load a pipeline, generate ``num_frames`` video frames inside a freeloc session, write mp4 + JSON."""
     if pipeline is None:
-        from diffusers import DiffusionPipeline
-
-        pipeline = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype)).to(device)
-    kwargs: dict[str, Any] = dict(prompt=prompt, num_frames=num_frames, num_inference_steps=steps,
-                                  guidance_scale=guidance, generator=torch.Generator(device="cpu").manual_seed(seed))
-    if height is not None:
-        kwargs["height"] = height
-    if width is not None:
-        kwargs["width"] = width
-    if negative_prompt is not None:
-        kwargs["negative_prompt"] = negative_prompt
-    t0 = time.perf_counter()
-    with enable(pipeline, num_frames=num_frames, plan=plan, method=method, trained_frames=trained_frames) as session:
-        frames = pipeline(**kwargs).frames[0]
-    seconds = time.perf_counter() - t0
+        pipeline = load_pipeline(model, device, dtype)
+    call = _call_arguments(prompt, num_frames, height, width, steps, guidance, seed, negative_prompt)
+    frames, session, seconds = _run(pipeline, call, method, plan, trained_frames)
     write_video(frames, out)
     settings = dict(model=model, prompt=prompt, num_frames=num_frames, height=height, width=width, steps=steps,
                     guidance=guidance, seed=seed, method=method, plan=plan, device=device, dtype=dtype,
                     negative_prompt=negative_prompt, trained_frames=trained_frames)
-    sidecar = dict(settings=settings, seconds=round(seconds, 3), video=str(out),
-                   plan=session.plan.to_dict() if session.plan is not None else None, layers=session.stats())
+    sidecar = _report(settings, seconds, out, session)
     side = out.with_suffix(".json")
-    with atomic_path(side) as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2))
+    _write_json(side, sidecar)
     print(f"wrote {out} and {side} ({seconds:.1f} s)")
+    return sidecar
+
+
+def video_tensor(frames: Any) -> Float[Tensor, "frames 3 height width"]:
+    """A pipeline's frames (a list of PIL images, an array (T, H, W, C) in [0, 1] or of uint8, or a tensor
+    (T, C, H, W) or (T, H, W, C)) as a float tensor (T, 3, H, W) in [0, 1]."""
+    if isinstance(frames, torch.Tensor):
+        video = frames.detach().float().cpu()
+        video = video if video.shape[1] in (1, 3) else video.permute(0, 3, 1, 2)
+    else:
+        np = require("numpy", "app", "the comparison video")
+        array = np.stack([np.asarray(frame) for frame in frames])
+        video = torch.from_numpy(array.astype("float32") / (255.0 if array.dtype == np.uint8 else 1.0))
+        video = video.permute(0, 3, 1, 2)
+    return video.expand(-1, 3, -1, -1).clamp(0, 1) if video.shape[1] == 1 else video.clamp(0, 1)
+
+
+def generate_compare(model: str, prompt: str, num_frames: int, out: Path, methods: Sequence[str], *,
+                     height: int | None = None, width: int | None = None, steps: int = 50, guidance: float = 5.0,
+                     seed: int = 0, plan: str | None = None, device: str = "cpu", dtype: str = "float32",
+                     negative_prompt: str | None = None, trained_frames: int | None = None,
+                     pipeline: Any = None) -> dict[str, Any]:
+    """The same prompt and seed once per method, into one comparison video and one JSON sidecar.
+
+    The video shows each method as a labelled panel (stacked top to bottom in the order given, the same
+    frames in each); the sidecar (``out`` with ``.json``) holds, per method, the report a single
+    ``generate`` writes. ``plan`` is the ``freeloc`` method's. Every method is installed on the pipeline
+    once before anything is generated, so that a method that cannot run stops the comparison first.
+    """
+    if len(methods) < 2 or len(set(methods)) != len(methods):
+        raise ValueError(f"methods: expected two or more different methods, got {list(methods)}")
+    if plan is not None and "freeloc" not in methods:
+        raise ValueError(f"plan is the freeloc method's, and methods {list(methods)} do not include freeloc")
+    if pipeline is None:
+        pipeline = load_pipeline(model, device, dtype)
+    plans = {m: plan if m == "freeloc" else None for m in methods}
+    for m in methods:  # installs and removes at once: an unusable method stops here, before any generation
+        with enable(pipeline, num_frames=num_frames, plan=plans[m], method=m, trained_frames=trained_frames):
+            pass
+    panels: dict[str, Tensor] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    for i, m in enumerate(methods, start=1):
+        print(f"[{i}/{len(methods)}] generating {num_frames} frames with {m} ...", flush=True)
+        call = _call_arguments(prompt, num_frames, height, width, steps, guidance, seed, negative_prompt)
+        frames, session, seconds = _run(pipeline, call, m, plans[m], trained_frames)
+        panels[m] = video_tensor(frames)
+        settings = dict(model=model, prompt=prompt, num_frames=num_frames, height=height, width=width, steps=steps,
+                        guidance=guidance, seed=seed, method=m, plan=plans[m], device=device, dtype=dtype,
+                        negative_prompt=negative_prompt, trained_frames=trained_frames)
+        reports[m] = _report(settings, seconds, out, session)
+    write_video(compare_frames(panels), out)
+    sidecar = dict(video=str(out), methods=list(methods), reports=reports)
+    side = out.with_suffix(".json")
+    _write_json(side, sidecar)
+    times = ", ".join(f"{m} {r['seconds']:.1f} s" for m, r in reports.items())
+    print(f"wrote {out} ({' above '.join(methods)}) and {side} ({times})")
     return sidecar

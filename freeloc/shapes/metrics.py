@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from .._progress import Progress, reporter
 from .clips import BACKGROUND, PALETTE, ClipSpec, render, trajectory
 
 __all__ = [
@@ -351,7 +352,8 @@ def evaluate(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec) -> d
     }
 
 
-def evaluate_generated(videos: Float[Tensor, "batch frames 3 height width"], specs: list[ClipSpec]) -> dict[str, float]:
+def evaluate_generated(videos: Float[Tensor, "batch frames 3 height width"], specs: list[ClipSpec], *,
+                       progress: Progress = False) -> dict[str, float]:
     """Mean metrics of generated videos, each scored against its asked clip from its own start.
 
     Each video is scored with ``evaluate`` against ``fit_spec`` of its spec; the means skip
@@ -360,13 +362,20 @@ def evaluate_generated(videos: Float[Tensor, "batch frames 3 height width"], spe
     Args:
         videos: ``(B, T, 3, H, W)`` videos in [0, 1].
         specs: The ``B`` clip specs the videos were asked for.
+        progress: ``True`` writes a status line over the videos to stderr, a callable receives
+            ``(done, total)`` videos (``freeloc._progress``); ``False`` (default) is silent.
 
     Returns:
         The ``evaluate`` keys, each averaged over the videos.
     """
     if len(specs) != videos.shape[0]:
         raise ValueError(f"need one spec per video: {videos.shape[0]} videos, {len(specs)} specs")
-    rows = [evaluate(v, fit_spec(v, s)) for v, s in zip(videos, specs, strict=True)]
+    report = reporter(progress, "scoring clips")
+    report(0, len(specs))
+    rows = []
+    for done, (v, s) in enumerate(zip(videos, specs, strict=True), start=1):
+        rows.append(evaluate(v, fit_spec(v, s)))
+        report(done, len(specs))
     out = {}
     for key in rows[0]:
         kept = [r[key] for r in rows if not math.isnan(r[key])]

@@ -34,6 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .._extras import require
+from .._progress import Progress, reporter
 from ..plan import LayerPlan
 from ..probing import probe
 from .clips import BACKGROUND, CONDITION_DIM, MAX_SHAPES, SLOT_DIM, ClipSpec, condition, random_spec, render
@@ -195,19 +196,22 @@ def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesCon
     return model.eval(), cfg
 
 
-def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, progress: bool = True) -> LayerPlan:
+def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, num_frames: int | None = None,
+               seed: int = 0, tsa_count: int | None = None, progress: Progress = True) -> LayerPlan:
     """The layer plan ``freeloc.probe`` writes for this model at ``multiple`` x its trained length.
 
     The probe's input is a rendered clip (seed 99) noised halfway (timestep 500) with its condition.
+    ``num_frames`` (video frames, here latent frames too) replaces ``multiple``; ``seed`` (the probe's
+    query sample), ``tsa_count`` and ``progress`` are passed to ``freeloc.probe``.
     """
-    frames = multiple * cfg.trained_frames
+    frames = multiple * cfg.trained_frames if num_frames is None else num_frames
     spec = random_spec(99, frame_size=cfg.frame_size)
     x0 = encode(render(spec, frames)[None])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(99))
     inputs = dict(hidden_states=0.5 * x0 + 0.5 * noise, timestep=torch.tensor([500.0]),
                   encoder_hidden_states=condition_tokens(cfg, model_condition(spec)[None]), return_dict=False)
-    plan = probe(model, frames, inputs=inputs, trained_frames=cfg.trained_frames, temporal_factor=1,
-                 progress=progress)
+    plan = probe(model, frames, inputs=inputs, trained_frames=cfg.trained_frames, temporal_factor=1, seed=seed,
+                 tsa_count=tsa_count, progress=progress)
     plan.meta["probe"]["inputs"] = "freeloc.shapes.model.probe_plan: a rendered clip (seed 99) at timestep 500"
     return plan
 
@@ -247,11 +251,14 @@ def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, S
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch cond"], num_frames: int, *,
-           steps: int = 20, seed: int = 0, guidance: float = 1.0) -> Float[Tensor, "batch frames 3 height width"]:
+           steps: int = 20, seed: int = 0, guidance: float = 1.0,
+           progress: Progress = False) -> Float[Tensor, "batch frames 3 height width"]:
     """Videos (B, T, 3, H, W) in [0, 1] for conditions ``cond`` (B, CONDITION_DIM), Euler flow sampling.
 
     ``guidance`` != 1 applies classifier-free guidance against the zero condition,
     ``v = v(0) + guidance * (v(cond) - v(0))``: meaningful for a model trained with ``cond_drop > 0``.
+    ``progress``: ``True`` writes a status line over the steps to stderr, a callable receives
+    ``(done, total)`` steps (``freeloc._progress``); ``False`` (default) is silent.
     """
     g = torch.Generator().manual_seed(seed)
     h = cfg.frame_size // UNSHUFFLE
@@ -260,7 +267,9 @@ def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch
     ts = _shifted(torch.linspace(1, 0, steps + 1), cfg.shift)
     tokens = condition_tokens(cfg, cond.to(dev))
     both_conds = torch.cat([torch.zeros_like(tokens), tokens])
-    for t, t_next in zip(ts[:-1], ts[1:], strict=True):
+    report = reporter(progress, "sampling steps")
+    report(0, steps)
+    for step, (t, t_next) in enumerate(zip(ts[:-1], ts[1:], strict=True), start=1):
         if guidance == 1.0:
             v = model(x, torch.full((x.shape[0],), float(t) * 1000, device=dev), tokens, return_dict=False)[0]
         else:  # conditioned and null-conditioned velocities in one batch
@@ -269,4 +278,5 @@ def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch
             v0, v1 = both.chunk(2)
             v = v0 + guidance * (v1 - v0)
         x = x + (t_next - t) * v
+        report(step, steps)
     return decode(x.float().cpu())
