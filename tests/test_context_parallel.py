@@ -120,3 +120,46 @@ def test_split_sizes_are_those_of_tensor_split() -> None:
     for n in range(0, 20):
         for parts in range(1, 6):
             assert split_sizes(n, parts) == [len(c) for c in torch.arange(n).tensor_split(parts)]
+
+
+@pytest.mark.slow
+def test_generate_with_context_parallel_under_torchrun_writes_the_single_process_video(tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2 -m freeloc generate ... --context-parallel 2`` on a saved tiny Wan pipeline
+    (gloo): rank 0 alone writes the video and sidecar, and the video is the single-process one."""
+    import json
+    import subprocess
+    import sys
+
+    from support import saved_tiny_wan
+
+    from freeloc.app.cli import main
+
+    folder = saved_tiny_wan(tmp_path / "tiny-wan")
+    argv = ["generate", "--model", str(folder), "--prompt", "a red ball", "--num-frames", "45", "--trained-frames",
+            "21", "--height", "32", "--width", "32", "--steps", "2", "--device", "cpu", "--dtype", "float32",
+            "--method", "vrpr"]
+    single, parallel = tmp_path / "single.mp4", tmp_path / "out" / "parallel.mp4"
+    parallel.parent.mkdir()
+    assert main([*argv, "--out", str(single)]) == 0
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "freeloc",
+                          *argv, "--context-parallel", "2", "--out", str(parallel)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote ") == 1  # rank 0 only
+    assert parallel.read_bytes() == single.read_bytes()
+    sidecar = json.loads(parallel.with_suffix(".json").read_text())
+    assert sidecar["settings"]["context_parallel"] == 2 and sidecar["layers"][0]["calls"] > 0
+    assert sorted(p.name for p in parallel.parent.iterdir()) == ["parallel.json", "parallel.mp4"]
+
+
+def test_context_parallel_outside_torchrun_is_refused_before_loading(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from freeloc.app.cli import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    code = main(["generate", "--model", str(folder), "--prompt", "p", "--num-frames", "45", "--device", "cpu",
+                 "--context-parallel", "2", "--out", str(tmp_path / "v.mp4")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert "start it with torchrun --nproc-per-node 2 -m freeloc generate" in err

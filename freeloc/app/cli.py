@@ -44,7 +44,7 @@ from ..probing import probe
 from ..session import METHOD_CHOICES
 from .plots import explain_png, plot_scores
 from .progress import tqdm_progress
-from .video import demo, generate, generate_compare
+from .video import demo, generate, generate_compare, load_pipeline
 
 __all__ = ["main", "build_parser", "encode_prompt", "explain_data", "explain_text", "tqdm_progress", "video_to_latent"]
 
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--dtype", default="bfloat16" if _cuda() else "float32",
                     choices=["float32", "bfloat16", "float16"])
     ge.add_argument("--out", type=Path, required=True, help="output mp4 (a JSON sidecar is written beside it)")
+    ge.add_argument("--context-parallel", type=_positive_int, default=1, metavar="N",
+                    help="split each sequence over N processes with diffusers' Ulysses context parallelism; start "
+                         "it with torchrun --nproc-per-node N -m freeloc generate ... (default: 1, no split)")
     ge.set_defaults(func=_cmd_generate, subparser=ge)
 
     pr = sub.add_parser(
@@ -321,13 +324,22 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     _check_outputs(parser, ("--out", args.out, False),
                    ("--out (its JSON sidecar)", args.out.with_suffix(".json"), False))
     _check_model(parser, args.model)
-    common: dict[str, Any] = dict(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
-                                  seed=args.seed, plan=args.plan, device=args.device, dtype=args.dtype,
-                                  negative_prompt=args.negative_prompt, trained_frames=args.trained_frames)
-    if args.compare is not None:
-        generate_compare(args.model, args.prompt, args.num_frames, args.out, args.compare, **common)
-    else:
-        generate(args.model, args.prompt, args.num_frames, args.out, method=args.method or "freeloc", **common)
+    from .parallel import start
+
+    run = start(args.context_parallel, args.device)  # one process of torchrun's group, or the only one
+    try:
+        pipeline = load_pipeline(args.model, run.device, args.dtype)
+        run.parallelize(pipeline)
+        common: dict[str, Any] = dict(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance,
+                                      seed=args.seed, plan=args.plan, device=run.device, dtype=args.dtype,
+                                      negative_prompt=args.negative_prompt, trained_frames=args.trained_frames,
+                                      pipeline=pipeline, writes=run.writes, context_parallel=run.degree)
+        if args.compare is not None:
+            generate_compare(args.model, args.prompt, args.num_frames, args.out, args.compare, **common)
+        else:
+            generate(args.model, args.prompt, args.num_frames, args.out, method=args.method or "freeloc", **common)
+    finally:
+        run.finish()
     return 0
 
 

@@ -298,20 +298,25 @@ def generate(model: str, prompt: str, num_frames: int, out: Path, *, height: int
              width: int | None = None, steps: int = 50, guidance: float = 5.0, seed: int = 0,
              method: str = "freeloc", plan: str | None = None, device: str = "cpu", dtype: str = "float32",
              negative_prompt: str | None = None, trained_frames: int | None = None,
-             pipeline: Any = None) -> dict[str, Any]:
-    """Load a pipeline, generate ``num_frames`` video frames inside a freeloc session, write mp4 + JSON."""
+             pipeline: Any = None, writes: bool = True, context_parallel: int = 1) -> dict[str, Any]:
+    """Load a pipeline, generate ``num_frames`` video frames inside a freeloc session, write mp4 + JSON.
+
+    ``writes=False``: generate only (the other ranks of a context-parallel run); ``context_parallel`` is
+    recorded in the sidecar.
+    """
     if pipeline is None:
         pipeline = load_pipeline(model, device, dtype)
     call = _call_arguments(prompt, num_frames, height, width, steps, guidance, seed, negative_prompt)
     frames, session, seconds = _run(pipeline, call, method, plan, trained_frames)
-    write_video(frames, out)
     settings = dict(model=model, prompt=prompt, num_frames=num_frames, height=height, width=width, steps=steps,
                     guidance=guidance, seed=seed, method=method, plan=plan, device=device, dtype=dtype,
-                    negative_prompt=negative_prompt, trained_frames=trained_frames)
+                    negative_prompt=negative_prompt, trained_frames=trained_frames, context_parallel=context_parallel)
     sidecar = _report(settings, seconds, out, session)
-    side = out.with_suffix(".json")
-    _write_json(side, sidecar)
-    print(f"wrote {out} and {side} ({seconds:.1f} s)")
+    if writes:
+        write_video(frames, out)
+        side = out.with_suffix(".json")
+        _write_json(side, sidecar)
+        print(f"wrote {out} and {side} ({seconds:.1f} s)")
     return sidecar
 
 
@@ -333,13 +338,14 @@ def generate_compare(model: str, prompt: str, num_frames: int, out: Path, method
                      height: int | None = None, width: int | None = None, steps: int = 50, guidance: float = 5.0,
                      seed: int = 0, plan: str | None = None, device: str = "cpu", dtype: str = "float32",
                      negative_prompt: str | None = None, trained_frames: int | None = None,
-                     pipeline: Any = None) -> dict[str, Any]:
+                     pipeline: Any = None, writes: bool = True, context_parallel: int = 1) -> dict[str, Any]:
     """The same prompt and seed once per method, into one comparison video and one JSON sidecar.
 
     The video shows each method as a labelled panel (stacked top to bottom in the order given, the same
     frames in each); the sidecar (``out`` with ``.json``) holds, per method, the report a single
     ``generate`` writes. ``plan`` is the ``freeloc`` method's. Every method is installed on the pipeline
     once before anything is generated, so that a method that cannot run stops the comparison first.
+    ``writes`` and ``context_parallel``: as in ``generate``.
     """
     if len(methods) < 2 or len(set(methods)) != len(methods):
         raise ValueError(f"methods: expected two or more different methods, got {list(methods)}")
@@ -354,18 +360,21 @@ def generate_compare(model: str, prompt: str, num_frames: int, out: Path, method
     panels: dict[str, Tensor] = {}
     reports: dict[str, dict[str, Any]] = {}
     for i, m in enumerate(methods, start=1):
-        print(f"[{i}/{len(methods)}] generating {num_frames} frames with {m} ...", flush=True)
+        if writes:
+            print(f"[{i}/{len(methods)}] generating {num_frames} frames with {m} ...", flush=True)
         call = _call_arguments(prompt, num_frames, height, width, steps, guidance, seed, negative_prompt)
         frames, session, seconds = _run(pipeline, call, m, plans[m], trained_frames)
         panels[m] = video_tensor(frames)
         settings = dict(model=model, prompt=prompt, num_frames=num_frames, height=height, width=width, steps=steps,
                         guidance=guidance, seed=seed, method=m, plan=plans[m], device=device, dtype=dtype,
-                        negative_prompt=negative_prompt, trained_frames=trained_frames)
+                        negative_prompt=negative_prompt, trained_frames=trained_frames,
+                        context_parallel=context_parallel)
         reports[m] = _report(settings, seconds, out, session)
-    write_video(compare_frames(panels), out)
     sidecar = dict(video=str(out), methods=list(methods), reports=reports)
-    side = out.with_suffix(".json")
-    _write_json(side, sidecar)
-    times = ", ".join(f"{m} {r['seconds']:.1f} s" for m, r in reports.items())
-    print(f"wrote {out} ({' above '.join(methods)}) and {side} ({times})")
+    if writes:
+        write_video(compare_frames(panels), out)
+        side = out.with_suffix(".json")
+        _write_json(side, sidecar)
+        times = ", ".join(f"{m} {r['seconds']:.1f} s" for m, r in reports.items())
+        print(f"wrote {out} ({' above '.join(methods)}) and {side} ({times})")
     return sidecar
