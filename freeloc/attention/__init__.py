@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -41,7 +42,7 @@ from ..rotary import RotaryLayout
 from ._chunked import run_chunked
 from ._flex import run_flex
 from ._fused import on_device
-from ._kernels import attention_with_lse
+from ._kernels import attention_with_lse, surely_finite
 from ._merge import merge_lse, merge_outputs
 from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, plan_attention
 from ._reference import reference_attention
@@ -114,6 +115,29 @@ def attend(
     if q.numel() == 0:  # no sample or no head: nothing to attend
         return q.new_empty(q.shape)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not surely_finite(v):  # NaN or infinite values (or a sum that overflows: the same result, slower)
+        return _with_non_finite_values(
+            lambda values: _attend(q, k, values, f, hh, ww, method, rotary, backend, text_before, text_after,
+                                   text_mask, scale, options), v)
+    return _attend(q, k, v, f, hh, ww, method, rotary, backend, text_before, text_after, text_mask, scale, options)
+
+
+def _with_non_finite_values(run: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+    """``run(v)`` for values with NaN or infinite entries, where only the rows that attend such a value are
+    touched by it (a product ``0 * nan`` in a kernel would touch every row that reads the key): the
+    output with those entries 0, then, per output channel, NaN where a row gives weight to a NaN value
+    (or to both infinities), +-inf where it gives weight to that infinity alone."""
+    out = run(torch.where(torch.isfinite(v), v, 0.0))
+    pos, neg, nan = (run(kind(v).to(v.dtype)) > 0 for kind in (torch.isposinf, torch.isneginf, torch.isnan))
+    out = torch.where(pos, float("inf"), out)
+    out = torch.where(neg, torch.where(pos, float("nan"), float("-inf")), out)
+    return torch.where(nan, float("nan"), out)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, f: int, hh: int, ww: int, method: Method | None,
+            rotary: RotaryLayout | None, backend: str, text_before: int, text_after: int, text_mask: Tensor | None,
+            scale: float, options: AttentionOptions) -> Tensor:
+    """``attend`` after its checks."""
     grad = _needs_grad(q, k, v)
     wide = torch.float64 if grad and q.dtype == torch.float64 else torch.float32  # the merges' dtype
     plan = plan_attention(q, band_set_for(method, f, hh * ww, rotary), (f, hh, ww), text_before, text_after, backend,
@@ -137,7 +161,7 @@ def attend(
                                   options.max_dense_tokens, wide)
         return out.transpose(1, 2)
     # the video parts' outputs and LSEs by frame (B, H, F, S[, D]), merged once
-    outs, lses = _run_video_parts(plan, qs, ks, key_buffers, v, scale, options)
+    outs, lses = _run_video_parts(plan, qs, ks, key_buffers, k, v, scale, options)
     if not (text_before or text_after):
         if len(outs) == 1:
             out = outs[0].to(q.dtype)
@@ -155,16 +179,19 @@ def _needs_grad(*xs: Tensor) -> bool:
 
 
 def _run_video_parts(plan: AttentionPlan, qs: list[Tensor], ks: list[Tensor],
-                     key_buffers: dict[tuple[int, ...], Tensor], v: Tensor, scale: float,
+                     key_buffers: dict[tuple[int, ...], Tensor], k: Tensor, v: Tensor, scale: float,
                      options: AttentionOptions) -> tuple[list[Tensor], list[Tensor]]:
     f, s = plan.grid[0], plan.tokens_per_frame
     video = slice(plan.text_before, plan.text_before + f * s)
     outs: list[Tensor] = []
     lses: list[Tensor] = []
+    # for the masked calls (attention_with_lse), once: a rotation keeps a key finite or not
+    chunked = any(isinstance(p, ChunkedPart) for p in plan.parts)
+    finite_keys = surely_finite(k[:, video]) if chunked else None
     for part in plan.parts:
         if isinstance(part, ChunkedPart):
             o, l_ = run_chunked(part.passes, [x.transpose(1, 2) for x in qs], [x.transpose(1, 2) for x in ks],
-                                key_buffers, v[:, video], s, scale, options)
+                                key_buffers, v[:, video], s, scale, options, finite_keys)
             outs.append(o.unflatten(2, (f, s)))
             lses.append(l_.unflatten(2, (f, s)))
         elif isinstance(part, FlexPart):

@@ -63,6 +63,7 @@ def run_chunked(
     tokens_per_frame: int,
     scale: float,
     options: AttentionOptions,
+    finite_keys: bool | None = None,
 ) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
     """Merged attention of every video query over the pairs of ``plan``'s stacks and passes (rows outside
     them get output 0 and LSE ``-inf``).
@@ -72,6 +73,7 @@ def run_chunked(
     for each group of ``key_groups``, its bands' key rotations one after
     the other in one (batch, heads, len * tokens, dim) tensor, as the stacks read them.
     Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
+    ``finite_keys``: whether every key is finite, when the caller knows (``attention_with_lse``).
     """
     b, n, h, d = v.shape
     s = tokens_per_frame
@@ -137,7 +139,8 @@ def run_chunked(
         mask, prepared = None, None
         if p.pattern:
             mask, prepared = _mask_for(plan, p, q, masks, options)
-        o, l_ = attention_with_lse(q, take(ks[p.band], p.keys), take(vh, p.keys), mask, scale, prepared, options)
+        o, l_ = attention_with_lse(q, take(ks[p.band], p.keys), take(vh, p.keys), mask, scale, prepared, options,
+                                   finite_keys)
         if isinstance(p.rows, slice):
             accumulate(lambda x, r=p.rows: x[:, :, r], o, l_, p.first)
         else:  # views of the window's rows, shaped (batch, heads, frames, raster[, dim])

@@ -29,7 +29,7 @@ from torch import Tensor
 from .options import DEFAULT_OPTIONS, AttentionOptions
 
 __all__ = ["CUDA_KERNELS", "FusedKernel", "attention_with_lse", "checked_kernels", "choose_kernel", "fused_kernel_for",
-           "prepare_mask", "uses_fused_cpu_kernel", "uses_fused_kernel"]
+           "prepare_mask", "surely_finite", "uses_fused_cpu_kernel", "uses_fused_kernel"]
 
 
 def uses_fused_cpu_kernel(q: Tensor) -> bool:
@@ -213,6 +213,12 @@ def uses_fused_kernel(q: Tensor, masked: bool = False, overlapping: bool = False
     return uses_fused_cpu_kernel(q) or fused_kernel_for(q, masked, overlapping, options) is not None
 
 
+def surely_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, from the sum alone (one cheap reduction): a NaN or an
+    infinity always makes the sum non-finite; a sum that overflows says False for finite entries."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32 if x.element_size() < 4 else x.dtype)))
+
+
 def prepare_mask(mask: Bool[Tensor, "*batch q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """``(additive bias in dtype, rows that have a key)`` of a bool mask, for ``attention_with_lse``;
     the rows are None when every row has a key (checked here once, not on every call)."""
@@ -229,6 +235,7 @@ def attention_with_lse(
     scale: float,
     prepared: tuple[Tensor, Tensor | None] | None = None,
     options: AttentionOptions = DEFAULT_OPTIONS,
+    finite_keys: bool | None = None,
 ) -> tuple[Float[Tensor, "batch heads q dim"], Float[Tensor, "batch heads q"]]:
     """Softmax attention of ``q`` over ``k``/``v`` restricted to ``mask`` (None: all pairs).
 
@@ -238,25 +245,32 @@ def attention_with_lse(
     across calls with the same mask). Returns the output (``q.dtype``) and the natural-log LSE of
     the scaled logits (float32).
 
+    The fused kernels mask by adding -inf, which leaves a NaN or +inf logit NaN, so with a NaN or
+    infinite key a masked call runs on the plain path, which replaces the masked logits: a key
+    touches only the rows that attend it. ``finite_keys``: whether every key is finite, when the
+    caller knows (None: checked here, for a masked call; False where unsure: the plain path is exact
+    for finite keys too).
+
     Where q, k or v requires grad (and grad mode is on), both results are differentiable
     (``_AttentionWithLSE``): the forward is the same call, and float64 inputs are then computed in
     float64, their LSE too.
     """
+    fused = mask is None or (surely_finite(k) if finite_keys is None else finite_keys)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _AttentionWithLSE.apply(q, k, v, mask, scale, prepared, options)
-    return _attention_with_lse(q, k, v, mask, scale, prepared, options)
+        return _AttentionWithLSE.apply(q, k, v, mask, scale, prepared, options, fused)
+    return _attention_with_lse(q, k, v, mask, scale, prepared, options, fused)
 
 
 def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-                        prepared: tuple[Tensor, Tensor | None] | None, options: AttentionOptions,
+                        prepared: tuple[Tensor, Tensor | None] | None, options: AttentionOptions, fused: bool,
                         wide: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """``attention_with_lse`` without autograd; ``wide``: the dtype of the plain path (float32 or float64)
-    and of the LSE."""
-    cuda_kernel = fused_kernel_for(q, mask is not None, _overlapping(k), options)
-    if mask is not None and prepared is None and (cuda_kernel is not None or uses_fused_cpu_kernel(q)):
+    """``attention_with_lse`` without autograd; ``fused``: a fused kernel may run; ``wide``: the dtype of
+    the plain path (float32 or float64) and of the LSE."""
+    cuda_kernel = fused_kernel_for(q, mask is not None, _overlapping(k), options) if fused else None
+    if mask is not None and prepared is None and (cuda_kernel is not None or uses_fused_cpu_kernel(q)) and fused:
         prepared = prepare_mask(mask, q.dtype)
-    has_key = None if prepared is None else prepared[1]
-    if uses_fused_cpu_kernel(q):
+    has_key = None if prepared is None or not fused else prepared[1]
+    if uses_fused_cpu_kernel(q) and fused:
         bias = None if prepared is None else prepared[0]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
@@ -266,7 +280,7 @@ def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, sc
             out, lse = cuda_kernel.run(q, k, v, None if prepared is None else prepared[0], scale)
         except RuntimeError as err:  # passed its check, fails here (a size or layout it does not take)
             _after_failure(cuda_kernel, q, mask is not None, _overlapping(k), err, options)
-            return _attention_with_lse(q, k, v, mask, scale, prepared, options, wide)
+            return _attention_with_lse(q, k, v, mask, scale, prepared, options, fused, wide)
     else:
         out, lse = _float_attention(q, k, v, mask, scale, options.float_logits, wide)
     lse = lse.to(wide)
@@ -287,9 +301,10 @@ class _AttentionWithLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-                prepared: tuple[Tensor, Tensor | None] | None, options: AttentionOptions) -> tuple[Tensor, Tensor]:
+                prepared: tuple[Tensor, Tensor | None] | None, options: AttentionOptions,
+                fused: bool) -> tuple[Tensor, Tensor]:
         wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-        out, lse = _attention_with_lse(q, k, v, mask, scale, prepared, options, wide)
+        out, lse = _attention_with_lse(q, k, v, mask, scale, prepared, options, fused, wide)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.scale, ctx.float_logits = mask, scale, options.float_logits
         return out, lse
@@ -321,4 +336,4 @@ class _AttentionWithLSE(torch.autograd.Function):
             dk += torch.matmul(ds.transpose(-1, -2), qr) * scale
             dv += torch.matmul(p.transpose(-1, -2), dor)
         return (dq.to(q.dtype), dk.sum_to_size(k.shape).to(k.dtype), dv.sum_to_size(v.shape).to(v.dtype),
-                None, None, None, None)
+                None, None, None, None, None)

@@ -50,9 +50,11 @@ def merge_lse(
     weight = torch.exp(lse - top)
     total = weight.sum(0)
     out = torch.zeros(outs[0].shape, dtype=wide, device=outs[0].device)
+    # a pass counts unless it has no key for the row (its output is then arbitrary); a NaN or an
+    # infinite LSE (a non-finite logit) stays NaN, in the output too
     for i, o in enumerate(outs):
-        out = out + torch.where(weight[i, ..., None] > 0, o.to(wide) * weight[i, ..., None], 0.0)
-    out = torch.where(total[..., None] > 0, out / total.clamp_min(1e-30)[..., None], 0.0)
+        out = out + torch.where(torch.isneginf(lse[i, ..., None]), 0.0, o.to(wide) * weight[i, ..., None])
+    out = torch.where(total[..., None] == 0, 0.0, out / total.clamp_min(1e-30)[..., None])
     return out, top + torch.log(total)
 
 
