@@ -176,10 +176,11 @@ class RotaryLayout:
         ``out``: a tensor shaped like ``x`` (any strides, e.g. a transposed view of a head-major buffer)
         to write the result into and return; the numbers are the same.
         """
-        if self.interleaved and x.device.type == "cpu" and not torch.compiler.is_compiling():  # complex pairs
+        grad = _needs_grad(x)  # the in-place and complex routes write with out=, which autograd refuses
+        if self.interleaved and x.device.type == "cpu" and not torch.compiler.is_compiling() and not grad:
             return _rotate_complex_into(x, out if out is not None else torch.empty_like(x), cos, sin)
         xv, c, s = _against(x, cos, sin)
-        if out is not None:
+        if out is not None and not grad:
             ov = _by_frame(out, cos) if cos.ndim == 3 else out
             if self.interleaved:
                 pairs = (xv[..., 0::2], xv[..., 1::2]), (ov[..., 0::2], ov[..., 1::2])
@@ -188,7 +189,7 @@ class RotaryLayout:
                 pairs = (xv[..., :half], xv[..., half:]), (ov[..., :half], ov[..., half:])
             _rotate_pairs_into(*pairs, c, s)
             return out
-        xf = xv.float()
+        xf = xv.to(_working_dtype(x))
         if self.interleaved:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
             rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
@@ -196,7 +197,8 @@ class RotaryLayout:
             half = self.head_dim // 2
             x1, x2 = xf[..., :half], xf[..., half:]
             rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-        return rotated.to(x.dtype).reshape(x.shape)
+        rotated = rotated.to(x.dtype).reshape(x.shape)
+        return rotated if out is None else out.copy_(rotated)
 
     def temporal_cos_sin(
         self, t_pos: Real[Tensor, " tokens"], t_freqs: Float[Tensor, " t_pairs"] | None = None
@@ -246,7 +248,8 @@ class RotaryLayout:
         """
         pairs = (self._pairs_of("t"), self._pairs_of("s"))
         tabs = (temporal, spatial if self.h_dim + self.w_dim else None)  # no spatial channels: nothing to rotate
-        if self.interleaved and x.device.type == "cpu" and not torch.compiler.is_compiling():  # complex pairs
+        grad = _needs_grad(x)  # the in-place and complex routes write with out=, which autograd refuses
+        if self.interleaved and x.device.type == "cpu" and not torch.compiler.is_compiling() and not grad:
             target = out if out is not None else torch.empty_like(x)
             for (a, b), tab in zip(pairs, tabs, strict=True):
                 part = slice(a.start, b.stop)  # interleaved: a part's channels are one range
@@ -265,7 +268,7 @@ class RotaryLayout:
             tabs = tuple(None if tab is None else tuple(c if c.ndim == 3 else c.unflatten(0, (f, s)) for c in tab)
                          for tab in tabs)
         tables = [None if tab is None else tuple(map(_broadcast, tab)) for tab in tabs]
-        if ov is not None:
+        if ov is not None and not grad:
             for (a, b), tab in zip(pairs, tables, strict=True):
                 if tab is None:
                     ov[..., a], ov[..., b] = xv[..., a], xv[..., b]
@@ -277,7 +280,7 @@ class RotaryLayout:
             x1, x2 = xv[..., a], xv[..., b]
             if tab is not None:
                 c, s_ = tab
-                x1, x2 = x1.float(), x2.float()
+                x1, x2 = x1.to(_working_dtype(x)), x2.to(_working_dtype(x))
                 x1, x2 = (x1 * c - x2 * s_).to(x.dtype), (x1 * s_ + x2 * c).to(x.dtype)
             rotated.append((x1, x2))
         (t1, t2), (s1, s2) = rotated
@@ -285,7 +288,8 @@ class RotaryLayout:
             pieces = [torch.stack((t1, t2), dim=-1).flatten(-2), torch.stack((s1, s2), dim=-1).flatten(-2)]
         else:
             pieces = [t1, s1, t2, s2]
-        return torch.cat(pieces, dim=-1).reshape(shape)
+        result = torch.cat(pieces, dim=-1).reshape(shape)
+        return result if out is None else out.copy_(result)
 
     def _pairs_of(self, part: str) -> tuple[slice, slice]:
         """Channel slices of the first and second members of the temporal (``"t"``) or spatial pairs."""
@@ -307,6 +311,17 @@ class RotaryLayout:
         pairing = "interleaved" if self.interleaved else "rotate-half"
         return (f"RotaryLayout(t={self.t_dim}, h={self.h_dim}, w={self.w_dim}, theta={self.theta:g}, "
                 f"{pairing}; temporal wavelength {2 * math.pi:.2f}..{2 * math.pi * self.theta:.3g} frames)")
+
+
+def _needs_grad(x: Tensor) -> bool:
+    """Whether a rotation of ``x`` is recorded for autograd (then it is computed out of place)."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _working_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a rotation of ``x`` is computed in: float32, or float64 for float64 inputs recorded for
+    autograd (so that gradients can be checked against finite differences)."""
+    return torch.float64 if x.dtype == torch.float64 and _needs_grad(x) else torch.float32
 
 
 def _by_frame(x: Tensor, table: Tensor) -> Tensor:

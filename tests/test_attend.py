@@ -259,3 +259,50 @@ def test_no_sample_or_no_head_gives_an_empty_output(backend: str, empty: str) ->
     for method in (None, freeloc.TSA(cap=4), freeloc.VRPR.for_length(30, 13)):
         out = attend(q, q, q, grid=(30, 2, 3), method=method, rotary=ROTARY, backend=backend, text_before=5)
         assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def _rows_touched_by(q: torch.Tensor, k: torch.Tensor, method: Method | None, grid: tuple[int, int, int], key: int,
+                     which: str) -> torch.Tensor:
+    """Video query rows (batch 1, head 1) whose output a non-finite entry of token ``key``'s key or value
+    makes non-finite, from the method's bands alone: every row that attends the token, for a value or
+    a NaN key; for an infinite key, the rows whose logit with it is NaN or +inf (a logit of -inf only
+    drops the key)."""
+    f, h, w = grid
+    s = h * w
+    bands = band_set_for(method, f, s, ROTARY)
+    frame = torch.arange(f).repeat_interleave(s)
+    hp = torch.arange(h, dtype=torch.float64).repeat_interleave(w).repeat(f)
+    wp = torch.arange(w, dtype=torch.float64).repeat(f * h)
+    touched = torch.zeros(f * s, dtype=torch.bool)
+    for band in bands.bands:
+        attends = band.token_pairs(s)[:, key]
+        if which == "v" or bool(torch.isnan(k).any()):
+            touched |= attends
+            continue
+        qb = ROTARY.rotate(q, band.q_pos[frame].double(), hp, wp, bands.t_freqs)[0, :, 0]
+        kb = ROTARY.rotate(k, band.k_pos[frame].double(), hp, wp, bands.t_freqs)[0, key, 0]
+        logit = qb @ kb
+        touched |= attends & (torch.isnan(logit) | torch.isposinf(logit))
+    return touched
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("which", ["k", "v"])
+@pytest.mark.parametrize("name,method", [("tsa", SMALL_TSA), ("vrpr", freeloc.VRPR.for_length(30, 13)),
+                                         ("none", None)], ids=["tsa", "vrpr", "none"])
+def test_a_non_finite_key_or_value_touches_only_the_rows_that_attend_it(name: str, method: Method | None,
+                                                                        which: str, bad: float) -> None:
+    """One NaN or infinite entry in one token's key or value: on every backend, the rows with a non-finite
+    output are exactly those that attend the token (for an infinite key: those whose logit with it is NaN
+    or +inf), as the method's bands say."""
+    grid = (30, 3, 5)
+    key = 7 * 15 + 4  # frame 7, a token inside the frame
+    q, k, v = qkv(30 * 15, torch.float32, seed=31, batch=1, heads=1)
+    {"k": k, "v": v}[which][0, key, 0, 3] = bad
+    want = _rows_touched_by(q, k, method, grid, key, which)
+    assert want.any() and (name != "tsa" or not want.all())  # TSA: a strict subset of the rows
+    for backend in ("reference", "chunked", "flex"):
+        out = attend(q, k, v, grid=grid, method=method, rotary=ROTARY, backend=backend)[0, :, 0]
+        got = ~torch.isfinite(out).all(-1)
+        print(f"{backend}: {int(got.sum())} non-finite rows, {int(want.sum())} expected")
+        assert torch.equal(got, want), f"{backend}: rows {torch.nonzero(got != want).flatten().tolist()} differ"

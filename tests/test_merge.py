@@ -71,3 +71,15 @@ def test_merge_outputs_is_the_merged_output_in_the_given_dtype() -> None:
     want_o, want_l = merge_lse(outs, lses)
     torch.testing.assert_close(acc_o, want_o, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(acc_l, want_l)
+
+
+def test_a_non_finite_lse_stays_non_finite() -> None:
+    """A row whose pass has a NaN or +inf LSE (a NaN or +inf logit) gets a NaN output, not 0; a pass with
+    no key for a row (LSE -inf) still weighs zero whatever its output."""
+    outs = [torch.ones(4, 3), torch.full((4, 3), 2.0)]
+    lses = [torch.tensor([0.0, float("nan"), float("inf"), 0.0]), torch.tensor([0.0, 0.0, 0.0, float("-inf")])]
+    outs[1][3] = float("nan")  # arbitrary output of a pass without keys for that row
+    out, _ = merge_lse(outs, lses)
+    assert torch.isnan(out[1]).all() and torch.isnan(out[2]).all()
+    torch.testing.assert_close(out[0], torch.full((3,), 1.5))
+    torch.testing.assert_close(out[3], torch.ones(3))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -41,7 +42,7 @@ from ..rotary import RotaryLayout
 from ._chunked import run_chunked
 from ._flex import run_flex
 from ._fused import on_device
-from ._kernels import attention_with_lse
+from ._kernels import attention_with_lse, surely_finite
 from ._merge import merge_lse, merge_outputs
 from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, plan_attention
 from ._reference import reference_attention
@@ -101,6 +102,12 @@ def attend(
 
     Returns:
         (batch, seq, heads, head_dim) in ``q``'s dtype.
+
+    Gradients: where q, k or v requires grad (and grad mode is on), the output is differentiable on the
+    ``reference`` and ``chunked`` backends, and on ``flex`` on CUDA; float64 inputs are then computed in
+    float64 throughout. ``flex`` on CPU has no backward (``flex_attention`` refuses it there): such a call
+    raises before any work. Under autograd the chunked backend keeps what its backward needs, so its
+    memory is no longer bounded by one pass (docs/concepts.md, "Gradients").
     """
     options = DEFAULT_OPTIONS if options is None else options
     f, hh, ww = _check_inputs(q, k, v, grid, method, rotary, backend, text_before, text_after, text_mask, scale,
@@ -108,6 +115,31 @@ def attend(
     if q.numel() == 0:  # no sample or no head: nothing to attend
         return q.new_empty(q.shape)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not surely_finite(v):  # NaN or infinite values (or a sum that overflows: the same result, slower)
+        return _with_non_finite_values(
+            lambda values: _attend(q, k, values, f, hh, ww, method, rotary, backend, text_before, text_after,
+                                   text_mask, scale, options), v)
+    return _attend(q, k, v, f, hh, ww, method, rotary, backend, text_before, text_after, text_mask, scale, options)
+
+
+def _with_non_finite_values(run: Callable[[Tensor], Tensor], v: Tensor) -> Tensor:
+    """``run(v)`` for values with NaN or infinite entries, where only the rows that attend such a value are
+    touched by it (a product ``0 * nan`` in a kernel would touch every row that reads the key): the
+    output with those entries 0, then, per output channel, NaN where a row gives weight to a NaN value
+    (or to both infinities), +-inf where it gives weight to that infinity alone."""
+    out = run(torch.where(torch.isfinite(v), v, 0.0))
+    pos, neg, nan = (run(kind(v).to(v.dtype)) > 0 for kind in (torch.isposinf, torch.isneginf, torch.isnan))
+    out = torch.where(pos, float("inf"), out)
+    out = torch.where(neg, torch.where(pos, float("nan"), float("-inf")), out)
+    return torch.where(nan, float("nan"), out)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, f: int, hh: int, ww: int, method: Method | None,
+            rotary: RotaryLayout | None, backend: str, text_before: int, text_after: int, text_mask: Tensor | None,
+            scale: float, options: AttentionOptions) -> Tensor:
+    """``attend`` after its checks."""
+    grad = _needs_grad(q, k, v)
+    wide = torch.float64 if grad and q.dtype == torch.float64 else torch.float32  # the merges' dtype
     plan = plan_attention(q, band_set_for(method, f, hh * ww, rotary), (f, hh, ww), text_before, text_after, backend,
                           options)
     video = slice(text_before, text_before + f * hh * ww)
@@ -126,28 +158,40 @@ def attend(
         qo, ko = (rotate_original(plan, x, rotary, options).transpose(1, 2) for x in (q, k))
         out = reference_attention(qo, ko, v.transpose(1, 2), [x.transpose(1, 2) for x in qs],
                                   [x.transpose(1, 2) for x in ks], first.bands, hh * ww, video, scale, key_mask,
-                                  options.max_dense_tokens)
+                                  options.max_dense_tokens, wide)
         return out.transpose(1, 2)
     # the video parts' outputs and LSEs by frame (B, H, F, S[, D]), merged once
-    outs, lses = _run_video_parts(plan, qs, ks, key_buffers, v, scale, options)
+    outs, lses = _run_video_parts(plan, qs, ks, key_buffers, k, v, scale, options)
     if not (text_before or text_after):
-        merge = on_device(merge_outputs, q.device, options)
-        out = outs[0].to(q.dtype) if len(outs) == 1 else merge(outs, lses, q.dtype)
+        if len(outs) == 1:
+            out = outs[0].to(q.dtype)
+        elif grad:  # eager, in the working dtype
+            out = merge_lse(outs, lses, wide)[0].to(q.dtype)
+        else:
+            out = on_device(merge_outputs, q.device, options)(outs, lses, q.dtype)
         return out.flatten(2, 3).transpose(1, 2)
-    return _with_text(plan, q, k, v, outs, lses, rotary, key_mask, text_mask, scale, options)
+    return _with_text(plan, q, k, v, outs, lses, rotary, key_mask, text_mask, scale, options, grad)
+
+
+def _needs_grad(*xs: Tensor) -> bool:
+    """Whether a call on these tensors is recorded for autograd."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
 def _run_video_parts(plan: AttentionPlan, qs: list[Tensor], ks: list[Tensor],
-                     key_buffers: dict[tuple[int, ...], Tensor], v: Tensor, scale: float,
+                     key_buffers: dict[tuple[int, ...], Tensor], k: Tensor, v: Tensor, scale: float,
                      options: AttentionOptions) -> tuple[list[Tensor], list[Tensor]]:
     f, s = plan.grid[0], plan.tokens_per_frame
     video = slice(plan.text_before, plan.text_before + f * s)
     outs: list[Tensor] = []
     lses: list[Tensor] = []
+    # for the masked calls (attention_with_lse), once: a rotation keeps a key finite or not
+    chunked = any(isinstance(p, ChunkedPart) for p in plan.parts)
+    finite_keys = surely_finite(k[:, video]) if chunked else None
     for part in plan.parts:
         if isinstance(part, ChunkedPart):
             o, l_ = run_chunked(part.passes, [x.transpose(1, 2) for x in qs], [x.transpose(1, 2) for x in ks],
-                                key_buffers, v[:, video], s, scale, options)
+                                key_buffers, v[:, video], s, scale, options, finite_keys)
             outs.append(o.unflatten(2, (f, s)))
             lses.append(l_.unflatten(2, (f, s)))
         elif isinstance(part, FlexPart):
@@ -160,7 +204,7 @@ def _run_video_parts(plan: AttentionPlan, qs: list[Tensor], ks: list[Tensor],
 
 def _with_text(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, outs: list[Tensor], lses: list[Tensor],
                rotary: RotaryLayout | None, key_mask: Tensor | None, text_mask: Tensor | None, scale: float,
-               options: AttentionOptions) -> Tensor:
+               options: AttentionOptions, grad: bool) -> Tensor:
     """The text part: video queries over the text keys, merged with the video parts; text queries over
     every key. Dense, at the original positions."""
     f, s = plan.grid[0], plan.tokens_per_frame
@@ -171,8 +215,11 @@ def _with_text(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, outs: list[
     text_vals = torch.cat([vh[:, :, :video.start], vh[:, :, video.stop:]], dim=2)
     text_key_mask = None if text_mask is None else text_mask.to(q.device)[:, None, None, :].expand(-1, 1, f * s, -1)
     out_t, lse_t = attention_with_lse(qo[:, :, video], text_keys, text_vals, text_key_mask, scale, options=options)
-    out_v, _ = on_device(merge_lse, q.device, options)([*outs, out_t.unflatten(2, (f, s))],
-                                                       [*lses, lse_t.unflatten(2, (f, s))])
+    parts = [*outs, out_t.unflatten(2, (f, s))], [*lses, lse_t.unflatten(2, (f, s))]
+    if grad:  # eager, in the working dtype
+        out_v, _ = merge_lse(*parts, torch.float64 if q.dtype == torch.float64 else torch.float32)
+    else:
+        out_v, _ = on_device(merge_lse, q.device, options)(*parts)
     pieces = [out_v.flatten(2, 3).to(q.dtype)]
     if video.start:
         pieces.insert(0, F.scaled_dot_product_attention(qo[:, :, :video.start], ko, vh, attn_mask=key_mask,
@@ -223,6 +270,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, grid: object, method: object,
                               or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"scale must be a finite number > 0 (the softmax scale) or None for 1 / sqrt(head_dim), "
                          f"got {scale!r}")
+    if backend == "flex" and q.device.type == "cpu" and _needs_grad(q, k, v):
+        raise ValueError("backend='flex' has no backward on CPU (flex_attention refuses gradients there), and q, k "
+                         "or v requires grad: use backend='chunked' (or 'reference' for small inputs), or run "
+                         "under torch.no_grad()")
     if rotary is None and isinstance(method, Method) and method.changes_positions:
         raise ValueError(f"{type(method).__name__} changes temporal positions, but rotary=None (a model without "
                          f"RoPE): only attention-pattern methods apply (TSA, SlidingWindow) or method=None")

@@ -10,13 +10,15 @@ to ``AttentionOptions.mask_cache_bytes`` per plan.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ._fused import on_device
 from ._kernels import attention_with_lse, prepare_mask, uses_fused_kernel
-from ._merge import EMPTY_LSE, merge_pass_into_
+from ._merge import EMPTY_LSE, merge_pass, merge_pass_into_
 from ._passes import MaskEntry, Pass, PassPlan, Stack, Window
 from .options import AttentionOptions
 
@@ -61,6 +63,7 @@ def run_chunked(
     tokens_per_frame: int,
     scale: float,
     options: AttentionOptions,
+    finite_keys: bool | None = None,
 ) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
     """Merged attention of every video query over the pairs of ``plan``'s stacks and passes (rows outside
     them get output 0 and LSE ``-inf``).
@@ -70,9 +73,12 @@ def run_chunked(
     for each group of ``key_groups``, its bands' key rotations one after
     the other in one (batch, heads, len * tokens, dim) tensor, as the stacks read them.
     Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
+    ``finite_keys``: whether every key is finite, when the caller knows (``attention_with_lse``).
     """
     b, n, h, d = v.shape
     s = tokens_per_frame
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*qs, *ks, v))
+    wide = torch.float64 if grad and v.dtype == torch.float64 else torch.float32
     # values: head-major, repeated once per band of the widest stack buffer (consecutive, one tensor)
     reps = max((len(p.key_bands) for p in plan if isinstance(p, Stack)), default=1)
     v_rep = v.new_empty(b, h, reps * n, d)
@@ -80,8 +86,8 @@ def run_chunked(
     for r in range(1, reps):
         v_rep[:, :, r * n:(r + 1) * n].copy_(v_rep[:, :, :n])
     vh = v_rep[:, :, :n]
-    out = torch.zeros(b, h, n, d, dtype=torch.float32, device=v.device)
-    lse = torch.full((b, h, n), EMPTY_LSE, dtype=torch.float32, device=v.device)
+    out = torch.zeros(b, h, n, d, dtype=wide, device=v.device)
+    lse = torch.full((b, h, n), EMPTY_LSE, dtype=wide, device=v.device)
     masks: dict[tuple, MaskEntry] = {}  # this call's, past the plan's budget
 
     def take(x: Tensor, index: slice | Window) -> Tensor:
@@ -90,8 +96,20 @@ def run_chunked(
     # compiled where the small steps are: passes of many lengths, one kernel for any length after the second
     merge = on_device(merge_pass_into_, v.device, options, dynamic=None)
 
-    def accumulate(acc_o: Tensor, acc_l: Tensor, o: Tensor, l_: Tensor, first: bool) -> None:
-        if first:
+    def accumulate(rows: Callable[[Tensor], Tensor], o: Tensor, l_: Tensor, first: bool) -> None:
+        """Merge a pass into the rows of ``out`` and ``lse`` that ``rows`` views (o, l_ shaped like them)."""
+        nonlocal out, lse
+        acc_o, acc_l = rows(out), rows(lse)
+        o, l_ = o.reshape(acc_o.shape), l_.reshape(acc_l.shape)
+        if grad:  # each pass gives new tensors: nothing autograd saved is changed in place
+            if first:
+                new_o, new_l = o.to(wide), l_.to(wide).clamp_min(EMPTY_LSE)
+            else:  # copies of the rows: autograd keeps them, not the whole accumulator
+                new_o, new_l = merge_pass(acc_o.clone(), acc_l.clone(), o, l_)
+            out, lse = out.clone(), lse.clone()
+            rows(out).copy_(new_o)
+            rows(lse).copy_(new_l)
+        elif first:
             acc_o.copy_(o)
             acc_l.copy_(l_.clamp_min(EMPTY_LSE))
         else:
@@ -114,19 +132,19 @@ def run_chunked(
                                                _frame_windows(kb, i, f0 + p.offset, nf, p.length, s),
                                                _frame_windows(vb, i, f0 + p.offset, nf, p.length, s), None, scale,
                                                options=options)
-                    accumulate(out[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1),
-                               lse[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1), o, l_, p.first)
+                    accumulate(lambda x, i=i, rows=rows, nf=nf: x[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1),
+                               o, l_, p.first)
             continue
         q = take(qs[p.band], p.rows)
         mask, prepared = None, None
         if p.pattern:
             mask, prepared = _mask_for(plan, p, q, masks, options)
-        o, l_ = attention_with_lse(q, take(ks[p.band], p.keys), take(vh, p.keys), mask, scale, prepared, options)
+        o, l_ = attention_with_lse(q, take(ks[p.band], p.keys), take(vh, p.keys), mask, scale, prepared, options,
+                                   finite_keys)
         if isinstance(p.rows, slice):
-            acc_o, acc_l = out[:, :, p.rows], lse[:, :, p.rows]
+            accumulate(lambda x, r=p.rows: x[:, :, r], o, l_, p.first)
         else:  # views of the window's rows, shaped (batch, heads, frames, raster[, dim])
-            acc_o, acc_l = p.rows.framed(out, s), p.rows.framed(lse, s)
-            o, l_ = o.reshape(acc_o.shape), l_.reshape(acc_l.shape)
-        accumulate(acc_o, acc_l, o, l_, p.first)
-    lse = lse.masked_fill_(lse <= EMPTY_LSE / 2, float("-inf"))
+            accumulate(lambda x, w=p.rows: w.framed(x, s), o, l_, p.first)
+    empty = lse <= EMPTY_LSE / 2
+    lse = lse.masked_fill(empty, float("-inf")) if grad else lse.masked_fill_(empty, float("-inf"))
     return out, lse

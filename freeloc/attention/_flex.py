@@ -147,6 +147,8 @@ def run_flex(
     """
     from torch.nn.attention.flex_attention import flex_attention
 
+    if not torch.is_grad_enabled():  # flex_attention refuses inputs that require grad on CPU, even under no_grad
+        qs, ks, v = [x.detach() for x in qs], [x.detach() for x in ks], v.detach()
     n = v.shape[2]
     if v.device.type == "cpu" and n > options.max_dense_tokens:
         raise ValueError(f"flex on CPU runs eagerly and materialises the scores; it accepts N <= "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -28,7 +29,7 @@ from torch import Tensor
 from .options import DEFAULT_OPTIONS, AttentionOptions
 
 __all__ = ["CUDA_KERNELS", "FusedKernel", "attention_with_lse", "checked_kernels", "choose_kernel", "fused_kernel_for",
-           "prepare_mask", "uses_fused_cpu_kernel", "uses_fused_kernel"]
+           "prepare_mask", "surely_finite", "uses_fused_cpu_kernel", "uses_fused_kernel"]
 
 
 def uses_fused_cpu_kernel(q: Tensor) -> bool:
@@ -114,14 +115,16 @@ def _overlapping(k: Tensor) -> bool:
 
 
 def _float_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
-                     float_logits: int = DEFAULT_OPTIONS.float_logits) -> tuple[Tensor, Tensor]:
-    """Plain float32 attention, in row chunks of at most ``float_logits`` logits."""
+                     float_logits: int = DEFAULT_OPTIONS.float_logits,
+                     wide: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Plain attention computed in ``wide`` (float32, or float64), in row chunks of at most
+    ``float_logits`` logits."""
     b, h, n, _ = q.shape
     step = max(1, float_logits // max(1, b * h * k.shape[2]))
     outs, lses = [], []
-    kf, vf = k.float().transpose(-1, -2), v.float()
+    kf, vf = k.to(wide).transpose(-1, -2), v.to(wide)
     for r in range(0, n, step):
-        s = torch.matmul(q[:, :, r:r + step].float() * scale, kf)
+        s = torch.matmul(q[:, :, r:r + step].to(wide) * scale, kf)
         if mask is not None:
             s = s.masked_fill(~mask[..., r:r + step, :], float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
@@ -210,6 +213,12 @@ def uses_fused_kernel(q: Tensor, masked: bool = False, overlapping: bool = False
     return uses_fused_cpu_kernel(q) or fused_kernel_for(q, masked, overlapping, options) is not None
 
 
+def surely_finite(x: Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, from the sum alone (one cheap reduction): a NaN or an
+    infinity always makes the sum non-finite; a sum that overflows says False for finite entries."""
+    return bool(torch.isfinite(x.sum(dtype=torch.float32 if x.element_size() < 4 else x.dtype)))
+
+
 def prepare_mask(mask: Bool[Tensor, "*batch q k"], dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
     """``(additive bias in dtype, rows that have a key)`` of a bool mask, for ``attention_with_lse``;
     the rows are None when every row has a key (checked here once, not on every call)."""
@@ -226,6 +235,7 @@ def attention_with_lse(
     scale: float,
     prepared: tuple[Tensor, Tensor | None] | None = None,
     options: AttentionOptions = DEFAULT_OPTIONS,
+    finite_keys: bool | None = None,
 ) -> tuple[Float[Tensor, "batch heads q dim"], Float[Tensor, "batch heads q"]]:
     """Softmax attention of ``q`` over ``k``/``v`` restricted to ``mask`` (None: all pairs).
 
@@ -234,12 +244,33 @@ def attention_with_lse(
     ``prepared`` may carry ``(bias, has_key)`` from ``prepare_mask`` for this mask (reused
     across calls with the same mask). Returns the output (``q.dtype``) and the natural-log LSE of
     the scaled logits (float32).
+
+    The fused kernels mask by adding -inf, which leaves a NaN or +inf logit NaN, so with a NaN or
+    infinite key a masked call runs on the plain path, which replaces the masked logits: a key
+    touches only the rows that attend it. ``finite_keys``: whether every key is finite, when the
+    caller knows (None: checked here, for a masked call; False where unsure: the plain path is exact
+    for finite keys too).
+
+    Where q, k or v requires grad (and grad mode is on), both results are differentiable
+    (``_AttentionWithLSE``): the forward is the same call, and float64 inputs are then computed in
+    float64, their LSE too.
     """
-    cuda_kernel = fused_kernel_for(q, mask is not None, _overlapping(k), options)
-    if mask is not None and prepared is None and (cuda_kernel is not None or uses_fused_cpu_kernel(q)):
+    fused = mask is None or (surely_finite(k) if finite_keys is None else finite_keys)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _AttentionWithLSE.apply(q, k, v, mask, scale, prepared, options, fused)
+    return _attention_with_lse(q, k, v, mask, scale, prepared, options, fused)
+
+
+def _attention_with_lse(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                        prepared: tuple[Tensor, Tensor | None] | None, options: AttentionOptions, fused: bool,
+                        wide: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """``attention_with_lse`` without autograd; ``fused``: a fused kernel may run; ``wide``: the dtype of
+    the plain path (float32 or float64) and of the LSE."""
+    cuda_kernel = fused_kernel_for(q, mask is not None, _overlapping(k), options) if fused else None
+    if mask is not None and prepared is None and (cuda_kernel is not None or uses_fused_cpu_kernel(q)) and fused:
         prepared = prepare_mask(mask, q.dtype)
-    has_key = None if prepared is None else prepared[1]
-    if uses_fused_cpu_kernel(q):
+    has_key = None if prepared is None or not fused else prepared[1]
+    if uses_fused_cpu_kernel(q) and fused:
         bias = None if prepared is None else prepared[0]
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias, scale=scale
@@ -249,12 +280,60 @@ def attention_with_lse(
             out, lse = cuda_kernel.run(q, k, v, None if prepared is None else prepared[0], scale)
         except RuntimeError as err:  # passed its check, fails here (a size or layout it does not take)
             _after_failure(cuda_kernel, q, mask is not None, _overlapping(k), err, options)
-            return attention_with_lse(q, k, v, mask, scale, prepared, options)
+            return _attention_with_lse(q, k, v, mask, scale, prepared, options, fused, wide)
     else:
-        out, lse = _float_attention(q, k, v, mask, scale, options.float_logits)
-    lse = lse.float()
+        out, lse = _float_attention(q, k, v, mask, scale, options.float_logits, wide)
+    lse = lse.to(wide)
     if has_key is not None:
         lse = lse.masked_fill(~has_key, float("-inf"))
         if cuda_kernel is not None:
             out = out.masked_fill(~has_key[..., None], 0.0)
     return out, lse
+
+
+class _AttentionWithLSE(torch.autograd.Function):
+    """``attention_with_lse`` for autograd: the forward is the no-grad call (a fused kernel where one
+    runs; float64 inputs in float64), the backward recomputes the probabilities in row chunks of at
+    most ``AttentionOptions.float_logits`` logits and takes the gradient of both the output and the LSE:
+    for ``O = P V``, ``L = logsumexp(S)``, ``P = softmax(S)``:
+    ``dS = P * (dO V^T - rowsum(dO * O) + dL)``, ``dQ = scale dS K``, ``dK = scale dS^T Q``, ``dV = P^T dO``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+                prepared: tuple[Tensor, Tensor | None] | None, options: AttentionOptions,
+                fused: bool) -> tuple[Tensor, Tensor]:
+        wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out, lse = _attention_with_lse(q, k, v, mask, scale, prepared, options, fused, wide)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.mask, ctx.scale, ctx.float_logits = mask, scale, options.float_logits
+        return out, lse
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor, d_lse: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        mask, scale = ctx.mask, ctx.scale
+        wide = lse.dtype
+        b, h, n, _ = q.shape
+        step = max(1, ctx.float_logits // max(1, b * h * k.shape[2]))
+        kf, vf = k.to(wide), v.to(wide)
+        # rowsum(dO * O) - dL: the part of dS common to a row
+        empty = torch.isneginf(lse)  # rows without keys: every probability 0, whatever their output
+        common = torch.where(empty, 0.0, (d_out.to(wide) * out.to(wide)).sum(-1) - d_lse.to(wide))
+        shift = torch.where(empty, 0.0, lse)
+        dq = torch.empty(q.shape, dtype=wide, device=q.device)
+        dk = torch.zeros(torch.broadcast_shapes(k.shape, (b, h, *k.shape[2:])), dtype=wide, device=q.device)
+        dv = torch.zeros_like(dk)
+        for r in range(0, n, step):
+            rows = slice(r, r + step)
+            qr, dor = q[:, :, rows].to(wide), d_out[:, :, rows].to(wide)
+            s = torch.matmul(qr * scale, kf.transpose(-1, -2))
+            if mask is not None:
+                s = s.masked_fill(~mask[..., rows, :], float("-inf"))
+            p = torch.exp(s - shift[:, :, rows, None])
+            ds = p * (torch.matmul(dor, vf.transpose(-1, -2)) - common[:, :, rows, None])
+            dq[:, :, rows] = torch.matmul(ds, kf) * scale
+            dk += torch.matmul(ds.transpose(-1, -2), qr) * scale
+            dv += torch.matmul(p.transpose(-1, -2), dor)
+        return (dq.to(q.dtype), dk.sum_to_size(k.shape).to(k.dtype), dv.sum_to_size(v.shape).to(v.dtype),
+                None, None, None, None, None)

@@ -14,7 +14,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse", "merge_outputs", "merge_pass_into_"]
+__all__ = ["EMPTY_LSE", "merge_into_", "merge_lse", "merge_outputs", "merge_pass", "merge_pass_into_"]
 
 #: A finite stand-in for ``-inf`` in running LSEs: ``exp(EMPTY_LSE - x)`` is exactly 0 for any real
 #: LSE ``x``, and unlike ``-inf`` it never makes ``-inf - (-inf) = nan``, so no guards are needed.
@@ -22,9 +22,10 @@ EMPTY_LSE = -1e30
 
 
 def merge_lse(
-    outs: list[Float[Tensor, "*rows dim"]], lses: list[Float[Tensor, " *rows"]]
+    outs: list[Float[Tensor, "*rows dim"]], lses: list[Float[Tensor, " *rows"]], wide: torch.dtype = torch.float32,
 ) -> tuple[Float[Tensor, "*rows dim"], Float[Tensor, " *rows"]]:
-    """Merge passes exactly; returns the merged output (float32) and the merged LSE.
+    """Merge passes exactly; returns the merged output and the merged LSE, in ``wide`` (float32, or
+    float64).
 
     One expression of all passes at once (inputs in any dtype, views are fine): compiled on CUDA it is
     a single kernel that reads each pass once. Rows without keys in a pass (``lse = -inf``) weigh zero
@@ -42,15 +43,18 @@ def merge_lse(
     """
     if not outs or len(outs) != len(lses):
         raise ValueError(f"merge_lse needs as many outputs as LSEs (>= 1), got {len(outs)} and {len(lses)}")
-    lse = torch.stack([x.float() for x in lses])
-    top = lse.amax(0)
+    lse = torch.stack([x.to(wide) for x in lses])
+    # any shift gives the same result: no gradient flows through it
+    top = lse.amax(0).detach()
     top = torch.where(torch.isneginf(top), 0.0, top)
     weight = torch.exp(lse - top)
     total = weight.sum(0)
-    out = torch.zeros(outs[0].shape, dtype=torch.float32, device=outs[0].device)
+    out = torch.zeros(outs[0].shape, dtype=wide, device=outs[0].device)
+    # a pass counts unless it has no key for the row (its output is then arbitrary); a NaN or an
+    # infinite LSE (a non-finite logit) stays NaN, in the output too
     for i, o in enumerate(outs):
-        out = out + torch.where(weight[i, ..., None] > 0, o.float() * weight[i, ..., None], 0.0)
-    out = torch.where(total[..., None] > 0, out / total.clamp_min(1e-30)[..., None], 0.0)
+        out = out + torch.where(torch.isneginf(lse[i, ..., None]), 0.0, o.to(wide) * weight[i, ..., None])
+    out = torch.where(total[..., None] == 0, 0.0, out / total.clamp_min(1e-30)[..., None])
     return out, top + torch.log(total)
 
 
@@ -70,6 +74,15 @@ def merge_into_(
     w = torch.sigmoid(lse - acc_lse)
     acc_out.lerp_(out, w[..., None])
     torch.logaddexp(acc_lse, lse, out=acc_lse)
+
+
+def merge_pass(
+    acc_out: Float[Tensor, "*rows dim"], acc_lse: Float[Tensor, " *rows"],
+    out: Float[Tensor, "*rows dim"], lse: Float[Tensor, " *rows"],
+) -> tuple[Float[Tensor, "*rows dim"], Float[Tensor, " *rows"]]:
+    """``merge_into_`` out of place, for autograd: the merged (output, LSE) in the running result's dtype."""
+    w = torch.sigmoid(lse - acc_lse)
+    return torch.lerp(acc_out, out.to(acc_out.dtype), w[..., None]), torch.logaddexp(acc_lse, lse.to(acc_lse.dtype))
 
 
 def merge_pass_into_(

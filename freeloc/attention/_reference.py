@@ -30,8 +30,9 @@ def reference_attention(
     scale: float,
     key_mask: Bool[Tensor, "batch 1 1 n"] | None = None,
     max_tokens: int = 8192,
+    wide: torch.dtype = torch.float32,
 ) -> Float[Tensor, "batch heads n dim"]:
-    """Dense masked softmax attention.
+    """Dense masked softmax attention, computed in ``wide`` (float32, or float64).
 
     ``q_orig``/``k_orig`` are all tokens rotated with the original positions (text not rotated);
     ``qs[b]``/``ks[b]`` the video tokens rotated with band ``b``'s positions; ``video`` locates the
@@ -43,16 +44,16 @@ def reference_attention(
         raise ValueError(f"the reference backend materialises [N, N] logits and accepts N <= {max_tokens} "
                          f"tokens (AttentionOptions.max_dense_tokens), got N={n}; use backend='chunked' (CPU) "
                          f"or 'flex' (CUDA)")
-    logits = torch.matmul(q_orig.float(), k_orig.float().transpose(-1, -2)) * scale
+    logits = torch.matmul(q_orig.to(wide), k_orig.to(wide).transpose(-1, -2)) * scale
     text = torch.ones(n, dtype=torch.bool, device=v.device)
     text[video] = False
     allowed = text[:, None] | text[None, :]
-    vid = torch.full((video.stop - video.start,) * 2, float("-inf"), device=v.device)
+    vid = torch.full((video.stop - video.start,) * 2, float("-inf"), dtype=wide, device=v.device)
     vid = vid.expand(*logits.shape[:2], -1, -1).clone()
     vid_allowed = torch.zeros(vid.shape[-2:], dtype=torch.bool, device=v.device)
     for qb, kb, band in zip(qs, ks, band_set.bands, strict=True):
         m = band.token_pairs(tokens_per_frame).to(v.device)
-        lb = torch.matmul(qb.float(), kb.float().transpose(-1, -2)) * scale
+        lb = torch.matmul(qb.to(wide), kb.to(wide).transpose(-1, -2)) * scale
         vid = torch.where(m, lb, vid)
         vid_allowed |= m
     logits[:, :, video, video] = vid
@@ -61,4 +62,4 @@ def reference_attention(
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask, float("-inf"))
     p = torch.softmax(logits, dim=-1)
-    return torch.matmul(p, v.float()).to(v.dtype)
+    return torch.matmul(p, v.to(wide)).to(v.dtype)

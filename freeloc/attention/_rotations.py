@@ -71,6 +71,8 @@ def _rotate(x: Tensor, temporal: tuple[Tensor, Tensor] | None, spatial: tuple[Te
     """The full rotation of ``x`` in one pass (``temporal`` None: the temporal pairs left as they are),
     written into ``target`` (else a new tensor)."""
     dev = x.device
+    if torch.is_grad_enabled() and x.requires_grad:  # recorded for autograd: eager and out of place
+        return rotary.rotate_split(x, temporal, spatial, out=target)
     if compiles_on(dev, options):  # one compiled kernel, written where asked
         if target is not None:
             return on_device(write_into, dev, options)(_ROTATE_SPLIT, target, rotary, x, temporal, spatial)
