@@ -161,3 +161,26 @@ def test_statistics_stay_off_a_compiled_graph() -> None:
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=0)
     assert [s.calls for s in session.layers] == [1, 1]  # the eager call only
+
+
+@pytest.mark.parametrize("method", ["vrpr", "tsa"])
+def test_a_compiled_hooked_model_trains_like_the_eager_one(method: str) -> None:
+    """Backward through the opaque ``freeloc::attend`` operator of a compiled graph (AOTAutograd traces the
+    forward and the backward) gives the eager hooked model's gradients."""
+    from freeloc.testing import _without_runtime_type_checks
+
+    x = torch.randn(1, 16, 12, 8, 8, generator=torch.Generator().manual_seed(2))
+    enc = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for compiled in (False, True):
+        model = tiny_wan()
+        torch._dynamo.reset()
+        with freeloc.enable(model, method=method, trained_frames=TRAINED_VIDEO), _without_runtime_type_checks():
+            run = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
+            run(x, torch.tensor([500]), enc, return_dict=False)[0].square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch._dynamo.reset()
+    eager, compiled_grads = grads
+    assert eager.keys() == compiled_grads.keys() and "blocks.0.attn1.to_q.weight" in eager
+    for name in eager:
+        torch.testing.assert_close(compiled_grads[name], eager[name], atol=1e-5, rtol=1e-4, msg=name)

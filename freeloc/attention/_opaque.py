@@ -89,7 +89,9 @@ def _(q: Tensor, k: Tensor, v: Tensor, text_mask: Tensor | None, key: str) -> Te
                                 "-> (Tensor, Tensor, Tensor)")
 def _attend_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, text_mask: Tensor | None,
                         key: str) -> tuple[Tensor, Tensor, Tensor]:
-    with torch.enable_grad():
+    # an operator's kernel runs below autograd: let autograd record the recomputed call again
+    below_autograd = torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False)
+    with below_autograd, torch.enable_grad():
         inputs = [x.detach().requires_grad_(True) for x in (q, k, v)]
         out = _call(key).run(*inputs, text_mask)
         dq, dk, dv = torch.autograd.grad(out, inputs, grad)
