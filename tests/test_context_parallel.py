@@ -163,3 +163,14 @@ def test_context_parallel_outside_torchrun_is_refused_before_loading(tmp_path: P
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1
     assert "start it with torchrun --nproc-per-node 2 -m freeloc generate" in err
+
+
+def test_context_parallel_refuses_a_model_diffusers_has_no_plan_for() -> None:
+    from types import SimpleNamespace
+
+    from freeloc.app.parallel import ContextParallelRun
+
+    pipeline = SimpleNamespace(transformer=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="diffusers has no context-parallel plan for Linear"):
+        ContextParallelRun(2, 0, "cpu").parallelize(pipeline)
+    ContextParallelRun(1, 0, "cpu").parallelize(pipeline)  # one process: nothing to set up
