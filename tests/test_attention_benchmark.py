@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
 
@@ -42,3 +44,23 @@ def test_striped_tier_benchmark_says_it_needs_cuda(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(sys, "argv", [str(script), "--reps", "1"])
     with pytest.raises(SystemExit, match="no CUDA device here"):
         runpy.run_path(str(script), run_name="__main__")
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_starts_every_step(tmp_path: Path) -> None:
+    """``benchmarks/gpu_check.sh --dry-run`` on a machine without a GPU: every step starts, the figures file
+    names the device; without ``--dry-run`` and without a GPU it refuses in one line."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu.txt"
+    env = dict(os.environ, PYTHON=sys.executable)
+    run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    text = out.read_text()
+    assert run.returncode == 0, text
+    assert text.startswith("device: ") and text.count("done in") == 3 and "every step passed" in text
+    if not torch.cuda.is_available():
+        run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--out", str(tmp_path / "real.txt")], cwd=root,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 1 and "no CUDA device here; use --dry-run" in run.stderr
