@@ -240,6 +240,30 @@ class CogVideoXAdapter(TransformerAdapter):
                 f"{what} is refused. Accepted: the attention-only methods method='tsa', method='sliding-window', "
                 f"method='direct', or a plan using only {list(ATTENTION_ONLY_METHODS)}")
 
+    def synthetic_inputs(self, frames: int, seed: int = 0, latent_size: tuple[int, int] | None = None
+                         ) -> dict[str, Any]:
+        """Gaussian latents ``(1, frames * p_t, C, H, W)`` (default: the model's sample size), Gaussian text
+        tokens as many as the pipelines pad the prompt to (``config.max_text_seq_length``, 226), timestep
+        500, the rotary tables of the integer grid positions (models with RoPE, as the pipelines compute them
+        at the trained resolution) and ``ofs`` 2.0 where the model embeds it."""
+        cfg = self.transformer.config
+        g = torch.Generator().manual_seed(seed)
+        param = next(self.transformer.parameters())
+        h, w = latent_size or (int(cfg.sample_height), int(cfg.sample_width))
+        latents = torch.randn(1, frames * self.temporal_patch(), cfg.in_channels, h, w, generator=g)
+        text = torch.randn(1, int(getattr(cfg, "max_text_seq_length", 226)), cfg.text_embed_dim, generator=g)
+        kwargs: dict[str, Any] = dict(hidden_states=latents.to(param.device, param.dtype),
+                                      encoder_hidden_states=text.to(param.device, param.dtype),
+                                      timestep=torch.tensor([500], device=param.device), return_dict=False)
+        rotary = self.rotary_layout()
+        if rotary is not None:
+            p = int(cfg.patch_size)
+            cos, sin = _grid_cos_sin((frames, h // p, w // p), rotary, str(param.device))
+            kwargs["image_rotary_emb"] = (cos.repeat_interleave(2, dim=1), sin.repeat_interleave(2, dim=1))
+        if getattr(cfg, "ofs_embed_dim", None):
+            kwargs["ofs"] = torch.tensor([2.0], device=param.device)
+        return kwargs
+
     def make_processor(self, original: Any, ctx: LayerContext) -> FreeLOCCogVideoXAttnProcessor:
         from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
 

@@ -256,6 +256,39 @@ class HunyuanVideoAdapter(TransformerAdapter):
     def make_processor(self, original: Any, ctx: LayerContext) -> Any:
         return FreeLOCHunyuanVideoAttnProcessor(original, ctx)
 
+    #: Latent size (height, width) of the synthetic probe inputs: 544 x 960 video, VAE factor 8.
+    PROBE_LATENT_SIZE = (68, 120)
+    #: Text tokens of the synthetic probe inputs.
+    PROBE_TEXT_TOKENS = 64
+
+    def _probe_latents(self, frames: int, seed: int, latent_size: tuple[int, int] | None
+                       ) -> tuple[torch.Generator, dict[str, Any]]:
+        cfg = self.transformer.config
+        g = torch.Generator().manual_seed(seed)
+        param = next(self.transformer.parameters())
+        h, w = latent_size or self.PROBE_LATENT_SIZE
+        latents = torch.randn(1, cfg.in_channels, frames * cfg.patch_size_t, h, w, generator=g)
+        text = torch.randn(1, self.PROBE_TEXT_TOKENS, cfg.text_embed_dim, generator=g)
+        return g, dict(hidden_states=latents.to(param.device, param.dtype),
+                       encoder_hidden_states=text.to(param.device, param.dtype),
+                       encoder_attention_mask=torch.ones(1, self.PROBE_TEXT_TOKENS, dtype=torch.bool,
+                                                         device=param.device),
+                       return_dict=False)
+
+    def synthetic_inputs(self, frames: int, seed: int = 0, latent_size: tuple[int, int] | None = None
+                         ) -> dict[str, Any]:
+        """Gaussian latents ``(1, C, frames * p_t, H, W)``, 64 Gaussian text tokens (all attended), a
+        Gaussian pooled text projection, timestep 500, and the distilled guidance 6.0 where the model has it."""
+        g, kwargs = self._probe_latents(frames, seed, latent_size)
+        cfg = self.transformer.config
+        param = next(self.transformer.parameters())
+        pooled = torch.randn(1, cfg.pooled_projection_dim, generator=g)
+        kwargs.update(timestep=torch.tensor([500], device=param.device),
+                      pooled_projections=pooled.to(param.device, param.dtype))
+        if getattr(cfg, "guidance_embeds", False):
+            kwargs["guidance"] = torch.tensor([6000.0], device=param.device, dtype=param.dtype)  # 6.0 x 1000
+        return kwargs
+
 
 class HunyuanVideo15Adapter(HunyuanVideoAdapter):
     """Installs FreeLOC on a ``HunyuanVideo15Transformer3DModel`` (dual-stream blocks only)."""
@@ -274,3 +307,24 @@ class HunyuanVideo15Adapter(HunyuanVideoAdapter):
 
     def make_processor(self, original: Any, ctx: LayerContext) -> Any:
         return FreeLOCHunyuanVideo15AttnProcessor(original, ctx)
+
+    #: Image tokens of a text-to-video call (zero embeddings, as HunyuanVideo 1.5's pipeline passes them).
+    PROBE_IMAGE_TOKENS = 729
+    #: ByT5 tokens of the synthetic probe inputs (the second text encoder's).
+    PROBE_TEXT_2_TOKENS = 16
+
+    def synthetic_inputs(self, frames: int, seed: int = 0, latent_size: tuple[int, int] | None = None
+                         ) -> dict[str, Any]:
+        """Gaussian latents, 64 Gaussian text tokens and 16 Gaussian ByT5 tokens (all attended), zero image
+        embeddings (text to video), timestep 500."""
+        g, kwargs = self._probe_latents(frames, seed, latent_size)
+        cfg = self.transformer.config
+        param = next(self.transformer.parameters())
+        text_2 = torch.randn(1, self.PROBE_TEXT_2_TOKENS, cfg.text_embed_2_dim, generator=g)
+        kwargs.update(timestep=torch.tensor([500.0], device=param.device),
+                      encoder_hidden_states_2=text_2.to(param.device, param.dtype),
+                      encoder_attention_mask_2=torch.ones(1, self.PROBE_TEXT_2_TOKENS, dtype=torch.bool,
+                                                          device=param.device),
+                      image_embeds=torch.zeros(1, self.PROBE_IMAGE_TOKENS, cfg.image_embed_dim, device=param.device,
+                                               dtype=param.dtype))
+        return kwargs

@@ -448,6 +448,13 @@ class TransformerAdapter:
         """The replacement processor of the layer ``ctx.module`` (whose processor is ``original``)."""
         raise NotImplementedError
 
+    def rotary_layout_or_none(self) -> RotaryLayout | None:
+        """``rotary_layout()``, or ``None`` where freeloc cannot rotate the model's RoPE (the error says why)."""
+        try:
+            return self.rotary_layout()
+        except ValueError:
+            return None
+
     def synthetic_inputs(self, frames: int, seed: int = 0, latent_size: tuple[int, int] | None = None
                          ) -> dict[str, Any]:
         """Forward keyword arguments for probing at ``frames`` temporal tokens (Gaussian latents of the

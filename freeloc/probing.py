@@ -267,7 +267,11 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     forwards += 1
     capture = _Capture()
     f = f_latent
-    plain = LayerPlan.uniform("vrpr", n_layers, w1=f, w2=f + 1, g1=1, g2=1, cap=f - 1)  # plain, through attend
+    # every layer through attend with plain attention: one VRPR band, or (a model without RoPE, where
+    # position methods are refused) a sliding window as wide as the video
+    rope = adapter.rotary_layout_or_none()
+    plain = (LayerPlan.uniform("vrpr", n_layers, w1=f, w2=f + 1, g1=1, g2=1, cap=f - 1) if rope
+             else LayerPlan.uniform("sliding-window", n_layers, window=f, sink=False))
     t_capture = time.perf_counter()
     with freeloc.enable(module, plan=plain, observer=capture, **enable_kw):
         forward()
@@ -334,7 +338,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         context_out[layer] = _rel(one_layer(layer, "sliding-window", window=window, sink=False), base)
         forwards += 1
         report(done, len(probed))
-    methods = select(position, context, margin=margin, tsa_count=tsa_count)
+    # without RoPE the position methods do not apply: every layer gets TSA, whatever its scores
+    methods = select(position, context, margin=margin, tsa_count=tsa_count) if rope else ["tsa"] * n_layers
     if layers is not None:
         methods = [m if i in probed else "vrpr" for i, m in enumerate(methods)]
     seconds = time.perf_counter() - t0
@@ -342,8 +347,10 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     identity = {"class": type(module).__name__, "num_layers": n_layers}
     for key in ("num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "in_channels"):
         value = getattr(cfg, key, None)
-        if value is not None:
+        if value is not None and key != "num_layers":
             identity[key] = list(value) if isinstance(value, tuple) else value
+        elif value is not None and value != n_layers:  # e.g. HunyuanVideo: dual-stream blocks only
+            identity["config_num_layers"] = value
     plan = LayerPlan(methods=methods, params=[{} for _ in range(n_layers)],
                      scores={"position": position, "context": context, "position_output": position_out,
                              "context_output": context_out},

@@ -196,3 +196,25 @@ def test_progress_reporter_accepts_a_bool_or_a_callable(capsys: pytest.CaptureFi
     assert seen == [(3, 4)]
     with pytest.raises(TypeError, match=r"(?s)progress.*'yes'"):  # the runtime type checker's error, or ours
         reporter("yes", "x")  # type: ignore[arg-type]
+
+
+def _probe_cases() -> list:
+    from conformance import cases_cogvideox, cases_hunyuan
+
+    return [pytest.param(c, id=c.name) for c in [*cases_hunyuan.CASES, *cases_cogvideox.CASES]]
+
+
+@pytest.mark.parametrize("case", _probe_cases())
+def test_the_probe_runs_on_synthetic_inputs_of_every_diffusers_adapter(case: object) -> None:
+    """HunyuanVideo (1.0, 1.5) and CogVideoX (1.0, 1.5, no RoPE) adapters give synthetic probe inputs: the
+    probe runs on the tiny models without any inputs of the caller's and scores every layer."""
+    model = case.make_model()
+    latent = (4, 4) if "hunyuan" in case.name else None  # CogVideoX: its sample size
+    frames = 4 * (2 * case.trained_latent * (2 if case.name == "cogvideox-1.5" else 1) - 1) + 1  # 2x, video frames
+    plan = probe(model, num_frames=frames, trained_frames=case.trained_video_frames, latent_size=latent,
+                 max_queries=32, progress=False)
+    n = len(plan.methods)
+    assert n >= 2 and all(m in ("vrpr", "tsa") for m in plan.methods)
+    assert len(plan.scores["context"]) == n and any(s > 0 for s in plan.scores["context"])
+    if case.position_methods:
+        assert any(s > 0 for s in plan.scores["position"])
