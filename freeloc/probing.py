@@ -244,6 +244,9 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         kwargs = adapter.synthetic_inputs(f_latent, seed, latent_size)
         if text is not None:
             kwargs["encoder_hidden_states"] = _synthetic_text(kwargs, text)
+            mask = kwargs.get("encoder_attention_mask")
+            if isinstance(mask, Tensor) and mask.shape[-1] != text.shape[1]:  # every given token attended
+                kwargs["encoder_attention_mask"] = mask.new_ones(mask.shape[0], text.shape[1])
     elif pipeline is not None:
         kwargs = _pipeline_inputs(pipeline, module, dict(inputs), num_frames)
     else:

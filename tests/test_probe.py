@@ -218,3 +218,13 @@ def test_the_probe_runs_on_synthetic_inputs_of_every_diffusers_adapter(case: obj
     assert len(plan.scores["context"]) == n and any(s > 0 for s in plan.scores["context"])
     if case.position_methods:
         assert any(s > 0 for s in plan.scores["position"])
+
+
+def test_given_text_on_hunyuan_video_gets_a_mask_of_its_length() -> None:
+    from conformance import cases_hunyuan
+
+    case = cases_hunyuan.CASES[0]
+    text = torch.randn(1, 9, 16)  # another length than the synthetic inputs' 64 tokens
+    plan = probe(case.make_model(), num_frames=21, trained_frames=case.trained_video_frames, latent_size=(4, 4),
+                 max_queries=32, progress=False, text=text)
+    assert len(plan.methods) == 2 and any(s > 0 for s in plan.scores["position"])
