@@ -81,10 +81,6 @@ class Installation:
         """Register an undo step; steps run in reverse order on ``remove``."""
         self._steps.append(step)
 
-    @property
-    def applied(self) -> bool:
-        return bool(self._steps)
-
     def remove(self) -> list[Exception]:
         """Run every undo step (the rest still run when one fails); returns the failures."""
         errors: list[Exception] = []
@@ -185,19 +181,18 @@ class Session:
 
 
 class Timer:
-    """Adds the wall time of a block to a ``LayerStats``."""
+    """Adds the wall time of a block to a ``LayerStats`` (eager calls only: ``LayerContext`` uses none inside
+    a compiled graph, where a clock cannot be traced)."""
 
     def __init__(self, stats: LayerStats) -> None:
         self.stats = stats
 
     def __enter__(self) -> None:
-        # inside a compiled graph: no statistics (a clock cannot be traced, and would time the tracing)
-        self.t0 = None if torch.compiler.is_compiling() else time.perf_counter()
+        self.t0 = time.perf_counter()
 
     def __exit__(self, *exc: object) -> None:
-        if self.t0 is not None:
-            self.stats.seconds += time.perf_counter() - self.t0
-            self.stats.calls += 1
+        self.stats.seconds += time.perf_counter() - self.t0
+        self.stats.calls += 1
 
 
 def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,

@@ -123,7 +123,7 @@ def _core(world: int) -> dict[str, Any]:
     from freeloc import VRPR, RotaryLayout, attend
     from freeloc.parallel import Ulysses, split_sizes
 
-    grid = (7, 3, 3)  # 63 video tokens: uneven over 2 and 4 ranks
+    grid = (7, 3, 3)  # 63 video tokens: uneven shards over 2 ranks; over 3, the world + 2 = 5 heads are uneven
     n = grid[0] * grid[1] * grid[2]
     g = torch.Generator().manual_seed(3)
     out: dict[str, Any] = {}

@@ -53,8 +53,7 @@ def check_wan(results: list[dict[str, Any]]) -> None:
                                                                                          f"{order}: {m}")
                 assert torch.equal(found[f"wan:{method}/{order}_removed"], found["wan:unhooked_parallel"]), (
                     f"rank {r}, {method}, {order}: after removal the model is not diffusers' parallel model")
-        if "wan:processors_keep_config" in found:
-            assert found["wan:processors_keep_config"]
+        assert found["wan:processors_keep_config"]
 
 
 @pytest.mark.slow
