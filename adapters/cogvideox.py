@@ -40,11 +40,21 @@ from typing import Any
 
 import torch
 
-from ..adapter import ConfigVariant, FreeLOCProcessor, LayerContext, ModelClass, ModelData, TransformerAdapter
+from ..adapter import (
+    ConfigVariant,
+    FreeLOCProcessor,
+    GridState,
+    LayerContext,
+    ModelClass,
+    ModelData,
+    TransformerAdapter,
+)
+from ..parallel import ContextParallelProcessor
 from ..plan import DIRECT, LayerPlan
 from ..rotary import RotaryLayout
 
-__all__ = ["CogVideoXAdapter", "FreeLOCCogVideoXAttnProcessor", "PositionCheck", "rotary_layout",
+__all__ = ["CogVideoXAdapter", "CogVideoXContextParallelProcessor", "FreeLOCCogVideoXAttnProcessor",
+           "cogvideox_qkv", "context_parallel_plan", "PositionCheck", "rotary_layout",
            "ATTENTION_ONLY_METHODS"]
 
 #: Methods that change which token pairs attend and never the positions: the ones a model without RoPE accepts.
@@ -134,6 +144,89 @@ class PositionCheck:
         return None
 
 
+def cogvideox_qkv(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                  fused: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, L + S, H, D)`` of ``[text, video]`` before RoPE, as ``CogVideoXAttnProcessor2_0``
+    (``fused``: ``FusedCogVideoXAttnProcessor2_0``) computes them."""
+    x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+    batch = x.shape[0]
+    if fused:
+        query, key, value = torch.split(attn.to_qkv(x), attn.to_qkv.out_features // 3, dim=-1)
+    else:
+        query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    head_dim = key.shape[-1] // attn.heads
+    # the original's layout (B, H, S, D) for the norms, then (B, S, H, D)
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch, -1, attn.heads, head_dim)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query.transpose(1, 2), key.transpose(1, 2), value
+
+
+def _outputs(attn: torch.nn.Module, out: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original output projection and split of ``[text, video]``: ``(video, text)``."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    encoder_out, video_out = out.split([text, out.size(1) - text], dim=1)
+    return video_out, encoder_out
+
+
+def context_parallel_plan() -> dict[str, Any]:
+    """CogVideoX's context-parallel plan: the video tokens are split over the ranks before the first block and
+    gathered after ``proj_out``; the text tokens and the rotary tables stay whole on every rank (the
+    processors rotate after Ulysses' exchange, over every video token)."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    return {"transformer_blocks.0": {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
+
+class CogVideoXContextParallelProcessor(ContextParallelProcessor):
+    """CogVideoX's self-attention under Ulysses context parallelism.
+
+    q, k, v of the whole text and this rank's video tokens, Ulysses' exchange, then what
+    ``CogVideoXAttnProcessor2_0`` does over every video token for this rank's heads (RoPE on the video
+    tokens, SDPA), the exchange back, and the original output projection. One process: the original.
+    """
+
+    def __init__(self, original: Any, tokens: Any, fused: bool) -> None:
+        super().__init__(original, tokens)
+        self.fused = fused
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ulysses = self.ulysses()
+        if ulysses is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if attention_mask is not None:
+            raise ValueError("freeloc's CogVideoX context-parallel processor takes no attention_mask (CogVideoX "
+                             "passes none); run a masked call on one process")
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        text, batch = encoder_hidden_states.size(1), hidden_states.shape[0]
+        query, key, value = cogvideox_qkv(attn, hidden_states, encoder_hidden_states, self.fused)
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, L + S, D)
+            if image_rotary_emb is not None:
+                q = torch.cat([q[:, :, :text], apply_rotary_emb(q[:, :, text:], image_rotary_emb)], dim=2)
+                if not attn.is_cross_attention:
+                    k = torch.cat([k[:, :, :text], apply_rotary_emb(k[:, :, text:], image_rotary_emb)], dim=2)
+            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+            return out.transpose(1, 2)
+
+        out = ulysses.attend(run, query, key, value, self.video_tokens(), text_before=text)
+        return _outputs(attn, out.reshape(batch, -1, out.shape[2] * out.shape[3]), text)
+
+
 class FreeLOCCogVideoXAttnProcessor(FreeLOCProcessor):
     """Self-attention of one CogVideoX block through ``freeloc.attention.attend``."""
 
@@ -161,27 +254,10 @@ class FreeLOCCogVideoXAttnProcessor(FreeLOCProcessor):
             self.positions.verify(image_rotary_emb, grid)
         with self.ctx.timer():
             text = encoder_hidden_states.size(1)
-            x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-            batch = x.shape[0]
-            if self.fused:
-                query, key, value = torch.split(attn.to_qkv(x), attn.to_qkv.out_features // 3, dim=-1)
-            else:
-                query, key, value = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-            head_dim = key.shape[-1] // attn.heads
-            # the original's layout (B, H, S, D) for the norms, then (B, S, H, D) for attend
-            query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            value = value.view(batch, -1, attn.heads, head_dim)
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-            query, key = query.transpose(1, 2), key.transpose(1, 2)
+            batch = hidden_states.shape[0]
+            query, key, value = cogvideox_qkv(attn, hidden_states, encoder_hidden_states, self.fused)
             out = self.ctx.attend(query, key, value, method, text_before=text)
-            out = out.reshape(batch, -1, attn.heads * head_dim)
-            out = attn.to_out[1](attn.to_out[0](out))
-            encoder_out, video_out = out.split([text, out.size(1) - text], dim=1)
-            return video_out, encoder_out
+            return _outputs(attn, out.reshape(batch, -1, out.shape[2] * out.shape[3]), text)
 
 
 class CogVideoXAdapter(TransformerAdapter):
@@ -267,11 +343,27 @@ class CogVideoXAdapter(TransformerAdapter):
     def make_processor(self, original: Any, ctx: LayerContext) -> FreeLOCCogVideoXAttnProcessor:
         from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
 
-        if not isinstance(original, (CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0)):
+        if isinstance(original, CogVideoXContextParallelProcessor):  # under freeloc's context parallelism
+            fused = original.fused
+        elif isinstance(original, (CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0)):
+            fused = isinstance(original, FusedCogVideoXAttnProcessor2_0)
+        else:
             raise ValueError(f"{type(self.transformer).__name__} ({self.name}) layer {ctx.layer} has the attention "
                              f"processor {type(original).__name__}; freeloc reproduces CogVideoXAttnProcessor2_0 and "
                              f"FusedCogVideoXAttnProcessor2_0 only")
         if self._positions is None and ctx.rotary is not None:
             self._positions = PositionCheck(ctx.rotary, f"{type(self.transformer).__name__}({self.name})")
-        return FreeLOCCogVideoXAttnProcessor(original, ctx, self._positions,
-                                             fused=isinstance(original, FusedCogVideoXAttnProcessor2_0))
+        return FreeLOCCogVideoXAttnProcessor(original, ctx, self._positions, fused=fused)
+
+    def context_parallel_plan(self) -> dict[str, Any]:
+        return context_parallel_plan()
+
+    def context_parallel_processor(self, original: Any, tokens: GridState) -> CogVideoXContextParallelProcessor:
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0
+
+        if not isinstance(original, (CogVideoXAttnProcessor2_0, FusedCogVideoXAttnProcessor2_0)):
+            raise ValueError(f"{type(self.transformer).__name__} ({self.name}) has the attention processor "
+                             f"{type(original).__name__}; freeloc's context parallelism reproduces "
+                             f"CogVideoXAttnProcessor2_0 and FusedCogVideoXAttnProcessor2_0 only")
+        return CogVideoXContextParallelProcessor(original, tokens,
+                                                 fused=isinstance(original, FusedCogVideoXAttnProcessor2_0))

@@ -31,11 +31,25 @@ from typing import Any
 
 import torch
 
-from ..adapter import ConfigVariant, FreeLOCProcessor, LayerContext, ModelClass, ModelData, TransformerAdapter
+from ..adapter import (
+    ConfigVariant,
+    FreeLOCProcessor,
+    GridState,
+    LayerContext,
+    ModelClass,
+    ModelData,
+    TransformerAdapter,
+)
+from ..parallel import ContextParallelProcessor, Ulysses
 from ..rotary import RotaryLayout
 
 __all__ = [
     "FreeLOCHunyuanVideo15AttnProcessor",
+    "HunyuanVideo15ContextParallelProcessor",
+    "HunyuanVideoContextParallelProcessor",
+    "context_parallel_plan",
+    "hunyuan15_qkv",
+    "hunyuan_qkv",
     "FreeLOCHunyuanVideoAttnProcessor",
     "HunyuanVideo15Adapter",
     "HunyuanVideoAdapter",
@@ -93,22 +107,76 @@ def _holds(condition: torch.Tensor, what: str) -> bool:
     return bool(condition)
 
 
+def _heads(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x.unflatten(2, (attn.heads, -1))
+
+
+def hunyuan_qkv(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, S + L, H, D)`` of ``[video, text]`` before RoPE, as ``HunyuanVideoAttnProcessor2_0``
+    computes them: a single-stream block projects ``[video, text]`` at once, a dual-stream block the video
+    through ``to_q/k/v`` and the text through ``add_q/k/v_proj``."""
+    if attn.add_q_proj is None:  # single stream: one projection of [video, text]
+        joint = torch.cat([hidden_states, encoder_hidden_states], dim=1)
+        query, key, value = (_heads(attn, proj(joint)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return query, key, value
+    query = _heads(attn, attn.to_q(hidden_states))
+    key = _heads(attn, attn.to_k(hidden_states))
+    value = _heads(attn, attn.to_v(hidden_states))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return _with_text(attn, query, key, value, encoder_hidden_states)
+
+
+def hunyuan15_qkv(attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``(B, S + L, H, D)`` of ``[video, text]`` before RoPE, as ``HunyuanVideo15AttnProcessor2_0``
+    computes them."""
+    query = attn.norm_q(_heads(attn, attn.to_q(hidden_states)))
+    key = attn.norm_k(_heads(attn, attn.to_k(hidden_states)))
+    value = _heads(attn, attn.to_v(hidden_states))
+    return _with_text(attn, query, key, value, encoder_hidden_states)
+
+
+def _with_text(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Appends the text's q, k, v (``add_q/k/v_proj`` and their norms) to the video's."""
+    e_query = _heads(attn, attn.add_q_proj(encoder_hidden_states))
+    e_key = _heads(attn, attn.add_k_proj(encoder_hidden_states))
+    e_value = _heads(attn, attn.add_v_proj(encoder_hidden_states))
+    if attn.norm_added_q is not None:
+        e_query = attn.norm_added_q(e_query)
+    if attn.norm_added_k is not None:
+        e_key = attn.norm_added_k(e_key)
+    return torch.cat([query, e_query], dim=1), torch.cat([key, e_key], dim=1), torch.cat([value, e_value], dim=1)
+
+
+def _outputs(attn: torch.nn.Module, out: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original output split of ``[video, text]`` and projections (``to_out``, ``to_add_out``)."""
+    hidden_states, encoder_hidden_states = out[:, :-text], out[:, -text:]
+    if getattr(attn, "to_out", None) is not None:
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if getattr(attn, "to_add_out", None) is not None:
+        encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+    return hidden_states, encoder_hidden_states
+
+
 class _Processor(FreeLOCProcessor):
-    """What both processors share beyond the base: head splitting and the output split."""
+    """What both processors share beyond the base: the full video token count under context parallelism."""
 
-    @staticmethod
-    def _heads(attn: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(2, (attn.heads, -1))
-
-    @staticmethod
-    def _outputs(attn: torch.nn.Module, out: torch.Tensor, text: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The original output split of ``[video, text]`` and projections (``to_out``, ``to_add_out``)."""
-        hidden_states, encoder_hidden_states = out[:, :-text], out[:, -text:]
-        if getattr(attn, "to_out", None) is not None:
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-        if getattr(attn, "to_add_out", None) is not None:
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        return hidden_states, encoder_hidden_states
+    def _video_tokens(self, hidden_states: torch.Tensor) -> int:
+        """Video tokens of the whole sequence: this rank's ``hidden_states`` holds a shard of them under
+        context parallelism, whose attention mask still covers every token."""
+        grid = self.ctx.grid.value
+        if self.ctx.parallel_config is not None and grid is not None and Ulysses.from_config(self.ctx.parallel_config):
+            return grid[0] * grid[1] * grid[2]
+        return hidden_states.shape[1]
 
 
 class FreeLOCHunyuanVideoAttnProcessor(_Processor):
@@ -132,7 +200,8 @@ class FreeLOCHunyuanVideoAttnProcessor(_Processor):
         text_mask = None
         if ok:
             assert encoder_hidden_states is not None
-            batch, video, text = hidden_states.shape[0], hidden_states.shape[1], encoder_hidden_states.shape[1]
+            batch, text = hidden_states.shape[0], encoder_hidden_states.shape[1]
+            video = self._video_tokens(hidden_states)
             ok, text_mask = key_text_mask(attention_mask, batch, video, text)
             ok = ok and text > 0
         if not ok:
@@ -140,35 +209,10 @@ class FreeLOCHunyuanVideoAttnProcessor(_Processor):
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb))
         assert encoder_hidden_states is not None and method is not None
         with self.ctx.timer():
-            if attn.add_q_proj is None:  # single stream: one projection of [video, text]
-                joint = torch.cat([hidden_states, encoder_hidden_states], dim=1)
-                query, key, value = attn.to_q(joint), attn.to_k(joint), attn.to_v(joint)
-                query, key, value = self._heads(attn, query), self._heads(attn, key), self._heads(attn, value)
-                if attn.norm_q is not None:
-                    query = attn.norm_q(query)
-                if attn.norm_k is not None:
-                    key = attn.norm_k(key)
-            else:  # dual stream: video through to_q/k/v, text through add_q/k/v_proj, then [video, text]
-                query = self._heads(attn, attn.to_q(hidden_states))
-                key = self._heads(attn, attn.to_k(hidden_states))
-                value = self._heads(attn, attn.to_v(hidden_states))
-                if attn.norm_q is not None:
-                    query = attn.norm_q(query)
-                if attn.norm_k is not None:
-                    key = attn.norm_k(key)
-                e_query = self._heads(attn, attn.add_q_proj(encoder_hidden_states))
-                e_key = self._heads(attn, attn.add_k_proj(encoder_hidden_states))
-                e_value = self._heads(attn, attn.add_v_proj(encoder_hidden_states))
-                if attn.norm_added_q is not None:
-                    e_query = attn.norm_added_q(e_query)
-                if attn.norm_added_k is not None:
-                    e_key = attn.norm_added_k(e_key)
-                query = torch.cat([query, e_query], dim=1)
-                key = torch.cat([key, e_key], dim=1)
-                value = torch.cat([value, e_value], dim=1)
+            query, key, value = hunyuan_qkv(attn, hidden_states, encoder_hidden_states)
             out = self.ctx.attend(query, key, value, method, text_after=text, text_mask=text_mask)
             out = out.flatten(2, 3).to(query.dtype)
-            return self._outputs(attn, out, text)
+            return _outputs(attn, out, text)
 
 
 class FreeLOCHunyuanVideo15AttnProcessor(_Processor):
@@ -201,19 +245,7 @@ class FreeLOCHunyuanVideo15AttnProcessor(_Processor):
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb))
         assert encoder_hidden_states is not None and attention_mask is not None and method is not None
         with self.ctx.timer():
-            query = attn.norm_q(self._heads(attn, attn.to_q(hidden_states)))
-            key = attn.norm_k(self._heads(attn, attn.to_k(hidden_states)))
-            value = self._heads(attn, attn.to_v(hidden_states))
-            e_query = self._heads(attn, attn.add_q_proj(encoder_hidden_states))
-            e_key = self._heads(attn, attn.add_k_proj(encoder_hidden_states))
-            e_value = self._heads(attn, attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                e_query = attn.norm_added_q(e_query)
-            if attn.norm_added_k is not None:
-                e_key = attn.norm_added_k(e_key)
-            query = torch.cat([query, e_query], dim=1)
-            key = torch.cat([key, e_key], dim=1)
-            value = torch.cat([value, e_value], dim=1)
+            query, key, value = hunyuan15_qkv(attn, hidden_states, encoder_hidden_states)
             text_mask = attention_mask.bool()
             out = self.ctx.attend(query, key, value, method, text_after=text, text_mask=text_mask)
             # padded text queries attend nothing in the original (m_i & m_j): their output is zero
@@ -221,7 +253,108 @@ class FreeLOCHunyuanVideo15AttnProcessor(_Processor):
             keep = torch.cat([text_mask.new_ones(batch, video), text_mask], dim=1)
             out = out * keep[:, :, None, None].to(out.dtype)
             out = out.flatten(2, 3).to(query.dtype)
-            return self._outputs(attn, out, text)
+            return _outputs(attn, out, text)
+
+
+def _rotate_video(x: torch.Tensor, video: int, image_rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """RoPE on the first ``video`` tokens of ``x`` ``(B, S, H, D)``, as diffusers' processors apply it."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    return torch.cat([apply_rotary_emb(x[:, :video], image_rotary_emb, sequence_dim=1), x[:, video:]], dim=1)
+
+
+def context_parallel_plan(transformer: torch.nn.Module) -> dict[str, Any]:
+    """HunyuanVideo's context-parallel plan: the video tokens are split over the ranks before the first block
+    and gathered after ``proj_out``; the text tokens, the rotary tables and the attention mask stay whole on
+    every rank (the processors apply them after Ulysses' exchange, over every video token)."""
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    if getattr(transformer.config, "image_condition_type", None) == "token_replace":
+        raise ValueError(f"{type(transformer).__name__} with image_condition_type='token_replace' treats the first "
+                         f"frame's tokens apart inside every block, which freeloc's context-parallel plan does not "
+                         f"split; run this model on one process")
+    first = "transformer_blocks.0" if len(transformer.transformer_blocks) else "single_transformer_blocks.0"
+    return {first: {"hidden_states": ContextParallelInput(split_dim=1, expected_dims=3)},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
+
+
+class HunyuanVideoContextParallelProcessor(ContextParallelProcessor):
+    """HunyuanVideo's self-attention (dual or single stream) under Ulysses context parallelism.
+
+    q, k, v of this rank's video tokens and of the whole text, Ulysses' exchange, then what
+    ``HunyuanVideoAttnProcessor2_0`` does over every video token for this rank's heads (RoPE on the video
+    tokens, ``dispatch_attention_fn`` with the model's mask and the layer's backend), the exchange back,
+    and the original output projections. One process: the original processor.
+    """
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ulysses = self.ulysses()
+        if ulysses is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is None or encoder_hidden_states.shape[1] == 0:
+            raise ValueError("freeloc's HunyuanVideo context-parallel processor needs the text tokens "
+                             "(encoder_hidden_states), got none")
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        video, text = self.video_tokens(), encoder_hidden_states.shape[1]
+        query, key, value = hunyuan_qkv(attn, hidden_states, encoder_hidden_states)
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if image_rotary_emb is not None:
+                q, k = _rotate_video(q, video, image_rotary_emb), _rotate_video(k, video, image_rotary_emb)
+            return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                         backend=self._attention_backend)
+
+        out = ulysses.attend(run, query, key, value, video, text_after=text)
+        return _outputs(attn, out.flatten(2, 3).to(query.dtype), text)
+
+
+class HunyuanVideo15ContextParallelProcessor(ContextParallelProcessor):
+    """HunyuanVideo 1.5's self-attention under Ulysses context parallelism.
+
+    As ``HunyuanVideoContextParallelProcessor``, with the text padding ``(B, L)`` masking keys and the
+    rows of padded text queries set to zero, which is what the original's ``[B, 1, N, N]`` mask gives.
+    """
+
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ulysses = self.ulysses()
+        if ulysses is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        if encoder_hidden_states is None or attention_mask is None or attention_mask.ndim != 2:
+            raise ValueError("freeloc's HunyuanVideo 1.5 context-parallel processor needs the text tokens and their "
+                             "(B, L) padding mask, as HunyuanVideo15Transformer3DModel passes them")
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        batch, shard, text = hidden_states.shape[0], hidden_states.shape[1], encoder_hidden_states.shape[1]
+        video = self.video_tokens()
+        text_mask = attention_mask.bool()
+        query, key, value = hunyuan15_qkv(attn, hidden_states, encoder_hidden_states)
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if image_rotary_emb is not None:
+                q, k = _rotate_video(q, video, image_rotary_emb), _rotate_video(k, video, image_rotary_emb)
+            keys = torch.cat([text_mask.new_ones(batch, video), text_mask], dim=1)[:, None, None, :]
+            return dispatch_attention_fn(q, k, v, attn_mask=keys, dropout_p=0.0, is_causal=False,
+                                         backend=self._attention_backend)
+
+        out = ulysses.attend(run, query, key, value, video, text_after=text)
+        keep = torch.cat([text_mask.new_ones(batch, shard), text_mask], dim=1)
+        out = out * keep[:, :, None, None].to(out.dtype)
+        return _outputs(attn, out.flatten(2, 3).to(query.dtype), text)
 
 
 class HunyuanVideoAdapter(TransformerAdapter):
@@ -255,6 +388,12 @@ class HunyuanVideoAdapter(TransformerAdapter):
 
     def make_processor(self, original: Any, ctx: LayerContext) -> Any:
         return FreeLOCHunyuanVideoAttnProcessor(original, ctx)
+
+    def context_parallel_plan(self) -> dict[str, Any]:
+        return context_parallel_plan(self.transformer)
+
+    def context_parallel_processor(self, original: Any, tokens: GridState) -> Any:
+        return HunyuanVideoContextParallelProcessor(original, tokens)
 
     #: Latent size (height, width) of the synthetic probe inputs: 544 x 960 video, VAE factor 8.
     PROBE_LATENT_SIZE = (68, 120)
@@ -307,6 +446,9 @@ class HunyuanVideo15Adapter(HunyuanVideoAdapter):
 
     def make_processor(self, original: Any, ctx: LayerContext) -> Any:
         return FreeLOCHunyuanVideo15AttnProcessor(original, ctx)
+
+    def context_parallel_processor(self, original: Any, tokens: GridState) -> Any:
+        return HunyuanVideo15ContextParallelProcessor(original, tokens)
 
     #: Image tokens of a text-to-video call (zero embeddings, as HunyuanVideo 1.5's pipeline passes them).
     PROBE_IMAGE_TOKENS = 729

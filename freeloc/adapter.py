@@ -465,6 +465,18 @@ class TransformerAdapter:
     def check_supported(self, method: str, plan: LayerPlan) -> None:
         """Raise a clear error if the plan needs something this model lacks (e.g. RoPE)."""
 
+    # ------------------------------------------------------------------ context parallelism
+    def context_parallel_plan(self) -> dict[str, Any] | None:
+        """Where diffusers' context parallelism splits and gathers this model's tokens (diffusers'
+        ``cp_plan`` format), for a model diffusers has no plan for; ``None``: the model's own ``_cp_plan``."""
+        return None
+
+    def context_parallel_processor(self, original: Any, tokens: GridState) -> Any:
+        """A processor that runs the layer whose processor is ``original`` under Ulysses context parallelism
+        (with ``context_parallel_plan``); ``tokens`` holds the grid of the current forward (every rank's
+        tokens). Only called when ``context_parallel_plan`` gives a plan."""
+        raise NotImplementedError(f"{type(self).__name__} gives a context-parallel plan but no processor for it")
+
     # ------------------------------------------------------------------ data
     def trained_video_frames(self) -> int:
         """The trained length in video frames, from ``model_data`` (by class, then config variant)."""
@@ -539,7 +551,7 @@ class TransformerAdapter:
             ctx.module = attn
             ctx.observer = session.observer
             attn.set_processor(self.make_processor(original, ctx))
-            record.undo(RestoreProcessor(attn, original))
+            record.undo(RestoreProcessor(attn, original, attn.processor))
 
 
 # ---------------------------------------------------------------------------------------------- undo steps
@@ -567,10 +579,14 @@ class RemoveHook:
 
 
 class RestoreProcessor:
-    """Undo: give an attention module back its processor."""
+    """Undo: give an attention module back its processor.
 
-    def __init__(self, attn: torch.nn.Module, processor: Any) -> None:
-        self.attn, self.processor = attn, processor
+    That is the processor freeloc's processor (``installed``) wraps at removal: the one it replaced, or
+    the context-parallel processor ``freeloc.parallel.enable_parallelism`` put in its place since.
+    """
+
+    def __init__(self, attn: torch.nn.Module, processor: Any, installed: Any = None) -> None:
+        self.attn, self.processor, self.installed = attn, processor, installed
 
     def __call__(self) -> None:
-        self.attn.set_processor(self.processor)  # type: ignore[operator]
+        self.attn.set_processor(getattr(self.installed, "original", self.processor))  # type: ignore[operator]

@@ -17,6 +17,11 @@ evenly this is the equal split of diffusers' Ulysses; uneven sizes are those of 
 
 The configuration is read from diffusers' ``ParallelConfig`` (``transformer.enable_parallelism``);
 ``Ulysses.from_config`` says clearly what is not supported.
+
+``enable_parallelism`` puts a pipeline's transformers under diffusers' context parallelism, also those
+diffusers has no context-parallel plan for: their adapter gives the plan (where to split the video
+tokens and where to gather them; text tokens stay whole on every rank) and a processor per
+self-attention layer that runs the layer's own attention between Ulysses' exchanges.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["Ulysses", "split_sizes"]
+__all__ = ["ContextParallelProcessor", "Ulysses", "enable_parallelism", "split_sizes"]
 
 
 def split_sizes(n: int, parts: int) -> list[int]:
@@ -165,3 +170,116 @@ class Ulysses:
         text = self.gather_heads(torch.cat([out[:, :text_before], out[:, text_before + video_tokens:]], dim=1),
                                  heads)
         return torch.cat([text[:, :text_before], video, text[:, text_before:]], dim=1)
+
+
+class ContextParallelProcessor:
+    """Base of the adapters' context-parallel processors (``TransformerAdapter.context_parallel_processor``).
+
+    diffusers' ``enable_parallelism`` sets ``_parallel_config`` and ``set_attention_backend`` sets
+    ``_attention_backend`` on it, as on its own processors. On one process (no Ulysses degree) the layer
+    runs ``original``, the processor it replaced.
+    """
+
+    _attention_backend: Any = None
+    _parallel_config: Any = None
+
+    def __init__(self, original: Any, tokens: Any) -> None:
+        self.original = original
+        self.tokens = tokens  # a GridState: the grid of the current forward, every rank's tokens
+        self._attention_backend = getattr(original, "_attention_backend", None)
+
+    def ulysses(self) -> Ulysses | None:
+        return None if self._parallel_config is None else Ulysses.from_config(self._parallel_config)
+
+    def video_tokens(self) -> int:
+        """Video tokens of the whole sequence (every rank's shard) in the current forward."""
+        grid = self.tokens.value
+        if grid is None:
+            raise RuntimeError("the context-parallel processor ran outside its transformer's forward (no grid)")
+        f, h, w = grid
+        return f * h * w
+
+
+def _context_parallel_config(config: Any) -> Any:
+    """The ``ContextParallelConfig`` of a diffusers ``ContextParallelConfig`` or ``ParallelConfig``."""
+    cp = getattr(config, "context_parallel_config", config)
+    missing = [a for a in ("ring_degree", "ulysses_degree") if not hasattr(cp, a)]
+    if cp is None or missing:
+        raise TypeError(f"config must be a diffusers ContextParallelConfig (or a ParallelConfig holding one), "
+                        f"got {type(config).__name__}" + (f" without {missing}" if cp is not None else ""))
+    return cp
+
+
+def enable_parallelism(target: torch.nn.Module | Any, config: Any, *, adapter: Any = None) -> None:
+    """Put every transformer of a pipeline (or one transformer) under diffusers' Ulysses context parallelism.
+
+    A transformer diffusers declares a context-parallel plan for (``_cp_plan``: Wan) gets diffusers' own
+    ``transformer.enable_parallelism(config=config)``. One it has none for (HunyuanVideo, HunyuanVideo
+    1.5, CogVideoX) gets its adapter's plan (video tokens split before the first block and gathered after
+    the output projection; text tokens replicated on every rank) and a context-parallel processor on every
+    self-attention layer, so it runs on several processes with or without FreeLOC, exactly as on one.
+
+    It composes with ``freeloc.enable`` in either order; removing a FreeLOC session afterwards leaves the
+    model context-parallel. Call it inside an initialised process group (``torchrun``), once per model,
+    before the first forward.
+
+    Args:
+        target: a diffusers pipeline or transformer.
+        config: diffusers' ``ContextParallelConfig(ulysses_degree=N)`` (or a ``ParallelConfig`` holding
+            one); ``ulysses_anything=True`` for heads or tokens that do not divide by ``N``.
+        adapter: an adapter class to use instead of the registry's.
+
+    Raises:
+        ValueError: ring attention, heads that ``N`` does not divide (without ``ulysses_anything``) or
+            fewer heads than ``N``, a model with no plan from diffusers or its adapter; raised before
+            the model is changed.
+
+    Example::
+
+        torch.distributed.init_process_group("nccl")
+        freeloc.parallel.enable_parallelism(pipe, ContextParallelConfig(ulysses_degree=world_size))
+        with freeloc.enable(pipe, num_frames=509):
+            video = pipe(prompt, num_frames=509).frames[0]
+    """
+    from .adapter import FreeLOCProcessor, GridHook, GridState
+    from .registry import adapters_for
+
+    cp = _context_parallel_config(config)
+    if int(cp.ring_degree) > 1:
+        raise ValueError(f"freeloc's context parallelism runs Ulysses only, got ring_degree={cp.ring_degree}: use "
+                         f"ContextParallelConfig(ulysses_degree=N)")
+    degree = int(cp.ulysses_degree)
+    found = adapters_for(target, adapter)
+    setups: list[tuple[torch.nn.Module, Any, dict[str, Any] | None]] = []
+    for name, module, adapter_cls in found:
+        ad = adapter_cls(module, name=name)
+        what = f"{type(module).__name__} ({name})"
+        if getattr(module, "_parallel_config", None) is not None:
+            raise RuntimeError(f"{what} already runs under diffusers' parallelism")
+        plan = ad.context_parallel_plan()
+        if plan is None and getattr(module, "_cp_plan", None) is None:
+            raise ValueError(f"neither diffusers nor freeloc's {adapter_cls.__name__} has a context-parallel plan for "
+                             f"{what}; run it on one process")
+        if degree > 1:
+            check = Ulysses(None, degree, 0, bool(getattr(cp, "ulysses_anything", False)))
+            for attn in ad.attention_layers():
+                heads = getattr(attn, "heads", None)
+                if heads is not None:
+                    try:
+                        check.check_heads(int(heads))
+                    except ValueError as err:
+                        raise ValueError(f"{what}: {err}") from None
+        setups.append((module, ad, plan))
+    for module, ad, plan in setups:
+        if plan is None:
+            module.enable_parallelism(config=config)
+            continue
+        tokens = GridState(None)
+        for attn in ad.attention_layers():
+            current = attn.processor
+            if isinstance(current, FreeLOCProcessor):  # freeloc first: its layers wrap the parallel processor
+                current.original = ad.context_parallel_processor(current.original, tokens)
+            else:
+                attn.set_processor(ad.context_parallel_processor(current, tokens))
+        module.register_forward_pre_hook(GridHook(ad, tokens), with_kwargs=True)
+        module.enable_parallelism(config=config, cp_plan=plan)

@@ -20,6 +20,8 @@ if not torch.distributed.is_available():
 import parallel_worker  # noqa: E402
 
 METHODS = ("direct", "vrpr", "tsa", "sliding-window", "mixed")
+#: Models diffusers has no context-parallel plan for: they run under ``freeloc.parallel.enable_parallelism``.
+PLANNED = ("hunyuan", "hunyuan15", "cogvideox")
 
 
 def spawn(world: int, groups: list[str], tmp: Path) -> list[dict[str, Any]]:
@@ -34,25 +36,35 @@ def spawn(world: int, groups: list[str], tmp: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return spawn(2, ["wan", "errors", "core", "probe"], tmp_path_factory.mktemp("cp2"))
+    return spawn(2, ["wan", *PLANNED, "errors", "core", "probe"], tmp_path_factory.mktemp("cp2"))
 
 
 @pytest.fixture(scope="module")
 def three(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return spawn(3, ["wan", "core"], tmp_path_factory.mktemp("cp3"))
+    return spawn(3, ["wan", *PLANNED, "core"], tmp_path_factory.mktemp("cp3"))
+
+
+def check_model(results: list[dict[str, Any]], model: str) -> None:
+    """Unhooked, on ``len(results)`` ranks = on one process; every method = its single-process output in both orders
+    of enabling; after removal = the unhooked parallel model, bit for bit."""
+    for r, found in enumerate(results):
+        torch.testing.assert_close(found[f"{model}:unhooked_parallel"], found[f"{model}:unhooked_single"], atol=1e-5,
+                                   rtol=0)
+        for method in METHODS:
+            single = found[f"{model}:{method}/single"]
+            for order in ("freeloc_first", "parallel_first"):
+                torch.testing.assert_close(found[f"{model}:{method}/{order}"], single, atol=1e-5, rtol=0,
+                                           msg=lambda m, method=method, order=order, r=r: f"rank {r} {model} {method} "
+                                                                                         f"{order}: {m}")
+                assert torch.equal(found[f"{model}:{method}/{order}_removed"], found[f"{model}:unhooked_parallel"]), (
+                    f"rank {r}, {model}, {method}, {order}: after removal the model is not the parallel model")
+            if method != "direct":  # the method changes the output: the comparisons above are not of identities
+                assert not torch.equal(single, found[f"{model}:unhooked_single"]), f"{model} {method}"
 
 
 def check_wan(results: list[dict[str, Any]]) -> None:
-    for r, found in enumerate(results):
-        torch.testing.assert_close(found["wan:unhooked_parallel"], found["wan:unhooked_single"], atol=1e-5, rtol=0)
-        for method in METHODS:
-            single = found[f"wan:{method}/single"]
-            for order in ("freeloc_first", "parallel_first"):
-                torch.testing.assert_close(found[f"wan:{method}/{order}"], single, atol=1e-5, rtol=0,
-                                           msg=lambda m, method=method, order=order, r=r: f"rank {r} {method} "
-                                                                                         f"{order}: {m}")
-                assert torch.equal(found[f"wan:{method}/{order}_removed"], found["wan:unhooked_parallel"]), (
-                    f"rank {r}, {method}, {order}: after removal the model is not diffusers' parallel model")
+    check_model(results, "wan")
+    for found in results:
         assert found["wan:processors_keep_config"]
 
 
@@ -65,6 +77,19 @@ def test_two_ranks_equal_one_process_in_both_orders_and_after_removal(two: list[
 @pytest.mark.slow
 def test_three_ranks_with_uneven_groups_of_heads(three: list[dict[str, Any]]) -> None:
     check_wan(three)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", PLANNED)
+@pytest.mark.parametrize("world", [2, 3])
+def test_models_without_a_diffusers_plan_run_under_freelocs_plan(model: str, world: int, two: list[dict[str, Any]],
+                                                                 three: list[dict[str, Any]]) -> None:
+    """HunyuanVideo, HunyuanVideo 1.5 and CogVideoX on 2 ranks, and on 3 with 5 heads (uneven groups of heads):
+    exact against one process with and without FreeLOC, in both orders, and after removal."""
+    results = two if world == 2 else three
+    check_model(results, model)
+    for found in results:  # every self-attention call got this rank's shard of the 12 x 4 x 4 video tokens
+        assert found[f"{model}:shards"] and set(found[f"{model}:shards"]) == {192 // world}
 
 
 @pytest.mark.slow
@@ -164,12 +189,79 @@ def test_context_parallel_outside_torchrun_is_refused_before_loading(tmp_path: P
     assert "start it with torchrun --nproc-per-node 2 -m freeloc generate" in err
 
 
-def test_context_parallel_refuses_a_model_diffusers_has_no_plan_for() -> None:
+def test_context_parallel_refuses_a_model_without_an_adapter() -> None:
     from types import SimpleNamespace
 
     from freeloc.app.parallel import ContextParallelRun
 
     pipeline = SimpleNamespace(transformer=torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="diffusers has no context-parallel plan for Linear"):
+    with pytest.raises(ValueError, match="no freeloc adapter for Linear"):
         ContextParallelRun(2, 0, "cpu").parallelize(pipeline)
     ContextParallelRun(1, 0, "cpu").parallelize(pipeline)  # one process: nothing to set up
+
+
+def _tiny(model: str, heads: int = 2, **config: Any) -> torch.nn.Module:
+    build = {"hunyuan": parallel_worker._tiny_hunyuan, "hunyuan15": parallel_worker._tiny_hunyuan15,
+             "cogvideox": parallel_worker._tiny_cogvideox, "wan": parallel_worker._tiny_wan}[model]
+    return build(heads)
+
+
+def _processors(model: torch.nn.Module) -> list[Any]:
+    return [type(m.processor) for m in model.modules() if hasattr(m, "processor")]
+
+
+@pytest.mark.parametrize("model", ["wan", *PLANNED])
+def test_enable_parallelism_refuses_what_cannot_run_before_changing_the_model(model: str) -> None:
+    """Ring attention, heads the degree does not divide, fewer heads than ranks, a config of another type: clear
+    errors, raised before the model changes (no process group is needed to see them)."""
+    from diffusers import ContextParallelConfig
+
+    from freeloc.parallel import enable_parallelism
+
+    transformer = _tiny(model, heads=3)
+    before = _processors(transformer)
+    with pytest.raises(ValueError, match="got ring_degree=2"):
+        enable_parallelism(transformer, ContextParallelConfig(ring_degree=2))
+    with pytest.raises(ValueError, match=r"3 attention heads do not divide by ulysses_degree=2.*ulysses_anything=True"):
+        enable_parallelism(transformer, ContextParallelConfig(ulysses_degree=2))
+    with pytest.raises(ValueError, match="3 heads cannot be shared by ulysses_degree=4 ranks"):
+        enable_parallelism(transformer, ContextParallelConfig(ulysses_degree=4, ulysses_anything=True))
+    with pytest.raises(TypeError, match="config must be a diffusers ContextParallelConfig.*got dict"):
+        enable_parallelism(transformer, {"ulysses_degree": 2})
+    assert _processors(transformer) == before
+    assert transformer._parallel_config is None and not transformer._forward_pre_hooks
+
+
+def test_enable_parallelism_refuses_hunyuan_token_replace() -> None:
+    from diffusers import ContextParallelConfig
+
+    from freeloc.parallel import enable_parallelism
+
+    transformer = parallel_worker._tiny_hunyuan(2)
+    transformer.register_to_config(image_condition_type="token_replace")
+    with pytest.raises(ValueError, match="image_condition_type='token_replace'.*one process"):
+        enable_parallelism(transformer, ContextParallelConfig(ulysses_degree=2))
+    assert transformer._parallel_config is None
+
+
+@pytest.mark.parametrize("model", PLANNED)
+def test_context_parallel_processors_on_one_process_are_the_original(model: str) -> None:
+    """Without a Ulysses degree (one process) the context-parallel processor runs the processor it replaced:
+    the same output, bit for bit."""
+    from freeloc.adapter import GridHook, GridState
+    from freeloc.registry import adapters_for
+
+    transformer = _tiny(model)
+    kw = parallel_worker._inputs(model)
+    with torch.no_grad():
+        want = transformer(**kw, return_dict=False)[0]
+    (name, module, adapter_cls), = adapters_for(transformer)
+    adapter = adapter_cls(module, name=name)
+    tokens = GridState(None)
+    for attn in adapter.attention_layers():
+        attn.set_processor(adapter.context_parallel_processor(attn.processor, tokens))
+    transformer.register_forward_pre_hook(GridHook(adapter, tokens), with_kwargs=True)
+    with torch.no_grad():
+        got = transformer(**kw, return_dict=False)[0]
+    assert torch.equal(got, want)
+    assert tokens.value == (12, 4, 4)

@@ -32,19 +32,15 @@ class ContextParallelRun:
         return self.rank == 0
 
     def parallelize(self, pipeline: Any) -> None:
-        """Put every transformer of ``pipeline`` under diffusers' Ulysses context parallelism."""
+        """Put every transformer of ``pipeline`` under diffusers' Ulysses context parallelism, with freeloc's
+        plan for models diffusers has none for (``freeloc.parallel.enable_parallelism``)."""
         if self.degree == 1:
             return
         from diffusers import ContextParallelConfig
 
-        for name in ("transformer", "transformer_2"):
-            module = getattr(pipeline, name, None)
-            if module is None:
-                continue
-            if getattr(module, "_cp_plan", None) is None:
-                raise ValueError(f"--context-parallel: diffusers has no context-parallel plan for "
-                                 f"{type(module).__name__} (the pipeline's {name}); run it on one process")
-            module.enable_parallelism(config=ContextParallelConfig(ulysses_degree=self.degree))
+        from ..parallel import enable_parallelism
+
+        enable_parallelism(pipeline, ContextParallelConfig(ulysses_degree=self.degree))
 
     def finish(self) -> None:
         if self.degree > 1 and torch.distributed.is_initialized():
