@@ -6,8 +6,9 @@ What users call:
   it returns a ``Session`` that takes everything off again;
 * ``probe``: measure which layers suffer from positions and which from context, and write the
   ``LayerPlan``;
-* the methods: ``VRPR`` and ``TSA`` (FreeLOC's two corrections), and the baselines
-  ``SlidingWindow``, ``PI``, ``NTK``, ``YaRN``, ``RIFLEx``;
+* the methods: ``VRPR`` and ``TSA`` (FreeLOC's two corrections), their compositions ``TSAVRPR`` and
+  ``WindowVRPR`` (a bounded context at re-encoded positions), and the baselines ``SlidingWindow``,
+  ``PI``, ``NTK``, ``YaRN``, ``RIFLEx``;
 * ``attend`` with its ``AttentionOptions``: band-split attention merged exactly by
   log-sum-exp, on a model's ``RotaryLayout``, for code that calls attention itself;
 * ``register_adapter``: add an adapter for a new model (or declare it under the entry-point group
@@ -21,6 +22,7 @@ bed in ``freeloc.shapes``.
 from __future__ import annotations
 
 from .attention import AttentionOptions, attend
+from .composed import TSAVRPR, WindowVRPR
 from .patterns import TSA, SlidingWindow
 from .plan import LayerPlan
 from .positions import NTK, PI, VRPR, RIFLEx, YaRN
@@ -41,7 +43,9 @@ __all__ = [
     "Session",
     "SlidingWindow",
     "TSA",
+    "TSAVRPR",
     "VRPR",
+    "WindowVRPR",
     "YaRN",
     "attend",
     "enable",

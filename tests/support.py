@@ -35,6 +35,8 @@ def methods() -> list[tuple[str, Method | None]]:
         ("pi", freeloc.PI(2.0)),
         ("ntk", freeloc.NTK(2.0)),
         ("riflex", freeloc.RIFLEx(k=2, num_frames=30)),
+        ("tsa+vrpr", freeloc.TSAVRPR(SMALL_TSA, freeloc.VRPR(3, 5, 2, 4, 12))),
+        ("window+vrpr", freeloc.WindowVRPR(freeloc.SlidingWindow(4), freeloc.VRPR(3, 5, 2, 4, 12))),
     ]
 
 
