@@ -1,22 +1,33 @@
-"""Long-video quality on the shipped shapes model: every method at 1x, 2x, 4x and 8x its trained length.
+"""Long-video quality on the shipped shapes model: every method from 1x to 16x its trained length.
 
-    python benchmarks/long_video.py [--lengths 1,2,4,8] [--conditions 8] [--steps 20] [--guidance G]
-                                    [--png benchmarks/long_video.png] [--json out.json] [--run DIR]
+    python benchmarks/long_video.py [--split test|validation] [--lengths 1,2,4,8,16] [--conditions 16]
+                                    [--steps 20] [--methods ...] [--quick] [--guidance G] [--run DIR]
+                                    [--png benchmarks/long_video.png] [--plot benchmarks/long_video_lengths.png]
+                                    [--json out.json]
 
 The model (``freeloc.shapes.model.load_shipped``, or a training folder with ``--run``) was trained on
 16-frame clips of bouncing shapes. For each length, the same conditions and the same initial noise are
-sampled with each method; the videos are scored from their pixels (``freeloc.shapes.metrics``), against
-the clip the condition asks for, starting where the video's first frame put the shapes
+sampled with each method; every video is scored from its pixels (``freeloc.shapes.metrics``) against the
+clip its condition asks for, starting where the video's first frame put the shapes
 (``freeloc.shapes.metrics.fit_spec``). ``real clips`` rows score rendered clips of the same conditions:
 the best a video can score. Sampling uses the model's own classifier-free guidance scale
 (``freeloc.shapes.model.shipped_guidance``) unless ``--guidance`` is given.
 
+The protocol. Conditions come from two disjoint seed ranges: ``--split validation`` (seeds 10000 on) is
+where anything may be tuned (probe thresholds, method parameters); ``--split test`` (seeds 50000 on, the
+default) is what results are reported on. Every number in the table is a mean over the clips; for the
+right colours and the right count, each method also gets a paired 95% bootstrap interval (per clip, 2000
+resamples) of its difference to ``direct`` and to the best uniform method at that length (the method on
+every layer with the highest mean, ``freeloc-probe`` and ``direct`` excluded). ``--quick`` runs a small
+subset (2x and 8x, 4 clips, 10 steps, five methods) in a few minutes.
+
 Methods: ``direct`` (no change), ``sliding-window``, ``pi``, ``ntk``, ``riflex`` (k: the temporal
-frequency whose period is closest to the trained length), ``vrpr``, ``tsa``, ``freeloc-uniform``
-(``plan="uniform"``: VRPR on every layer, which is what the uniform plan is for a model with RoPE) and
-``freeloc-probe`` (the plan ``freeloc.probe`` writes for this model at 4x, computed in this run).
-Prints one table (means over the conditions) and the seconds per video; saves a PNG strip of frames of
-``direct`` vs ``freeloc-probe`` at 4x.
+frequency whose period is closest to the trained length), ``vrpr``, ``tsa``, the composed ``tsa+vrpr``
+and ``window+vrpr``, ``freeloc-uniform`` (``plan="uniform"``: VRPR on every layer, which is what the
+uniform plan is for a model with RoPE) and ``freeloc-probe`` (the plan ``freeloc.probe`` writes for this
+model at 4x, computed in this run). Prints the table; saves a PNG strip of frames of ``direct`` vs
+``freeloc-probe`` at 4x (``--png``) and a plot of the right colours and count against length, one line
+per method with its 95% interval shaded (``--plot``).
 """
 
 from __future__ import annotations
@@ -31,17 +42,26 @@ from typing import Any
 import torch
 
 import freeloc
-from freeloc.app.plots import frames_png
+from freeloc.app.plots import frames_png, metrics_by_length_png
 from freeloc.shapes.clips import random_spec, render
 from freeloc.shapes.metrics import evaluate_generated
 from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance, shipped_plan
 
-METHODS = ["direct", "sliding-window", "pi", "ntk", "riflex", "vrpr", "tsa", "freeloc-uniform", "freeloc-probe"]
+METHODS = ["direct", "sliding-window", "pi", "ntk", "riflex", "vrpr", "tsa", "tsa+vrpr", "window+vrpr",
+           "freeloc-uniform", "freeloc-probe"]
+#: The methods that apply one method to every layer: the plan is compared with the best of them.
+UNIFORM = [m for m in METHODS if m not in ("direct", "freeloc-probe")]
+#: First condition seed of each split: tune on validation, report on test.
+SEEDS = {"validation": 10_000, "test": 50_000}
 METRICS = [("palette_fidelity", "palette", "{:.3f}"), ("shape_presence", "shapes", "{:.2f}"),
            ("shape_count_consistency", "count", "{:.3f}"),
            ("color_consistency", "colour", "{:.3f}"), ("motion_error", "motion err", "{:.2f}"),
            ("dynamic_degree", "dynamic", "{:.2f}"), ("freeze_fraction", "freeze", "{:.2f}"),
            ("repetition", "repeat", "{:.2f}")]
+#: The metrics reported with paired intervals and plotted against length.
+HEADLINE = [("color_consistency", "right colours"), ("shape_count_consistency", "right count")]
+QUICK = dict(lengths="2,8", conditions=4, steps=10, methods="direct,sliding-window,tsa,tsa+vrpr,freeloc-probe")
+RESAMPLES = 2000
 
 
 def riflex_k(model: torch.nn.Module, trained: int) -> int:
@@ -63,30 +83,95 @@ def session_kwargs(method: str, k: int, plan: freeloc.LayerPlan) -> dict[str, An
     return dict(method=method)
 
 
+def per_clip(videos: torch.Tensor, specs: list[Any]) -> list[dict[str, float]]:
+    """Every metric of every video, scored against its own asked clip."""
+    return [evaluate_generated(videos[i:i + 1], [s]) for i, s in enumerate(specs)]
+
+
+def mean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
+def bootstrap(values: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``values`` (NaN skipped) and the 2.5 / 97.5 percentiles of the mean over ``RESAMPLES``
+    resamples of them with replacement. For a paired interval, pass the per-clip differences."""
+    kept = torch.tensor([v for v in values if not math.isnan(v)], dtype=torch.float64)
+    if kept.numel() == 0:
+        return float("nan"), float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    means = kept[torch.randint(kept.numel(), (RESAMPLES, kept.numel()), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(kept.mean()), lo, hi
+
+
+def differences(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> list[float]:
+    """Per-clip ``a - b`` of ``key`` (the same conditions and noise in both)."""
+    return [x[key] - y[key] for x, y in zip(a, b, strict=True)]
+
+
+def intervals(clips: dict[str, list[dict[str, float]]], key: str) -> dict[str, dict[str, Any]]:
+    """Per method at one length: the mean of ``key`` with its interval, and the paired intervals against
+    ``direct`` and the best uniform method (the uniform method with the highest mean, not itself)."""
+    out: dict[str, dict[str, Any]] = {}
+    means = {m: mean([c[key] for c in rows]) for m, rows in clips.items() if m != "real clips"}
+    for method, rows in clips.items():
+        if method == "real clips":
+            continue
+        row: dict[str, Any] = dict(mean=bootstrap([c[key] for c in rows]))
+        if "direct" in clips and method != "direct":
+            row["vs_direct"] = bootstrap(differences(rows, clips["direct"], key))
+        others = [m for m in UNIFORM if m in clips and m != method and not math.isnan(means[m])]
+        if others:
+            best = max(others, key=lambda m: means[m])
+            row["best_uniform"] = best
+            row["vs_best_uniform"] = bootstrap(differences(rows, clips[best], key))
+        out[method] = row
+    return out
+
+
+def _interval(t: tuple[float, float, float] | None) -> str:
+    if t is None:
+        return f"{'':>24}"
+    m, lo, hi = t
+    return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]".rjust(24)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--lengths", default="1,2,4,8", help="multiples of the trained length (default 1,2,4,8)")
-    ap.add_argument("--conditions", type=int, default=8, help="conditions (clips) per length and method")
-    ap.add_argument("--steps", type=int, default=20, help="Euler sampling steps")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--split", choices=sorted(SEEDS), default="test",
+                    help="condition seeds: 'validation' to tune on, 'test' to report (default)")
+    ap.add_argument("--lengths", default=None, help="multiples of the trained length (default 1,2,4,8,16)")
+    ap.add_argument("--conditions", type=int, default=None, help="conditions (clips) per length and method (16)")
+    ap.add_argument("--steps", type=int, default=None, help="Euler sampling steps (default 20)")
+    ap.add_argument("--methods", default=None, help=f"comma-separated, from {METHODS} (default all)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a small subset: lengths {QUICK['lengths']}, {QUICK['conditions']} clips, "
+                         f"{QUICK['steps']} steps, methods {QUICK['methods']} (each still overridable)")
     ap.add_argument("--png", type=Path, default=Path("benchmarks/long_video.png"))
+    ap.add_argument("--plot", type=Path, default=Path("benchmarks/long_video_lengths.png"))
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--run", type=Path, default=None, help="a training folder instead of the shipped model")
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale (default: the shipped model's own; 1 with --run)")
     args = ap.parse_args()
-    lengths = [int(x) for x in args.lengths.split(",")]
-    methods = args.methods.split(",")
+    defaults = QUICK if args.quick else dict(lengths="1,2,4,8,16", conditions=16, steps=20, methods=",".join(METHODS))
+    lengths = [int(x) for x in (args.lengths or str(defaults["lengths"])).split(",")]
+    methods = (args.methods or str(defaults["methods"])).split(",")
+    conditions = args.conditions or int(defaults["conditions"])
+    steps = args.steps or int(defaults["steps"])
     if unknown := [m for m in methods if m not in METHODS]:
         ap.error(f"--methods: unknown {unknown}; choose from {METHODS}")
     model, cfg = load(args.run) if args.run is not None else load_shipped()
     guidance = args.guidance if args.guidance is not None else 1.0 if args.run is not None else shipped_guidance()
     trained = cfg.trained_frames
-    specs = [random_spec(10_000 + i) for i in range(args.conditions)]
+    first = SEEDS[args.split]
+    specs = [random_spec(first + i) for i in range(conditions)]
     cond = torch.stack([model_condition(s) for s in specs])
     k = riflex_k(model, trained)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; shapes model trained on {trained} frames; "
-          f"{args.conditions} conditions, {args.steps} Euler steps, guidance {guidance:g}; RIFLEx k = {k}", flush=True)
+          f"{args.split} split (seeds {first}-{first + conditions - 1}), {steps} Euler steps, guidance {guidance:g}; "
+          f"RIFLEx k = {k}", flush=True)
     plan = freeloc.LayerPlan.uniform("vrpr", len(model.blocks))
     if "freeloc-probe" in methods:
         plan = probe_plan(model, cfg, 4)
@@ -96,36 +181,55 @@ def main() -> None:
             same = "the same" if shipped == plan.methods else "differs"
             print(f"the plan shipped with the model: {shipped} ({same})")
     results: list[dict[str, Any]] = []
+    summary: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
     strip: dict[str, torch.Tensor] = {}
     header = f"{'length':>10} {'method':<16}" + "".join(f"{h:>11}" for _, h, _ in METRICS) + f"{'s/video':>9}"
-    lines = [header]
     print(header, flush=True)
     for mult in lengths:
         frames = mult * trained
         real = torch.stack([render(s, frames) for s in specs])
-        entries = [("real clips", evaluate_generated(real, specs), 0.0)]
+        clips: dict[str, list[dict[str, float]]] = {"real clips": per_clip(real, specs)}
+        seconds: dict[str, float] = {"real clips": 0.0}
+        rows = [("real clips", clips["real clips"])]
         for method in methods:
             t0 = time.perf_counter()
             with freeloc.enable(model, num_frames=frames, trained_frames=trained, temporal_factor=1,
                                 **session_kwargs(method, k, plan)):
-                videos = sample(model, cfg, cond, frames, steps=args.steps, seed=mult, guidance=guidance)
-            seconds = (time.perf_counter() - t0) / len(specs)
-            scores = evaluate_generated(videos, specs)
-            entries.append((method, scores, seconds))
+                videos = sample(model, cfg, cond, frames, steps=steps, seed=mult, guidance=guidance)
+            seconds[method] = (time.perf_counter() - t0) / len(specs)
+            clips[method] = per_clip(videos, specs)
+            rows.append((method, clips[method]))
             if mult == 4 and method in ("direct", "freeloc-probe"):
                 strip[method] = videos[0]
-        for method, scores, seconds in entries:
-            line = (f"{f'{mult}x ({frames})':>10} {method:<16}"
-                    + "".join(f"{fmt.format(scores[key]):>11}" for key, _, fmt in METRICS) + f"{seconds:>9.2f}")
-            lines.append(line)
-            print(line, flush=True)
-            results.append(dict(length=mult, frames=frames, method=method, seconds_per_video=seconds, **scores))
+            scores = {key: mean([c[key] for c in clips[method]]) for key, _, _ in METRICS}
+            print(f"{f'{mult}x ({frames})':>10} {method:<16}"
+                  + "".join(f"{fmt.format(scores[key]):>11}" for key, _, fmt in METRICS)
+                  + f"{seconds[method]:>9.2f}", flush=True)
+        for method, per in rows:
+            scores = {key: mean([c[key] for c in per]) for key, _, _ in METRICS}
+            results.append(dict(length=mult, frames=frames, method=method, seconds_per_video=seconds[method],
+                                per_clip=per, **scores))
+        summary[mult] = {key: intervals(clips, key) for key, _ in HEADLINE}
+    print(f"\nmean, and paired 95% bootstrap intervals of the difference (per clip, {RESAMPLES} resamples):")
+    for key, label in HEADLINE:
+        print(f"\n{label}\n{'length':>10} {'method':<16}{'mean [95%]':>24}{'minus direct':>24}"
+              f"{'minus best uniform':>24}  best uniform")
+        for mult in lengths:
+            for method, row in summary[mult][key].items():
+                print(f"{f'{mult}x':>10} {method:<16}{_interval(row['mean'])}{_interval(row.get('vs_direct'))}"
+                      f"{_interval(row.get('vs_best_uniform'))}  {row.get('best_uniform', '')}")
     if len(strip) == 2:
         strip = {"real clip": render(specs[0], 4 * trained), **strip}
         print(f"wrote {frames_png(strip, args.png, f'4x ({4 * trained} frames), condition 0: every column a frame')}")
+    if len(lengths) > 1:
+        lines = {label: {m: [(mult, *summary[mult][key][m]["mean"]) for mult in lengths] for m in methods}
+                 for key, label in HEADLINE}
+        print(f"wrote {metrics_by_length_png(lines, args.plot, trained, f'{args.split} split, {conditions} clips')}")
     if args.json is not None:
-        summary = dict(results=results, plan=plan.to_dict(), riflex_k=k, guidance=guidance)
-        args.json.write_text(json.dumps(summary, indent=2))
+        out = dict(results=results, intervals={str(m): s for m, s in summary.items()}, plan=plan.to_dict(),
+                   riflex_k=k, guidance=guidance, split=args.split, seeds=[first, first + conditions - 1],
+                   steps=steps)
+        args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

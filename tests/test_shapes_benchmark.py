@@ -17,16 +17,38 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "long_video.py"
 def test_long_video_benchmark_prints_every_method_and_length(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "table.json"
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--lengths", "1,2", "--conditions", "1", "--steps", "1",
-                                      "--methods", "direct,riflex,tsa,freeloc-uniform", "--json", str(out),
-                                      "--png", str(tmp_path / "strip.png")])
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--lengths", "1,2", "--conditions", "2", "--steps", "1",
+                                      "--methods", "direct,riflex,tsa,tsa+vrpr,freeloc-uniform", "--json", str(out),
+                                      "--png", str(tmp_path / "strip.png"), "--plot", str(tmp_path / "plot.png")])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     text = capsys.readouterr().out
-    rows = json.loads(out.read_text())["results"]
-    assert [(r["length"], r["method"]) for r in rows] == [
-        (m, name) for m in (1, 2) for name in ("real clips", "direct", "riflex", "tsa", "freeloc-uniform")]
-    assert all(r["palette_fidelity"] == 1.0 for r in rows if r["method"] == "real clips")
-    assert "RIFLEx k = 2" in text and "2x (32)" in text
+    data = json.loads(out.read_text())
+    rows = data["results"]
+    methods = ("direct", "riflex", "tsa", "tsa+vrpr", "freeloc-uniform")
+    expected = [(m, name) for m in (1, 2) for name in ("real clips", *methods)]
+    assert [(r["length"], r["method"]) for r in rows] == expected
+    assert all(r["palette_fidelity"] == 1.0 and len(r["per_clip"]) == 2 for r in rows if r["method"] == "real clips")
+    assert "RIFLEx k = 2" in text and "2x (32)" in text and "test split (seeds 50000-50001)" in text
+    colours = data["intervals"]["2"]["color_consistency"]
+    assert set(colours) == set(methods) and "vs_direct" not in colours["direct"]
+    assert colours["tsa"]["best_uniform"] in ("riflex", "tsa+vrpr", "freeloc-uniform")
+    assert len(colours["tsa"]["vs_direct"]) == 3 and (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_bootstrap_intervals_are_paired_and_cover_the_mean() -> None:
+    bench = runpy.run_path(str(SCRIPT))
+    assert bench["bootstrap"]([0.5] * 16) == (0.5, 0.5, 0.5)
+    mean, lo, hi = bench["bootstrap"]([0.0, 1.0] * 8)
+    assert mean == 0.5 and 0.1 < lo < 0.5 < hi < 0.9
+    assert bench["bootstrap"]([float("nan"), 1.0, 1.0]) == (1.0, 1.0, 1.0)  # NaN clips are skipped
+    # paired: a method that beats another on every clip by 0.1 has a tight interval at +0.1, however far apart
+    # the clips' own scores are
+    a = [{"c": x} for x in (0.1, 0.9, 0.4, 0.7)]
+    b = [{"c": x["c"] - 0.1} for x in a]
+    clips = {"direct": b, "tsa": a, "vrpr": b}
+    found = bench["intervals"](clips, "c")
+    assert found["tsa"]["vs_direct"] == pytest.approx((0.1, 0.1, 0.1))
+    assert found["tsa"]["best_uniform"] == "vrpr" and found["vrpr"]["best_uniform"] == "tsa"
 
 
 def test_long_video_benchmark_rejects_an_unknown_method(monkeypatch: pytest.MonkeyPatch,

@@ -21,7 +21,7 @@ from ..plan import LayerPlan
 from ..positions import VRPR
 from ..session import Session
 
-__all__ = ["explain_png", "frames_png", "plot_scores", "report_png"]
+__all__ = ["explain_png", "frames_png", "metrics_by_length_png", "plot_scores", "report_png"]
 
 
 def _save(plt: ModuleType, fig: Any, path: Any, dpi: int, make_folder: bool = False) -> Any:
@@ -194,5 +194,42 @@ def frames_png(rows: dict[str, Float[Tensor, "_frames 3 _height _width"]], path:
         ax.set_ylabel(label, fontsize=8)
     axes[-1].set_xlabel("frame")
     fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(plt, fig, path, 110, make_folder=True)
+
+
+def metrics_by_length_png(lines: dict[str, dict[str, list[tuple[int, float, float, float]]]], path: Path,
+                          trained: int, subtitle: str = "") -> Path:
+    """One panel per metric, the length (x the trained length, log scale) across: one line per method, its
+    95% interval shaded.
+
+    Args:
+        lines: ``{metric label: {method: [(multiple, mean, low, high), ...]}}``.
+        path: the PNG to write.
+        trained: the trained length in frames (for the axis label).
+        subtitle: appended to the title.
+    """
+    plt = _pyplot("the metrics-by-length plot (metrics_by_length_png)")
+    if not lines or not all(lines.values()):
+        raise ValueError("metrics_by_length_png needs at least one metric with at least one method")
+    fig, axes = plt.subplots(1, len(lines), figsize=(5.2 * len(lines), 4.2), squeeze=False)
+    for ax, (label, methods) in zip(axes[0], lines.items(), strict=True):
+        for method, points in methods.items():
+            points = sorted(points)
+            x = [p[0] for p in points]
+            (line,) = ax.plot(x, [p[1] for p in points], marker="o", markersize=3, label=method,
+                              linewidth=2.2 if method.startswith("freeloc") else 1.2)
+            ax.fill_between(x, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({p[0] for pts in methods.values() for p in pts}))
+        ax.set_xticklabels([f"{m}x" for m in sorted({p[0] for pts in methods.values() for p in pts})])
+        ax.set_xlabel(f"length (x the trained {trained} frames)")
+        ax.set_ylabel(f"{label} (fraction of frames)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.set_title(label)
+    axes[0][-1].legend(fontsize=7, loc="lower left")
+    fig.suptitle("quality against length, mean and 95% bootstrap interval" + (f": {subtitle}" if subtitle else ""),
+                 fontsize=10)
     fig.tight_layout()
     return _save(plt, fig, path, 110, make_folder=True)
