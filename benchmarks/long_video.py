@@ -22,12 +22,12 @@ every layer with the highest mean, ``freeloc-probe`` and ``direct`` excluded). `
 subset (2x and 8x, 4 clips, 10 steps, five methods) in a few minutes.
 
 Methods: ``direct`` (no change), ``sliding-window``, ``pi``, ``ntk``, ``riflex`` (k: the temporal
-frequency whose period is closest to the trained length), ``vrpr``, ``tsa``, the composed ``tsa+vrpr``
-and ``window+vrpr``, ``freeloc-uniform`` (``plan="uniform"``: VRPR on every layer, which is what the
-uniform plan is for a model with RoPE) and ``freeloc-probe`` (the plan ``freeloc.probe`` writes for this
-model at 4x, computed in this run). Prints the table; saves a PNG strip of frames of ``direct`` vs
-``freeloc-probe`` at 4x (``--png``) and a plot of the right colours and count against length, one line
-per method with its 95% interval shaded (``--plot``).
+frequency whose period is closest to the trained length), ``ultravico`` (alpha 0.9), ``vrpr``, ``tsa``,
+the composed ``tsa+vrpr`` and ``window+vrpr``, ``freeloc-uniform`` (``plan="uniform"``: VRPR on every
+layer, which is what the uniform plan is for a model with RoPE) and ``freeloc-probe`` (the plan
+``freeloc.probe`` writes for this model at 4x, computed in this run). Prints the table; saves a PNG
+strip of frames of ``direct`` vs ``freeloc-probe`` at 4x (``--png``) and a plot of the right colours
+and count against length, one line per method with its 95% interval shaded (``--plot``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from freeloc.shapes.clips import random_spec, render
 from freeloc.shapes.metrics import evaluate_generated
 from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance, shipped_plan
 
-METHODS = ["direct", "sliding-window", "pi", "ntk", "riflex", "vrpr", "tsa", "tsa+vrpr", "window+vrpr",
+METHODS = ["direct", "sliding-window", "pi", "ntk", "riflex", "ultravico", "vrpr", "tsa", "tsa+vrpr", "window+vrpr",
            "freeloc-uniform", "freeloc-probe"]
 #: The methods that apply one method to every layer: the plan is compared with the best of them.
 UNIFORM = [m for m in METHODS if m not in ("direct", "freeloc-probe")]

@@ -8,7 +8,7 @@ What users call:
   ``LayerPlan``;
 * the methods: ``VRPR`` and ``TSA`` (FreeLOC's two corrections), their compositions ``TSAVRPR`` and
   ``WindowVRPR`` (a bounded context at re-encoded positions), and the baselines ``SlidingWindow``,
-  ``PI``, ``NTK``, ``YaRN``, ``RIFLEx``;
+  ``PI``, ``NTK``, ``YaRN``, ``RIFLEx``, ``UltraViCo``;
 * ``attend`` with its ``AttentionOptions``: band-split attention merged exactly by
   log-sum-exp, on a model's ``RotaryLayout``, for code that calls attention itself;
 * ``register_adapter``: add an adapter for a new model (or declare it under the entry-point group
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from .attention import AttentionOptions, attend
 from .composed import TSAVRPR, WindowVRPR
+from .logit_decay import UltraViCo
 from .patterns import TSA, SlidingWindow
 from .plan import LayerPlan
 from .positions import NTK, PI, VRPR, RIFLEx, YaRN
@@ -44,6 +45,7 @@ __all__ = [
     "SlidingWindow",
     "TSA",
     "TSAVRPR",
+    "UltraViCo",
     "VRPR",
     "WindowVRPR",
     "YaRN",

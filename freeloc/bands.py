@@ -41,6 +41,9 @@ class Band:
         k_pos: [F] temporal position of key frame ``j`` in this band.
         stripe: if set, only token pairs with ``|s_q - s_k| < stripe`` are attended, where ``s`` is
             the token's raster index inside its frame (``h * W' + w``).
+        positive_logit_scale: if set, the positive attention logits of this band's pairs are multiplied
+            by it (UltraViCo's decay); negative logits are left as they are. Only the ``reference``
+            backend computes such bands.
     """
 
     name: str
@@ -48,6 +51,7 @@ class Band:
     q_pos: Float[Tensor, " F"]
     k_pos: Float[Tensor, " F"]
     stripe: int | None = None
+    positive_logit_scale: float | None = None
 
     def __post_init__(self) -> None:
         f = self.pairs.shape[0]
@@ -59,6 +63,9 @@ class Band:
                              f"{tuple(self.q_pos.shape)} / {tuple(self.k_pos.shape)}")
         if self.stripe is not None and self.stripe < 1:
             raise ValueError(f"Band {self.name!r}: stripe must be >= 1 token, got {self.stripe}")
+        scale = self.positive_logit_scale
+        if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale <= 1):
+            raise ValueError(f"Band {self.name!r}: positive_logit_scale must be in (0, 1], got {scale!r}")
 
     @property
     def num_frames(self) -> int:
@@ -137,9 +144,13 @@ class BandSet:
         pairs = torch.ones(num_frames, num_frames, dtype=torch.bool)
         return cls(num_frames, (Band("all", pairs, pos, pos),), t_freqs, label)
 
+    def scales_logits(self) -> bool:
+        """Whether a band scales its positive logits (``Band.positive_logit_scale``)."""
+        return any(b.positive_logit_scale is not None for b in self.bands)
+
     def is_plain(self) -> bool:
         """True when the set is one band over every pair with the original positions."""
-        if len(self.bands) != 1:
+        if len(self.bands) != 1 or self.scales_logits():
             return False
         b = self.bands[0]
         pos = torch.arange(self.num_frames, dtype=b.q_pos.dtype)
@@ -163,7 +174,7 @@ class BandSet:
             for a in out:
                 d = (a.q_pos - b.q_pos)[rows]
                 if d.numel() and bool(((d - d[0]).abs() <= 1e-9).all()):
-                    new = Band(b.name, b.pairs, a.q_pos, b.k_pos + d[0], b.stripe)
+                    new = Band(b.name, b.pairs, a.q_pos, b.k_pos + d[0], b.stripe, b.positive_logit_scale)
                     break
             out.append(new)
         return BandSet(self.num_frames, tuple(out), self.t_freqs, self.label)

@@ -59,6 +59,8 @@ def compose_bands(pattern: BandSet, positions: BandSet, label: str) -> BandSet:
         for q in positions.bands:
             pairs = p.pairs & q.pairs
             if bool(pairs.any()):
+                if p.positive_logit_scale is not None or q.positive_logit_scale is not None:
+                    raise ValueError("compose_bands composes positions and patterns, not logit scales (UltraViCo)")
                 bands.append(Band(f"{p.name}/{q.name}", pairs, q.q_pos, q.k_pos, p.stripe))
     return BandSet(pattern.num_frames, tuple(bands), positions.t_freqs, label)
 

@@ -29,6 +29,7 @@ EXPLICIT: dict[str, dict[str, Any]] = {
     "riflex": {"k": 3},
     "sliding-window": {"window": 5, "sink": False},
     "key-shift": {"shift": -4},
+    "ultravico": {"alpha": 0.8, "window": 6},
     "tsa+vrpr": {"pattern": {"d1": 4, "d2": 12, "stripe": 0.125, "sink_group": 8, "sink_window": 12, "cap": 20},
                  "positions": {"w1": 10, "w2": 14, "g1": 2, "g2": 8, "cap": 20}},
     "window+vrpr": {"pattern": {"window": 5, "sink": True},

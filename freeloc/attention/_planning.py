@@ -131,6 +131,11 @@ def plan_attention(q: Tensor, bands: BandSet, grid: tuple[int, int, int], text_b
     """The plan for queries like ``q`` (device, dtype, head dim): the automatic choices resolved here
     (backend, what the flex backend leaves to the dense kernel, the striped calls' key block), the rest
     from the cached ``_plan``. ``bands`` is the method's band set at this grid."""
+    if bands.scales_logits():  # UltraViCo's decay of positive logits: only the dense reference computes it
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"{bands.label or 'this method'} scales positive attention logits (UltraViCo), which "
+                             f"only backend='reference' (or 'auto') computes, got backend={backend!r}")
+        backend = "reference"
     if backend == "auto":
         backend = "flex" if q.device.type == "cuda" else "chunked"
     mode, key_block = "", BLOCK_SIZE
@@ -139,9 +144,11 @@ def plan_attention(q: Tensor, bands: BandSet, grid: tuple[int, int, int], text_b
         key_block = stripe_key_block(options, q.dtype, q.shape[-1])
     n = text_before + grid[0] * grid[1] * grid[2] + text_after
     if backend == "reference" and n > options.max_dense_tokens:
+        other = ("it is the only backend for methods that scale logits (UltraViCo): raise "
+                 "AttentionOptions.max_dense_tokens if the memory allows" if bands.scales_logits()
+                 else "use backend='chunked' (CPU) or 'flex' (CUDA)")
         raise ValueError(f"the reference backend materialises [N, N] logits and accepts N <= "
-                         f"{options.max_dense_tokens} tokens (AttentionOptions.max_dense_tokens), got N={n}; use "
-                         f"backend='chunked' (CPU) or 'flex' (CUDA)")
+                         f"{options.max_dense_tokens} tokens (AttentionOptions.max_dense_tokens), got N={n}; {other}")
     return _plan(bands, grid, text_before, text_after, backend, q.device.type, mode, key_block, q.shape[-1], options)
 
 

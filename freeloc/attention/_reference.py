@@ -37,7 +37,8 @@ def reference_attention(
     ``q_orig``/``k_orig`` are all tokens rotated with the original positions (text not rotated);
     ``qs[b]``/``ks[b]`` the video tokens rotated with band ``b``'s positions; ``video`` locates the
     video tokens in the sequence. Pairs with a text token use the original positions, densely;
-    ``key_mask`` (False: a padded text key) removes keys per sample.
+    ``key_mask`` (False: a padded text key) removes keys per sample. A band with a
+    ``positive_logit_scale`` has its positive logits multiplied by it.
     """
     n = v.shape[2]
     if n > max_tokens:
@@ -54,6 +55,8 @@ def reference_attention(
     for qb, kb, band in zip(qs, ks, band_set.bands, strict=True):
         m = band.token_pairs(tokens_per_frame).to(v.device)
         lb = torch.matmul(qb.to(wide), kb.to(wide).transpose(-1, -2)) * scale
+        if band.positive_logit_scale is not None:
+            lb = torch.where(lb > 0, lb * band.positive_logit_scale, lb)
         vid = torch.where(m, lb, vid)
         vid_allowed |= m
     logits[:, :, video, video] = vid

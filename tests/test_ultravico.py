@@ -1,0 +1,107 @@
+"""UltraViCo: positive logits of pairs beyond half the trained length scaled by alpha, on the dense reference.
+
+The expected outputs are computed here from scratch (rotated q and k, one logit matrix, the decay, one
+softmax), not from the method's bands.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from support import HEAD_DIM, ROTARY, qkv, rotate_original
+
+import freeloc
+from freeloc.attention import attend
+
+
+def dense_ultravico(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], alpha: float,
+                    window: int, text_before: int = 0, text_after: int = 0) -> torch.Tensor:
+    f, h, w = grid
+    n = f * h * w
+    video = slice(text_before, text_before + n)
+    qr, kr = q.clone(), k.clone()
+    qr[:, video], kr[:, video] = rotate_original(q[:, video], grid), rotate_original(k[:, video], grid)
+    logits = torch.einsum("bqhd,bkhd->bhqk", qr.double(), kr.double()) / math.sqrt(q.shape[-1])
+    frame = torch.arange(f).repeat_interleave(h * w)
+    far = torch.zeros(q.shape[1], q.shape[1], dtype=torch.bool)
+    far[video, video] = (frame[:, None] - frame[None, :]).abs() > window
+    logits = torch.where(far & (logits > 0), alpha * logits, logits)
+    return torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v.double()).to(q.dtype)
+
+
+@pytest.mark.parametrize("text", [(0, 0), (4, 0), (0, 3)], ids=["video", "text-before", "text-after"])
+@pytest.mark.parametrize("grid", [(13, 2, 3), (9, 3, 1)], ids=["13x2x3", "9x3x1"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_matches_the_dense_definition(text: tuple[int, int], grid: tuple[int, int, int], backend: str) -> None:
+    f, h, w = grid
+    tb, ta = text
+    method = freeloc.UltraViCo(alpha=0.7, window=3)
+    q, k, v = qkv(tb + f * h * w + ta, torch.float32, seed=f + tb, batch=2, heads=3)
+    want = dense_ultravico(q, k, v, grid, 0.7, 3, tb, ta)
+    got = attend(q, k, v, grid=grid, method=method, rotary=ROTARY, backend=backend, text_before=tb, text_after=ta)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    plain = attend(q, k, v, grid=grid, method=None, rotary=ROTARY, backend="reference", text_before=tb, text_after=ta)
+    assert (got - plain).abs().max() > 1e-3  # the decay changed the output
+
+
+def test_bf16_follows_fp32() -> None:
+    grid = (11, 2, 2)
+    q, k, v = qkv(44, torch.float32, seed=5)
+    method = freeloc.UltraViCo(alpha=0.9, window=2)
+    want = attend(q, k, v, grid=grid, method=method, rotary=ROTARY)
+    got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), grid=grid, method=method, rotary=ROTARY)
+    torch.testing.assert_close(got.float(), want, atol=4e-2, rtol=0)
+
+
+def test_alpha_one_and_a_window_beyond_the_video_are_plain_attention() -> None:
+    grid = (8, 2, 2)
+    q, k, v = qkv(32, torch.float32, seed=6)
+    plain = attend(q, k, v, grid=grid, method=None, rotary=ROTARY, backend="reference")
+    for method in (freeloc.UltraViCo(alpha=1.0, window=2), freeloc.UltraViCo(alpha=0.5, window=7)):
+        torch.testing.assert_close(attend(q, k, v, grid=grid, method=method, rotary=ROTARY), plain,
+                                   atol=2e-6, rtol=1e-5)
+
+
+def test_setting_for_a_length() -> None:
+    assert freeloc.UltraViCo.for_length(21, 21) is None
+    assert freeloc.UltraViCo.for_length(81, 21) == freeloc.UltraViCo(alpha=0.9, window=10)
+    bands = freeloc.UltraViCo.for_length(81, 21).band_set(81, 4)
+    assert [b.positive_logit_scale for b in bands.bands] == [None, 0.9] and bands.scales_logits()
+    assert not bands.is_plain()
+
+
+def test_what_cannot_run_it_is_refused_clearly() -> None:
+    q, k, v = qkv(36, torch.float32, seed=7, batch=1, heads=1, head_dim=HEAD_DIM)
+    method = freeloc.UltraViCo(window=2)
+    for backend in ("chunked", "flex"):
+        refused = f"only backend='reference' \\(or 'auto'\\) computes, got backend='{backend}'"
+        with pytest.raises(ValueError, match=refused):
+            attend(q, k, v, grid=(9, 2, 2), method=method, rotary=ROTARY, backend=backend)
+    small = freeloc.AttentionOptions(max_dense_tokens=30)
+    with pytest.raises(ValueError, match="got N=36; it is the only backend for methods that scale logits"):
+        attend(q, k, v, grid=(9, 2, 2), method=method, rotary=ROTARY, options=small)
+    for bad in (dict(alpha=0.0), dict(alpha=1.5), dict(window=-1)):
+        with pytest.raises(ValueError, match="UltraViCo\\.(alpha must be in \\(0, 1\\]|window must be an int)"):
+            freeloc.UltraViCo(**bad)
+
+
+def test_a_hooked_model_runs_it_and_is_clean_after() -> None:
+    diffusers = pytest.importorskip("diffusers", reason="the hooked model is a diffusers Wan (extra 'diffusers')")
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=128).eval()
+    g = torch.Generator().manual_seed(1)
+    x, enc = torch.randn(1, 16, 12, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x, torch.tensor([500]), enc, return_dict=False)[0]
+
+    plain = run()
+    with freeloc.enable(model, method="ultravico", trained_frames=9) as session:  # 3 latent frames: 4x
+        out = run()
+    assert [s.calls for s in session.layers] == [1, 1] and torch.isfinite(out).all()
+    assert not torch.equal(out, plain) and torch.equal(run(), plain)
