@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import runpy
 import sys
 from pathlib import Path
@@ -57,3 +58,31 @@ def test_long_video_benchmark_rejects_an_unknown_method(monkeypatch: pytest.Monk
     with pytest.raises(SystemExit):
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert "unknown ['freenoise']" in capsys.readouterr().err
+
+
+ABLATION = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+
+
+def test_ablation_scores_every_layer_and_method_and_correlates_the_probe(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ablation.json"
+    monkeypatch.setattr(sys, "argv", [str(ABLATION), "--lengths", "2", "--conditions", "1", "--steps", "1",
+                                      "--methods", "vrpr,tsa", "--json", str(out)])
+    runpy.run_path(str(ABLATION), run_name="__main__")
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert sorted(data["raw"]["2"]) == sorted(["direct", *(f"{i}:{m}" for i in range(4) for m in ("vrpr", "tsa"))])
+    assert [len(v) for v in data["effects"]["2"].values()] == [4, 4]
+    assert set(data["correlations"]["2"]) >= {"position", "context", "rule (attention)", "rule (output)"}
+    assert "[9/9]" in text and "the ablation's best method per layer at 2x" in text
+
+
+def test_spearman_and_ranks() -> None:
+    bench = runpy.run_path(str(ABLATION))
+    assert bench["ranks"]([3.0, 1.0, 2.0, 2.0]) == [4.0, 1.0, 2.5, 2.5]
+    assert bench["spearman"]([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert bench["spearman"]([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(bench["spearman"]([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="same length >= 2"):
+        bench["spearman"]([1], [2])

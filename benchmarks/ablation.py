@@ -1,0 +1,153 @@
+"""Per-layer ablation on the shapes model: the ground truth the probe's cheap scores approximate.
+
+    python benchmarks/ablation.py [--lengths 4,8] [--methods vrpr,tsa,tsa+vrpr] [--conditions 16]
+                                  [--steps 20] [--split validation] [--run DIR] [--json out.json]
+
+For each length and each layer, each candidate method is applied to that layer alone (every other
+layer runs plain attention) and the videos of the same conditions and initial noise are scored from
+their pixels (``freeloc.shapes.metrics``), as in ``benchmarks/long_video.py``. A layer's **effect** of a
+method is its mean right colours plus right count minus ``direct``'s (no layer changed), over the clips.
+
+Then the probe (``freeloc.shapes.model.probe_plan``, at 4x) scores every layer, and for each probe score
+the script prints its Spearman rank correlation with the ablation's **TSA advantage** of each layer (the
+effect of TSA minus the effect of VRPR): the score the probe's rule compares (normalized context minus
+normalized position) should rank the layers as the ablation does. It also prints the plan the ablation
+itself implies (per layer, the method with the largest effect) beside the probe's.
+
+Conditions come from the validation seeds (10000 on) by default: the ablation is what probe settings are
+tuned against. Cost: ``lengths x (1 + layers x methods)`` sets of ``--conditions`` videos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import freeloc
+from freeloc.shapes.clips import random_spec
+from freeloc.shapes.metrics import evaluate_generated
+from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance
+
+SEEDS = {"validation": 10_000, "test": 50_000}
+KEYS = ("color_consistency", "shape_count_consistency")
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for t in range(i, j + 1):
+            out[order[t]] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (NaN when either is constant)."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"spearman needs two lists of the same length >= 2, got {len(a)} and {len(b)}")
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
+
+
+def normalized_difference(position: list[float], context: list[float]) -> list[float]:
+    """The probe rule's per-layer quantity (``freeloc.probing.select``): context / max - position / max."""
+    pmax, cmax = max(max(position), 1e-12), max(max(context), 1e-12)
+    return [c / cmax - p / pmax for p, c in zip(position, context, strict=True)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="4,8", help="multiples of the trained length (default 4,8)")
+    ap.add_argument("--methods", default="vrpr,tsa,tsa+vrpr", help="candidate methods per layer (need vrpr, tsa)")
+    ap.add_argument("--conditions", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--split", choices=sorted(SEEDS), default="validation")
+    ap.add_argument("--run", type=Path, default=None, help="a training folder instead of the shipped model")
+    ap.add_argument("--guidance", type=float, default=None)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    methods = args.methods.split(",")
+    if not {"vrpr", "tsa"} <= set(methods):
+        ap.error(f"--methods must include vrpr and tsa (the TSA advantage compares them), got {methods}")
+    model, cfg = load(args.run) if args.run is not None else load_shipped()
+    guidance = args.guidance if args.guidance is not None else 1.0 if args.run is not None else shipped_guidance()
+    trained, n_layers = cfg.trained_frames, len(model.blocks)
+    first = SEEDS[args.split]
+    specs = [random_spec(first + i) for i in range(args.conditions)]
+    cond = torch.stack([model_condition(s) for s in specs])
+    total = len(lengths) * (1 + n_layers * len(methods))
+    print(f"{n_layers} layers, methods {methods}, lengths {lengths}; {args.split} split ({args.conditions} clips), "
+          f"{args.steps} steps, guidance {guidance:g}: {total} sets of videos", flush=True)
+    t0, done = time.perf_counter(), 0
+
+    def score(frames: int, plan: freeloc.LayerPlan, mult: int) -> dict[str, float]:
+        nonlocal done
+        with freeloc.enable(model, plan=plan, num_frames=frames, trained_frames=trained, temporal_factor=1):
+            videos = sample(model, cfg, cond, frames, steps=args.steps, seed=mult, guidance=guidance)
+        done += 1
+        out = evaluate_generated(videos, specs)
+        elapsed = time.perf_counter() - t0
+        print(f"  [{done}/{total}] {mult}x {plan.methods}: colour {out[KEYS[0]]:.3f} count {out[KEYS[1]]:.3f} "
+              f"({elapsed / done * (total - done):.0f} s left)", flush=True)
+        return out
+
+    effects: dict[int, dict[str, list[float]]] = {}
+    raw: dict[int, Any] = {}
+    for mult in lengths:
+        frames = mult * trained
+        direct = score(frames, freeloc.LayerPlan.uniform("direct", n_layers), mult)
+        base = sum(direct[k] for k in KEYS)
+        effects[mult] = {m: [] for m in methods}
+        raw[mult] = {"direct": direct}
+        for layer in range(n_layers):
+            for m in methods:
+                plan = freeloc.LayerPlan.uniform("direct", n_layers)
+                plan.methods[layer] = m
+                got = score(frames, plan, mult)
+                raw[mult][f"{layer}:{m}"] = got
+                effects[mult][m].append(sum(got[k] for k in KEYS) - base)
+    plan = probe_plan(model, cfg, 4, progress=False)
+    scores = dict(plan.scores)
+    scores["rule (attention)"] = normalized_difference(plan.scores["position"], plan.scores["context"])
+    scores["rule (output)"] = normalized_difference(plan.scores["position_output"], plan.scores["context_output"])
+    print(f"\neffect = right colours + right count, minus direct's; probe scores at 4x\n"
+          f"{'layer':>5} " + " ".join(f"{f'{mult}x {m}':>14}" for mult in lengths for m in methods)
+          + " " + " ".join(f"{k:>17}" for k in scores))
+    for layer in range(n_layers):
+        print(f"{layer:>5} " + " ".join(f"{effects[mult][m][layer]:>+14.3f}" for mult in lengths for m in methods)
+              + " " + " ".join(f"{scores[k][layer]:>17.4f}" for k in scores))
+    correlations: dict[str, dict[str, float]] = {}
+    print("\nSpearman rank correlation of each probe score with the ablation's TSA advantage (tsa - vrpr effect):")
+    for mult in lengths:
+        advantage = [t - v for t, v in zip(effects[mult]["tsa"], effects[mult]["vrpr"], strict=True)]
+        correlations[str(mult)] = {k: spearman(values, advantage) for k, values in scores.items()}
+        print(f"  {mult}x: " + ", ".join(f"{k} {c:+.2f}" for k, c in correlations[str(mult)].items()))
+    implied = {str(mult): [max(methods, key=lambda m, i=i, mult=mult: effects[mult][m][i]) for i in range(n_layers)]
+               for mult in lengths}
+    print(f"\nthe probe's plan at 4x: {plan.methods}")
+    for mult, p in implied.items():
+        print(f"the ablation's best method per layer at {mult}x: {p}")
+    if args.json is not None:
+        out = dict(effects={str(k): v for k, v in effects.items()}, raw={str(k): v for k, v in raw.items()},
+                   probe=plan.to_dict(), correlations=correlations, implied=implied, split=args.split,
+                   seeds=[first, first + args.conditions - 1], steps=args.steps)
+        args.json.write_text(json.dumps(out, indent=2))
+
+if __name__ == "__main__":
+    main()
