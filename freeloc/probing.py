@@ -17,7 +17,12 @@ outputs are compared with one shared unperturbed run.
 Selection rule (``select``): each score is divided by its largest value over the layers; a layer
 gets TSA when its normalized context score exceeds its normalized position score by more than
 ``margin`` (context sensitivity dominates), VRPR otherwise (docs/method.md §4). With ``tsa_count``
-the ``tsa_count`` layers with the largest difference get TSA instead.
+the ``tsa_count`` layers with the largest difference get TSA instead. ``score`` chooses which pair of
+scores the rule compares: ``"attention"`` (the paper's: logit change and entropy change) or ``"output"``
+(the relative change of the model's output under the same two perturbations). The entropy change is
+ill-conditioned for sharp, low-entropy layers (a small ``||H||``), whatever their use of context; the
+output change measures what the perturbation does to the model. Both pairs are always recorded in the
+plan's scores.
 
 Inputs: with a pipeline, ``inputs=`` are its own call arguments (a real prompt): the pipeline runs until
 its transformer is first called (the first denoising step), and that call is probed; with a transformer
@@ -45,12 +50,14 @@ from ._progress import reporter
 from .plan import LayerPlan
 from .rotary import RotaryLayout
 
-__all__ = ["probe", "select", "DEFAULT_QUERIES"]
+__all__ = ["probe", "select", "DEFAULT_QUERIES", "SCORES"]
 
 #: Sampled query tokens per layer.
 DEFAULT_QUERIES = 1024
 #: Keys per chunk when computing logits for the sampled queries.
 KEY_CHUNK = 8192
+#: The pairs of scores (position, context) the selection rule can compare, by name.
+SCORES = {"attention": ("position", "context"), "output": ("position_output", "context_output")}
 
 
 def select(position: list[float], context: list[float], *, margin: float = 0.0,
@@ -184,7 +191,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
           seed: int = 0, trained_frames: int | None = None, max_queries: int = DEFAULT_QUERIES,
           margin: float = 0.0, tsa_count: int | None = None, latent_size: tuple[int, int] | None = None,
           progress: bool | Callable[[int, int], None] = True,
-          temporal_factor: int | None = None, text: Tensor | None = None) -> LayerPlan:
+          temporal_factor: int | None = None, text: Tensor | None = None, score: str = "attention") -> LayerPlan:
     """Probe every self-attention layer of ``target`` at ``num_frames`` video frames; returns the plan.
 
     Args:
@@ -212,6 +219,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         text: text embeddings (1, tokens, the model's text width), e.g. a prompt encoded with the
             pipeline's ``encode_prompt``: the synthetic inputs' conditioning instead of Gaussian tokens.
             Not with ``inputs=``.
+        score: the scores the rule compares: ``"attention"`` (logit and entropy change, the paper's) or
+            ``"output"`` (the model's output change); see the module docstring.
     """
     import freeloc
     from freeloc.registry import adapters_for
@@ -223,6 +232,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             raise ValueError(f"probe: {label} must be an int >= {low}, got {value!r}")
     if text is not None and inputs is not None:
         raise ValueError("probe: text= conditions the synthetic inputs; with inputs=, put the text embeddings in them")
+    if score not in SCORES:
+        raise ValueError(f"probe: score must be one of {sorted(SCORES)}, got {score!r}")
     name, module, adapter_cls = adapters_for(target)[0]
     adapter = adapter_cls(module, name=name)
     pipeline = None if module is target else target
@@ -342,7 +353,10 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         forwards += 1
         report(done, len(probed))
     # without RoPE the position methods do not apply: every layer gets TSA, whatever its scores
-    methods = select(position, context, margin=margin, tsa_count=tsa_count) if rope else ["tsa"] * n_layers
+    all_scores = {"position": position, "context": context, "position_output": position_out,
+                  "context_output": context_out}
+    by_position, by_context = (all_scores[name] for name in SCORES[score])
+    methods = select(by_position, by_context, margin=margin, tsa_count=tsa_count) if rope else ["tsa"] * n_layers
     if layers is not None:
         methods = [m if i in probed else "vrpr" for i, m in enumerate(methods)]
     seconds = time.perf_counter() - t0
@@ -355,11 +369,11 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         elif value is not None and value != n_layers:  # e.g. HunyuanVideo: dual-stream blocks only
             identity["config_num_layers"] = value
     plan = LayerPlan(methods=methods, params=[{} for _ in range(n_layers)],
-                     scores={"position": position, "context": context, "position_output": position_out,
-                             "context_output": context_out},
+                     scores=all_scores,
                      model=identity, trained_frames=t_latent,
                      meta={"source": "freeloc.probe",
-                           "rule": {"name": "normalized dominance", "margin": margin, "tsa_count": tsa_count},
+                           "rule": {"name": "normalized dominance", "score": score, "margin": margin,
+                                    "tsa_count": tsa_count},
                            "probe": {"num_frames": num_frames, "latent_frames": f_latent, "shifts": shifts,
                                      "window": window, "layers": probed, "seed": seed, "max_queries": max_queries,
                                      "temporal_factor": data_factor,

@@ -106,6 +106,21 @@ def test_written_plan_loads_and_applies(tmp_path: Path) -> None:
     assert [s.method for s in session.layers] == loaded.methods
 
 
+def test_the_rule_compares_the_scores_named_by_score() -> None:
+    """``score="output"`` selects with the output changes; both pairs of scores are recorded either way."""
+    model = prepared_model()
+    by_attention, by_output = run_probe(model), run_probe(model, score="output")
+    for key in ("position", "context", "position_output", "context_output"):
+        assert by_output.scores[key] == pytest.approx(by_attention.scores[key], rel=1e-6)
+    scores = by_output.scores
+    assert by_output.methods == select(scores["position_output"], scores["context_output"])
+    assert by_attention.methods == select(scores["position"], scores["context"])
+    assert by_output.methods[CONTEXT_LAYER] == "tsa" and by_output.methods[POSITION_LAYER] == "vrpr"
+    assert (by_attention.meta["rule"]["score"], by_output.meta["rule"]["score"]) == ("attention", "output")
+    with pytest.raises(ValueError, match=r"score must be one of \['attention', 'output'\], got 'entropy'"):
+        run_probe(model, score="entropy")
+
+
 def test_selection_rule() -> None:
     assert select([1.0, 0.1, 0.5], [0.1, 1.0, 0.5]) == ["vrpr", "tsa", "vrpr"]
     assert select([1.0, 0.1, 0.5], [0.1, 1.0, 0.6], margin=0.5) == ["vrpr", "tsa", "vrpr"]

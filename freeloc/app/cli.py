@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--width", type=_positive_int, default=None,
                     help=f"pipelines: video width of the probe's inputs (default {PROBE_WIDTH})")
     pr.add_argument("--tsa-count", type=int, default=None, help="exactly this many TSA layers (default: the rule)")
+    pr.add_argument("--score", choices=["attention", "output"], default="attention",
+                    help="the scores the rule compares: attention (logit and entropy change, the paper's) or output "
+                         "(the model's output change); both are recorded (default attention)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--device", default="cuda" if _cuda() else "cpu")
     pr.add_argument("--dtype", default="bfloat16" if _cuda() else "float32",
@@ -237,7 +240,7 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"probing the shipped shapes model (trained on {cfg.trained_frames} frames) at "
               f"{args.num_frames or 4 * cfg.trained_frames} frames", flush=True)
         plan = probe_plan(model.to(args.device), cfg, num_frames=args.num_frames, seed=args.seed,
-                          tsa_count=args.tsa_count, progress=progress)
+                          tsa_count=args.tsa_count, progress=progress, score=args.score)
     else:
         diffusers = require("diffusers", "diffusers", "freeloc probe")
         print(f"loading {args.model}", flush=True)
@@ -247,7 +250,7 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         height, width = args.height or PROBE_HEIGHT, args.width or PROBE_WIDTH
         plan = probe(pipe, args.num_frames, trained_frames=args.trained_frames, seed=args.seed,
                      tsa_count=args.tsa_count, latent_size=(height // spatial, width // spatial), progress=progress,
-                     text=text)
+                     text=text, score=args.score)
         if args.prompt is not None:
             plan.meta["probe"]["prompt"] = args.prompt
     plan.meta["probe"]["model"] = args.model
