@@ -306,7 +306,7 @@ class CogVideoXAdapter(TransformerAdapter):
     def check_supported(self, method: str, plan: LayerPlan) -> None:
         if self.has_rope():
             return
-        refused = sorted({m for m in plan.methods if m not in ATTENTION_ONLY_METHODS})
+        refused = sorted(m for m in plan.all_methods() if m not in ATTENTION_ONLY_METHODS)
         if refused:
             what = f"method={method!r}" if method != "freeloc" else f"the layer plan (uses {refused})"
             raise ValueError(

@@ -527,7 +527,7 @@ class TransformerAdapter:
             rotary, no_layout = None, err
         layer_plan = plan_for(method, plan, len(layers), self.shipped_plan(), f"{type(tr).__name__}({self.name})",
                               method_params, uniform="tsa" if rotary is None and no_layout is None else "vrpr")
-        if no_layout is not None and any(m != DIRECT for m in layer_plan.methods):
+        if no_layout is not None and layer_plan.all_methods() - {DIRECT}:
             raise no_layout
         self.check_supported(method, layer_plan)
         layer_plan.check_for_model(type(tr).__name__, t_latent, expected)
@@ -539,7 +539,7 @@ class TransformerAdapter:
         setattr(tr, MARK, record)
         record.undo(DeleteAttribute(tr, MARK))
         session.add(record)
-        identity = all(m == DIRECT for m in layer_plan.methods)
+        identity = layer_plan.all_methods() <= {DIRECT}
         handle = tr.register_forward_pre_hook(GridHook(self, grid, identity), with_kwargs=True)
         record.undo(RemoveHook(handle))
         session.plan = layer_plan

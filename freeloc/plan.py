@@ -10,14 +10,21 @@ the length with ``for_length(num_frames, trained_frames)``, so one plan serves e
 below the trained length every layer resolves to ``None`` (plain attention): a plan never changes a
 model that is not asked for a longer video than it was trained on.
 
+A plan may also depend on the length: ``ranges`` holds further per-layer assignments, each used from
+its ``from_ratio`` times the trained length on (up to the next range's); below the first range the
+plan's own ``methods`` apply. One file then holds, say, the probe's plan up to 6x and another past it.
+
 JSON schema (version 1)::
 
     {"schema": "freeloc.layer_plan", "version": 1,
      "model": {"name": "Wan2.1-T2V-1.3B", "class": "WanTransformer3DModel", "num_layers": 30, ...},
      "trained_frames": 21,
      "layers": [{"method": "tsa", "params": {}}, {"method": "vrpr", "params": {}}, ...],
+     "ranges": [{"from_ratio": 6, "layers": [{"method": "tsa", "params": {}}, ...]}],
      "scores": {"position": [...], "context": [...]},
      "meta": {"source": "..."}}
+
+(``"ranges"`` is written only when the plan has some.)
 
 Examples:
     >>> plan = LayerPlan.published("wan2.1-t2v-1.3b")
@@ -33,6 +40,7 @@ Examples:
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -43,7 +51,7 @@ from typing import Any
 from ._files import atomic_path
 from .methods import METHODS, Method, method_from_dict
 
-__all__ = ["LayerPlan", "DIRECT", "SCHEMA", "VERSION"]
+__all__ = ["LayerPlan", "LengthRange", "DIRECT", "SCHEMA", "VERSION"]
 
 #: Method name of a layer that is left unchanged.
 DIRECT = "direct"
@@ -52,8 +60,9 @@ SCHEMA = "freeloc.layer_plan"
 #: Version of the JSON schema this module writes and reads.
 VERSION = 1
 
-_TOP_KEYS = ("schema", "version", "model", "trained_frames", "layers", "scores", "meta")
+_TOP_KEYS = ("schema", "version", "model", "trained_frames", "layers", "ranges", "scores", "meta")
 _LAYER_KEYS = ("method", "params")
+_RANGE_KEYS = ("from_ratio", "layers")
 #: Parameters a method may leave out of a plan because they are filled from the length at run time.
 _RUNTIME_PARAMS: dict[str, tuple[str, ...]] = {"riflex": ("num_frames",)}
 
@@ -75,6 +84,25 @@ def _with_runtime_params(name: str, params: dict[str, Any], num_frames: int) -> 
 
 
 @dataclass
+class LengthRange:
+    """The per-layer methods of a plan from ``from_ratio`` times the trained length on.
+
+    Args:
+        from_ratio: the first length ratio ``num_frames / trained_frames`` (> 1) the range applies to.
+        methods: one method name per layer, as ``LayerPlan.methods``.
+        params: per-layer explicit parameters, as ``LayerPlan.params`` (empty: ``{}`` for every layer).
+    """
+
+    from_ratio: float | int
+    methods: list[str]
+    params: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.params and isinstance(self.methods, list):
+            self.params = [{} for _ in self.methods]
+
+
+@dataclass
 class LayerPlan:
     """Per-layer assignment of methods for one model.
 
@@ -90,6 +118,8 @@ class LayerPlan:
         model: identity of the model the plan is for (name, class, layer and head counts...).
         trained_frames: the model's trained length in temporal tokens (latent frames), if known.
         meta: free-form information (source, rule, probe settings). Must be JSON-serializable.
+        ranges: per-layer methods for longer lengths (``LengthRange``), in increasing ``from_ratio``;
+            below the first, ``methods`` and ``params`` apply.
 
     Raises:
         ValueError: when a method name is unknown, parameters are invalid, or list lengths differ.
@@ -101,6 +131,7 @@ class LayerPlan:
     model: dict[str, Any] = field(default_factory=dict)
     trained_frames: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    ranges: list[LengthRange] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.params and self.methods:
@@ -128,6 +159,24 @@ class LayerPlan:
                              f"got {got}")
         for i, (name, params) in enumerate(zip(self.methods, self.params, strict=True)):
             _validate_layer(i, name, params)
+        if not isinstance(self.ranges, list) or not all(isinstance(r, LengthRange) for r in self.ranges):
+            raise ValueError(f"LayerPlan.ranges must be a list of LengthRange, got {self.ranges!r}")
+        last = 1.0
+        for r in self.ranges:
+            ratio = r.from_ratio
+            if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not ratio > last:
+                raise ValueError(f"LayerPlan.ranges: from_ratio must be a number > 1 and larger than the previous "
+                                 f"range's, got {ratio!r} after {last:g}")
+            last = float(ratio)
+            if not isinstance(r.methods, list) or len(r.methods) != n or not isinstance(r.params, list) \
+                    or len(r.params) != n:
+                raise ValueError(f"LayerPlan.ranges (from {ratio:g}x): methods and params need one entry per layer "
+                                 f"({n} layers), got {r.methods!r}")
+            for i, (name, params) in enumerate(zip(r.methods, r.params, strict=True)):
+                try:
+                    _validate_layer(i, name, params)
+                except ValueError as err:
+                    raise ValueError(f"LayerPlan.ranges (from {ratio:g}x): {err}") from None
         if not isinstance(self.scores, dict):
             raise ValueError(f"LayerPlan.scores must be a dict of name -> list of floats, "
                              f"got {self.scores!r}")
@@ -190,19 +239,27 @@ class LayerPlan:
             warnings.warn(f"the layer plan was made for {made_for} ({self.model.get('name', 'no name')}), and is "
                           f"applied to a {model_class}: its per-layer choices belong to the other model; "
                           f"run `freeloc probe` on this one for its own plan", UserWarning, stacklevel=4)
-        f = num_frames if num_frames is not None and num_frames > trained_frames else 2 * trained_frames
-        for layer, name in enumerate(self.methods):
-            try:
-                method = self.resolve(layer, f, trained_frames)
-            except ValueError as err:
-                text = str(err)
-                raise ValueError(text if text.startswith("layer ") else f"layer {layer} ({name!r}): {text}") from err
-            cap = getattr(method, "cap", None)
-            re_encodes = method is not None and not getattr(method, "is_identity_for", lambda n: False)(f)
-            if name == "vrpr" and "cap" in self.params[layer] and re_encodes and cap > trained_frames - 1:
-                warnings.warn(f"layer {layer}: VRPR cap={cap} is beyond the model's trained range of relative "
-                              f"distances (|r| <= T - 1 = {trained_frames - 1}): distances up to {cap} are "
-                              f"out of distribution", UserWarning, stacklevel=4)
+        if num_frames is not None and num_frames > trained_frames:
+            lengths = [num_frames]  # the one length this model will run at
+        else:  # any length: one inside the base assignment and one inside each range
+            lengths = [2 * trained_frames if not self.ranges or self.ranges[0].from_ratio > 2
+                       else trained_frames + 1]
+            lengths += [max(trained_frames + 1, math.ceil(r.from_ratio * trained_frames)) for r in self.ranges]
+        for f in lengths:
+            methods, params = self.methods_at(f, trained_frames)
+            for layer, name in enumerate(methods):
+                try:
+                    method = self.resolve(layer, f, trained_frames)
+                except ValueError as err:
+                    text = str(err)
+                    raise ValueError(text if text.startswith("layer ") else f"layer {layer} ({name!r}): {text}") \
+                        from err
+                cap = getattr(method, "cap", None)
+                re_encodes = method is not None and not getattr(method, "is_identity_for", lambda n: False)(f)
+                if name == "vrpr" and "cap" in params[layer] and re_encodes and cap > trained_frames - 1:
+                    warnings.warn(f"layer {layer}: VRPR cap={cap} is beyond the model's trained range of relative "
+                                  f"distances (|r| <= T - 1 = {trained_frames - 1}): distances up to {cap} are "
+                                  f"out of distribution", UserWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -314,6 +371,10 @@ class LayerPlan:
             "trained_frames": self.trained_frames,
             "layers": [{"method": m, "params": dict(p)}
                        for m, p in zip(self.methods, self.params, strict=True)],
+            **({"ranges": [{"from_ratio": r.from_ratio,
+                            "layers": [{"method": m, "params": dict(p)}
+                                       for m, p in zip(r.methods, r.params, strict=True)]}
+                           for r in self.ranges]} if self.ranges else {}),
             "scores": {k: list(v) for k, v in self.scores.items()},
             "meta": dict(self.meta),
         }
@@ -338,22 +399,17 @@ class LayerPlan:
         unknown = sorted(set(data) - set(_TOP_KEYS))
         if unknown:
             raise ValueError(f"layer plan has unknown key(s) {unknown}; accepted: {list(_TOP_KEYS)}")
-        layers = data.get("layers")
-        if not isinstance(layers, list) or not layers:
-            raise ValueError(f"layer plan 'layers' must be a non-empty list of {{method, params}}, "
-                             f"got {layers!r}")
-        methods: list[str] = []
-        params: list[dict[str, Any]] = []
-        for i, entry in enumerate(layers):
-            if not isinstance(entry, dict) or "method" not in entry:
-                raise ValueError(f"layer {i}: expected {{'method': name, 'params': {{...}}}}, got {entry!r}")
-            extra = sorted(set(entry) - set(_LAYER_KEYS))
-            if extra:
-                raise ValueError(f"layer {i}: unknown key(s) {extra}; accepted: {list(_LAYER_KEYS)}")
-            name, p = entry["method"], entry.get("params", {})
-            _validate_layer(i, name, p)
-            methods.append(name)
-            params.append(dict(p))
+        methods, params = _layers_from(data.get("layers"), "layer plan 'layers'")
+        ranges = data.get("ranges") or []
+        if not isinstance(ranges, list):
+            raise ValueError(f"layer plan 'ranges' must be a list of {{from_ratio, layers}}, got {ranges!r}")
+        length_ranges = []
+        for entry in ranges:
+            if not isinstance(entry, dict) or sorted(entry) != sorted(_RANGE_KEYS):
+                raise ValueError(f"layer plan 'ranges': each entry must have exactly the keys {list(_RANGE_KEYS)}, "
+                                 f"got {entry!r}")
+            r_methods, r_params = _layers_from(entry["layers"], f"layer plan range from {entry['from_ratio']}x")
+            length_ranges.append(LengthRange(entry["from_ratio"], r_methods, r_params))
         scores = data.get("scores") or {}
         if not isinstance(scores, dict):
             raise ValueError(f"layer plan 'scores' must be an object of name -> list of numbers, "
@@ -377,6 +433,7 @@ class LayerPlan:
             model=dict(data.get("model") or {}),
             trained_frames=trained,
             meta=dict(data.get("meta") or {}),
+            ranges=length_ranges,
         )
 
     def to_json(self) -> str:
@@ -386,6 +443,11 @@ class LayerPlan:
         for key, value in d.items():
             if key == "layers":
                 body = ",\n".join("    " + json.dumps(layer) for layer in value)
+                text = "[\n" + body + "\n  ]"
+            elif key == "ranges":
+                body = ",\n".join(f"    {{\"from_ratio\": {json.dumps(r['from_ratio'])}, \"layers\": [\n"
+                                  + ",\n".join("      " + json.dumps(layer) for layer in r["layers"]) + "\n    ]}"
+                                  for r in value)
                 text = "[\n" + body + "\n  ]"
             elif key == "scores" and value:
                 body = ",\n".join(f"    {json.dumps(k)}: {json.dumps(v)}" for k, v in value.items())
@@ -441,6 +503,25 @@ class LayerPlan:
         """
         return [i for i, m in enumerate(self.methods) if m == method]
 
+    def methods_at(self, num_frames: int, trained_frames: int | None) -> tuple[list[str], list[dict[str, Any]]]:
+        """The per-layer methods and parameters that apply at ``num_frames`` temporal tokens: those of the
+        last range whose ``from_ratio`` the length ratio reaches, else the plan's own.
+
+        Examples:
+            >>> plan = LayerPlan(["vrpr", "tsa"], ranges=[LengthRange(6, ["tsa+vrpr", "tsa"])])
+            >>> plan.methods_at(81, 21)[0], plan.methods_at(126, 21)[0]
+            (['vrpr', 'tsa'], ['tsa+vrpr', 'tsa'])
+        """
+        if self.ranges and trained_frames is not None:
+            for r in reversed(self.ranges):
+                if num_frames >= r.from_ratio * trained_frames:
+                    return r.methods, r.params
+        return self.methods, self.params
+
+    def all_methods(self) -> set[str]:
+        """Every method name the plan uses, at any length."""
+        return set(self.methods).union(*(r.methods for r in self.ranges))
+
     def resolve(self, layer: int, num_frames: int, trained_frames: int | None = None) -> Method | None:
         """The method instance for ``layer`` at ``num_frames`` temporal tokens.
 
@@ -466,10 +547,11 @@ class LayerPlan:
             )
         if not _is_int(num_frames) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive int (temporal tokens), got {num_frames!r}")
-        name = self.methods[layer]
+        t = trained_frames if trained_frames is not None else self.trained_frames
+        methods, layer_params = self.methods_at(num_frames, t)
+        name = methods[layer]
         if name == DIRECT:
             return None
-        t = trained_frames if trained_frames is not None else self.trained_frames
         if t is None:
             raise ValueError(
                 f"layer {layer} ({name!r}) needs the model's trained length: pass trained_frames= "
@@ -479,7 +561,7 @@ class LayerPlan:
             raise ValueError(f"trained_frames must be a positive int (temporal tokens), got {t!r}")
         if num_frames <= t:
             return None
-        params = self.params[layer]
+        params = layer_params[layer]
         if params:
             return method_from_dict({"method": name, **_with_runtime_params(name, params, num_frames)})
         if name == "riflex":
@@ -508,6 +590,9 @@ class LayerPlan:
             extras.append(f"trained_frames {self.trained_frames}")
         if any(self.params):
             extras.append(f"{sum(1 for p in self.params if p)} with explicit params")
+        for r in self.ranges:
+            extras.append(f"from {r.from_ratio:g}x: " + ", ".join(
+                f"{m} {c}" for m, c in Counter(r.methods).most_common()))
         return text + ("; " + ", ".join(extras) if extras else "")
 
 
@@ -520,6 +605,25 @@ def _ranges(layers: list[int]) -> str:
         else:
             runs.append([i, i])
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _layers_from(layers: Any, what: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """Methods and params of a JSON list of ``{method, params}`` layers, validated."""
+    if not isinstance(layers, list) or not layers:
+        raise ValueError(f"{what} must be a non-empty list of {{method, params}}, got {layers!r}")
+    methods: list[str] = []
+    params: list[dict[str, Any]] = []
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise ValueError(f"layer {i}: expected {{'method': name, 'params': {{...}}}}, got {entry!r}")
+        extra = sorted(set(entry) - set(_LAYER_KEYS))
+        if extra:
+            raise ValueError(f"layer {i}: unknown key(s) {extra}; accepted: {list(_LAYER_KEYS)}")
+        name, p = entry["method"], entry.get("params", {})
+        _validate_layer(i, name, p)
+        methods.append(name)
+        params.append(dict(p))
+    return methods, params
 
 
 def _validate_layer(index: int, name: object, params: object) -> None:

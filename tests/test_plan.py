@@ -314,3 +314,55 @@ def test_a_deeply_nested_file_is_refused_naming_the_file(tmp_path: Path, depth: 
         path.write_text(text.replace('"meta": {}', '"meta": {"deep": ' + "[" * depth + "]" * depth + "}", 1))
     with pytest.raises(ValueError, match=rf"{path.name}: layer plan is nested too deeply"):
         LayerPlan.load(path)
+
+
+# ---------------------------------------------------------------------------------------- length ranges
+def ranged_plan() -> LayerPlan:
+    from freeloc.plan import LengthRange
+
+    return LayerPlan(["vrpr", "tsa", "direct"], trained_frames=21,
+                     ranges=[LengthRange(3, ["tsa+vrpr", "tsa", "direct"]),
+                             LengthRange(6.5, ["tsa", "sliding-window", "tsa"], [{}, {"window": 4}, {}])])
+
+
+def test_length_ranges_choose_the_methods_by_the_length_ratio() -> None:
+    plan = ranged_plan()
+    assert [type(plan.resolve(0, f)).__name__ for f in (41, 62, 63, 136, 137, 400)] == [
+        "VRPR", "VRPR", "TSAVRPR", "TSAVRPR", "TSA", "TSA"]  # 63 = 3 x 21; 137 > 6.5 x 21 = 136.5
+    assert plan.resolve(1, 200) == SlidingWindow(4)
+    assert plan.resolve(2, 100) is None and plan.resolve(2, 200) is not None
+    assert plan.resolve(0, 21) is None  # not longer than trained: plain attention in every range
+    assert plan.all_methods() == {"vrpr", "tsa", "direct", "tsa+vrpr", "sliding-window"}
+    assert "from 3x: tsa+vrpr 1, tsa 1, direct 1" in plan.summary()
+
+
+def test_length_ranges_round_trip_and_old_plans_are_written_as_before() -> None:
+    plan = ranged_plan()
+    again = LayerPlan.from_json(plan.to_json())
+    assert again == plan and again.to_json() == plan.to_json()
+    assert "ranges" not in json.loads(LayerPlan(["vrpr"]).to_json())
+
+
+@pytest.mark.parametrize("ranges,match", [
+    ([(1.0, ["tsa"] * 3)], "from_ratio must be a number > 1"),
+    ([(4, ["tsa"] * 3), (3, ["tsa"] * 3)], "larger than the previous range's, got 3 after 4"),
+    ([(4, ["tsa"] * 2)], r"need one entry per layer \(3 layers\)"),
+    ([(4, ["tsa", "tsa", "freenoise"])], r"from 4x\): layer 2: unknown method 'freenoise'"),
+])
+def test_bad_length_ranges_are_refused(ranges: list, match: str) -> None:
+    from freeloc.plan import LengthRange
+
+    with pytest.raises(ValueError, match=match):
+        LayerPlan(["vrpr", "tsa", "direct"], ranges=[LengthRange(r, m) for r, m in ranges])
+    data = LayerPlan(["vrpr", "tsa", "direct"]).to_dict() | {"ranges": [{"from_ratio": 4, "layer": []}]}
+    with pytest.raises(ValueError, match=r"exactly the keys \['from_ratio', 'layers'\]"):
+        LayerPlan.from_dict(data)
+
+
+def test_check_for_model_resolves_every_range() -> None:
+    from freeloc.plan import LengthRange
+
+    plan = LayerPlan(["vrpr", "tsa"], ranges=[LengthRange(5, ["riflex", "tsa"])])
+    plan.check_for_model("X", 21, 81)  # 81 < 5 x 21: the range does not apply at this length
+    with pytest.raises(ValueError, match="layer 0 uses 'riflex'"):
+        plan.check_for_model("X", 21, None)
