@@ -24,6 +24,12 @@ ill-conditioned for sharp, low-entropy layers (a small ``||H||``), whatever thei
 output change measures what the perturbation does to the model. Both pairs are always recorded in the
 plan's scores.
 
+Long videos (``bound_from``): far past the trained length every layer meets context dilution, so a
+layer that needs its positions corrected needs a bounded context too. With ``bound_from=r`` the plan
+gets a length range (``LayerPlan.ranges``) from ``r`` times the trained length on, in which the layers
+the rule gives VRPR get ``tsa+vrpr`` (VRPR's positions inside TSA's bounded context) and the TSA layers
+keep TSA.
+
 Inputs: with a pipeline, ``inputs=`` are its own call arguments (a real prompt): the pipeline runs until
 its transformer is first called (the first denoising step), and that call is probed; with a transformer
 module, ``inputs=`` are its forward keyword arguments; else synthetic ones from the adapter
@@ -47,7 +53,7 @@ import torch
 from torch import Tensor
 
 from ._progress import reporter
-from .plan import LayerPlan
+from .plan import LayerPlan, LengthRange
 from .rotary import RotaryLayout
 
 __all__ = ["probe", "select", "DEFAULT_QUERIES", "SCORES"]
@@ -191,7 +197,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
           seed: int = 0, trained_frames: int | None = None, max_queries: int = DEFAULT_QUERIES,
           margin: float = 0.0, tsa_count: int | None = None, latent_size: tuple[int, int] | None = None,
           progress: bool | Callable[[int, int], None] = True,
-          temporal_factor: int | None = None, text: Tensor | None = None, score: str = "attention") -> LayerPlan:
+          temporal_factor: int | None = None, text: Tensor | None = None, score: str = "attention",
+          bound_from: float | int | None = None) -> LayerPlan:
     """Probe every self-attention layer of ``target`` at ``num_frames`` video frames; returns the plan.
 
     Args:
@@ -221,6 +228,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             Not with ``inputs=``.
         score: the scores the rule compares: ``"attention"`` (logit and entropy change, the paper's) or
             ``"output"`` (the model's output change); see the module docstring.
+        bound_from: a length ratio (> 1) from which VRPR layers get ``tsa+vrpr`` (a length range of the
+            plan); ``None``: one assignment for every length.
     """
     import freeloc
     from freeloc.registry import adapters_for
@@ -234,6 +243,9 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
         raise ValueError("probe: text= conditions the synthetic inputs; with inputs=, put the text embeddings in them")
     if score not in SCORES:
         raise ValueError(f"probe: score must be one of {sorted(SCORES)}, got {score!r}")
+    if bound_from is not None and (not isinstance(bound_from, (int, float)) or isinstance(bound_from, bool)
+                                   or not bound_from > 1):
+        raise ValueError(f"probe: bound_from must be a length ratio > 1 (or None), got {bound_from!r}")
     name, module, adapter_cls = adapters_for(target)[0]
     adapter = adapter_cls(module, name=name)
     pipeline = None if module is target else target
@@ -368,12 +380,14 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             identity[key] = list(value) if isinstance(value, tuple) else value
         elif value is not None and value != n_layers:  # e.g. HunyuanVideo: dual-stream blocks only
             identity["config_num_layers"] = value
-    plan = LayerPlan(methods=methods, params=[{} for _ in range(n_layers)],
+    ranges = [] if bound_from is None else [
+        LengthRange(bound_from, ["tsa+vrpr" if m == "vrpr" else m for m in methods])]
+    plan = LayerPlan(methods=methods, params=[{} for _ in range(n_layers)], ranges=ranges,
                      scores=all_scores,
                      model=identity, trained_frames=t_latent,
                      meta={"source": "freeloc.probe",
                            "rule": {"name": "normalized dominance", "score": score, "margin": margin,
-                                    "tsa_count": tsa_count},
+                                    "tsa_count": tsa_count, "bound_from": bound_from},
                            "probe": {"num_frames": num_frames, "latent_frames": f_latent, "shifts": shifts,
                                      "window": window, "layers": probed, "seed": seed, "max_queries": max_queries,
                                      "temporal_factor": data_factor,

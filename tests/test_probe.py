@@ -121,6 +121,19 @@ def test_the_rule_compares_the_scores_named_by_score() -> None:
         run_probe(model, score="entropy")
 
 
+def test_bound_from_gives_the_vrpr_layers_bounded_context_past_a_ratio() -> None:
+    model = prepared_model()
+    plan = run_probe(model, bound_from=6)
+    assert plan.methods[POSITION_LAYER] == "vrpr" and plan.methods[CONTEXT_LAYER] == "tsa"
+    (far,) = plan.ranges
+    assert far.from_ratio == 6 and far.methods == ["tsa+vrpr" if m == "vrpr" else m for m in plan.methods]
+    assert plan.meta["rule"]["bound_from"] == 6
+    assert type(plan.resolve(POSITION_LAYER, 6 * 6, 6)).__name__ == "TSAVRPR"
+    assert type(plan.resolve(POSITION_LAYER, 5 * 6, 6)).__name__ == "VRPR"
+    with pytest.raises(ValueError, match="bound_from must be a length ratio > 1"):
+        run_probe(model, bound_from=1)
+
+
 def test_selection_rule() -> None:
     assert select([1.0, 0.1, 0.5], [0.1, 1.0, 0.5]) == ["vrpr", "tsa", "vrpr"]
     assert select([1.0, 0.1, 0.5], [0.1, 1.0, 0.6], margin=0.5) == ["vrpr", "tsa", "vrpr"]

@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--score", choices=["attention", "output"], default="attention",
                     help="the scores the rule compares: attention (logit and entropy change, the paper's) or output "
                          "(the model's output change); both are recorded (default attention)")
+    pr.add_argument("--bound-from", type=float, default=None, metavar="RATIO",
+                    help="from RATIO x the trained length on, the VRPR layers get tsa+vrpr (a length range of the "
+                         "plan); default: one assignment for every length")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--device", default="cuda" if _cuda() else "cpu")
     pr.add_argument("--dtype", default="bfloat16" if _cuda() else "float32",
@@ -240,7 +243,8 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         print(f"probing the shipped shapes model (trained on {cfg.trained_frames} frames) at "
               f"{args.num_frames or 4 * cfg.trained_frames} frames", flush=True)
         plan = probe_plan(model.to(args.device), cfg, num_frames=args.num_frames, seed=args.seed,
-                          tsa_count=args.tsa_count, progress=progress, score=args.score)
+                          tsa_count=args.tsa_count, progress=progress, score=args.score,
+                          bound_from=args.bound_from)
     else:
         diffusers = require("diffusers", "diffusers", "freeloc probe")
         print(f"loading {args.model}", flush=True)
@@ -250,7 +254,7 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         height, width = args.height or PROBE_HEIGHT, args.width or PROBE_WIDTH
         plan = probe(pipe, args.num_frames, trained_frames=args.trained_frames, seed=args.seed,
                      tsa_count=args.tsa_count, latent_size=(height // spatial, width // spatial), progress=progress,
-                     text=text, score=args.score)
+                     text=text, score=args.score, bound_from=args.bound_from)
         if args.prompt is not None:
             plan.meta["probe"]["prompt"] = args.prompt
     plan.meta["probe"]["model"] = args.model
