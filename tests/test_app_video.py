@@ -38,6 +38,7 @@ def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pyte
     """The default demo: the shipped shapes model, 64 frames (4x its 16), direct and FreeLOC (fewer steps here)."""
     out, err = run_demo(["--out", str(tmp_path), "--steps", "3", "--clips", "1"], tmp_path, capsys, is_mp4)
     assert is_png(tmp_path / "frames.png") and is_png(tmp_path / "motion.png")
+    assert "shows the difference best" in out and "top-left clip of compare.mp4" in out
     assert "loading the shipped shapes model" in out.splitlines()[0]
     for label in ("direct", "freeloc"):  # a bar over the sampling steps and one over the scored clips, per run
         assert f"{label}: sampling: 100%" in err and "3/3" in err and f"{label}: scoring: 100%" in err
@@ -47,6 +48,39 @@ def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pyte
              if line.startswith(("palette", "right", "shapes"))}
     assert set(table) == {"palette colours", "shapes drawn / asked", "right shape count", "right colours"}
     assert all(0.0 <= float(x) <= 1.0 for name, row in table.items() for x in row[:2] if name != "shapes drawn / asked")
+
+
+def test_telling_frames_pick_the_clip_and_frames_where_direct_fails_and_freeloc_does_not() -> None:
+    """Clip 0 of ``direct`` loses its shape in frames 4-11 (blank), clip 1 its shapes in frame 13 only: clip 0
+    is shown, with all of 4-11 among its frames."""
+    from freeloc.app.video import telling_frames
+    from freeloc.shapes.clips import random_spec, render
+
+    specs = [random_spec(20_000 + i) for i in range(2)]
+    good = torch.stack([render(s, 20) for s in specs])
+    bad = good.clone()
+    bad[0, 4:12] = bad[0, 0, :, :1, :1]  # the background colour everywhere: no shape drawn
+    bad[1, 13] = bad[1, 0, :, :1, :1]
+    clip, shown, wins = telling_frames(bad, good, specs, count=10)
+    assert clip == 0 and wins == list(range(4, 12))
+    assert set(wins) <= set(shown) and len(shown) == 10 and shown == sorted(shown)
+    clip, shown, wins = telling_frames(bad, good, specs, count=3)  # fewer frames than wins: spread over them
+    assert clip == 0 and shown == [4, 8, 11]
+
+
+def test_frames_right_judges_each_frame() -> None:
+    from freeloc.shapes.clips import random_spec, render
+    from freeloc.shapes.metrics import frames_right, shape_count_consistency
+
+    spec = random_spec(20_000)  # one shape: every frame is scored
+    video = render(spec, 12)
+    video[3] = video[0, :, :1, :1]
+    right, scored = frames_right(video, spec)
+    assert right.tolist() == [i != 3 for i in range(12)] and bool(scored.all())
+    assert float(right.float().mean()) == pytest.approx(shape_count_consistency(video, spec))
+    overlapping = random_spec(20_001)  # three shapes that overlap in some frames: those are not scored
+    _, scored = frames_right(render(overlapping, 20), overlapping)
+    assert 0 < int(scored.sum()) < 20
 
 
 def test_demo_rejects_bad_input(capsys: pytest.CaptureFixture[str]) -> None:

@@ -169,9 +169,10 @@ def report_png(direct: Session, long: Session, path: Path, num_frames: int, trai
 
 def frames_png(rows: dict[str, Float[Tensor, "_frames 3 _height _width"]], path: Path, title: str,
                columns: int = 16,
-               frames: list[int] | None = None) -> Path:
+               frames: list[int] | None = None, highlight: list[int] | None = None) -> Path:
     """A PNG with one row per labelled (T, 3, H, W) video: ``columns`` evenly spaced frames, or the
-    given ``frames`` (indices, for example consecutive ones to show motion)."""
+    given ``frames`` (indices, for example consecutive ones to show motion); the frame numbers in
+    ``highlight`` are drawn in bold red."""
     plt = _pyplot("the frame strips (frames_png)")
 
     length = min(v.shape[0] for v in rows.values())
@@ -191,6 +192,10 @@ def frames_png(rows: dict[str, Float[Tensor, "_frames 3 _height _width"]], path:
         ax.imshow(row.permute(1, 2, 0).numpy(), interpolation="nearest")
         ax.set_yticks([])
         ax.set_xticks([h * j + h // 2 for j in range(columns)], [str(int(i)) for i in idx], fontsize=6)
+        for tick, i in zip(ax.get_xticklabels(), idx.tolist(), strict=True):
+            if highlight is not None and i in highlight:
+                tick.set_color("tab:red")
+                tick.set_fontweight("bold")
         ax.set_ylabel(label, fontsize=8)
     axes[-1].set_xlabel("frame")
     fig.suptitle(title, fontsize=9)

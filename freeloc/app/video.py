@@ -31,15 +31,15 @@ from torch import Tensor
 
 from .._extras import require
 from .._files import atomic_path
-from ..plan import LayerPlan
+from ..plan import LayerPlan, _ranges
 from ..session import enable
 from ..shapes.clips import random_spec, render
-from ..shapes.metrics import evaluate_generated
+from ..shapes.metrics import evaluate_generated, fit_spec, frames_right
 from ..shapes.model import load_shipped, model_condition, sample, shipped_guidance, shipped_plan
 from .plots import frames_png, report_png
 from .progress import tqdm_progress
 
-__all__ = ["DEMO_MODELS", "compare_frames", "demo", "generate", "generate_compare", "load_pipeline",
+__all__ = ["DEMO_MODELS", "compare_frames", "demo", "telling_frames", "generate", "generate_compare", "load_pipeline",
            "tiny_wan_pipeline", "video_tensor", "write_video"]
 
 #: The demo model's declared trained length (video frames) and its 4x length.
@@ -167,15 +167,20 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
         results["scores"][label] = evaluate_generated(videos[label], specs,
                                                       progress=tqdm_progress(f"{label}: scoring", "clip"))
     print("writing compare.mp4, frames.png and motion.png ...", flush=True)
-    results["compare"] = str(write_video(compare_frames({"direct": _tile(videos["direct"]),
-                                                         "FreeLOC": _tile(videos["freeloc"])}),
+    clip, shown, wins = telling_frames(videos["direct"], videos["freeloc"], specs)
+    first = [clip, *(i for i in range(conditions) if i != clip)]  # the telling clip top left
+    results["compare"] = str(write_video(compare_frames({"direct": _tile(videos["direct"][first]),
+                                                         "FreeLOC": _tile(videos["freeloc"][first])}),
                                          out_dir / "compare.mp4", fps=8))
-    strip = {"asked (a real clip)": render(specs[0], frames), "direct": videos["direct"][0],
-             "FreeLOC": videos["freeloc"][0]}
+    results["shown"] = dict(clip=clip, frames=shown, direct_wrong_freeloc_right=wins)
+    strip = {"asked (a real clip)": render(specs[clip], frames), "direct": videos["direct"][clip],
+             "FreeLOC": videos["freeloc"][clip]}
+    marked = [i for i in shown if i in wins]
     results["png"] = str(frames_png(strip, out_dir / "frames.png",
-                                    f"shapes model, {frames} frames = 4x its trained {trained}: clip 0, "
-                                    "16 frames evenly spaced (the real clip starts elsewhere: the model picks "
-                                    "the layout)"))
+                                    f"shapes model, {frames} frames = 4x its trained {trained}: clip {clip}. In the "
+                                    f"{len(marked)} frames numbered in red (of {len(wins)} such frames), direct "
+                                    f"draws the wrong shapes or colours and FreeLOC the right ones\n(the real clip "
+                                    "starts elsewhere: the model picks the layout)", frames=shown, highlight=marked))
     middle = list(range(frames // 2 - trained // 2, frames // 2 + trained - trained // 2))
     results["motion_png"] = str(frames_png(strip, out_dir / "motion.png",
                                            f"the same clips, {trained} consecutive frames from the middle "
@@ -191,6 +196,9 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
         print(f"{label:<28}{results['scores']['direct'][key]:>10.3f}{results['scores']['freeloc'][key]:>10.3f}"
               f"   {best}")
     print(f"\nFreeLOC plan (from freeloc probe on this model): {plan.methods}")
+    print(f"clip {clip} shows the difference best: direct draws the wrong shapes or colours and FreeLOC the right "
+          f"ones in {len(wins)} of its {frames} frames ({_ranges(wins) or 'none'}); frames.png shows it, and it is "
+          f"the top-left clip of compare.mp4")
     print(f"wrote {results['compare']} (direct above FreeLOC), {results['videos']['direct']}, "
           f"{results['videos']['freeloc']}, {results['png']} and {results['motion_png']} in {results['seconds']} s")
     print(f"\nThe model saw only 16-frame clips in training; both videos are 64 frames (guidance {guidance:g}). "
@@ -200,6 +208,37 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
           "freeloc generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt \"...\" --num-frames 321 "
           "--device cuda --dtype bfloat16 --out video.mp4")
     return results
+
+
+def telling_frames(direct: Float[Tensor, "clips frames 3 height width"],
+                   freeloc: Float[Tensor, "clips frames 3 height width"], specs: list[Any],
+                   count: int = 16) -> tuple[int, list[int], list[int]]:
+    """Where a person sees the difference: the clip with the most frames that direct gets wrong and
+    FreeLOC right (``freeloc.shapes.metrics.frames_right``, each video against its own fitted clip),
+    ``count`` of its frames to show (such frames first, spread over the clip, then evenly spaced ones),
+    and every such frame of it.
+
+    Returns:
+        ``(clip, frames to show, frames where direct is wrong and FreeLOC right)``.
+    """
+    best: tuple[int, float, int, list[int]] | None = None
+    for i, spec in enumerate(specs):
+        right_d, scored = frames_right(direct[i], fit_spec(direct[i], spec))
+        right_f, _ = frames_right(freeloc[i], fit_spec(freeloc[i], spec))
+        wins = (right_f & ~right_d & scored).nonzero().flatten().tolist()
+        gain = float(right_f.float().mean() - right_d.float().mean())
+        if best is None or (len(wins), gain) > (best[0], best[1]):
+            best = (len(wins), gain, i, wins)
+    assert best is not None
+    _, _, clip, wins = best
+    length = direct.shape[1]
+    count = min(count, length)
+    if len(wins) >= count:
+        shown = [wins[round(j * (len(wins) - 1) / max(count - 1, 1))] for j in range(count)]
+    else:
+        others = [i for i in torch.linspace(0, length - 1, count).round().long().tolist() if i not in wins]
+        shown = wins + others[: count - len(wins)]
+    return clip, sorted(set(shown)), wins
 
 
 @contextmanager

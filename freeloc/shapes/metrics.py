@@ -14,7 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .._progress import Progress, reporter
@@ -27,6 +27,7 @@ __all__ = [
     "evaluate",
     "evaluate_generated",
     "fit_spec",
+    "frames_right",
     "freeze_fraction",
     "motion_error",
     "palette_fidelity",
@@ -327,6 +328,25 @@ def fit_spec(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec, tol:
         positions.append((float(min(max(round(y), lo), hi)), float(min(max(round(x), lo), hi))))
     return ClipSpec(spec.num_shapes, spec.colors, spec.shape_kinds, spec.velocities, tuple(positions),
                     size=spec.size, frame_size=spec.frame_size)
+
+
+def frames_right(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec,
+                 tol: float = 0.15) -> tuple[Bool[Tensor, " frames"], Bool[Tensor, " frames"]]:
+    """Per frame: whether it shows the right shape count for every colour (so also the right colours),
+    and whether it is scored at all (frames where the spec's shapes overlap are not), as
+    ``shape_count_consistency`` judges them.
+
+    Args:
+        video: ``(T, 3, H, W)`` video in [0, 1].
+        spec: The clip spec the video should show (usually ``fit_spec`` of it).
+        tol: L-inf colour tolerance.
+
+    Returns:
+        ``(right, scored)``, two bool tensors of ``T`` frames.
+    """
+    counts, _ = _detect(video, tol)
+    expected = _expected_counts(spec)[None]
+    return (counts == expected).all(dim=1), _clear_frames(spec, video.shape[0]).bool()
 
 
 def evaluate(video: Float[Tensor, "frames 3 height width"], spec: ClipSpec) -> dict[str, float]:
