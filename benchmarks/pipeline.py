@@ -18,17 +18,20 @@ Shapes (``--shape``; ``--height``, ``--width``, ``--frames``, ``--layers`` overr
 
 * ``small`` (CPU): 32 x 48 pixels (2 x 3 tokens a frame, 486 tokens), all 30 layers: the per-layer fixed
   costs, where attention is a small part of the forward;
-* ``attention-heavy`` (CPU): a resolution where self-attention is at least half of a block's time. A whole
-  forward there takes hours on a CPU, so ``--layers`` times a slice of consecutive blocks: a model with
-  that many blocks, given the plan's methods of exactly those layers;
-* ``gpu``: 480 x 832 (30 x 52 tokens a frame, 126,360 tokens), bf16, all 30 layers;
-* ``tiny``: a 2-layer, 2-head model at a few tokens a frame, for a check that the script runs (seconds).
+* ``attention-heavy`` (CPU): 192 x 224 pixels (12 x 14 tokens a frame, 13,608 tokens), where self-attention
+  is over half of a block's time. A whole forward there takes many minutes on a CPU, so ``--layers`` times
+  a slice of consecutive blocks: a model with that many blocks, given the plan's methods of exactly those
+  layers; by default layers 1-2, one TSA and one VRPR layer (the whole plan: 17 TSA, 13 VRPR);
+* ``gpu``: 480 x 832 (30 x 52 tokens a frame, 126,360 tokens), bf16 (the modules the model class keeps in
+  float32 stay in float32, as ``from_pretrained(torch_dtype=torch.bfloat16)`` loads them), all 30 layers;
+* ``tiny``: a 2-layer, 2-head model at a few tokens a frame, for a check that the script runs.
 
 Targets at ``attention-heavy`` (CPU): the plan's forward <= 0.95 x direct, its peak memory <= direct + 10%.
 
 Timing: every method runs one warm-up forward (plans, masks, caches), then the repetitions run interleaved
 (direct, freeloc, tsa, vrpr, direct, ...) and each method's median is taken, so that a slow phase of the
-machine hits every method alike. The methods' models are copies sharing one set of weights, each with its
+machine hits every method alike; the fastest forward of each method is shown beside it (on a machine shared
+with other jobs, the one least slowed by them). The methods' models are copies sharing one set of weights, each with its
 own hooks. Memory: on CUDA, ``torch.cuda.max_memory_allocated`` over one forward after the warm-up; on CPU,
 where PyTorch keeps no allocator statistics, the resident-memory high-water mark (Linux ``VmHWM``, reset
 through ``/proc/self/clear_refs`` after a warm-up forward) of a fresh process per method, glibc told to
@@ -38,7 +41,7 @@ memory; measured after all timings, since those processes' load would slow the t
     python benchmarks/pipeline.py [--shape small|attention-heavy|gpu|tiny] [--reps 3]
                                   [--methods direct,freeloc,tsa,vrpr] [--layers 0-3]
                                   [--device cuda --dtype bfloat16 --height 480 --width 832 --frames 321]
-                                  [--json out.json] [--png out.png]
+                                  [--no-memory] [--json out.json] [--png out.png]
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ TINY: dict[str, Any] = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=
 #: Presets of ``--shape``: pixels (VAE factor 8, patch 2: 16 pixels a token side), video frames, layers, text.
 SHAPES: dict[str, dict[str, Any]] = {
     "small": dict(height=32, width=48, frames=321, layers="0-29", text=512, device="cpu", dtype="float32"),
-    "attention-heavy": dict(height=192, width=224, frames=321, layers="0-3", text=512, device="cpu",
+    "attention-heavy": dict(height=192, width=224, frames=321, layers="1-2", text=512, device="cpu",
                             dtype="float32"),
     "gpu": dict(height=480, width=832, frames=321, layers="0-29", text=512, device="cuda", dtype="bfloat16"),
     "tiny": dict(height=32, width=32, frames=321, layers="1-2", text=16, device="cpu", dtype="float32"),
