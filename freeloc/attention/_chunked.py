@@ -2,7 +2,8 @@
 
 Each pass is one fused attention call with its LSE (``attention_with_lse``); passes are merged online,
 exactly, in float32. Memory is bounded by one pass (chunk queries x gathered keys); a stack copies
-nothing, but the values are held once per band of the widest stack buffer (twice for VRPR). No [N, N]
+nothing, but where a stack reads the keys of two bands from one buffer the values are held once per
+band of that buffer (twice for VRPR; otherwise they are read in place). No [N, N]
 tensor is ever built, and the work is proportional to the band's density (up to the frame/sub-block
 rounding at the edges). The masks the passes build are kept with their plan, per device and dtype, up
 to ``AttentionOptions.mask_cache_bytes`` per plan.
@@ -20,6 +21,7 @@ from ._fused import on_device
 from ._kernels import attention_with_lse, prepare_mask, uses_fused_kernel
 from ._merge import EMPTY_LSE, merge_pass, merge_pass_into_
 from ._passes import MaskEntry, Pass, PassPlan, Stack, Window
+from .memory import stack_frames_per_call
 from .options import AttentionOptions
 
 __all__ = ["run_chunked"]
@@ -64,6 +66,7 @@ def run_chunked(
     scale: float,
     options: AttentionOptions,
     finite_keys: bool | None = None,
+    into: Float[Tensor, "batch heads n dim"] | None = None,
 ) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
     """Merged attention of every video query over the pairs of ``plan``'s stacks and passes (rows outside
     them get output 0 and LSE ``-inf``).
@@ -74,19 +77,28 @@ def run_chunked(
     the other in one (batch, heads, len * tokens, dim) tensor, as the stacks read them.
     Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
     ``finite_keys``: whether every key is finite, when the caller knows (``attention_with_lse``).
+    ``into``: where to keep the running output, a float32 tensor of the output's shape (any strides: a
+    view of the call's output tensor), without autograd; None: a new tensor.
     """
     b, n, h, d = v.shape
     s = tokens_per_frame
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*qs, *ks, v))
     wide = torch.float64 if grad and v.dtype == torch.float64 else torch.float32
-    # values: head-major, repeated once per band of the widest stack buffer (consecutive, one tensor)
+    # values: read in place (a head-major view); where a stack reads the keys of several bands from one
+    # buffer, repeated once per band of the widest such buffer (consecutive, one tensor)
     reps = max((len(p.key_bands) for p in plan if isinstance(p, Stack)), default=1)
-    v_rep = v.new_empty(b, h, reps * n, d)
-    v_rep[:, :, :n].copy_(v.transpose(1, 2))
-    for r in range(1, reps):
-        v_rep[:, :, r * n:(r + 1) * n].copy_(v_rep[:, :, :n])
+    if reps == 1:
+        v_rep = v.transpose(1, 2)
+    else:
+        v_rep = v.new_empty(b, h, reps * n, d)
+        v_rep[:, :, :n].copy_(v.transpose(1, 2))
+        for r in range(1, reps):
+            v_rep[:, :, r * n:(r + 1) * n].copy_(v_rep[:, :, :n])
     vh = v_rep[:, :, :n]
-    out = torch.zeros(b, h, n, d, dtype=wide, device=v.device)
+    if into is not None and (grad or into.dtype != wide or tuple(into.shape) != (b, h, n, d)):
+        raise ValueError(f"run_chunked: into must be a {wide} tensor of shape {(b, h, n, d)} outside autograd, got "
+                         f"{into.dtype} {tuple(into.shape)}")
+    out = torch.zeros(b, h, n, d, dtype=wide, device=v.device) if into is None else into.zero_()
     lse = torch.full((b, h, n), EMPTY_LSE, dtype=wide, device=v.device)
     masks: dict[tuple, MaskEntry] = {}  # this call's, past the plan's budget
 
@@ -119,11 +131,14 @@ def run_chunked(
         if isinstance(p, Stack):
             kb = key_buffers[p.key_bands] if len(p.key_bands) > 1 else ks[p.key_bands[0]]
             vb = v_rep[:, :, :len(p.key_bands) * n]
-            # one call per sample, its query frames the kernel's batch; off the fused kernels, which
-            # materialise the logits, in groups of frames of at most options.stack_logits logits
+            # one call per sample and group of query frames, the frames the kernel's batch: a share of the
+            # rows at a time (a call's output is a temporary next to the running output); off the fused
+            # kernels, which materialise the logits, at most options.stack_logits logits a call
             per_frame = h * s * p.length * s
             fused = uses_fused_kernel(v, overlapping=p.length > 1, options=options)
-            step = p.num_frames if fused else max(1, options.stack_logits // per_frame)
+            step = stack_frames_per_call(n // s, p.num_frames)
+            if not fused:
+                step = min(step, max(1, options.stack_logits // per_frame))
             for i in range(b):
                 for f0 in range(p.frames[0], p.frames[1], step):
                     nf = min(step, p.frames[1] - f0)
