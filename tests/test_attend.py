@@ -208,7 +208,8 @@ def test_bands_with_equal_positions_share_one_rotation(monkeypatch: pytest.Monke
     q, k, v = qkv(19 * 15, torch.float32, seed=6)
     out = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="chunked",
                  options=freeloc.AttentionOptions(head_group=q.shape[2]))
-    assert calls == [True, True, True, False]  # q: local = striped, sink; k: local = striped, sink (spatial only)
+    # q: local = striped, sink; k: local = striped, sink (spatial only); each written when a pass first reads it
+    assert sorted(calls) == [False, True, True, True]
     monkeypatch.setattr(freeloc.RotaryLayout, "rotate_split", original)
     ref = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="reference")
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL[torch.float32])
@@ -233,7 +234,7 @@ def test_rotation_tables_are_shared_between_queries_and_keys(monkeypatch: pytest
     # the spatial table; temporal: local = striped and sink for q, local = striped for k
     assert _rotations.cos_sin.cache_info().currsize == 1 + 2 + 1
     tp, sp = ROTARY.t_dim // 2, (HEAD_DIM - ROTARY.t_dim) // 2
-    assert tables == [((19, 1, tp), (1, 15, sp))] * 3 + [(None, (1, 15, sp))]
+    assert sorted(tables, key=str) == sorted([((19, 1, tp), (1, 15, sp))] * 3 + [(None, (1, 15, sp))], key=str)
 
 
 @pytest.mark.parametrize("which,match", [

@@ -46,7 +46,7 @@ from ._kernels import attention_with_lse, surely_finite
 from ._merge import merge_lse, merge_outputs
 from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, plan_attention
 from ._reference import reference_attention
-from ._rotations import rotate_bands, rotate_original
+from ._rotations import BandRotations, HeadMajor, KeyBuffers, rotate_bands, rotate_original
 from .memory import head_group_size
 from .options import BACKENDS, DEFAULT_OPTIONS, AttentionOptions
 
@@ -186,8 +186,8 @@ def _attend_plan(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, rotary: R
         qo, ko = (rotate_original(plan, x, rotary, options).transpose(1, 2) for x in (q, k))
         out = F.scaled_dot_product_attention(qo, ko, v.transpose(1, 2), attn_mask=key_mask, scale=scale)
         return out.transpose(1, 2)
-    qs, ks, key_buffers = rotate_bands(plan, q[:, video], k[:, video], rotary, options)
     if isinstance(first, ReferencePart):
+        qs, ks, _ = rotate_bands(plan, q[:, video], k[:, video], rotary, options)
         qo, ko = (rotate_original(plan, x, rotary, options).transpose(1, 2) for x in (q, k))
         out = reference_attention(qo, ko, v.transpose(1, 2), [x.transpose(1, 2) for x in qs],
                                   [x.transpose(1, 2) for x in ks], first.bands, hh * ww, video, scale, key_mask,
@@ -196,8 +196,9 @@ def _attend_plan(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, rotary: R
     # the video parts' outputs and LSEs by frame (B, H, F, S[, D]), merged once
     in_place = (into is not None and not grad and q.dtype == wide and not (plan.text_before or plan.text_after)
                 and len(plan.parts) == 1 and isinstance(first, ChunkedPart))
-    outs, lses = _run_video_parts(plan, qs, ks, key_buffers, k, v, scale, options,
-                                  into.transpose(1, 2) if in_place else None)
+    # each rotation computed when a part first reads it (the chunked backend: when a pass first needs it)
+    rotations = BandRotations(plan, q[:, video], k[:, video], rotary, options)
+    outs, lses = _run_video_parts(plan, rotations, k, v, scale, options, into.transpose(1, 2) if in_place else None)
     if in_place:
         return into
     if not (plan.text_before or plan.text_after):
@@ -216,8 +217,7 @@ def _needs_grad(*xs: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-def _run_video_parts(plan: AttentionPlan, qs: list[Tensor], ks: list[Tensor],
-                     key_buffers: dict[tuple[int, ...], Tensor], k: Tensor, v: Tensor, scale: float,
+def _run_video_parts(plan: AttentionPlan, rotations: BandRotations, k: Tensor, v: Tensor, scale: float,
                      options: AttentionOptions, into: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
     """Each video part's output and LSE, by frame; ``into``: the running output of a single chunked part
     (``run_chunked``)."""
@@ -230,12 +230,12 @@ def _run_video_parts(plan: AttentionPlan, qs: list[Tensor], ks: list[Tensor],
     finite_keys = surely_finite(k[:, video]) if chunked else None
     for part in plan.parts:
         if isinstance(part, ChunkedPart):
-            o, l_ = run_chunked(part.passes, [x.transpose(1, 2) for x in qs], [x.transpose(1, 2) for x in ks],
-                                key_buffers, v[:, video], s, scale, options, finite_keys, into)
+            o, l_ = run_chunked(part.passes, HeadMajor(rotations, "q"), HeadMajor(rotations, "k"),
+                                KeyBuffers(rotations), v[:, video], s, scale, options, finite_keys, into)
             outs.append(o.unflatten(2, (f, s)))
             lses.append(l_.unflatten(2, (f, s)))
         elif isinstance(part, FlexPart):
-            o_f, l_f = run_flex(part, [x.transpose(1, 2) for x in qs], [x.transpose(1, 2) for x in ks],
+            o_f, l_f = run_flex(part, HeadMajor(rotations, "q")[:], HeadMajor(rotations, "k")[:],
                                 plan.rotations.q_source, v[:, video].transpose(1, 2), scale, options)
             outs += o_f
             lses += l_f

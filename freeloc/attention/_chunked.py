@@ -11,7 +11,7 @@ to ``AttentionOptions.mask_cache_bytes`` per plan.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -21,7 +21,6 @@ from ._fused import on_device
 from ._kernels import attention_with_lse, prepare_mask, uses_fused_kernel
 from ._merge import EMPTY_LSE, merge_pass, merge_pass_into_
 from ._passes import MaskEntry, Pass, PassPlan, Stack, Window
-from .memory import stack_frames_per_call
 from .options import AttentionOptions
 
 __all__ = ["run_chunked"]
@@ -47,6 +46,12 @@ def _mask_for(plan: PassPlan, p: Pass, q: Tensor, local: dict[tuple, MaskEntry],
     return entry
 
 
+def _requires_grad(xs: Sequence[Tensor]) -> bool:
+    """Whether any tensor of ``xs`` requires grad (a lazy sequence says it without computing them)."""
+    flag = getattr(xs, "requires_grad", None)
+    return bool(flag) if flag is not None else any(x.requires_grad for x in xs)
+
+
 def _frame_windows(x: Float[Tensor, "batch heads tokens dim"], batch: int, start: int, count: int, length: int,
                    s: int) -> Float[Tensor, "count heads window dim"]:
     """(B, H, T, D) tensor -> (count, H, length * s, D) view: entry ``n`` is the ``length`` frames from
@@ -58,9 +63,9 @@ def _frame_windows(x: Float[Tensor, "batch heads tokens dim"], batch: int, start
 
 def run_chunked(
     plan: PassPlan,
-    qs: list[Float[Tensor, "batch heads n dim"]],
-    ks: list[Float[Tensor, "batch heads n dim"]],
-    key_buffers: dict[tuple[int, ...], Float[Tensor, "batch heads joined dim"]],
+    qs: Sequence[Float[Tensor, "batch heads n dim"]],
+    ks: Sequence[Float[Tensor, "batch heads n dim"]],
+    key_buffers: Mapping[tuple[int, ...], Float[Tensor, "batch heads joined dim"]],
     v: Float[Tensor, "batch n heads dim"],
     tokens_per_frame: int,
     scale: float,
@@ -74,7 +79,9 @@ def run_chunked(
     ``qs[b]``/``ks[b]`` are the video queries/keys rotated at band ``b``'s positions, head-major
     (batch, heads, tokens, dim) with contiguous tokens (``attend`` writes them so); ``key_buffers`` holds,
     for each group of ``key_groups``, its bands' key rotations one after
-    the other in one (batch, heads, len * tokens, dim) tensor, as the stacks read them.
+    the other in one (batch, heads, len * tokens, dim) tensor, as the stacks read them. Each is read when
+    a pass first needs it: ``qs``, ``ks`` and ``key_buffers`` may compute it then (``BandRotations``;
+    they then say ``requires_grad`` themselves).
     Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
     ``finite_keys``: whether every key is finite, when the caller knows (``attention_with_lse``).
     ``into``: where to keep the running output, a float32 tensor of the output's shape (any strides: a
@@ -82,19 +89,20 @@ def run_chunked(
     """
     b, n, h, d = v.shape
     s = tokens_per_frame
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*qs, *ks, v))
+    grad = torch.is_grad_enabled() and (v.requires_grad or _requires_grad(qs) or _requires_grad(ks))
     wide = torch.float64 if grad and v.dtype == torch.float64 else torch.float32
     # values: read in place (a head-major view); where a stack reads the keys of several bands from one
-    # buffer, repeated once per band of the widest such buffer (consecutive, one tensor)
-    reps = max((len(p.key_bands) for p in plan if isinstance(p, Stack)), default=1)
-    if reps == 1:
-        v_rep = v.transpose(1, 2)
-    else:
+    # buffer, repeated once per band of the widest such buffer (consecutive, one tensor), until the last
+    # such stack
+    vh = v.transpose(1, 2)
+    joined = [i for i, p in enumerate(plan) if isinstance(p, Stack) and len(p.key_bands) > 1]
+    v_rep: Tensor | None = None
+    if joined:
+        reps = max(len(plan[i].key_bands) for i in joined)
         v_rep = v.new_empty(b, h, reps * n, d)
-        v_rep[:, :, :n].copy_(v.transpose(1, 2))
+        v_rep[:, :, :n].copy_(vh)
         for r in range(1, reps):
             v_rep[:, :, r * n:(r + 1) * n].copy_(v_rep[:, :, :n])
-    vh = v_rep[:, :, :n]
     if into is not None and (grad or into.dtype != wide or tuple(into.shape) != (b, h, n, d)):
         raise ValueError(f"run_chunked: into must be a {wide} tensor of shape {(b, h, n, d)} outside autograd, got "
                          f"{into.dtype} {tuple(into.shape)}")
@@ -127,18 +135,17 @@ def run_chunked(
         else:
             merge(acc_o, acc_l, o, l_)
 
-    for p in plan:
+    for index, p in enumerate(plan):
         if isinstance(p, Stack):
             kb = key_buffers[p.key_bands] if len(p.key_bands) > 1 else ks[p.key_bands[0]]
-            vb = v_rep[:, :, :len(p.key_bands) * n]
-            # one call per sample and group of query frames, the frames the kernel's batch: a share of the
-            # rows at a time (a call's output is a temporary next to the running output); off the fused
-            # kernels, which materialise the logits, at most options.stack_logits logits a call
+            vb = vh if len(p.key_bands) == 1 else v_rep[:, :, :len(p.key_bands) * n]  # type: ignore[index]
+            if joined and index == joined[-1]:
+                v_rep = None  # this call's view is the last reference
+            # one call per sample, its query frames the kernel's batch; off the fused kernels, which
+            # materialise the logits, in groups of frames of at most options.stack_logits logits
             per_frame = h * s * p.length * s
             fused = uses_fused_kernel(v, overlapping=p.length > 1, options=options)
-            step = stack_frames_per_call(n // s, p.num_frames)
-            if not fused:
-                step = min(step, max(1, options.stack_logits // per_frame))
+            step = p.num_frames if fused else max(1, options.stack_logits // per_frame)
             for i in range(b):
                 for f0 in range(p.frames[0], p.frames[1], step):
                     nf = min(step, p.frames[1] - f0)
@@ -149,6 +156,7 @@ def run_chunked(
                                                options=options)
                     accumulate(lambda x, i=i, rows=rows, nf=nf: x[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1),
                                o, l_, p.first)
+            del kb, vb  # the repeated values go with their last stack
             continue
         q = take(qs[p.band], p.rows)
         mask, prepared = None, None

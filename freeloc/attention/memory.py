@@ -9,14 +9,16 @@ the most heads whose working set (``working_set_per_head``, from the call's plan
 of ``q``. The same two functions give ``estimate_peak``, the memory model of a whole call, which
 ``freeloc explain --memory`` prints for a model shape.
 
-What is counted, per head of a group (the chunked backend; flex parts count their outputs):
+What is counted, per head of a group, pass by pass through the chunked backend's plan (its peak is
+the largest sum; flex parts count their outputs):
 
-* the rotations of the video queries and keys, one per distinct band position (``Rotations``);
-* the values, repeated in one buffer when a stack reads the keys of two bands (else read in place);
+* the rotations of the video queries and keys written so far: each is computed when a pass first
+  needs it (``BandRotations``), one per distinct band position (``Rotations``);
+* the values, repeated in one buffer while stacks read the keys of two bands (else read in place);
 * the running output in float32, unless it is the output tensor itself (float32 inputs, one video
   part, no text), and the running LSE;
-* the largest pass: the rows, keys and values it gathers (strided windows are copied), its output
-  and LSE; a stack call writes at most ``1 / STACK_ROWS_SHARE`` of the video rows at once;
+* the pass's own buffers: the rows, keys and values it gathers (strided windows are copied), its
+  output and LSE;
 * with text or several parts: the parts' outputs held until the merge, the merge's float32 result,
   and the text's rotations at the original positions.
 
@@ -45,32 +47,22 @@ import torch
 from ..bands import BandSet
 from ..methods import Method
 from ..rotary import RotaryLayout
-from ._passes import Pass, Stack, Window, key_groups
+from ._passes import Pass, Stack, Window
 from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, plan_attention
 from .options import DEFAULT_OPTIONS, AttentionOptions
 
-__all__ = ["METHODS", "STACK_ROWS_SHARE", "Peak", "estimate_peak", "head_group_size", "stack_frames_per_call",
-           "working_set_per_head"]
+__all__ = ["METHODS", "Peak", "estimate_peak", "head_group_size", "working_set_per_head"]
 
-#: A fused stack call writes at most this fraction (1 / share) of the video rows at once.
-STACK_ROWS_SHARE = 8
 #: The methods ``estimate_peak`` models.
 METHODS = ("dense", "tsa", "vrpr")
 _WIDE = 4  # bytes of the float32 running output, LSEs and merges
 
 
-def stack_frames_per_call(frames: int, stack_frames: int) -> int:
-    """Query frames per fused call of a stack of ``stack_frames`` frames in a call over ``frames``
-    frames: at most ``ceil(frames / STACK_ROWS_SHARE)``, so that a call's output stays a small share
-    of the running output."""
-    return max(1, min(stack_frames, -(-frames // STACK_ROWS_SHARE)))
-
-
 def _pass_bytes(p: Pass | Stack, plan: AttentionPlan, head_dim: int, size: int) -> int:
     """Bytes per (sample, head) that one pass or stack call allocates while it runs."""
-    f, s = plan.grid[0], plan.tokens_per_frame
+    s = plan.tokens_per_frame
     if isinstance(p, Stack):
-        rows = stack_frames_per_call(f, p.num_frames) * s
+        rows = p.num_frames * s
         gathered = 0
     else:
         blocks = p.rows.blocks if isinstance(p.rows, Window) else 1
@@ -82,43 +74,97 @@ def _pass_bytes(p: Pass | Stack, plan: AttentionPlan, head_dim: int, size: int) 
     return (gathered + rows) * head_dim * size + merge + 2 * rows * _WIDE
 
 
-def _rotation_count(plan: AttentionPlan, rotary: bool) -> int:
-    """Distinct rotations of the video queries and keys the plan writes (each video tokens x head dim)."""
-    rot = plan.rotations
-    if not rotary:  # every band reads q and k; head-major copies where the chunked backend asks for them
-        return 2 if rot.head_major else 0
-    in_buffers = {i for group in rot.key_buffers for i in group}
-    k_free = {rot.k_source[i] for i in range(len(rot.k_source)) if i not in in_buffers}
-    k_buffered = {rot.k_source[i] for i in in_buffers}
-    return len(set(rot.q_source)) + sum(len(g) for g in rot.key_buffers) + len(k_free - k_buffered)
+class _Rotations:
+    """Counts the rotations ``BandRotations`` has written, as passes ask for them (same sharing rules)."""
+
+    def __init__(self, plan: AttentionPlan, rotary: bool):
+        self.rot, self.rotary = plan.rotations, rotary
+        self.done: set[tuple[str, int]] = set()
+        self.buffers: set[tuple[int, ...]] = set()
+        self.count = 0  # tensors of video tokens x head dim
+
+    def _source(self, side: str, i: int) -> int:
+        return 0 if not self.rotary else (self.rot.q_source if side == "q" else self.rot.k_source)[i]
+
+    def _into(self, side: str, i: int, slot: bool) -> None:
+        key = (side, self._source(side, i))
+        if key not in self.done:
+            self.done.add(key)
+            self.count += 0 if slot or (not self.rotary and not self.rot.head_major) else 1
+
+    def buffer(self, group: tuple[int, ...]) -> None:
+        if group not in self.buffers:
+            self.buffers.add(group)
+            self.count += len(group)
+            for i in group:
+                self._into("k", i, True)
+
+    def q(self, i: int) -> None:
+        self._into("q", i, False)
+
+    def k(self, i: int) -> None:
+        src = self._source("k", i)
+        group = next((g for g in self.rot.key_buffers if any(j == i or self._source("k", j) == src for j in g)), None)
+        if group is not None:
+            self.buffer(group)
+        else:
+            self._into("k", i, False)
 
 
 @functools.lru_cache(maxsize=256)
 def working_set_per_head(plan: AttentionPlan, head_dim: int, dtype: torch.dtype, rotary: bool = True) -> int:
     """Bytes one (sample, head) of a band-split call holds at its peak (module docstring), for a plan of
-    ``plan_attention``; the output tensor of the whole call is not included."""
+    ``plan_attention``; the output tensor of the whole call is not included. The chunked backend is
+    followed pass by pass: the rotations written so far, the repeated values until their last stack,
+    the pass's own buffers."""
     size = torch.empty((), dtype=dtype).element_size()
     f, s = plan.grid[0], plan.tokens_per_frame
     nv = f * s
     n = plan.text_before + nv + plan.text_after
+    row = nv * head_dim * size  # one rotation, or one copy of the values
     text = plan.text_before + plan.text_after > 0
     video_parts = [p for p in plan.parts if isinstance(p, (ChunkedPart, FlexPart))]
-    total = _rotation_count(plan, rotary) * nv * head_dim * size
-    passes = [p for part in video_parts if isinstance(part, ChunkedPart) for p in part.passes]
     chunked = [part.passes for part in video_parts if isinstance(part, ChunkedPart)]
-    reps = max((len(g) for plan_ in chunked for g in key_groups(plan_)), default=1)
-    if chunked and reps > 1:
-        total += reps * nv * head_dim * size
     flex_outputs = sum(len(part.groups) for part in video_parts if isinstance(part, FlexPart))
     held = len(chunked) + flex_outputs  # outputs held until the merge
-    in_place = held == 1 and chunked and not text and size == _WIDE
-    total += (0 if in_place else len(chunked) * nv * head_dim * _WIDE) + len(chunked) * nv * _WIDE
-    total += flex_outputs * nv * (head_dim * size + _WIDE)
-    if held > 1 or text or size != _WIDE:  # the merge's float32 result (and a temporary of its size)
-        total += (2 if held > 1 or text else 1) * nv * head_dim * _WIDE
-    if text:  # q and k at the original positions, the video rows over the text keys
-        total += 2 * n * head_dim * size + nv * (head_dim * size + _WIDE)
-    return total + max((_pass_bytes(p, plan, head_dim, size) for p in passes), default=0)
+    in_place = held == 1 and bool(chunked) and not text and size == _WIDE
+    fixed = 0  # held from the start of the video parts to the merge
+    if text:  # q and k at the original positions (the video rows over the text keys run after the parts)
+        fixed += 2 * n * head_dim * size
+    rotations = _Rotations(plan, rotary)
+    peak = 0
+    done_outputs = 0  # outputs of finished parts, held for the merge
+    for passes in chunked:
+        acc = (0 if in_place else nv * head_dim * _WIDE) + nv * _WIDE
+        joined = [i for i, p in enumerate(passes) if isinstance(p, Stack) and len(p.key_bands) > 1]
+        reps = max((len(passes[i].key_bands) for i in joined), default=0)
+        for i, p in enumerate(passes):
+            if isinstance(p, Stack):
+                rotations.q(p.band)
+                if len(p.key_bands) > 1:
+                    rotations.buffer(p.key_bands)
+                else:
+                    rotations.k(p.key_bands[0])
+            else:
+                rotations.q(p.band)
+                rotations.k(p.band)
+            values = reps * row if joined and i <= joined[-1] else 0
+            peak = max(peak, fixed + done_outputs + acc + rotations.count * row + values
+                       + _pass_bytes(p, plan, head_dim, size))
+        done_outputs += acc
+    if flex_outputs:  # the flex parts read every rotation
+        for b in range(len(plan.bands.bands)):
+            rotations.q(b)
+            rotations.k(b)
+        done_outputs += flex_outputs * nv * (head_dim * size + _WIDE)
+    merged = fixed + done_outputs + rotations.count * row
+    if held > 1 or text:  # the merge's float32 result and a temporary of its size
+        merged += 2 * nv * head_dim * _WIDE
+    if text:  # the video rows over the text keys
+        merged += nv * (head_dim * size + _WIDE)
+    if not in_place and size != _WIDE and held == 1 and not text:  # the float32 output in q's dtype
+        merged += row
+    return max(peak, merged)
 
 
 def head_group_size(plan: AttentionPlan, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
