@@ -4,6 +4,7 @@ depend on it, and the estimate matches the measured peak of a call."""
 
 from __future__ import annotations
 
+import doctest
 import importlib.util
 import json
 import math
@@ -18,6 +19,7 @@ import freeloc
 import freeloc.attention as attention_module
 from freeloc.app.cli import main
 from freeloc.attention import attend, band_set_for
+from freeloc.attention import memory as memory_module
 from freeloc.attention._planning import plan_attention
 from freeloc.attention.memory import estimate_peak, head_group_size, working_set_per_head
 
@@ -82,6 +84,11 @@ def test_attend_runs_the_heads_in_groups(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_head_group_must_be_auto_or_a_positive_int(value: object) -> None:
     with pytest.raises(ValueError, match=r"head_group must be 'auto' or an int >= 1.*got"):
         freeloc.AttentionOptions(head_group=value)  # type: ignore[arg-type]
+
+
+def test_doctests_of_the_memory_model() -> None:
+    result = doctest.testmod(memory_module)
+    assert result.attempted >= 5 and result.failed == 0, result
 
 
 def test_estimate_rejects_a_bad_shape() -> None:

@@ -181,7 +181,7 @@ def head_group_size(plan: AttentionPlan, batch: int, heads: int, head_dim: int, 
         >>> bands = band_set_for(freeloc.TSA(cap=20), 81, 156, freeloc.RotaryLayout.wan(64))
         >>> plan = plan_attention(q, bands, (81, 12, 13), 0, 0, "chunked", freeloc.AttentionOptions())
         >>> head_group_size(plan, 1, 12, 64, torch.float32, freeloc.AttentionOptions())
-        3
+        2
     """
     if isinstance(plan.parts[0], (DensePart, ReferencePart)):
         return heads
