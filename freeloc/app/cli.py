@@ -4,7 +4,9 @@ Subcommands:
 
 * ``freeloc explain``: what FreeLOC does at a given length, without a model: the VRPR setting and
   its effective relative distances r(Δ), and how sparse TSA's attention is, next to the sliding-window
-  baseline. ``--json`` prints the same as one JSON object, ``--png`` draws it.
+  baseline. ``--json`` prints the same as one JSON object, ``--png`` draws it. ``--memory`` prints the
+  estimated peak memory of one attention call instead, dense, TSA and VRPR, for a model shape
+  (``--model wan2.1-1.3b`` or ``wan2.1-14b``, or ``--heads``, ``--head-dim``, ``--height``, ``--width``).
 * ``freeloc demo``: the shipped shapes model (or a tiny random Wan pipeline) at 4x its trained length,
   direct and with FreeLOC (``freeloc.app.video.demo``).
 * ``freeloc generate``: a long video with a diffusers pipeline (``freeloc.app.video.generate``), or one
