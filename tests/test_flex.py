@@ -198,7 +198,8 @@ def test_flex_frame_aligned_pads_each_query_rotation_once(spy: Callable[..., lis
     """TSA's local and striped calls share one query rotation, so they share one padded copy of it."""
     pads = spy(flex, "_pad_into")
     q, k, v = qkv(19 * 15, torch.float32, seed=4)
-    matches_reference(q, k, v, grid=(19, 3, 5), method=SMALL_TSA, rotary=ROTARY, backend="flex", options=ALIGNED)
+    matches_reference(q, k, v, grid=(19, 3, 5), method=SMALL_TSA, rotary=ROTARY, backend="flex",
+                      options=ALIGNED.replace(head_group=q.shape[2]))  # one group: each group pads its own heads
     assert len(pads) == 2 + 3 * 2  # queries: local = striped, sink; keys and values of the three calls
 
 
@@ -256,7 +257,9 @@ def test_flex_parts_are_merged_once_by_frame(text: tuple[int, int], monkeypatch:
     tb, ta = text
     q, k, v = qkv(tb + 9 * 130 + ta, torch.bfloat16, seed=21)
     kw = dict(grid=(9, 10, 13), method=method, rotary=ROTARY, text_before=tb, text_after=ta)
-    out = attend(q, k, v, backend="flex", options=AttentionOptions(unstriped="stacks", layout="aligned"), **kw)
+    # all heads in one group: one merge per call
+    out = attend(q, k, v, backend="flex", options=AttentionOptions(unstriped="stacks", layout="aligned",
+                                                                   head_group=q.shape[2]), **kw)
     parts = [(torch.float32, 5, True), (torch.bfloat16, 5, False)]  # the stacks, the striped flex call
     if tb + ta == 0:
         assert merged == [[*parts, "merge_outputs"]]

@@ -4,7 +4,9 @@ Subcommands:
 
 * ``freeloc explain``: what FreeLOC does at a given length, without a model: the VRPR setting and
   its effective relative distances r(Δ), and how sparse TSA's attention is, next to the sliding-window
-  baseline. ``--json`` prints the same as one JSON object, ``--png`` draws it.
+  baseline. ``--json`` prints the same as one JSON object, ``--png`` draws it. ``--memory`` prints the
+  estimated peak memory of one attention call instead, dense, TSA and VRPR, for a model shape
+  (``--model wan2.1-1.3b`` or ``wan2.1-14b``, or ``--heads``, ``--head-dim``, ``--height``, ``--width``).
 * ``freeloc demo``: the shipped shapes model (or a tiny random Wan pipeline) at 4x its trained length,
   direct and with FreeLOC (``freeloc.app.video.demo``).
 * ``freeloc generate``: a long video with a diffusers pipeline (``freeloc.app.video.generate``), or one
@@ -36,6 +38,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._extras import require
 from .._files import check_writable
 from ..patterns import TSA, SlidingWindow
@@ -52,6 +56,14 @@ __all__ = ["main", "build_parser", "encode_prompt", "explain_data", "explain_tex
 BLOCK_SIZE = 128
 #: The ``--model`` name of the shapes model shipped with freeloc (``freeloc demo``, ``freeloc probe``).
 SHAPES = "shapes"
+#: ``freeloc explain --memory --model``: attention shape of a model (its config: heads, head dim; tokens per
+#: frame after its VAE's 8x and its 2x2 patch at the video size it was trained at) and its trained length in
+#: video frames.
+MEMORY_PRESETS: dict[str, dict[str, int]] = {
+    "wan2.1-1.3b": {"heads": 12, "head_dim": 128, "height": 30, "width": 52, "trained_frames": 81},  # 480x832
+    "wan2.1-14b": {"heads": 40, "head_dim": 128, "height": 45, "width": 80, "trained_frames": 81},  # 720x1280
+}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Video size of ``freeloc probe``'s inputs for a pipeline (Wan 2.1's 480p).
 PROBE_HEIGHT, PROBE_WIDTH = 480, 832
 
@@ -67,6 +79,17 @@ def video_to_latent(video_frames: int, temporal_factor: int) -> int:
         raise ValueError(f"video_frames and temporal_factor must be >= 1, "
                          f"got {video_frames!r} and {temporal_factor!r}")
     return (video_frames - 1) // temporal_factor + 1
+
+
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0, with an error that names the value."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -95,10 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "distances r(Δ), and the density of TSA next to the sliding-window baseline. Frame "
                     "counts are video frames unless --latent is given.",
     )
-    ex.add_argument("--num-frames", type=_positive_int, required=True,
-                    help="length to generate, in video frames (e.g. 321 for Wan2.1 at 4x)")
-    ex.add_argument("--trained-frames", type=_positive_int, required=True,
-                    help="length the model was trained on, in video frames (e.g. 81 for Wan2.1)")
+    ex.add_argument("--num-frames", type=_positive_int,
+                    help="length to generate, in video frames (e.g. 321 for Wan2.1 at 4x); with --memory: "
+                         "default 1x, 2x and 4x the trained length")
+    ex.add_argument("--trained-frames", type=_positive_int,
+                    help="length the model was trained on, in video frames (e.g. 81 for Wan2.1); with --memory: "
+                         "default the --model's")
     ex.add_argument("--latent", action="store_true",
                     help="the frame counts are temporal tokens (latent frames) already, not video frames")
     ex.add_argument("--temporal-factor", type=_positive_int, default=4,
@@ -108,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tokens per temporal token after spatial patching (default 1560: Wan2.1 at 832x480)")
     ex.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ex.add_argument("--png", type=Path, metavar="FILE", help="also draw the explanation to this PNG file")
+    mem = ex.add_argument_group("--memory: estimated peak attention memory of one layer's call, dense, TSA, VRPR")
+    mem.add_argument("--memory", action="store_true",
+                     help="print the estimated peak memory of one attention call (above q, k, v) instead")
+    mem.add_argument("--model", choices=sorted(MEMORY_PRESETS), default="wan2.1-1.3b",
+                     help="the attention shape and trained length of this model (default wan2.1-1.3b: 12 heads x "
+                          "128 at 480p, 30 x 52 tokens per frame); the options below override it")
+    mem.add_argument("--heads", type=_positive_int, help="attention heads")
+    mem.add_argument("--head-dim", type=_positive_int, help="channels per head")
+    mem.add_argument("--height", type=_positive_int, help="tokens per frame along the height (after patching)")
+    mem.add_argument("--width", type=_positive_int, help="tokens per frame along the width (after patching)")
+    mem.add_argument("--text-tokens", type=_non_negative_int, default=0,
+                     help="text tokens in the same sequence as the video (default 0: Wan attends text by cross-"
+                          "attention)")
+    mem.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="dtype of q, k, v (default bf16)")
     ex.set_defaults(func=_cmd_explain, subparser=ex)
 
     de = sub.add_parser(
@@ -521,7 +560,62 @@ def _available_memory() -> int:
     return 8 * 2**30
 
 
+def memory_table(*, heads: int, head_dim: int, height: int, width: int, frames: Sequence[int], trained_frames: int,
+                 dtype: str = "bf16", text_tokens: int = 0) -> dict[str, Any]:
+    """The estimated peak memory of one attention call (``freeloc.attention.memory.estimate_peak``) at each
+    of ``frames`` (latent frames), dense, TSA and VRPR, as a JSON-ready dict with one row per length."""
+    from ..attention.memory import estimate_peak
+
+    rows = []
+    for f in frames:
+        peaks = estimate_peak(heads=heads, head_dim=head_dim, dtype=_DTYPES[dtype], height=height, width=width,
+                              frames=f, trained_frames=trained_frames, text_tokens=text_tokens)
+        dense = peaks["dense"].bytes
+        rows.append({"frames": f, "tokens": text_tokens + f * height * width,
+                     **{name: {"bytes": p.bytes, "x_dense": p.bytes / dense, "head_group": p.head_group,
+                               "groups": p.groups} for name, p in peaks.items()}})
+    return {"heads": heads, "head_dim": head_dim, "height": height, "width": width, "dtype": dtype,
+            "text_tokens": text_tokens, "trained_frames": trained_frames, "rows": rows}
+
+
+def memory_text(data: dict[str, Any], title: str) -> str:
+    """``memory_table``'s dict as the table ``freeloc explain --memory`` prints."""
+    out = [f"{title}: {data['heads']} heads x {data['head_dim']}, {data['height']} x {data['width']} = "
+           f"{data['height'] * data['width']} tokens per frame, {data['dtype']}, trained on {data['trained_frames']} "
+           f"latent frames",
+           "peak memory of one attention call above q, k, v (GiB; TSA and VRPR: x dense, heads per group)", "",
+           "| latent frames | length (x trained) | tokens | dense | TSA | VRPR |", "|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        cells = [f"{r[m]['bytes'] / 2**30:.2f} ({r[m]['x_dense']:.2f}x, {r[m]['head_group']})" for m in ("tsa", "vrpr")]
+        length = (r["frames"] - 1) / max(1, data["trained_frames"] - 1)
+        out.append(f"| {r['frames']} | {length:.3g}x | {r['tokens']:,} | {r['dense']['bytes'] / 2**30:.2f} | "
+                   f"{cells[0]} | {cells[1]} |")
+    return "\n".join(out)
+
+
+def _cmd_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    preset = MEMORY_PRESETS[args.model]
+    shape = {name: getattr(args, name) if getattr(args, name) is not None else preset[name]
+             for name in ("heads", "head_dim", "height", "width")}
+    factor = 1 if args.latent else args.temporal_factor
+    trained = (video_to_latent(args.trained_frames, factor) if args.trained_frames is not None
+               else video_to_latent(preset["trained_frames"], args.temporal_factor))
+    frames = ([video_to_latent(args.num_frames, factor)] if args.num_frames is not None
+              else [(trained - 1) * m + 1 for m in (1, 2, 4)])  # 1x, 2x, 4x in video frames
+    data = memory_table(**shape, frames=frames, trained_frames=trained, dtype=args.dtype, text_tokens=args.text_tokens)
+    changed = any(getattr(args, name) is not None for name in shape)
+    print(json.dumps(data) if args.json else memory_text(data, args.model + (" (shape changed)" if changed else "")))
+    return 0
+
+
 def _cmd_explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.memory:
+        if args.png is not None:
+            parser.error("--png draws the explanation, not --memory's table: give one of them")
+        return _cmd_memory(args, parser)
+    for flag, value in (("--num-frames", args.num_frames), ("--trained-frames", args.trained_frames)):
+        if value is None:
+            parser.error(f"{flag} is required (without --memory)")
     _check_outputs(parser, ("--png", args.png, False))
     if args.png is not None:
         require("matplotlib", "app", "freeloc explain --png")  # a missing extra stops it before any work

@@ -46,7 +46,8 @@ from ._kernels import attention_with_lse, surely_finite
 from ._merge import merge_lse, merge_outputs
 from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, plan_attention
 from ._reference import reference_attention
-from ._rotations import rotate_bands, rotate_original
+from ._rotations import BandRotations, HeadMajor, KeyBuffers, rotate_bands, rotate_original
+from .memory import head_group_size
 from .options import BACKENDS, DEFAULT_OPTIONS, AttentionOptions
 
 __all__ = ["attend", "AttentionOptions", "BACKENDS", "band_set_for"]
@@ -137,11 +138,43 @@ def _with_non_finite_values(run: Callable[[Tensor], Tensor], v: Tensor) -> Tenso
 def _attend(q: Tensor, k: Tensor, v: Tensor, f: int, hh: int, ww: int, method: Method | None,
             rotary: RotaryLayout | None, backend: str, text_before: int, text_after: int, text_mask: Tensor | None,
             scale: float, options: AttentionOptions) -> Tensor:
-    """``attend`` after its checks."""
-    grad = _needs_grad(q, k, v)
-    wide = torch.float64 if grad and q.dtype == torch.float64 else torch.float32  # the merges' dtype
+    """``attend`` after its checks: the heads in groups (``freeloc.attention.memory.head_group_size``), on
+    whichever backend the plan chose, each group's output written into one output tensor."""
     plan = plan_attention(q, band_set_for(method, f, hh * ww, rotary), (f, hh, ww), text_before, text_after, backend,
                           options)
+    heads = q.shape[2]
+    group = head_group_size(plan, q.shape[0], heads, q.shape[-1], q.dtype, options, rotary is not None)
+    if group >= heads:
+        return _attend_heads(plan, q, k, v, rotary, text_mask, scale, options)
+    slices = [slice(h0, min(heads, h0 + group)) for h0 in range(0, heads, group)]
+    if _needs_grad(q, k, v):  # new tensors, joined: nothing autograd records is written in place
+        return torch.cat([_attend_heads(plan, q[:, :, h], k[:, :, h], v[:, :, h], rotary, text_mask, scale, options)
+                          for h in slices], dim=2)
+    out = q.new_empty(q.shape)
+    for h in slices:
+        _attend_heads(plan, q[:, :, h], k[:, :, h], v[:, :, h], rotary, text_mask, scale, options, out[:, :, h])
+    return out
+
+
+def _attend_heads(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, rotary: RotaryLayout | None,
+                  text_mask: Tensor | None, scale: float, options: AttentionOptions,
+                  into: Tensor | None = None) -> Tensor:
+    """The call for the heads of ``q``, ``k``, ``v`` (all of them, or one group), written into ``into``
+    (shaped like ``q``) where given; returns the output."""
+    out = _attend_plan(plan, q, k, v, rotary, text_mask, scale, options, into)
+    if into is None or out is into:
+        return out
+    return into.copy_(out)
+
+
+def _attend_plan(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, rotary: RotaryLayout | None,
+                 text_mask: Tensor | None, scale: float, options: AttentionOptions, into: Tensor | None) -> Tensor:
+    """The output of ``plan`` for these heads; a single chunked part over float32 inputs without text keeps
+    its running output in ``into`` (then returned), else a new tensor is returned."""
+    grad = _needs_grad(q, k, v)
+    wide = torch.float64 if grad and q.dtype == torch.float64 else torch.float32  # the merges' dtype
+    f, hh, ww = plan.grid
+    text_before = plan.text_before
     video = slice(text_before, text_before + f * hh * ww)
     key_mask = None  # [batch, 1, 1, seq] for the text tokens' padding, when given
     if text_mask is not None:
@@ -153,16 +186,22 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, f: int, hh: int, ww: int, method: M
         qo, ko = (rotate_original(plan, x, rotary, options).transpose(1, 2) for x in (q, k))
         out = F.scaled_dot_product_attention(qo, ko, v.transpose(1, 2), attn_mask=key_mask, scale=scale)
         return out.transpose(1, 2)
-    qs, ks, key_buffers = rotate_bands(plan, q[:, video], k[:, video], rotary, options)
     if isinstance(first, ReferencePart):
+        qs, ks, _ = rotate_bands(plan, q[:, video], k[:, video], rotary, options)
         qo, ko = (rotate_original(plan, x, rotary, options).transpose(1, 2) for x in (q, k))
         out = reference_attention(qo, ko, v.transpose(1, 2), [x.transpose(1, 2) for x in qs],
                                   [x.transpose(1, 2) for x in ks], first.bands, hh * ww, video, scale, key_mask,
                                   options.max_dense_tokens, wide)
         return out.transpose(1, 2)
     # the video parts' outputs and LSEs by frame (B, H, F, S[, D]), merged once
-    outs, lses = _run_video_parts(plan, qs, ks, key_buffers, k, v, scale, options)
-    if not (text_before or text_after):
+    in_place = (into is not None and not grad and q.dtype == wide and not (plan.text_before or plan.text_after)
+                and len(plan.parts) == 1 and isinstance(first, ChunkedPart))
+    # each rotation computed when a part first reads it (the chunked backend: when a pass first needs it)
+    rotations = BandRotations(plan, q[:, video], k[:, video], rotary, options)
+    outs, lses = _run_video_parts(plan, rotations, k, v, scale, options, into.transpose(1, 2) if in_place else None)
+    if in_place:
+        return into
+    if not (plan.text_before or plan.text_after):
         if len(outs) == 1:
             out = outs[0].to(q.dtype)
         elif grad:  # eager, in the working dtype
@@ -178,9 +217,10 @@ def _needs_grad(*xs: Tensor) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
-def _run_video_parts(plan: AttentionPlan, qs: list[Tensor], ks: list[Tensor],
-                     key_buffers: dict[tuple[int, ...], Tensor], k: Tensor, v: Tensor, scale: float,
-                     options: AttentionOptions) -> tuple[list[Tensor], list[Tensor]]:
+def _run_video_parts(plan: AttentionPlan, rotations: BandRotations, k: Tensor, v: Tensor, scale: float,
+                     options: AttentionOptions, into: Tensor | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Each video part's output and LSE, by frame; ``into``: the running output of a single chunked part
+    (``run_chunked``)."""
     f, s = plan.grid[0], plan.tokens_per_frame
     video = slice(plan.text_before, plan.text_before + f * s)
     outs: list[Tensor] = []
@@ -190,12 +230,12 @@ def _run_video_parts(plan: AttentionPlan, qs: list[Tensor], ks: list[Tensor],
     finite_keys = surely_finite(k[:, video]) if chunked else None
     for part in plan.parts:
         if isinstance(part, ChunkedPart):
-            o, l_ = run_chunked(part.passes, [x.transpose(1, 2) for x in qs], [x.transpose(1, 2) for x in ks],
-                                key_buffers, v[:, video], s, scale, options, finite_keys)
+            o, l_ = run_chunked(part.passes, HeadMajor(rotations, "q"), HeadMajor(rotations, "k"),
+                                KeyBuffers(rotations), v[:, video], s, scale, options, finite_keys, into)
             outs.append(o.unflatten(2, (f, s)))
             lses.append(l_.unflatten(2, (f, s)))
         elif isinstance(part, FlexPart):
-            o_f, l_f = run_flex(part, [x.transpose(1, 2) for x in qs], [x.transpose(1, 2) for x in ks],
+            o_f, l_f = run_flex(part, HeadMajor(rotations, "q")[:], HeadMajor(rotations, "k")[:],
                                 plan.rotations.q_source, v[:, video].transpose(1, 2), scale, options)
             outs += o_f
             lses += l_f

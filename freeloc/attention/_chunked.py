@@ -2,7 +2,8 @@
 
 Each pass is one fused attention call with its LSE (``attention_with_lse``); passes are merged online,
 exactly, in float32. Memory is bounded by one pass (chunk queries x gathered keys); a stack copies
-nothing, but the values are held once per band of the widest stack buffer (twice for VRPR). No [N, N]
+nothing, but where a stack reads the keys of two bands from one buffer the values are held once per
+band of that buffer (twice for VRPR; otherwise they are read in place). No [N, N]
 tensor is ever built, and the work is proportional to the band's density (up to the frame/sub-block
 rounding at the edges). The masks the passes build are kept with their plan, per device and dtype, up
 to ``AttentionOptions.mask_cache_bytes`` per plan.
@@ -10,7 +11,7 @@ to ``AttentionOptions.mask_cache_bytes`` per plan.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from jaxtyping import Float
@@ -45,6 +46,12 @@ def _mask_for(plan: PassPlan, p: Pass, q: Tensor, local: dict[tuple, MaskEntry],
     return entry
 
 
+def _requires_grad(xs: Sequence[Tensor]) -> bool:
+    """Whether any tensor of ``xs`` requires grad (a lazy sequence says it without computing them)."""
+    flag = getattr(xs, "requires_grad", None)
+    return bool(flag) if flag is not None else any(x.requires_grad for x in xs)
+
+
 def _frame_windows(x: Float[Tensor, "batch heads tokens dim"], batch: int, start: int, count: int, length: int,
                    s: int) -> Float[Tensor, "count heads window dim"]:
     """(B, H, T, D) tensor -> (count, H, length * s, D) view: entry ``n`` is the ``length`` frames from
@@ -56,14 +63,15 @@ def _frame_windows(x: Float[Tensor, "batch heads tokens dim"], batch: int, start
 
 def run_chunked(
     plan: PassPlan,
-    qs: list[Float[Tensor, "batch heads n dim"]],
-    ks: list[Float[Tensor, "batch heads n dim"]],
-    key_buffers: dict[tuple[int, ...], Float[Tensor, "batch heads joined dim"]],
+    qs: Sequence[Float[Tensor, "batch heads n dim"]],
+    ks: Sequence[Float[Tensor, "batch heads n dim"]],
+    key_buffers: Mapping[tuple[int, ...], Float[Tensor, "batch heads joined dim"]],
     v: Float[Tensor, "batch n heads dim"],
     tokens_per_frame: int,
     scale: float,
     options: AttentionOptions,
     finite_keys: bool | None = None,
+    into: Float[Tensor, "batch heads n dim"] | None = None,
 ) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
     """Merged attention of every video query over the pairs of ``plan``'s stacks and passes (rows outside
     them get output 0 and LSE ``-inf``).
@@ -71,22 +79,34 @@ def run_chunked(
     ``qs[b]``/``ks[b]`` are the video queries/keys rotated at band ``b``'s positions, head-major
     (batch, heads, tokens, dim) with contiguous tokens (``attend`` writes them so); ``key_buffers`` holds,
     for each group of ``key_groups``, its bands' key rotations one after
-    the other in one (batch, heads, len * tokens, dim) tensor, as the stacks read them.
+    the other in one (batch, heads, len * tokens, dim) tensor, as the stacks read them. Each is read when
+    a pass first needs it: ``qs``, ``ks`` and ``key_buffers`` may compute it then (``BandRotations``;
+    they then say ``requires_grad`` themselves).
     Returns the output (float32) and its LSE, as (batch, heads, tokens, dim) and (batch, heads, tokens).
     ``finite_keys``: whether every key is finite, when the caller knows (``attention_with_lse``).
+    ``into``: where to keep the running output, a float32 tensor of the output's shape (any strides: a
+    view of the call's output tensor), without autograd; None: a new tensor.
     """
     b, n, h, d = v.shape
     s = tokens_per_frame
-    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (*qs, *ks, v))
+    grad = torch.is_grad_enabled() and (v.requires_grad or _requires_grad(qs) or _requires_grad(ks))
     wide = torch.float64 if grad and v.dtype == torch.float64 else torch.float32
-    # values: head-major, repeated once per band of the widest stack buffer (consecutive, one tensor)
-    reps = max((len(p.key_bands) for p in plan if isinstance(p, Stack)), default=1)
-    v_rep = v.new_empty(b, h, reps * n, d)
-    v_rep[:, :, :n].copy_(v.transpose(1, 2))
-    for r in range(1, reps):
-        v_rep[:, :, r * n:(r + 1) * n].copy_(v_rep[:, :, :n])
-    vh = v_rep[:, :, :n]
-    out = torch.zeros(b, h, n, d, dtype=wide, device=v.device)
+    # values: read in place (a head-major view); where a stack reads the keys of several bands from one
+    # buffer, repeated once per band of the widest such buffer (consecutive, one tensor), until the last
+    # such stack
+    vh = v.transpose(1, 2)
+    joined = [i for i, p in enumerate(plan) if isinstance(p, Stack) and len(p.key_bands) > 1]
+    v_rep: Tensor | None = None
+    if joined:
+        reps = max(len(plan[i].key_bands) for i in joined)
+        v_rep = v.new_empty(b, h, reps * n, d)
+        v_rep[:, :, :n].copy_(vh)
+        for r in range(1, reps):
+            v_rep[:, :, r * n:(r + 1) * n].copy_(v_rep[:, :, :n])
+    if into is not None and (grad or into.dtype != wide or tuple(into.shape) != (b, h, n, d)):
+        raise ValueError(f"run_chunked: into must be a {wide} tensor of shape {(b, h, n, d)} outside autograd, got "
+                         f"{into.dtype} {tuple(into.shape)}")
+    out = torch.zeros(b, h, n, d, dtype=wide, device=v.device) if into is None else into.zero_()
     lse = torch.full((b, h, n), EMPTY_LSE, dtype=wide, device=v.device)
     masks: dict[tuple, MaskEntry] = {}  # this call's, past the plan's budget
 
@@ -115,10 +135,12 @@ def run_chunked(
         else:
             merge(acc_o, acc_l, o, l_)
 
-    for p in plan:
+    for index, p in enumerate(plan):
         if isinstance(p, Stack):
             kb = key_buffers[p.key_bands] if len(p.key_bands) > 1 else ks[p.key_bands[0]]
-            vb = v_rep[:, :, :len(p.key_bands) * n]
+            vb = vh if len(p.key_bands) == 1 else v_rep[:, :, :len(p.key_bands) * n]  # type: ignore[index]
+            if joined and index == joined[-1]:
+                v_rep = None  # this call's view is the last reference
             # one call per sample, its query frames the kernel's batch; off the fused kernels, which
             # materialise the logits, in groups of frames of at most options.stack_logits logits
             per_frame = h * s * p.length * s
@@ -134,6 +156,7 @@ def run_chunked(
                                                options=options)
                     accumulate(lambda x, i=i, rows=rows, nf=nf: x[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1),
                                o, l_, p.first)
+            del kb, vb  # the repeated values go with their last stack
             continue
         q = take(qs[p.band], p.rows)
         mask, prepared = None, None

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from typing import overload
 
 import torch
 from jaxtyping import Float
@@ -23,7 +25,7 @@ from ._fused import compiles_on, on_device, write_into
 from ._planning import AttentionPlan
 from .options import AttentionOptions
 
-__all__ = ["cos_sin", "rotate_bands", "rotate_original"]
+__all__ = ["BandRotations", "HeadMajor", "KeyBuffers", "cos_sin", "rotate_bands", "rotate_original"]
 
 # the rotation as written, for compiled calls: a run-time type-checking wrapper is not traceable
 _ROTATE_SPLIT = inspect.unwrap(RotaryLayout.rotate_split)
@@ -95,6 +97,75 @@ def rotate_original(plan: AttentionPlan, x: Float[Tensor, "batch seq heads dim"]
                                                                         dim=1)
 
 
+class BandRotations:
+    """The video queries and keys rotated at each band's positions, each rotation computed when first
+    asked for (so that a call holds only the rotations its passes have reached), written where ``plan``
+    says.
+
+    ``q(b)`` / ``k(b)``: (B, Nv, H, D), views of head-major buffers where the plan asks for them (bands
+    that share a rotation share the tensor); ``buffer(group)``: for a group of the plan's
+    ``key_buffers``, its bands' key rotations one after the other, (B, H, len * Nv, D) (asking for one
+    band of a group writes the whole group). ``requires_grad``: whether the rotations are recorded for
+    autograd.
+    """
+
+    def __init__(self, plan: AttentionPlan, q: Float[Tensor, "batch nv heads dim"],
+                 k: Float[Tensor, "batch nv heads dim"], rotary: RotaryLayout | None, options: AttentionOptions):
+        self.plan, self.rotary, self.options = plan, rotary, options
+        self.x = {"q": q, "k": k}
+        self.requires_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+        self.done: dict[tuple[str, int], Tensor] = {}  # per (side, source band): its rotation
+        self.slots: dict[int, Tensor] = {}  # per band of a key buffer: its slot
+        self.buffers: dict[tuple[int, ...], Tensor] = {}
+
+    def _source(self, side: str, i: int) -> int:
+        rot = self.plan.rotations
+        if self.rotary is None:  # no RoPE: positions are not part of the logits, every band reads x itself
+            return 0
+        return (rot.q_source if side == "q" else rot.k_source)[i]
+
+    def _into(self, side: str, i: int, target: Tensor | None) -> Tensor:
+        rot, x = self.plan.rotations, self.x[side]
+        src = self._source(side, i)
+        if (side, src) in self.done:
+            done = self.done[(side, src)]
+            return done if target is None else target.copy_(done)
+        if target is None and rot.head_major:
+            target = _empty_head_major(x)
+        if self.rotary is None:
+            result = x if target is None else target.copy_(x)
+        else:
+            dev = str(x.device)
+            turns = rot.q_temporal if side == "q" else rot.k_temporal
+            spatial = cos_sin(self.plan.bands, -1, "q", self.plan.grid, self.rotary, dev)
+            temporal = cos_sin(self.plan.bands, src, side, self.plan.grid, self.rotary, dev) if turns[src] else None
+            result = _rotate(x, temporal, spatial, self.rotary, self.options, target)
+        self.done[(side, src)] = result
+        return result
+
+    def buffer(self, group: tuple[int, ...]) -> Tensor:
+        """The key buffer of ``group`` (one of the plan's ``key_buffers``), written on first use."""
+        if group not in self.buffers:
+            x = self.x["k"]
+            b, n, h, d = x.shape
+            buf = x.new_empty(b, h, len(group) * n, d)
+            for r, i in enumerate(group):
+                self.slots.setdefault(i, self._into("k", i, buf[:, :, r * n:(r + 1) * n].transpose(1, 2)))
+            self.buffers[group] = buf
+        return self.buffers[group]
+
+    def q(self, i: int) -> Tensor:
+        return self._into("q", i, None)
+
+    def k(self, i: int) -> Tensor:
+        src = self._source("k", i)
+        for group in self.plan.rotations.key_buffers:  # a buffer holds this band's keys, or its rotation's
+            if any(j == i or self._source("k", j) == src for j in group):
+                self.buffer(group)
+                break
+        return self.slots[i] if i in self.slots else self._into("k", i, None)
+
+
 def rotate_bands(
     plan: AttentionPlan,
     q: Float[Tensor, "batch nv heads dim"],
@@ -102,49 +173,52 @@ def rotate_bands(
     rotary: RotaryLayout | None,
     options: AttentionOptions,
 ) -> tuple[list[Tensor], list[Tensor], dict[tuple[int, ...], Tensor]]:
-    """The video queries ``q`` and keys ``k`` rotated at each band's positions, written where ``plan``
-    says: ``(qs, ks, key_buffers)``.
+    """Every rotation of ``BandRotations`` at once: ``(qs, ks, key_buffers)``, ``qs[b]`` / ``ks[b]``
+    (B, Nv, H, D) and ``key_buffers`` by group."""
+    rotations = BandRotations(plan, q, k, rotary, options)
+    buffers = {group: rotations.buffer(group) for group in plan.rotations.key_buffers}
+    count = len(plan.bands.bands)
+    return [rotations.q(i) for i in range(count)], [rotations.k(i) for i in range(count)], buffers
 
-    ``qs[b]`` / ``ks[b]``: (B, Nv, H, D), views of head-major buffers where the plan asks for them (bands
-    that share a rotation share the tensor); ``key_buffers``: per group of the plan's ``key_buffers``, its
-    bands' key rotations one after the other, (B, H, len * Nv, D).
-    """
-    rot = plan.rotations
-    bands = plan.bands
-    dev = str(q.device)
 
-    def per_band(x: Tensor, side: str) -> tuple[list[Tensor], dict[tuple[int, ...], Tensor]]:
-        source = rot.q_source if side == "q" else rot.k_source
-        turns = rot.q_temporal if side == "q" else rot.k_temporal
-        if rotary is None:  # no RoPE: positions are not part of the logits, every band reads x itself
-            source = (0,) * len(source)
-        done: dict[int, Tensor] = {}  # per source band: its rotation
+class HeadMajor(Sequence[Tensor]):
+    """``rotations``' queries (``side="q"``) or keys, each (B, H, Nv, D), computed when first read."""
 
-        def into(i: int, target: Tensor | None) -> Tensor:
-            src = source[i]
-            if src in done:
-                return done[src] if target is None else target.copy_(done[src])
-            if target is None and rot.head_major:
-                target = _empty_head_major(x)
-            if rotary is None:
-                done[src] = x if target is None else target.copy_(x)
-            else:
-                spatial = cos_sin(bands, -1, "q", plan.grid, rotary, dev)
-                temporal = cos_sin(bands, src, side, plan.grid, rotary, dev) if turns[src] else None
-                done[src] = _rotate(x, temporal, spatial, rotary, options, target)
-            return done[src]
+    def __init__(self, rotations: BandRotations, side: str):
+        self.rotations, self.side = rotations, side
+        self.requires_grad = rotations.requires_grad
 
-        buffers: dict[tuple[int, ...], Tensor] = {}
-        slots: dict[int, Tensor] = {}
-        if side == "k":  # keys a stack reads as one buffer: written into it, slot by slot
-            b, n, h, d = x.shape
-            for group in rot.key_buffers:
-                buf = x.new_empty(b, h, len(group) * n, d)
-                for r, i in enumerate(group):
-                    slots.setdefault(i, into(i, buf[:, :, r * n:(r + 1) * n].transpose(1, 2)))
-                buffers[group] = buf
-        return [slots[i] if i in slots else into(i, None) for i in range(len(bands.bands))], buffers
+    def __len__(self) -> int:
+        return len(self.rotations.plan.bands.bands)
 
-    qs, _ = per_band(q, "q")
-    ks, buffers = per_band(k, "k")
-    return qs, ks, buffers
+    @overload
+    def __getitem__(self, i: int) -> Tensor: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Tensor]: ...
+
+    def __getitem__(self, i: int | slice) -> Tensor | list[Tensor]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(len(self))[i]]
+        if not 0 <= i < len(self):
+            raise IndexError(f"band {i} of {len(self)}")
+        x = self.rotations.q(i) if self.side == "q" else self.rotations.k(i)
+        return x.transpose(1, 2)
+
+
+class KeyBuffers(Mapping[tuple[int, ...], Tensor]):
+    """``rotations``' key buffers by group of the plan's ``key_buffers``, each written when first read."""
+
+    def __init__(self, rotations: BandRotations):
+        self.rotations = rotations
+
+    def __getitem__(self, group: tuple[int, ...]) -> Tensor:
+        if group not in self.rotations.plan.rotations.key_buffers:
+            raise KeyError(group)
+        return self.rotations.buffer(group)
+
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
+        return iter(self.rotations.plan.rotations.key_buffers)
+
+    def __len__(self) -> int:
+        return len(self.rotations.plan.rotations.key_buffers)

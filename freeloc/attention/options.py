@@ -84,6 +84,11 @@ class AttentionOptions:
             FlashAttention's, then the memory-efficient kernel.
         compile_steps: compile the small elementwise steps (rotations, merges) into one kernel each;
             ``None``: on CUDA.
+        head_group: how many heads one band-split call processes at once (every band is per head: the
+            rotations, value copies, accumulators and pass buffers then exist for one group at a time,
+            on every backend); ``"auto"``: the most heads whose working set fits in the bytes of ``q``
+            (``freeloc.attention.memory.head_group_size``); an int >= 1: that many (the last group
+            may be smaller).
     """
 
     unstriped: str = "auto"
@@ -106,6 +111,7 @@ class AttentionOptions:
     fused_devices: tuple[str, ...] | list[str] = ("cuda",)
     fused_kernels: tuple[FusedKernel, ...] | list[FusedKernel] | None = None
     compile_steps: bool | None = None
+    head_group: int | str = "auto"
 
     def __post_init__(self) -> None:
         def bad(name: str, accepted: str) -> ValueError:
@@ -140,6 +146,9 @@ class AttentionOptions:
                 isinstance(d, str) for d in devices):
             raise bad("fused_devices", "a tuple of device types such as ('cuda',)")
         object.__setattr__(self, "fused_devices", tuple(devices))
+        hg = self.head_group
+        if hg != "auto" and (not isinstance(hg, int) or isinstance(hg, bool) or hg < 1):
+            raise bad("head_group", "'auto' or an int >= 1 (heads per group)")
         if self.fused_kernels is not None:
             object.__setattr__(self, "fused_kernels", tuple(self.fused_kernels))
 

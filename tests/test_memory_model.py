@@ -1,0 +1,148 @@
+"""Heads in groups (``AttentionOptions.head_group``) and the memory model of ``attend``
+(``freeloc.attention.memory``): the group size is chosen from the shape and used, the output does not
+depend on it, and the estimate matches the measured peak of a call."""
+
+from __future__ import annotations
+
+import doctest
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from support import qkv
+
+import freeloc
+import freeloc.attention as attention_module
+from freeloc.app.cli import main
+from freeloc.attention import attend, band_set_for
+from freeloc.attention import memory as memory_module
+from freeloc.attention._planning import plan_attention
+from freeloc.attention.memory import estimate_peak, head_group_size, working_set_per_head
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+ROTARY = freeloc.RotaryLayout.wan(64)
+TSA = freeloc.TSA(cap=20)
+VRPR = freeloc.VRPR.for_length(81, 21)
+
+
+def _benchmark() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("attention_benchmark", BENCHMARK)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("method", [TSA, VRPR], ids=["tsa", "vrpr"])
+def test_auto_group_follows_the_working_set_and_fits_in_q(method: freeloc.methods.Method) -> None:
+    """``"auto"``: the most heads whose working set fits in the bytes of q, so more heads per group where q
+    has more heads, never a group whose working set exceeds q."""
+    groups = []
+    for heads in (2, 12, 40):
+        q = torch.empty(1, 81 * 60, heads, 64, device="meta")
+        plan = plan_attention(q, band_set_for(method, 81, 60, ROTARY), (81, 6, 10), 0, 0, "chunked",
+                              freeloc.AttentionOptions())
+        g = head_group_size(plan, 1, heads, 64, torch.float32, freeloc.AttentionOptions())
+        per_head = working_set_per_head(plan, 64, torch.float32)
+        q_bytes = q.numel() * 4
+        assert 1 <= g <= heads
+        assert g * per_head <= q_bytes or g == 1
+        assert g == heads or (g + 1) * per_head > q_bytes  # the most that fit
+        groups.append(g)
+    assert groups[0] == 1 and groups[2] > 1 and groups == sorted(groups), groups
+    assert head_group_size(plan, 1, 40, 64, torch.float32, freeloc.AttentionOptions(head_group=7)) == 7
+
+
+def test_attend_runs_the_heads_in_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked backend sees one group's heads at a time (3 heads, groups of 2: 2 then 1), and the
+    output equals the call with all heads at once."""
+    seen: list[int] = []
+    original = attention_module.run_chunked
+
+    def spy(plan, qs, ks, key_buffers, v, *args):  # noqa: ANN001, ANN002, ANN202
+        seen.append(v.shape[2])
+        return original(plan, qs, ks, key_buffers, v, *args)
+
+    q, k, v = qkv(17 * 15, torch.float32, seed=3, heads=3)
+    kwargs = dict(grid=(17, 3, 5), method=freeloc.VRPR(3, 5, 2, 4, 8), rotary=freeloc.RotaryLayout.wan(q.shape[-1]),
+                  backend="chunked")
+    whole = attend(q, k, v, **kwargs, options=freeloc.AttentionOptions(head_group=3))
+    monkeypatch.setattr(attention_module, "run_chunked", spy)
+    grouped = attend(q, k, v, **kwargs, options=freeloc.AttentionOptions(head_group=2))
+    assert seen == [2, 1]
+    torch.testing.assert_close(grouped, whole, atol=1e-6, rtol=1e-5)
+    seen.clear()
+    attend(q, k, v, **kwargs)  # auto: one head at a time at this shape
+    assert seen == [1, 1, 1]
+
+
+@pytest.mark.parametrize("value", [0, -2, True, "all"])
+def test_head_group_must_be_auto_or_a_positive_int(value: object) -> None:
+    with pytest.raises(ValueError, match=r"head_group must be 'auto' or an int >= 1.*got"):
+        freeloc.AttentionOptions(head_group=value)  # type: ignore[arg-type]
+
+
+def test_doctests_of_the_memory_model() -> None:
+    result = doctest.testmod(memory_module)
+    assert result.attempted >= 5 and result.failed == 0, result
+
+
+def test_estimate_rejects_a_bad_shape() -> None:
+    with pytest.raises(ValueError, match="heads must be an int >= 1, got 0"):
+        estimate_peak(heads=0, head_dim=64, dtype=torch.float32, height=2, width=3, frames=9, trained_frames=5)
+    with pytest.raises(ValueError, match="dtype must be a floating-point"):
+        estimate_peak(heads=2, head_dim=64, dtype=torch.int32, height=2, width=3, frames=9, trained_frames=5)
+
+
+def test_estimate_at_wan_shapes_stays_below_dense() -> None:
+    """Wan 2.1 1.3B at 480p, 4x: TSA and VRPR below dense attention's peak, one head at a time."""
+    peaks = estimate_peak(heads=12, head_dim=128, dtype=torch.bfloat16, height=30, width=52, frames=81,
+                          trained_frames=21)
+    dense = peaks["dense"].bytes
+    assert dense == 3 * 81 * 1560 * 12 * 128 * 2 + 12 * 81 * 1560 * 4
+    assert peaks["tsa"].bytes < dense and peaks["vrpr"].bytes < dense
+    assert peaks["vrpr"].head_group == 1 and peaks["vrpr"].groups == 12
+
+
+def test_explain_memory_prints_the_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--memory", "--model", "wan2.1-1.3b", "--height", "6", "--width", "10"]) == 0
+    text = capsys.readouterr().out
+    assert "wan2.1-1.3b (shape changed): 12 heads x 128, 6 x 10 = 60 tokens per frame, bf16" in text
+    assert "| 21 | 1x | 1,260 |" in text and "| 41 | 2x | 2,460 |" in text and "| 81 | 4x | 4,860 |" in text
+    assert main(["explain", "--memory", "--heads", "2", "--head-dim", "64", "--height", "6", "--width", "10",
+                 "--num-frames", "81", "--trained-frames", "21", "--latent", "--dtype", "fp32", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (row,) = data["rows"]
+    assert row["frames"] == 81 and row["vrpr"]["head_group"] == 1
+    expected = estimate_peak(heads=2, head_dim=64, dtype=torch.float32, height=6, width=10, frames=81,
+                             trained_frames=21)
+    assert {m: row[m]["bytes"] for m in ("dense", "tsa", "vrpr")} == {m: p.bytes for m, p in expected.items()}
+
+
+def test_explain_without_memory_still_needs_the_lengths(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["explain", "--trained-frames", "81"])
+    assert "--num-frames is required (without --memory)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures VmHWM (Linux)")
+def test_estimate_matches_the_measured_peak_and_the_bounds_hold() -> None:
+    """At 81 frames x 6 x 10 tokens, 2 heads x 64, fp32 (the benchmark's small CPU shape): each method's
+    measured peak (a fresh process, as ``benchmarks/attention.py`` measures it) within 20% of the estimate;
+    TSA at most 1.5x dense, VRPR at most 2x dense."""
+    bench = _benchmark()
+    shape = dict(bench.CPU_SHAPE, height=6, width=10)
+    measured = {m: bench.cpu_peak_mib(m, shape) * 2**20 for m in ("dense", "tsa", "vrpr")}
+    estimate = estimate_peak(heads=2, head_dim=64, dtype=torch.float32, height=6, width=10, frames=81,
+                             trained_frames=21)
+    print({m: (round(measured[m] / 2**20, 2), round(estimate[m].mib, 2)) for m in measured})
+    for m, got in measured.items():
+        assert math.isfinite(got) and got > 0, measured
+        assert abs(estimate[m].bytes - got) <= 0.2 * got, (m, got, estimate[m])
+    assert measured["tsa"] <= 1.5 * measured["dense"], measured
+    assert measured["vrpr"] <= 2.0 * measured["dense"], measured
