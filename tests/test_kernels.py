@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -223,9 +224,9 @@ def test_backends_through_a_fused_kernel_outside_the_cpu_path(case: str, monkeyp
         real_chunked = attention_module.run_chunked
         head_major: list[bool] = []
 
-        def chunked_spy(plan: object, qs: list[torch.Tensor], ks: list[torch.Tensor], *args: object) -> object:
+        def chunked_spy(plan: object, qs: Any, ks: Any, *args: object) -> object:
             # the rotations arrive written head-major: (batch, heads, tokens, dim) with contiguous tokens
-            head_major.extend(x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in qs + ks)
+            head_major.extend(x.stride(-1) == 1 and x.stride(-2) == x.shape[-1] for x in [*qs[:], *ks[:]])
             return real_chunked(plan, qs, ks, *args)
 
         monkeypatch.setattr(attention_module, "run_chunked", chunked_spy)

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from jaxtyping import TypeCheckError
 
 from freeloc.bands import BandSet
+from freeloc.composed import TSAVRPR, WindowVRPR
+from freeloc.logit_decay import UltraViCo
 from freeloc.methods import METHODS, Method, method_from_dict
 from freeloc.patterns import TSA, SlidingWindow
 from freeloc.positions import NTK, PI, PUBLISHED_VRPR, VRPR, KeyShift, RIFLEx, YaRN, _properties_hold
@@ -414,6 +416,9 @@ EXAMPLES: dict[str, list[Method]] = {
     "riflex": [RIFLEx(k=4, num_frames=63)],
     "tsa": [TSA(), TSA(d1=4, d2=10, stripe=0.25, sink_group=4, sink_window=6, cap=32)],
     "sliding-window": [SlidingWindow(window=10), SlidingWindow(window=3, sink=False)],
+    "tsa+vrpr": [TSAVRPR(TSA(), VRPR(10, 14, 2, 8, 20)), TSAVRPR(TSA(d1=4, d2=10), VRPR(3, 5, 2, 4, 12))],
+    "window+vrpr": [WindowVRPR(SlidingWindow(window=10), VRPR(10, 14, 2, 8, 20))],
+    "ultravico": [UltraViCo(), UltraViCo(alpha=0.7, window=4)],
     "key-shift": [KeyShift(shift=21), KeyShift(shift=-2.5)],
 }
 
