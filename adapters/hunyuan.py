@@ -278,7 +278,26 @@ def context_parallel_plan(transformer: torch.nn.Module) -> dict[str, Any]:
             "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3)}
 
 
-class HunyuanVideoContextParallelProcessor(ContextParallelProcessor):
+class _ContextParallel(ContextParallelProcessor):
+    """What both HunyuanVideo context-parallel processors share: the attention between the exchanges."""
+
+    def _attend(self, ulysses: Ulysses, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, video: int,
+                text: int, mask: torch.Tensor | None,
+                image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """``[video, text]`` attention for this rank's heads: RoPE on the video tokens, then
+        ``dispatch_attention_fn`` with ``mask`` (over every key) and the layer's backend."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if image_rotary_emb is not None:
+                q, k = _rotate_video(q, video, image_rotary_emb), _rotate_video(k, video, image_rotary_emb)
+            return dispatch_attention_fn(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
+                                         backend=self._attention_backend)
+
+        return ulysses.attend(run, query, key, value, video, text_after=text)
+
+
+class HunyuanVideoContextParallelProcessor(_ContextParallel):
     """HunyuanVideo's self-attention (dual or single stream) under Ulysses context parallelism.
 
     q, k, v of this rank's video tokens and of the whole text, Ulysses' exchange, then what
@@ -301,22 +320,13 @@ class HunyuanVideoContextParallelProcessor(ContextParallelProcessor):
         if encoder_hidden_states is None or encoder_hidden_states.shape[1] == 0:
             raise ValueError("freeloc's HunyuanVideo context-parallel processor needs the text tokens "
                              "(encoder_hidden_states), got none")
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         video, text = self.video_tokens(), encoder_hidden_states.shape[1]
         query, key, value = hunyuan_qkv(attn, hidden_states, encoder_hidden_states)
-
-        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if image_rotary_emb is not None:
-                q, k = _rotate_video(q, video, image_rotary_emb), _rotate_video(k, video, image_rotary_emb)
-            return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                         backend=self._attention_backend)
-
-        out = ulysses.attend(run, query, key, value, video, text_after=text)
+        out = self._attend(ulysses, query, key, value, video, text, attention_mask, image_rotary_emb)
         return _outputs(attn, out.flatten(2, 3).to(query.dtype), text)
 
 
-class HunyuanVideo15ContextParallelProcessor(ContextParallelProcessor):
+class HunyuanVideo15ContextParallelProcessor(_ContextParallel):
     """HunyuanVideo 1.5's self-attention under Ulysses context parallelism.
 
     As ``HunyuanVideoContextParallelProcessor``, with the text padding ``(B, L)`` masking keys and the
@@ -337,21 +347,12 @@ class HunyuanVideo15ContextParallelProcessor(ContextParallelProcessor):
         if encoder_hidden_states is None or attention_mask is None or attention_mask.ndim != 2:
             raise ValueError("freeloc's HunyuanVideo 1.5 context-parallel processor needs the text tokens and their "
                              "(B, L) padding mask, as HunyuanVideo15Transformer3DModel passes them")
-        from diffusers.models.attention_dispatch import dispatch_attention_fn
-
         batch, shard, text = hidden_states.shape[0], hidden_states.shape[1], encoder_hidden_states.shape[1]
         video = self.video_tokens()
         text_mask = attention_mask.bool()
         query, key, value = hunyuan15_qkv(attn, hidden_states, encoder_hidden_states)
-
-        def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            if image_rotary_emb is not None:
-                q, k = _rotate_video(q, video, image_rotary_emb), _rotate_video(k, video, image_rotary_emb)
-            keys = torch.cat([text_mask.new_ones(batch, video), text_mask], dim=1)[:, None, None, :]
-            return dispatch_attention_fn(q, k, v, attn_mask=keys, dropout_p=0.0, is_causal=False,
-                                         backend=self._attention_backend)
-
-        out = ulysses.attend(run, query, key, value, video, text_after=text)
+        keys = torch.cat([text_mask.new_ones(batch, video), text_mask], dim=1)[:, None, None, :]
+        out = self._attend(ulysses, query, key, value, video, text, keys, image_rotary_emb)
         keep = torch.cat([text_mask.new_ones(batch, shard), text_mask], dim=1)
         out = out * keep[:, :, None, None].to(out.dtype)
         return _outputs(attn, out.flatten(2, 3).to(query.dtype), text)

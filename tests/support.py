@@ -4,6 +4,7 @@ saved to a folder."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,6 +56,25 @@ def rotate_original(x: torch.Tensor, grid: tuple[int, int, int], t_freqs: torch.
     hp = torch.arange(h, dtype=torch.float64).repeat_interleave(w).repeat(f)
     wp = torch.arange(w, dtype=torch.float64).repeat(f * h)
     return ROTARY.rotate(x, t, hp, wp, t_freqs)
+
+
+def tiny_wan_and_run() -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """A tiny random 2-layer diffusers Wan transformer, and a call of it on fixed inputs of 12 latent frames
+    (no grad)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=128).eval()
+    g = torch.Generator().manual_seed(1)
+    x, enc = torch.randn(1, 16, 12, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g)
+
+    def run() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x, torch.tensor([500]), enc, return_dict=False)[0]
+
+    return model, run
 
 
 def saved_tiny_wan(folder: Path) -> Path:

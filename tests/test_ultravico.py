@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from support import HEAD_DIM, ROTARY, qkv, rotate_original
+from support import HEAD_DIM, ROTARY, qkv, rotate_original, tiny_wan_and_run
 
 import freeloc
 from freeloc.attention import attend
@@ -88,18 +88,8 @@ def test_what_cannot_run_it_is_refused_clearly() -> None:
 
 
 def test_a_hooked_model_runs_it_and_is_clean_after() -> None:
-    diffusers = pytest.importorskip("diffusers", reason="the hooked model is a diffusers Wan (extra 'diffusers')")
-    torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
-        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=128).eval()
-    g = torch.Generator().manual_seed(1)
-    x, enc = torch.randn(1, 16, 12, 8, 8, generator=g), torch.randn(1, 7, 32, generator=g)
-
-    def run() -> torch.Tensor:
-        with torch.no_grad():
-            return model(x, torch.tensor([500]), enc, return_dict=False)[0]
-
+    pytest.importorskip("diffusers", reason="the hooked model is a diffusers Wan (extra 'diffusers')")
+    model, run = tiny_wan_and_run()
     plain = run()
     with freeloc.enable(model, method="ultravico", trained_frames=9) as session:  # 3 latent frames: 4x
         out = run()
