@@ -209,7 +209,7 @@ def test_bands_with_equal_positions_share_one_rotation(monkeypatch: pytest.Monke
     out = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="chunked",
                  options=freeloc.AttentionOptions(head_group=q.shape[2]))
     # q: local = striped, sink; k: local = striped, sink (spatial only); each written when a pass first reads it
-    assert sorted(calls) == [False, True, True, True]
+    assert sorted(calls) == [False, True, True, True], calls
     monkeypatch.setattr(freeloc.RotaryLayout, "rotate_split", original)
     ref = attend(q, k, v, grid=(19, 3, 5), method=method, rotary=ROTARY, backend="reference")
     torch.testing.assert_close(out, ref, rtol=0, atol=TOL[torch.float32])

@@ -101,7 +101,9 @@ def test_chunked_masks_are_built_once_per_plan_and_outputs_do_not_change(
     # a method no other test runs: its plan (and the masks kept with it) is new here
     method = freeloc.TSA(d1=3, d2=9, stripe=0.25, sink_group=4, sink_window=5, cap=12)
     q, k, v = qkv(19 * 15, torch.float32, seed=5)
-    kw = dict(grid=grid, method=method, rotary=ROTARY, options=AttentionOptions(mask_cache_bytes=cache_bytes))
+    # all heads in one group: past the budget, each call of the executor builds its masks once
+    kw = dict(grid=grid, method=method, rotary=ROTARY,
+              options=AttentionOptions(mask_cache_bytes=cache_bytes, head_group=q.shape[2]))
     ref = attend(q, k, v, backend="reference", **kw)
     first = attend(q, k, v, backend="chunked", **kw)
     after_first = len(built)

@@ -44,6 +44,7 @@ from ._flex import run_flex
 from ._fused import on_device
 from ._kernels import attention_with_lse, surely_finite
 from ._merge import merge_lse, merge_outputs
+from ._passes import release_schedule
 from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, plan_attention
 from ._reference import reference_attention
 from ._rotations import BandRotations, HeadMajor, KeyBuffers, rotate_bands, rotate_original
@@ -228,10 +229,16 @@ def _run_video_parts(plan: AttentionPlan, rotations: BandRotations, k: Tensor, v
     # for the masked calls (attention_with_lse), once: a rotation keeps a key finite or not
     chunked = any(isinstance(p, ChunkedPart) for p in plan.parts)
     finite_keys = surely_finite(k[:, video]) if chunked else None
+    # a single video part reads the rotations alone: each is dropped after the last pass that reads it
+    releases = None
+    if len(plan.parts) == 1 and isinstance(plan.parts[0], ChunkedPart):
+        rot, n = plan.rotations, len(plan.bands.bands)
+        sources = (rot.q_source, rot.k_source) if rotations.rotary is not None else ((0,) * n, (0,) * n)
+        releases = release_schedule(plan.parts[0].passes, *sources, rot.key_buffers)
     for part in plan.parts:
         if isinstance(part, ChunkedPart):
             o, l_ = run_chunked(part.passes, HeadMajor(rotations, "q"), HeadMajor(rotations, "k"),
-                                KeyBuffers(rotations), v[:, video], s, scale, options, finite_keys, into)
+                                KeyBuffers(rotations), v[:, video], s, scale, options, finite_keys, into, releases)
             outs.append(o.unflatten(2, (f, s)))
             lses.append(l_.unflatten(2, (f, s)))
         elif isinstance(part, FlexPart):

@@ -20,7 +20,8 @@ from torch import Tensor
 from ._fused import on_device
 from ._kernels import attention_with_lse, prepare_mask, uses_fused_kernel
 from ._merge import EMPTY_LSE, merge_pass, merge_pass_into_
-from ._passes import MaskEntry, Pass, PassPlan, Stack, Window
+from ._passes import MaskEntry, Pass, PassPlan, Stack, Window, heads_per_call, pass_bytes
+from ._rotations import HeadMajor, KeyBuffers
 from .options import AttentionOptions
 
 __all__ = ["run_chunked"]
@@ -46,7 +47,7 @@ def _mask_for(plan: PassPlan, p: Pass, q: Tensor, local: dict[tuple, MaskEntry],
     return entry
 
 
-def _requires_grad(xs: Sequence[Tensor]) -> bool:
+def _requires_grad(xs: HeadMajor | list[Tensor]) -> bool:
     """Whether any tensor of ``xs`` requires grad (a lazy sequence says it without computing them)."""
     flag = getattr(xs, "requires_grad", None)
     return bool(flag) if flag is not None else any(x.requires_grad for x in xs)
@@ -63,15 +64,16 @@ def _frame_windows(x: Float[Tensor, "batch heads tokens dim"], batch: int, start
 
 def run_chunked(
     plan: PassPlan,
-    qs: Sequence[Float[Tensor, "batch heads n dim"]],
-    ks: Sequence[Float[Tensor, "batch heads n dim"]],
-    key_buffers: Mapping[tuple[int, ...], Float[Tensor, "batch heads joined dim"]],
+    qs: HeadMajor | list[Float[Tensor, "batch heads n dim"]],
+    ks: HeadMajor | list[Float[Tensor, "batch heads n dim"]],
+    key_buffers: KeyBuffers | dict[tuple[int, ...], Float[Tensor, "batch heads joined dim"]],
     v: Float[Tensor, "batch n heads dim"],
     tokens_per_frame: int,
     scale: float,
     options: AttentionOptions,
     finite_keys: bool | None = None,
     into: Float[Tensor, "batch heads n dim"] | None = None,
+    releases: Mapping[int, Sequence[tuple[str, tuple[int, ...]]]] | None = None,
 ) -> tuple[Float[Tensor, "batch heads n dim"], Float[Tensor, "batch heads n"]]:
     """Merged attention of every video query over the pairs of ``plan``'s stacks and passes (rows outside
     them get output 0 and LSE ``-inf``).
@@ -86,6 +88,11 @@ def run_chunked(
     ``finite_keys``: whether every key is finite, when the caller knows (``attention_with_lse``).
     ``into``: where to keep the running output, a float32 tensor of the output's shape (any strides: a
     view of the call's output tensor), without autograd; None: a new tensor.
+    ``releases``: after pass ``i``, ``qs.release(bands)`` / ``ks.release(bands)`` for each ``(side, bands)``
+    of ``releases[i]`` (``release_schedule``: rotations no later pass reads), so that a call holds only
+    the rotations still to be read.
+    A pass whose own buffers exceed one rotation of the heads runs over a share of the heads at a time
+    (``heads_per_call``).
     """
     b, n, h, d = v.shape
     s = tokens_per_frame
@@ -156,18 +163,27 @@ def run_chunked(
                                                options=options)
                     accumulate(lambda x, i=i, rows=rows, nf=nf: x[i, :, rows].unflatten(1, (nf, s)).transpose(0, 1),
                                o, l_, p.first)
-            del kb, vb  # the repeated values go with their last stack
+            del kb, vb, o, l_  # the repeated values go with their last stack
+            for side, bands in (releases or {}).get(index, ()):
+                (qs if side == "q" else ks).release(bands)  # type: ignore[attr-defined]
             continue
-        q = take(qs[p.band], p.rows)
-        mask, prepared = None, None
-        if p.pattern:
-            mask, prepared = _mask_for(plan, p, q, masks, options)
-        o, l_ = attention_with_lse(q, take(ks[p.band], p.keys), take(vh, p.keys), mask, scale, prepared, options,
-                                   finite_keys)
-        if isinstance(p.rows, slice):
-            accumulate(lambda x, r=p.rows: x[:, :, r], o, l_, p.first)
-        else:  # views of the window's rows, shaped (batch, heads, frames, raster[, dim])
-            accumulate(lambda x, w=p.rows: w.framed(x, s), o, l_, p.first)
+        step = heads_per_call(pass_bytes(p, s, d, v.element_size()), n * d * v.element_size(), h)
+        for h0 in range(0, h, step):
+            hs = slice(h0, min(h, h0 + step)) if step < h else slice(None)
+            q = take(qs[p.band][:, hs], p.rows)
+            mask, prepared = None, None
+            if p.pattern:
+                mask, prepared = _mask_for(plan, p, q, masks, options)
+            o, l_ = attention_with_lse(q, take(ks[p.band][:, hs], p.keys), take(vh[:, hs], p.keys), mask, scale,
+                                       prepared, options, finite_keys)
+            del q
+            if isinstance(p.rows, slice):
+                accumulate(lambda x, r=p.rows, hs=hs: x[:, hs, r], o, l_, p.first)
+            else:  # views of the window's rows, shaped (batch, heads, frames, raster[, dim])
+                accumulate(lambda x, w=p.rows, hs=hs: w.framed(x[:, hs], s), o, l_, p.first)
+            del o, l_
+        for side, bands in (releases or {}).get(index, ()):
+            (qs if side == "q" else ks).release(bands)  # type: ignore[attr-defined]
     empty = lse <= EMPTY_LSE / 2
     lse = lse.masked_fill(empty, float("-inf")) if grad else lse.masked_fill_(empty, float("-inf"))
     return out, lse

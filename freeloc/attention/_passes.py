@@ -19,6 +19,7 @@ The plan depends only on the band set, the grid, the head dim and the options' c
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -28,7 +29,8 @@ from torch import Tensor
 from ..bands import Band, BandSet
 from .options import DEFAULT_OPTIONS, AttentionOptions
 
-__all__ = ["Pass", "PassPlan", "Stack", "Window", "key_groups", "plan_cost", "plan_passes", "plan_stacks"]
+__all__ = ["Pass", "PassPlan", "Stack", "Window", "heads_per_call", "key_groups", "pass_bytes", "pass_tokens",
+           "plan_cost", "plan_passes", "plan_stacks", "release_schedule"]
 
 #: A pass's bool mask and its prepared form for a fused kernel, or None.
 MaskEntry = tuple[Tensor, tuple[Tensor, Tensor | None] | None]
@@ -164,6 +166,63 @@ def key_groups(plan: PassPlan) -> list[tuple[int, ...]]:
     """Bands whose rotated keys a stack of ``plan`` reads as one buffer, in that order (their rotations
     are written one after the other into one head-major buffer)."""
     return sorted({p.key_bands for p in plan if isinstance(p, Stack) and len(p.key_bands) > 1})
+
+
+def release_schedule(plan: Sequence[Pass | Stack], q_source: Sequence[int], k_source: Sequence[int],
+                     key_buffers: Sequence[tuple[int, ...]]) -> dict[int, list[tuple[str, tuple[int, ...]]]]:
+    """When each rotation is read for the last time: after pass (or stack) ``i`` of ``plan``, the
+    ``(side, bands)`` whose rotations no later pass reads. ``bands`` is a unit of storage: on the query
+    side the bands that share one rotation (``q_source``), on the key side those that share one rotation
+    (``k_source``) or one key buffer (``key_buffers``), so that a unit is freed whole."""
+    n = len(q_source)
+    out: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
+    for side, source in (("q", q_source), ("k", k_source)):
+        unit = list(range(n))  # union-find over bands
+
+        def find(i: int, unit: list[int] = unit) -> int:
+            while unit[i] != i:
+                i = unit[i]
+            return i
+
+        links = [(i, j) for i in range(n) for j in range(n) if source[i] == source[j]]
+        if side == "k":
+            links += [(g[0], j) for g in key_buffers for j in g]
+        for i, j in links:
+            unit[find(i)] = find(j)
+        last: dict[int, int] = {}
+        for index, p in enumerate(plan):
+            read = (p.band,) if side == "q" or isinstance(p, Pass) else p.key_bands
+            for b in read:
+                last[find(b)] = index
+        for root, index in last.items():
+            out.setdefault(index, []).append((side, tuple(b for b in range(n) if find(b) == root)))
+    return out
+
+
+def pass_tokens(p: Pass, tokens_per_frame: int) -> tuple[int, int]:
+    """(rows, gathered tokens) of one pass per (sample, head): the query rows it computes and the tokens
+    it copies (strided windows: its rows, and its keys and values)."""
+    blocks = p.rows.blocks if isinstance(p.rows, Window) else 1
+    rows = _length(p.rows) * blocks
+    keys = _length(p.keys) * blocks
+    gathered = (rows if isinstance(p.rows, Window) else 0) + (2 * keys if isinstance(p.keys, Window) else 0)
+    return rows, gathered
+
+
+def pass_bytes(p: Pass, tokens_per_frame: int, head_dim: int, size: int) -> int:
+    """Bytes per (sample, head) that one pass allocates while it runs (``size``: bytes per element of
+    q): what it gathers, its output and LSE, the float32 copy a merge reads of 2-byte outputs, the merge
+    weights."""
+    rows, gathered = pass_tokens(p, tokens_per_frame)
+    wide = 4  # float32 LSEs and merges
+    merge = rows * head_dim * wide if size < wide else 0
+    return (gathered + rows) * head_dim * size + merge + 2 * rows * wide
+
+
+def heads_per_call(pass_bytes: int, rotation_bytes: int, heads: int) -> int:
+    """Heads one call of a pass takes: all ``heads`` where the pass's own buffers (``pass_bytes`` per
+    head) fit in one rotation of them (``rotation_bytes`` per head), else as many as fit, at least one."""
+    return max(1, min(heads, heads * rotation_bytes // max(1, pass_bytes)))
 
 
 def _window(frames: Tensor, raster: tuple[int, int], s: int, blocks: int = 1, step: int = 0) -> slice | Window:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import overload
 
 import torch
@@ -143,6 +143,17 @@ class BandRotations:
         self.done[(side, src)] = result
         return result
 
+    def release(self, side: str, bands: tuple[int, ...]) -> None:
+        """Drop the rotations of ``bands`` on ``side`` (a unit of ``release_schedule``: no later pass reads
+        them); a band asked for again is rotated again."""
+        for i in bands:
+            self.done.pop((side, self._source(side, i)), None)
+            if side == "k":
+                self.slots.pop(i, None)
+        if side == "k":
+            for group in [g for g in self.buffers if set(g) <= set(bands)]:
+                del self.buffers[group]
+
     def buffer(self, group: tuple[int, ...]) -> Tensor:
         """The key buffer of ``group`` (one of the plan's ``key_buffers``), written on first use."""
         if group not in self.buffers:
@@ -181,8 +192,11 @@ def rotate_bands(
     return [rotations.q(i) for i in range(count)], [rotations.k(i) for i in range(count)], buffers
 
 
-class HeadMajor(Sequence[Tensor]):
-    """``rotations``' queries (``side="q"``) or keys, each (B, H, Nv, D), computed when first read."""
+class HeadMajor:
+    """``rotations``' queries (``side="q"``) or keys, each (B, H, Nv, D), computed when first read.
+
+    A sequence by its methods, not by type: a run-time type checker samples the items of a ``Sequence``,
+    which would rotate them out of the plan's order."""
 
     def __init__(self, rotations: BandRotations, side: str):
         self.rotations, self.side = rotations, side
@@ -205,9 +219,14 @@ class HeadMajor(Sequence[Tensor]):
         x = self.rotations.q(i) if self.side == "q" else self.rotations.k(i)
         return x.transpose(1, 2)
 
+    def release(self, bands: tuple[int, ...]) -> None:
+        """``BandRotations.release`` on this side."""
+        self.rotations.release(self.side, bands)
 
-class KeyBuffers(Mapping[tuple[int, ...], Tensor]):
-    """``rotations``' key buffers by group of the plan's ``key_buffers``, each written when first read."""
+
+class KeyBuffers:
+    """``rotations``' key buffers by group of the plan's ``key_buffers``, each written when first read (a
+    mapping by its methods, not by type, as ``HeadMajor`` is a sequence)."""
 
     def __init__(self, rotations: BandRotations):
         self.rotations = rotations
@@ -222,3 +241,6 @@ class KeyBuffers(Mapping[tuple[int, ...], Tensor]):
 
     def __len__(self) -> int:
         return len(self.rotations.plan.rotations.key_buffers)
+
+    def items(self) -> Iterator[tuple[tuple[int, ...], Tensor]]:
+        return ((group, self[group]) for group in self)

@@ -5,20 +5,23 @@ Every band of a band-split call is per head: the rotations of q and k, the value
 output and LSE, and the buffers of each pass exist per head. ``attend`` therefore runs the heads in
 groups (``AttentionOptions.head_group``), one group's working set alive at a time, each group's output
 written into one preallocated output tensor. ``head_group_size`` chooses the group from the shape:
-the most heads whose working set (``working_set_per_head``, from the call's plan) fits in the bytes
-of ``q``. The same two functions give ``estimate_peak``, the memory model of a whole call, which
-``freeloc explain --memory`` prints for a model shape.
+the most heads whose estimated peak (the output and the group's working set, ``working_set``, from the
+call's plan) stays within ``PEAK_RATIO`` (1.5) times dense attention's. The same functions give
+``estimate_peak``, the memory model of a whole call, which ``freeloc explain --memory`` prints for a
+model shape.
 
 What is counted, per head of a group, pass by pass through the chunked backend's plan (its peak is
 the largest sum; flex parts count their outputs):
 
-* the rotations of the video queries and keys written so far: each is computed when a pass first
-  needs it (``BandRotations``), one per distinct band position (``Rotations``);
+* the rotations of the video queries and keys held: each is computed when a pass first needs it
+  (``BandRotations``), one per distinct band position (``Rotations``), and dropped after the last pass
+  that reads it (``release_schedule``, where one chunked part reads them alone);
 * the values, repeated in one buffer while stacks read the keys of two bands (else read in place);
 * the running output in float32, unless it is the output tensor itself (float32 inputs, one video
   part, no text), and the running LSE;
 * the pass's own buffers: the rows, keys and values it gathers (strided windows are copied), its
-  output and LSE;
+  output and LSE, for the heads one call of it takes (``heads_per_call``: a pass whose buffers exceed
+  one rotation of the group runs over a share of the heads at a time);
 * with text or several parts: the parts' outputs held until the merge, the merge's float32 result,
   and the text's rotations at the original positions.
 
@@ -47,40 +50,33 @@ import torch
 from ..bands import BandSet
 from ..methods import Method
 from ..rotary import RotaryLayout
-from ._passes import Pass, Stack, Window
+from ._passes import Stack, heads_per_call, pass_bytes, release_schedule
 from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, plan_attention
 from .options import DEFAULT_OPTIONS, AttentionOptions
 
-__all__ = ["METHODS", "Peak", "estimate_peak", "head_group_size", "working_set_per_head"]
+__all__ = ["METHODS", "Peak", "estimate_peak", "head_group_size", "working_set"]
 
 #: The methods ``estimate_peak`` models.
 METHODS = ("dense", "tsa", "vrpr")
 _WIDE = 4  # bytes of the float32 running output, LSEs and merges
 
 
-def _pass_bytes(p: Pass | Stack, plan: AttentionPlan, head_dim: int, size: int) -> int:
-    """Bytes per (sample, head) that one pass or stack call allocates while it runs."""
-    s = plan.tokens_per_frame
-    if isinstance(p, Stack):
-        rows = p.num_frames * s
-        gathered = 0
-    else:
-        blocks = p.rows.blocks if isinstance(p.rows, Window) else 1
-        rows = (len(p.rows) if isinstance(p.rows, Window) else p.rows.stop - p.rows.start) * blocks
-        keys = (len(p.keys) if isinstance(p.keys, Window) else p.keys.stop - p.keys.start) * blocks
-        gathered = (rows if isinstance(p.rows, Window) else 0) + (2 * keys if isinstance(p.keys, Window) else 0)
-    # output and LSE, the float32 copy the merge reads (2-byte floats), the merge weights
+def _stack_bytes(p: Stack, plan: AttentionPlan, head_dim: int, size: int) -> int:
+    """Bytes per (sample, head) that one stack call allocates while it runs: its output and LSE, the
+    float32 copy a merge reads of 2-byte outputs, the merge weights."""
+    rows = p.num_frames * plan.tokens_per_frame
     merge = rows * head_dim * _WIDE if size < _WIDE else 0
-    return (gathered + rows) * head_dim * size + merge + 2 * rows * _WIDE
+    return rows * head_dim * size + merge + 2 * rows * _WIDE
 
 
 class _Rotations:
-    """Counts the rotations ``BandRotations`` has written, as passes ask for them (same sharing rules)."""
+    """Counts the rotations ``BandRotations`` holds, as passes ask for them and ``release_schedule``
+    drops them (same sharing rules)."""
 
     def __init__(self, plan: AttentionPlan, rotary: bool):
         self.rot, self.rotary = plan.rotations, rotary
-        self.done: set[tuple[str, int]] = set()
-        self.buffers: set[tuple[int, ...]] = set()
+        self.done: dict[tuple[str, int], int] = {}  # per rotation: tensors it counts
+        self.buffers: dict[tuple[int, ...], int] = {}
         self.count = 0  # tensors of video tokens x head dim
 
     def _source(self, side: str, i: int) -> int:
@@ -89,12 +85,12 @@ class _Rotations:
     def _into(self, side: str, i: int, slot: bool) -> None:
         key = (side, self._source(side, i))
         if key not in self.done:
-            self.done.add(key)
-            self.count += 0 if slot or (not self.rotary and not self.rot.head_major) else 1
+            self.done[key] = 0 if slot or (not self.rotary and not self.rot.head_major) else 1
+            self.count += self.done[key]
 
     def buffer(self, group: tuple[int, ...]) -> None:
         if group not in self.buffers:
-            self.buffers.add(group)
+            self.buffers[group] = len(group)
             self.count += len(group)
             for i in group:
                 self._into("k", i, True)
@@ -110,13 +106,21 @@ class _Rotations:
         else:
             self._into("k", i, False)
 
+    def release(self, side: str, bands: tuple[int, ...]) -> None:
+        for i in bands:
+            self.count -= self.done.pop((side, self._source(side, i)), 0)
+        if side == "k":
+            for group in [g for g in self.buffers if set(g) <= set(bands)]:
+                self.count -= self.buffers.pop(group)
+
 
 @functools.lru_cache(maxsize=256)
-def working_set_per_head(plan: AttentionPlan, head_dim: int, dtype: torch.dtype, rotary: bool = True) -> int:
-    """Bytes one (sample, head) of a band-split call holds at its peak (module docstring), for a plan of
-    ``plan_attention``; the output tensor of the whole call is not included. The chunked backend is
-    followed pass by pass: the rotations written so far, the repeated values until their last stack,
-    the pass's own buffers."""
+def working_set(plan: AttentionPlan, heads: int, head_dim: int, dtype: torch.dtype, rotary: bool = True) -> int:
+    """Bytes one sample of a band-split call over a group of ``heads`` heads holds at its peak (module
+    docstring), for a plan of ``plan_attention``; the output tensor of the whole call is not included.
+    The chunked backend is followed pass by pass: the rotations held (written when first read, dropped
+    after the last read), the repeated values until their last stack, the pass's own buffers (for the
+    share of the heads one call of it takes, ``heads_per_call``)."""
     size = torch.empty((), dtype=dtype).element_size()
     f, s = plan.grid[0], plan.tokens_per_frame
     nv = f * s
@@ -132,6 +136,11 @@ def working_set_per_head(plan: AttentionPlan, head_dim: int, dtype: torch.dtype,
     if text:  # q and k at the original positions (the video rows over the text keys run after the parts)
         fixed += 2 * n * head_dim * size
     rotations = _Rotations(plan, rotary)
+    releases: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
+    if len(video_parts) == 1 and chunked:  # as attend: a single chunked part drops what it has read
+        rot, count = plan.rotations, len(plan.bands.bands)
+        sources = (rot.q_source, rot.k_source) if rotary else ((0,) * count, (0,) * count)
+        releases = release_schedule(chunked[0], *sources, rot.key_buffers)
     peak = 0
     done_outputs = 0  # outputs of finished parts, held for the merge
     for passes in chunked:
@@ -145,12 +154,16 @@ def working_set_per_head(plan: AttentionPlan, head_dim: int, dtype: torch.dtype,
                     rotations.buffer(p.key_bands)
                 else:
                     rotations.k(p.key_bands[0])
+                own = heads * _stack_bytes(p, plan, head_dim, size)
             else:
                 rotations.q(p.band)
                 rotations.k(p.band)
+                per_head = pass_bytes(p, s, head_dim, size)
+                own = heads_per_call(per_head, row, heads) * per_head
             values = reps * row if joined and i <= joined[-1] else 0
-            peak = max(peak, fixed + done_outputs + acc + rotations.count * row + values
-                       + _pass_bytes(p, plan, head_dim, size))
+            peak = max(peak, heads * (fixed + done_outputs + acc + rotations.count * row + values) + own)
+            for side, bands in releases.get(i, ()):
+                rotations.release(side, bands)
         done_outputs += acc
     if flex_outputs:  # the flex parts read every rotation
         for b in range(len(plan.bands.bands)):
@@ -164,14 +177,26 @@ def working_set_per_head(plan: AttentionPlan, head_dim: int, dtype: torch.dtype,
         merged += nv * (head_dim * size + _WIDE)
     if not in_place and size != _WIDE and held == 1 and not text:  # the float32 output in q's dtype
         merged += row
-    return max(peak, merged)
+    return max(peak, heads * merged)
+
+
+#: ``head_group="auto"`` takes the most heads whose estimated peak (the output and one group's working
+#: set) stays within this many times dense attention's (q and k rotated, the output, the LSE).
+PEAK_RATIO = 1.5
+
+
+def _dense_bytes(n: int, heads: int, head_dim: int, size: int) -> int:
+    """Estimated peak of plain attention over ``n`` tokens, per sample: q and k rotated once, the output,
+    the float32 LSE."""
+    return 3 * n * heads * head_dim * size + heads * n * _WIDE
 
 
 def head_group_size(plan: AttentionPlan, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
                     options: AttentionOptions, rotary: bool = True) -> int:
     """Heads per group of a call with this plan: all of them for plain attention and the reference
-    backend; ``options.head_group`` where it is an int; for ``"auto"``, the most heads whose working
-    set (``working_set_per_head``) fits in the bytes of ``q``, at least one.
+    backend; ``options.head_group`` where it is an int; for ``"auto"``, the most heads whose estimated
+    peak (the output and the group's ``working_set``) stays within ``PEAK_RATIO`` times dense
+    attention's, at least one.
 
     Examples:
         >>> import torch, freeloc
@@ -181,7 +206,7 @@ def head_group_size(plan: AttentionPlan, batch: int, heads: int, head_dim: int, 
         >>> bands = band_set_for(freeloc.TSA(cap=20), 81, 156, freeloc.RotaryLayout.wan(64))
         >>> plan = plan_attention(q, bands, (81, 12, 13), 0, 0, "chunked", freeloc.AttentionOptions())
         >>> head_group_size(plan, 1, 12, 64, torch.float32, freeloc.AttentionOptions())
-        2
+        12
     """
     if isinstance(plan.parts[0], (DensePart, ReferencePart)):
         return heads
@@ -189,8 +214,9 @@ def head_group_size(plan: AttentionPlan, batch: int, heads: int, head_dim: int, 
         return min(heads, int(options.head_group))
     size = torch.empty((), dtype=dtype).element_size()
     n = plan.text_before + plan.grid[0] * plan.tokens_per_frame + plan.text_after
-    budget = n * heads * head_dim * size  # bytes of q per sample
-    return max(1, min(heads, budget // max(1, working_set_per_head(plan, head_dim, dtype, rotary))))
+    budget = PEAK_RATIO * _dense_bytes(n, heads, head_dim, size) - n * heads * head_dim * size  # less the output
+    fits = [g for g in range(1, heads + 1) if working_set(plan, g, head_dim, dtype, rotary) <= budget]
+    return max(fits, default=1)
 
 
 @dataclass(frozen=True)
@@ -269,9 +295,8 @@ def estimate_peak(*, heads: int, head_dim: int, dtype: torch.dtype, height: int,
         bands: BandSet = band_set_for(_method(name, frames, trained_frames), frames, height * width, rotary)
         plan = plan_attention(q, bands, grid, text_tokens, 0, "chunked", options)
         if isinstance(plan.parts[0], DensePart):  # q and k rotated once, the output
-            out[name] = Peak(name, 3 * q_bytes + batch * heads * n * _WIDE, heads, 1)
+            out[name] = Peak(name, batch * _dense_bytes(n, heads, head_dim, size), heads, 1)
             continue
         g = head_group_size(plan, batch, heads, head_dim, dtype, options)
-        per_head = working_set_per_head(plan, head_dim, dtype)
-        out[name] = Peak(name, q_bytes + batch * g * per_head, g, -(-heads // g))
+        out[name] = Peak(name, q_bytes + batch * working_set(plan, g, head_dim, dtype), g, -(-heads // g))
     return out

@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr-decay", type=int, nargs=2, default=(0, 0), metavar=("START", "END"),
                     help="decay the learning rate linearly from step START to 5%% of it at step END "
                          "(a run saved before START in --out is continued)")
+    ap.add_argument("--layers", type=int, default=ShapesConfig.num_layers,
+                    help=f"transformer blocks (default {ShapesConfig.num_layers})")
+    ap.add_argument("--ffn-dim", type=int, default=ShapesConfig.ffn_dim,
+                    help=f"width of each block's feed-forward layer (default {ShapesConfig.ffn_dim})")
     ap.add_argument("--device", default="cpu", help="train on this device, e.g. cuda (default cpu)")
     ap.add_argument("--export", type=Path, default=None, metavar="DIR",
                     help="do not train: write the run in --out as a shippable checkpoint in DIR")
@@ -335,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
                       evaluate_clips=args.evaluate_clips)
         print(f"wrote {dest}")
         return 0
-    cfg = ShapesConfig(seed=args.seed, cond_drop=args.cond_drop, cond_drop_start=args.cond_drop_start,
+    if args.layers < 1 or args.ffn_dim < 1:
+        ap.error(f"--layers and --ffn-dim must be >= 1, got {args.layers} and {args.ffn_dim}")
+    cfg = ShapesConfig(num_layers=args.layers, ffn_dim=args.ffn_dim, seed=args.seed, cond_drop=args.cond_drop,
+                       cond_drop_start=args.cond_drop_start,
                        slot_tokens=args.slot_tokens, lr_decay_start=args.lr_decay[0],
                        lr_decay_end=args.lr_decay[1])
     print(json.dumps(train(cfg, args.steps, args.out, save_every=args.save_every, device=args.device)))
