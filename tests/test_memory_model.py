@@ -213,3 +213,21 @@ def test_release_schedule_drops_each_rotation_once_after_its_last_read(method: f
             reads = [j for j, p in enumerate(passes)
                      if set(bands) & set((p.band,) if side == "q" or not isinstance(p, Stack) else p.key_bands)]
             assert reads and max(reads) == i, (side, bands, reads, i)
+
+
+def test_explain_memory_takes_a_head_group(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--head-group 1``: every band-split row one head at a time, less memory than "auto"; a bad value
+    is refused by name."""
+    args = ["explain", "--memory", "--heads", "4", "--head-dim", "64", "--height", "6", "--width", "10", "--json"]
+    assert main([*args, "--head-group", "1"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    auto = json.loads(capsys.readouterr().out)
+    assert one["head_group"] == 1 and auto["head_group"] == "auto"
+    for r1, ra in zip(one["rows"][1:], auto["rows"][1:], strict=True):  # 2x and 4x
+        for m in ("tsa", "vrpr"):
+            assert r1[m]["head_group"] == 1 and r1[m]["bytes"] <= ra[m]["bytes"], (r1, ra)
+    assert any(r1["tsa"]["bytes"] < ra["tsa"]["bytes"] for r1, ra in zip(one["rows"], auto["rows"], strict=True))
+    with pytest.raises(SystemExit):
+        main([*args, "--head-group", "none"])
+    assert "expected 'auto' or an int >= 1 (heads per group), got 'none'" in capsys.readouterr().err

@@ -163,3 +163,18 @@ def test_export_scores_the_model_at_its_trained_length_in_the_card(tiny_shapes: 
         main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "x"), "--evaluate", "1,abc"])
     main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "plain"), "--evaluate", "none"])
     assert "| guidance |" not in (tmp_path / "plain" / "MODEL_CARD.md").read_text()
+
+
+def test_the_command_line_sets_the_depth_and_width(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--layers`` and ``--ffn-dim`` reach the config the run is saved with; values below 1 are refused
+    before any training."""
+    assert main(["--steps", "1", "--out", str(tmp_path / "run"), "--layers", "2", "--ffn-dim", "64"]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["num_layers"], saved["ffn_dim"]) == (2, 64)
+    model, cfg = load(tmp_path / "run")
+    assert len(model.blocks) == 2 and cfg.num_layers == 2
+    for flag in ("--layers", "--ffn-dim"):
+        with pytest.raises(SystemExit):
+            main(["--steps", "1", "--out", str(tmp_path / "bad"), flag, "0"])
+        assert "--layers and --ffn-dim must be >= 1, got" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

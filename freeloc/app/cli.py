@@ -42,6 +42,7 @@ import torch
 
 from .._extras import require
 from .._files import check_writable
+from ..attention.options import AttentionOptions
 from ..patterns import TSA, SlidingWindow
 from ..positions import PUBLISHED_VRPR, VRPR
 from ..probing import probe
@@ -147,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="text tokens in the same sequence as the video (default 0: Wan attends text by cross-"
                           "attention)")
     mem.add_argument("--dtype", choices=sorted(_DTYPES), default="bf16", help="dtype of q, k, v (default bf16)")
+    mem.add_argument("--head-group", type=_head_group, default="auto",
+                     help="heads per group (AttentionOptions.head_group): 'auto' (default: the most heads within "
+                          "1.5 x dense's peak) or an int >= 1 (1: the least memory)")
     ex.set_defaults(func=_cmd_explain, subparser=ex)
 
     de = sub.add_parser(
@@ -560,29 +564,44 @@ def _available_memory() -> int:
     return 8 * 2**30
 
 
+def _head_group(text: str) -> int | str:
+    """``--head-group``: 'auto' or an int >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 1 (heads per group), got {text!r}")
+    return value
+
+
 def memory_table(*, heads: int, head_dim: int, height: int, width: int, frames: Sequence[int], trained_frames: int,
-                 dtype: str = "bf16", text_tokens: int = 0) -> dict[str, Any]:
+                 dtype: str = "bf16", text_tokens: int = 0, head_group: int | str = "auto") -> dict[str, Any]:
     """The estimated peak memory of one attention call (``freeloc.attention.memory.estimate_peak``) at each
-    of ``frames`` (latent frames), dense, TSA and VRPR, as a JSON-ready dict with one row per length."""
+    of ``frames`` (latent frames), dense, TSA and VRPR, as a JSON-ready dict with one row per length;
+    ``head_group``: ``AttentionOptions.head_group``."""
     from ..attention.memory import estimate_peak
 
     rows = []
+    options = AttentionOptions(head_group=head_group)
     for f in frames:
         peaks = estimate_peak(heads=heads, head_dim=head_dim, dtype=_DTYPES[dtype], height=height, width=width,
-                              frames=f, trained_frames=trained_frames, text_tokens=text_tokens)
+                              frames=f, trained_frames=trained_frames, text_tokens=text_tokens, options=options)
         dense = peaks["dense"].bytes
         rows.append({"frames": f, "tokens": text_tokens + f * height * width,
                      **{name: {"bytes": p.bytes, "x_dense": p.bytes / dense, "head_group": p.head_group,
                                "groups": p.groups} for name, p in peaks.items()}})
     return {"heads": heads, "head_dim": head_dim, "height": height, "width": width, "dtype": dtype,
-            "text_tokens": text_tokens, "trained_frames": trained_frames, "rows": rows}
+            "text_tokens": text_tokens, "trained_frames": trained_frames, "head_group": head_group, "rows": rows}
 
 
 def memory_text(data: dict[str, Any], title: str) -> str:
     """``memory_table``'s dict as the table ``freeloc explain --memory`` prints."""
     out = [f"{title}: {data['heads']} heads x {data['head_dim']}, {data['height']} x {data['width']} = "
            f"{data['height'] * data['width']} tokens per frame, {data['dtype']}, trained on {data['trained_frames']} "
-           f"latent frames",
+           f"latent frames, head_group={data['head_group']}",
            "peak memory of one attention call above q, k, v (GiB; TSA and VRPR: x dense, heads per group)", "",
            "| latent frames | length (x trained) | tokens | dense | TSA | VRPR |", "|---|---|---|---|---|---|"]
     for r in data["rows"]:
@@ -602,7 +621,8 @@ def _cmd_memory(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
                else video_to_latent(preset["trained_frames"], args.temporal_factor))
     frames = ([video_to_latent(args.num_frames, factor)] if args.num_frames is not None
               else [(trained - 1) * m + 1 for m in (1, 2, 4)])  # 1x, 2x, 4x in video frames
-    data = memory_table(**shape, frames=frames, trained_frames=trained, dtype=args.dtype, text_tokens=args.text_tokens)
+    data = memory_table(**shape, frames=frames, trained_frames=trained, dtype=args.dtype, text_tokens=args.text_tokens,
+                        head_group=args.head_group)
     changed = any(getattr(args, name) is not None for name in shape)
     print(json.dumps(data) if args.json else memory_text(data, args.model + (" (shape changed)" if changed else "")))
     return 0

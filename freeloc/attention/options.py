@@ -86,9 +86,9 @@ class AttentionOptions:
             ``None``: on CUDA.
         head_group: how many heads one band-split call processes at once (every band is per head: the
             rotations, value copies, accumulators and pass buffers then exist for one group at a time,
-            on every backend); ``"auto"``: the most heads whose working set fits in the bytes of ``q``
-            (``freeloc.attention.memory.head_group_size``); an int >= 1: that many (the last group
-            may be smaller).
+            on every backend); ``"auto"``: the most heads whose estimated peak stays within 1.5 x dense
+            attention's (``freeloc.attention.memory.head_group_size``); an int >= 1: that many (the last
+            group may be smaller; 1 holds the least memory, with one call of each pass per head).
     """
 
     unstriped: str = "auto"
