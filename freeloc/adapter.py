@@ -307,6 +307,8 @@ class LayerContext:
             return _traced_method(self, grid[0])
         method = self.plan.resolve(self.layer, grid[0], self.trained_frames)
         self.last_method = method
+        # the plan's entry at this length: a length range may replace the plan's own
+        self.stats.method = self.plan.methods_at(grid[0], self.trained_frames)[0][self.layer]
         return method
 
     def timer(self) -> AbstractContextManager[None]:

@@ -53,7 +53,7 @@ class LayerStats:
 
     model: str
     layer: int
-    method: str
+    method: str  # the plan's entry in effect at the last call's length (a length range may change it)
     calls: int = 0
     max_abs_distance: float = 0.0  # largest |temporal relative distance| used in attention
     density: float = 1.0  # fraction of video token pairs attended

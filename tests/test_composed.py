@@ -112,3 +112,21 @@ def test_a_hooked_model_runs_the_composed_methods() -> None:
     assert farthest == {"tsa+vrpr": 2, "window+vrpr": 2, "tsa": 11}
     assert not torch.equal(outs["tsa+vrpr"], plain) and not torch.equal(outs["tsa+vrpr"], outs["tsa"])
     assert torch.equal(run(), plain)  # removed without a trace
+
+
+def test_layer_statistics_name_the_method_of_the_length_range_in_effect() -> None:
+    """A plan whose length range applies at this length: the hooked layers run the range's methods, and
+    their statistics name those, not the plan's own entries."""
+    pytest.importorskip("diffusers", reason="the hooked model is a diffusers Wan (extra 'diffusers')")
+    from freeloc.plan import LengthRange
+
+    model, run = tiny_wan_and_run()
+    plan = freeloc.LayerPlan(["vrpr", "tsa"], ranges=[LengthRange(3, ["tsa+vrpr", "direct"])])
+    with freeloc.enable(model, plan=plan, trained_frames=9) as session:  # 12 latent frames = 4 x 3: the range
+        run()
+        assert [s.method for s in session.layers] == ["tsa+vrpr", "direct"]
+        assert [type(b.attn1.processor.last_method).__name__ for b in model.blocks] == ["TSAVRPR", "NoneType"]
+    later = freeloc.LayerPlan(["vrpr", "tsa"], ranges=[LengthRange(5, ["tsa+vrpr", "direct"])])
+    with freeloc.enable(model, plan=later, trained_frames=9) as session:  # 4x: below the range's 5x
+        run()
+        assert [s.method for s in session.layers] == ["vrpr", "tsa"]
