@@ -139,3 +139,45 @@ def test_a_plan_with_stacks_only_leaves_other_rows_empty() -> None:
     print(f"{int(rows.sum())} of {19 * 35} rows in the stacks")
     assert bool(torch.isneginf(lse[:, :, ~rows]).all()) and bool((out[:, :, ~rows] == 0).all())
     assert bool(torch.isfinite(lse[:, :, rows]).all())
+
+
+def test_stack_entries_join_query_frames_for_the_cpu_kernels_larger_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where one frame is below the CPU flash kernel's 256-row tiles (768 rows), a stack's entries take several
+    query frames over a joined key window, masked per row. Checked with the tile set to 192 rows, so that at 60
+    tokens a frame VRPR's far stack (54 key frames a query frame) runs entries of 4 query frames over 57 key
+    frames at a size the reference can check: the output and the gradients equal the one-frame entries' and
+    the reference's."""
+    from freeloc.attention._chunked import frames_per_entry
+
+    assert frames_per_entry(168, 54) == 5 and frames_per_entry(168, 19) == 1 and frames_per_entry(1560, 54) == 1
+    assert frames_per_entry(60, 54) == 1  # 13 frames would add 22% masked pairs
+    monkeypatch.setattr(chunked, "_CPU_TILE_ROWS", (192,))
+    assert frames_per_entry(60, 54) == 4
+    method = freeloc.VRPR.for_length(81, 21)
+    q, k, v = qkv(81 * 60, torch.float32, seed=29, heads=2, head_dim=64)
+    rotary = freeloc.RotaryLayout.wan(64)
+    shapes: list[tuple[int, int]] = []  # (query rows, keys) of each entry
+    original = chunked.attention_with_lse
+
+    def spy(q_, k_, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        shapes.append((q_.shape[-2], k_.shape[-2]))
+        return original(q_, k_, *args, **kw)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+        out = attend(qg, kg, vg, grid=(81, 6, 10), method=method, rotary=rotary, backend="chunked")
+        out.square().sum().backward()
+        return out.detach(), qg.grad, kg.grad, vg.grad
+
+    monkeypatch.setattr(chunked, "attention_with_lse", spy)
+    joined = run()
+    assert (4 * 60, 57 * 60) in shapes, sorted(set(shapes))
+    monkeypatch.setattr(chunked, "frames_per_entry", lambda s, length: 1)
+    shapes.clear()
+    single = run()
+    assert (4 * 60, 57 * 60) not in shapes and (60, 54 * 60) in shapes
+    for a, b in zip(joined, single, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        reference = attend(q, k, v, grid=(81, 6, 10), method=method, rotary=rotary, backend="reference")
+    torch.testing.assert_close(joined[0], reference, atol=TOL[torch.float32], rtol=0)

@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ._fused import on_device
-from ._kernels import attention_with_lse, prepare_mask, uses_fused_kernel
+from ._kernels import attention_with_lse, prepare_mask, uses_fused_cpu_kernel, uses_fused_kernel
 from ._merge import EMPTY_LSE, merge_pass, merge_pass_into_
 from ._passes import MaskEntry, Pass, PassPlan, Stack, Window, heads_per_call, pass_bytes
 from ._rotations import HeadMajor, KeyBuffers
@@ -27,7 +27,19 @@ from .options import AttentionOptions
 __all__ = ["run_chunked"]
 
 
-def _mask_for(plan: PassPlan, p: Pass, q: Tensor, local: dict[tuple, MaskEntry],
+class _JoinedEntries:
+    """The mask of a stack's entries of ``g`` query frames (``_entry_mask``), in the form ``_mask_for``
+    reads of a pass: ``pattern`` (the cache key) and ``mask(device)``."""
+
+    def __init__(self, g: int, length: int, s: int) -> None:
+        self.g, self.length, self.s = g, length, s
+        self.pattern = ("joined stack entries", g, length, s)
+
+    def mask(self, device: torch.device) -> Tensor:
+        return _entry_mask(self.g, self.length, self.s).to(device)
+
+
+def _mask_for(plan: PassPlan, p: Pass | _JoinedEntries, q: Tensor, local: dict[tuple, MaskEntry],
               options: AttentionOptions) -> MaskEntry:
     """The mask of pass ``p`` for queries like ``q`` (device, dtype) and its prepared form, from the plan's
     cache or ``local`` (this call's, past the plan's byte budget)."""
@@ -54,12 +66,44 @@ def _requires_grad(xs: HeadMajor | list[Tensor]) -> bool:
 
 
 def _frame_windows(x: Float[Tensor, "batch heads tokens dim"], batch: int, start: int, count: int, length: int,
-                   s: int) -> Float[Tensor, "count heads window dim"]:
+                   s: int, step: int = 1) -> Float[Tensor, "count heads window dim"]:
     """(B, H, T, D) tensor -> (count, H, length * s, D) view: entry ``n`` is the ``length`` frames from
-    frame ``start + n`` on, of sample ``batch`` (entries overlap when ``length > 1``)."""
+    frame ``start + n * step`` on, of sample ``batch`` (entries overlap when ``length > step``)."""
     sb, sh, st, sd = x.stride()
-    return x.as_strided((count, x.shape[1], length * s, x.shape[3]), (s * st, sh, st, sd),
+    return x.as_strided((count, x.shape[1], length * s, x.shape[3]), (step * s * st, sh, st, sd),
                         x.storage_offset() + batch * sb + start * s * st)
+
+
+#: PyTorch's CPU flash kernel tiles the queries of each batch entry in blocks of 32 rows, of 64 from
+#: 192 rows, of 256 from 768 rows. Entries are joined to reach the 256-row tile only: measured, reaching
+#: the 64-row tile does not pay for the masked pairs and the mask.
+_CPU_TILE_ROWS = (768,)
+#: A stack entry may span several query frames (their key windows joined, the pairs outside each frame's
+#: window masked) while the masked pairs add at most this fraction to the entry's pairs.
+_MAX_EXTRA_PAIRS = 0.1
+
+
+def frames_per_entry(tokens_per_frame: int, length: int) -> int:
+    """Query frames one entry of a stack takes on the CPU flash kernel: the fewest that reach one of its
+    larger query tiles (``_CPU_TILE_ROWS``) while the joined window (``length + g - 1`` key frames, each
+    row masked to its own ``length``) adds at most ``_MAX_EXTRA_PAIRS`` masked pairs; 1 where none does
+    (a frame that fills the largest tile alone, or a window too short)."""
+    s = tokens_per_frame
+    if s >= _CPU_TILE_ROWS[0]:
+        return 1
+    for rows in _CPU_TILE_ROWS:
+        g = -(-rows // s)
+        if (g - 1) / length <= _MAX_EXTRA_PAIRS:
+            return g
+    return 1
+
+
+def _entry_mask(g: int, length: int, s: int) -> Tensor:
+    """[g * s, (length + g - 1) * s]: row frame ``a`` of an entry of ``g`` query frames attends key frames
+    ``[a, a + length)`` of the joined window."""
+    a = torch.arange(g * s)[:, None] // s
+    j = torch.arange((length + g - 1) * s)[None, :] // s
+    return (j >= a) & (j < a + length)
 
 
 def run_chunked(
@@ -153,8 +197,25 @@ def run_chunked(
             per_frame = h * s * p.length * s
             fused = uses_fused_kernel(v, overlapping=p.length > 1, options=options)
             step = p.num_frames if fused else max(1, options.stack_logits // per_frame)
+            # on the CPU flash kernel, entries of g query frames where one frame is too short for its
+            # larger tiles (masked: a key outside a row's window gets no weight); finite keys only, as a
+            # masked call with a non-finite key runs on the plain path
+            g = frames_per_entry(s, p.length) if uses_fused_cpu_kernel(v) and finite_keys else 1
+            joined_frames = p.num_frames // g * g if g > 1 else 0
+            if joined_frames:
+                mask, prepared = _mask_for(plan, _JoinedEntries(g, p.length, s), v, masks, options)
+                count = joined_frames // g
+                for i in range(b):
+                    f0 = p.frames[0]
+                    rows = slice(f0 * s, (f0 + joined_frames) * s)
+                    o, l_ = attention_with_lse(_frame_windows(qs[p.band], i, f0, count, g, s, g),
+                                               _frame_windows(kb, i, f0 + p.offset, count, p.length + g - 1, s, g),
+                                               _frame_windows(vb, i, f0 + p.offset, count, p.length + g - 1, s, g),
+                                               mask, scale, prepared, options, finite_keys)
+                    accumulate(lambda x, i=i, rows=rows, c=count: x[i, :, rows].unflatten(1, (c, -1)).transpose(0, 1),
+                               o, l_, p.first)
             for i in range(b):
-                for f0 in range(p.frames[0], p.frames[1], step):
+                for f0 in range(p.frames[0] + joined_frames, p.frames[1], step):
                     nf = min(step, p.frames[1] - f0)
                     rows = slice(f0 * s, (f0 + nf) * s)
                     o, l_ = attention_with_lse(_frame_windows(qs[p.band], i, f0, nf, 1, s),
