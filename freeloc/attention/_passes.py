@@ -146,7 +146,8 @@ class Stack:
     rotations of ``key_bands`` (frame ``x`` of it is frame ``x % F`` of band ``key_bands[x // F]``).
 
     The entries are overlapping strided views of the query and key tensors (no copy), and the call has
-    no mask: every pair of every window belongs to the stack's bands.
+    no mask: every pair of every window belongs to the stack's bands. (On the CPU flash kernel an entry
+    may take several query frames over their joined window, masked per row: ``_chunked.frames_per_entry``.)
     """
 
     band: int  # the query rotation
