@@ -181,3 +181,13 @@ def test_stack_entries_join_query_frames_for_the_cpu_kernels_larger_tiles(monkey
     with torch.no_grad():
         reference = attend(q, k, v, grid=(81, 6, 10), method=method, rotary=rotary, backend="reference")
     torch.testing.assert_close(joined[0], reference, atol=TOL[torch.float32], rtol=0)
+    # a mask the plan could not keep would be built on every call: one frame an entry instead
+    monkeypatch.undo()
+    monkeypatch.setattr(chunked, "_CPU_TILE_ROWS", (192,))
+    monkeypatch.setattr(chunked, "attention_with_lse", spy)
+    shapes.clear()
+    with torch.no_grad():
+        small_cache = attend(q, k, v, grid=(81, 6, 10), method=method, rotary=rotary, backend="chunked",
+                             options=AttentionOptions(mask_cache_bytes=2**20))
+    assert (4 * 60, 57 * 60) not in shapes and (60, 54 * 60) in shapes
+    torch.testing.assert_close(small_cache, reference, atol=TOL[torch.float32], rtol=0)

@@ -39,6 +39,15 @@ class _JoinedEntries:
         return _entry_mask(self.g, self.length, self.s).to(device)
 
 
+def _mask_fits(plan: PassPlan, p: _JoinedEntries, q: Tensor, options: AttentionOptions) -> bool:
+    """Whether the joined entries' mask (bool and additive bias) is kept with the plan, or fits in what the
+    plan may still keep (``AttentionOptions.mask_cache_bytes``)."""
+    if (p.pattern, str(q.device), q.dtype) in plan.masks:
+        return True
+    size = p.g * p.s * (p.length + p.g - 1) * p.s * (1 + q.element_size())
+    return plan.mask_bytes + size <= options.mask_cache_bytes
+
+
 def _mask_for(plan: PassPlan, p: Pass | _JoinedEntries, q: Tensor, local: dict[tuple, MaskEntry],
               options: AttentionOptions) -> MaskEntry:
     """The mask of pass ``p`` for queries like ``q`` (device, dtype) and its prepared form, from the plan's
@@ -79,7 +88,8 @@ def _frame_windows(x: Float[Tensor, "batch heads tokens dim"], batch: int, start
 #: the 64-row tile does not pay for the masked pairs and the mask.
 _CPU_TILE_ROWS = (768,)
 #: A stack entry may span several query frames (their key windows joined, the pairs outside each frame's
-#: window masked) while the masked pairs add at most this fraction to the entry's pairs.
+#: window masked) while the masked pairs add at most this fraction to the entry's pairs, and while the
+#: plan can keep the mask (``AttentionOptions.mask_cache_bytes``; else one frame an entry).
 _MAX_EXTRA_PAIRS = 0.1
 
 
@@ -201,6 +211,8 @@ def run_chunked(
             # larger tiles (masked: a key outside a row's window gets no weight); finite keys only, as a
             # masked call with a non-finite key runs on the plain path
             g = frames_per_entry(s, p.length) if uses_fused_cpu_kernel(v) and finite_keys else 1
+            if g > 1 and not _mask_fits(plan, _JoinedEntries(g, p.length, s), v, options):
+                g = 1  # its mask would be built on every call: one frame an entry
             joined_frames = p.num_frames // g * g if g > 1 else 0
             if joined_frames:
                 mask, prepared = _mask_for(plan, _JoinedEntries(g, p.length, s), v, masks, options)
