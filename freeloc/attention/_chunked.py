@@ -211,11 +211,12 @@ def run_chunked(
             # larger tiles (masked: a key outside a row's window gets no weight); finite keys only, as a
             # masked call with a non-finite key runs on the plain path
             g = frames_per_entry(s, p.length) if uses_fused_cpu_kernel(v) and finite_keys else 1
-            if g > 1 and not _mask_fits(plan, _JoinedEntries(g, p.length, s), v, options):
+            entries = _JoinedEntries(g, p.length, s)
+            if g > 1 and not _mask_fits(plan, entries, v, options):
                 g = 1  # its mask would be built on every call: one frame an entry
             joined_frames = p.num_frames // g * g if g > 1 else 0
             if joined_frames:
-                mask, prepared = _mask_for(plan, _JoinedEntries(g, p.length, s), v, masks, options)
+                mask, prepared = _mask_for(plan, entries, v, masks, options)
                 count = joined_frames // g
                 for i in range(b):
                     f0 = p.frames[0]

@@ -19,7 +19,6 @@ The plan depends only on the band set, the grid, the head dim and the options' c
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -169,12 +168,14 @@ def key_groups(plan: PassPlan) -> list[tuple[int, ...]]:
     return sorted({p.key_bands for p in plan if isinstance(p, Stack) and len(p.key_bands) > 1})
 
 
-def release_schedule(plan: Sequence[Pass | Stack], q_source: Sequence[int], k_source: Sequence[int],
-                     key_buffers: Sequence[tuple[int, ...]]) -> dict[int, list[tuple[str, tuple[int, ...]]]]:
+@functools.lru_cache(maxsize=64)
+def release_schedule(plan: tuple[Pass | Stack, ...], q_source: tuple[int, ...], k_source: tuple[int, ...],
+                     key_buffers: tuple[tuple[int, ...], ...]) -> dict[int, list[tuple[str, tuple[int, ...]]]]:
     """When each rotation is read for the last time: after pass (or stack) ``i`` of ``plan``, the
     ``(side, bands)`` whose rotations no later pass reads. ``bands`` is a unit of storage: on the query
     side the bands that share one rotation (``q_source``), on the key side those that share one rotation
-    (``k_source``) or one key buffer (``key_buffers``), so that a unit is freed whole."""
+    (``k_source``) or one key buffer (``key_buffers``), so that a unit is freed whole. Cached per plan
+    (every call of a plan runs the same schedule); callers only read the result."""
     n = len(q_source)
     out: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
     for side, source in (("q", q_source), ("k", k_source)):
