@@ -154,6 +154,11 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None, help="a training folder instead of the shipped model")
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale (default: the shipped model's own; 1 with --run)")
+    ap.add_argument("--score", choices=["attention", "output"], default=None,
+                    help="the probe's scores for freeloc-probe (default: the shipped plan's, else 'attention')")
+    ap.add_argument("--bound-from", type=float, default=None,
+                    help="freeloc-probe: the length ratio from which VRPR layers get tsa+vrpr "
+                         "(default: the shipped plan's, else none)")
     args = ap.parse_args()
     defaults = QUICK if args.quick else dict(lengths="1,2,4,8,16", conditions=16, steps=20, methods=",".join(METHODS))
     lengths = [int(x) for x in (args.lengths or str(defaults["lengths"])).split(",")]
@@ -174,12 +179,16 @@ def main() -> None:
           f"RIFLEx k = {k}", flush=True)
     plan = freeloc.LayerPlan.uniform("vrpr", len(model.blocks))
     if "freeloc-probe" in methods:
-        plan = probe_plan(model, cfg, 4)
-        print(f"probe plan at 4x: {plan.methods}", flush=True)
+        rule = shipped_plan().meta.get("rule", {}) if args.run is None else {}
+        score = args.score or rule.get("score", "attention")
+        bound_from = args.bound_from if args.bound_from is not None else rule.get("bound_from")
+        plan = probe_plan(model, cfg, 4, score=score, bound_from=bound_from)
+        print(f"probe plan at 4x (score {score!r}, bound_from {bound_from}): {plan.methods}"
+              + "".join(f"; from {r.from_ratio:g}x: {r.methods}" for r in plan.ranges), flush=True)
         if args.run is None:
-            shipped = shipped_plan().methods
-            same = "the same" if shipped == plan.methods else "differs"
-            print(f"the plan shipped with the model: {shipped} ({same})")
+            shipped = shipped_plan()
+            same = "the same" if (shipped.methods, shipped.ranges) == (plan.methods, plan.ranges) else "differs"
+            print(f"the plan shipped with the model: {shipped.methods} ({same})")
     results: list[dict[str, Any]] = []
     summary: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
     strip: dict[str, torch.Tensor] = {}

@@ -178,3 +178,24 @@ def test_the_command_line_sets_the_depth_and_width(tmp_path: Path, capsys: pytes
             main(["--steps", "1", "--out", str(tmp_path / "bad"), flag, "0"])
         assert "--layers and --ffn-dim must be >= 1, got" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_export_writes_the_plan_with_the_probe_settings_it_is_given(tiny_shapes: ShapesConfig, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--probe-score`` and ``--bound-from`` reach the shipped plan: its rule names them, and from the
+    bound ratio on the plan's VRPR layers become ``tsa+vrpr`` while TSA layers stay."""
+    train(tiny_shapes, 1, tmp_path / "run", progress=False)
+    assert main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "ship"), "--evaluate", "none",
+                 "--probe-score", "output", "--bound-from", "3"]) == 0
+    monkeypatch.setattr(shapes_model, "SHIPPED", tmp_path / "ship")
+    plan = shapes_model.shipped_plan()
+    assert plan.meta["rule"]["score"] == "output" and plan.meta["rule"]["bound_from"] == 3.0
+    assert [r.from_ratio for r in plan.ranges] == [3.0]
+    assert plan.ranges[0].methods == ["tsa+vrpr" if m == "vrpr" else m for m in plan.methods]
+    t = tiny_shapes.trained_frames
+    assert plan.methods_at(2 * t, t)[0] == plan.methods and plan.methods_at(4 * t, t)[0] == plan.ranges[0].methods
+    export(tmp_path / "run", tmp_path / "default", evaluate=None)
+    monkeypatch.setattr(shapes_model, "SHIPPED", tmp_path / "default")
+    default = shapes_model.shipped_plan()
+    assert default.ranges == [] and default.meta["rule"]["bound_from"] is None
+    assert default.meta["rule"]["score"] == "attention"

@@ -173,12 +173,14 @@ def _scores_table(scores: dict[float, dict[str, float]], shipped: float, clips: 
 
 
 def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: str = "",
-           guidance: float = 1.0, evaluate: list[float] | None = None, evaluate_clips: int = 8) -> Path:
+           guidance: float = 1.0, evaluate: list[float] | None = None, evaluate_clips: int = 8,
+           score: str = "attention", bound_from: float | int | None = None) -> Path:
     """Write a training run's weight average as a shippable checkpoint in ``dest``.
 
     ``dest`` receives ``model.safetensors`` (float16 weights), ``model.json`` (the config, the steps,
     the final loss, the data generator settings and ``commit``, the commit of the training code),
-    ``plan.json`` (``probe_plan`` on the exported weights), ``loss.png`` and ``MODEL_CARD.md``.
+    ``plan.json`` (``probe_plan`` on the exported weights, with the probe's ``score`` and ``bound_from``),
+    ``loss.png`` and ``MODEL_CARD.md``.
     ``guidance`` is the classifier-free guidance scale to sample it with (``shipped_guidance()``).
     ``evaluate``: guidance scales at which the card gets a table of ``trained_length_scores``
     (``evaluate_clips`` conditions each; also stored in ``model.json``); None: no table.
@@ -213,7 +215,7 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
                                              by_guidance={f"{g:g}": sc for g, sc in scores.items()})
         note = _scores_table(scores, guidance, evaluate_clips) + note
     (dest / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-    probe_plan(model, cfg).save(dest / "plan.json")
+    probe_plan(model, cfg, score=score, bound_from=bound_from).save(dest / "plan.json")
     _loss_png(losses, dest / "loss.png")
     (dest / "MODEL_CARD.md").write_text(_card(meta, note))
     return dest
@@ -324,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --export: guidance scales for the model card's table at the trained length "
                          "(default: 1 and --guidance; 'none' for no table)")
     ap.add_argument("--evaluate-clips", type=int, default=8, help="with --export: conditions per table row")
+    ap.add_argument("--probe-score", choices=["attention", "output"], default="attention",
+                    help="with --export: the probe's scores for the shipped plan (freeloc.probe's score)")
+    ap.add_argument("--bound-from", type=float, default=None,
+                    help="with --export: the length ratio from which the plan's VRPR layers get tsa+vrpr "
+                         "(freeloc.probe's bound_from; default none)")
     args = ap.parse_args(argv)
     if args.export is not None:
         if args.evaluate == "none":
@@ -336,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError:
                 ap.error(f"--evaluate: expected guidance scales like 1,3,5 or 'none', got {args.evaluate!r}")
         dest = export(args.out, args.export, commit=args.commit, guidance=args.guidance, evaluate=evaluate,
-                      evaluate_clips=args.evaluate_clips)
+                      evaluate_clips=args.evaluate_clips, score=args.probe_score, bound_from=args.bound_from)
         print(f"wrote {dest}")
         return 0
     if args.layers < 1 or args.ffn_dim < 1:
