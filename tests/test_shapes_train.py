@@ -190,6 +190,8 @@ def test_export_writes_the_plan_with_the_probe_settings_it_is_given(tiny_shapes:
     monkeypatch.setattr(shapes_model, "SHIPPED", tmp_path / "ship")
     plan = shapes_model.shipped_plan()
     assert plan.meta["rule"]["score"] == "output" and plan.meta["rule"]["bound_from"] == 3.0
+    card = (tmp_path / "ship" / "MODEL_CARD.md").read_text()
+    assert "with its `output` scores; from 3x on, its VRPR layers take `tsa+vrpr`" in card
     assert [r.from_ratio for r in plan.ranges] == [3.0]
     assert plan.ranges[0].methods == ["tsa+vrpr" if m == "vrpr" else m for m in plan.methods]
     t = tiny_shapes.trained_frames
@@ -199,3 +201,4 @@ def test_export_writes_the_plan_with_the_probe_settings_it_is_given(tiny_shapes:
     default = shapes_model.shipped_plan()
     assert default.ranges == [] and default.meta["rule"]["bound_from"] is None
     assert default.meta["rule"]["score"] == "attention"
+    assert "with its `attention` scores.\n" in (tmp_path / "default" / "MODEL_CARD.md").read_text()

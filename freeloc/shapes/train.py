@@ -199,6 +199,7 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
         config=asdict(cfg), steps=state["step"], final_loss=round(sum(losses[-window:]) / window, 4),
         loss_window=window, commit=commit, guidance=guidance,
         parameters=sum(v.numel() for v in state["ema"].values()),
+        plan=dict(probe_at=4, score=score, bound_from=bound_from),
         weights="exponential moving average of the weights, stored as float16",
         data=dict(generator="freeloc.shapes.clips.random_spec", frame_size=cfg.frame_size, shape_size=3,
                   max_shapes=MAX_SHAPES, palette=list(PALETTE),
@@ -271,6 +272,14 @@ def _guidance_text(guidance: float) -> str:
             f"(`sample(..., guidance={guidance:g})`; `shipped_guidance()`).")
 
 
+def _plan_text(plan: dict[str, Any]) -> str:
+    text = (f"written by `freeloc.probe` at {plan.get('probe_at', 4)}x the trained length with its "
+            f"`{plan.get('score', 'attention')}` scores")
+    if plan.get("bound_from") is None:
+        return text
+    return f"{text}; from {plan['bound_from']:g}x on, its VRPR layers take `tsa+vrpr` (`bound_from`)"
+
+
 def _card(meta: dict[str, Any], note: str) -> str:
     cfg = meta["config"]
     return f"""# Shapes model (freeloc's built-in video model)
@@ -291,6 +300,7 @@ synthetic clips of one to three coloured squares or discs bouncing in a 32 x 32 
 - Final loss (mean of the last {meta["loss_window"]} steps): {meta["final_loss"]}. Curve: `loss.png`.
 - Training code: `freeloc/shapes/` at commit `{meta["commit"]}`.
 - Data generator settings: see `model.json` (`data`).
+- Layer plan: `plan.json`, {_plan_text(meta.get("plan", {}))}.
 {note}
 Load it offline with `freeloc.shapes.model.load_shipped()`; sample with `freeloc.shapes.model.sample`.
 """
