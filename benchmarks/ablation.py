@@ -11,7 +11,10 @@ method is its mean right colours plus right count minus ``direct``'s (no layer c
 Then the probe (``freeloc.shapes.model.probe_plan``, at 4x) scores every layer, and for each probe score
 the script prints its Spearman rank correlation with the ablation's **TSA advantage** of each layer (the
 effect of TSA minus the effect of VRPR): the score the probe's rule compares (normalized context minus
-normalized position) should rank the layers as the ablation does. It also prints the plan the ablation
+normalized position) should rank the layers as the ablation does. With ``tsa+vrpr`` among the methods it
+also correlates every score with the **VRPR gain inside TSA** (the effect of ``tsa+vrpr`` minus that of
+``tsa``): what a plan that bounds every layer's context (``bound_from``) asks the probe to rank, through
+its position score. It also prints the plan the ablation
 itself implies (per layer, the method with the largest effect) beside the probe's.
 
 Conditions come from the validation seeds (10000 on) by default: the ablation is what probe settings are
@@ -138,6 +141,14 @@ def main() -> None:
         advantage = [t - v for t, v in zip(effects[mult]["tsa"], effects[mult]["vrpr"], strict=True)]
         correlations[str(mult)] = {k: spearman(values, advantage) for k, values in scores.items()}
         print(f"  {mult}x: " + ", ".join(f"{k} {c:+.2f}" for k, c in correlations[str(mult)].items()))
+    if "tsa+vrpr" in methods:
+        print("\nSpearman rank correlation of each probe score with the ablation's VRPR gain inside TSA "
+              "(tsa+vrpr - tsa effect: what re-encoding adds once the context is bounded):")
+        for mult in lengths:
+            gain = [c - t for c, t in zip(effects[mult]["tsa+vrpr"], effects[mult]["tsa"], strict=True)]
+            correlations[f"{mult} vrpr gain inside tsa"] = {k: spearman(values, gain) for k, values in scores.items()}
+            print(f"  {mult}x: " + ", ".join(f"{k} {c:+.2f}"
+                                            for k, c in correlations[f"{mult} vrpr gain inside tsa"].items()))
     implied = {str(mult): [max(methods, key=lambda m, i=i, mult=mult: effects[mult][m][i]) for i in range(n_layers)]
                for mult in lengths}
     print(f"\nthe probe's plan at 4x: {plan.methods}")

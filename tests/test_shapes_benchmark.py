@@ -71,14 +71,18 @@ def test_ablation_scores_every_layer_and_method_and_correlates_the_probe(tmp_pat
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ablation.json"
     monkeypatch.setattr(sys, "argv", [str(ABLATION), "--lengths", "2", "--conditions", "1", "--steps", "1",
-                                      "--methods", "vrpr,tsa", "--json", str(out)])
+                                      "--methods", "vrpr,tsa,tsa+vrpr", "--json", str(out)])
     runpy.run_path(str(ABLATION), run_name="__main__")
     text = capsys.readouterr().out
     data = json.loads(out.read_text())
-    assert sorted(data["raw"]["2"]) == sorted(["direct", *(f"{i}:{m}" for i in range(4) for m in ("vrpr", "tsa"))])
-    assert [len(v) for v in data["effects"]["2"].values()] == [4, 4]
+    n = len(data["probe"]["layers"])  # the shipped model's layers
+    methods = ("vrpr", "tsa", "tsa+vrpr")
+    assert sorted(data["raw"]["2"]) == sorted(["direct", *(f"{i}:{m}" for i in range(n) for m in methods)])
+    assert [len(v) for v in data["effects"]["2"].values()] == [n] * 3
     assert set(data["correlations"]["2"]) >= {"position", "context", "rule (attention)", "rule (output)"}
-    assert "[9/9]" in text and "the ablation's best method per layer at 2x" in text
+    assert set(data["correlations"]["2 vrpr gain inside tsa"]) == set(data["correlations"]["2"])
+    assert f"[{1 + 3 * n}/{1 + 3 * n}]" in text and "the ablation's best method per layer at 2x" in text
+    assert "VRPR gain inside TSA" in text
 
 
 def test_spearman_and_ranks() -> None:
