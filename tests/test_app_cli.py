@@ -279,15 +279,19 @@ def test_probe_the_shipped_shapes_model(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["probe", "--model", "shapes", "--num-frames", "20", "--out", str(out), "--device", "cpu",
                  "--dtype", "float32"]) == 0
     plan = freeloc.LayerPlan.load(out)
-    assert len(plan.methods) == 4 and set(plan.methods) <= {"vrpr", "tsa"}
+    from freeloc.shapes.model import load_shipped
+
+    n = load_shipped()[1].num_layers
+    assert len(plan.methods) == n and set(plan.methods) <= {"vrpr", "tsa"}
     assert plan.meta["probe"]["model"] == "shapes" and plan.trained_frames == 16
     assert plan.meta["probe"]["latent_frames"] == 20
     assert all(x > 0 for x in plan.scores["position"]) and all(x > 0 for x in plan.scores["context"])
     printed = capsys.readouterr().out
     estimate = next(line for line in printed.splitlines() if "(an estimate)" in line)
     print(estimate)
-    assert estimate.startswith("probe: 4 layers, 22 forwards of the model, about ")  # 2 + 4 x (4 + 1)
-    assert printed.index("(an estimate)") < printed.index("probe: 4 layers, 22 forwards, ")  # before the cost
+    forwards = 2 + n * (4 + 1)  # the clean run, then every layer with its four shifts and its window
+    assert estimate.startswith(f"probe: {n} layers, {forwards} forwards of the model, about ")
+    assert printed.index("(an estimate)") < printed.index(f"probe: {n} layers, {forwards} forwards, ")  # estimate first
 
 
 @pytest.mark.parametrize("flag,value", [("--prompt", "a red ball"), ("--height", "64"), ("--trained-frames", "8")])

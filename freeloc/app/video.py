@@ -153,8 +153,9 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
     frames = 4 * trained
     specs = [random_spec(20_000 + i, frame_size=cfg.frame_size) for i in range(conditions)]
     cond = torch.stack([model_condition(s) for s in specs])
+    at_length = plan.methods_at(frames, trained)[0]  # the plan's methods at this length (its ranges applied)
     results: dict[str, Any] = {"model": "shapes", "num_frames": frames, "trained_frames": trained, "videos": {},
-                               "plan": plan.methods, "scores": {}, "guidance": guidance}
+                               "plan": at_length, "scores": {}, "guidance": guidance}
     videos: dict[str, torch.Tensor] = {}
     runs = (("direct", dict(method="direct")), ("freeloc", dict(plan=plan)))
     for i, (label, kwargs) in enumerate(runs):
@@ -195,7 +196,7 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
         best = "0" if key == "motion_error" else "1"
         print(f"{label:<28}{results['scores']['direct'][key]:>10.3f}{results['scores']['freeloc'][key]:>10.3f}"
               f"   {best}")
-    print(f"\nFreeLOC plan (from freeloc probe on this model): {plan.methods}")
+    print(f"\nFreeLOC plan at {frames} frames (from freeloc probe on this model): {at_length}")
     print(f"clip {clip} shows the difference best: direct draws the wrong shapes or colours and FreeLOC the right "
           f"ones in {len(wins)} of its {frames} frames ({_ranges(wins) or 'none'}); frames.png shows it, and it is "
           f"the top-left clip of compare.mp4")
