@@ -43,6 +43,7 @@ import torch
 
 import freeloc
 from freeloc.app.plots import frames_png, metrics_by_length_png
+from freeloc.probing import SCORES
 from freeloc.shapes.clips import random_spec, render
 from freeloc.shapes.metrics import evaluate_generated
 from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance, shipped_plan
@@ -154,7 +155,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None, help="a training folder instead of the shipped model")
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale (default: the shipped model's own; 1 with --run)")
-    ap.add_argument("--score", choices=["attention", "output"], default=None,
+    ap.add_argument("--score", choices=sorted(SCORES), default=None,
                     help="the probe's scores for freeloc-probe (default: the shipped plan's, else 'attention')")
     ap.add_argument("--bound-from", type=float, default=None,
                     help="freeloc-probe: the length ratio from which VRPR layers get tsa+vrpr "
@@ -179,14 +180,14 @@ def main() -> None:
           f"RIFLEx k = {k}", flush=True)
     plan = freeloc.LayerPlan.uniform("vrpr", len(model.blocks))
     if "freeloc-probe" in methods:
-        rule = shipped_plan().meta.get("rule", {}) if args.run is None else {}
+        shipped = shipped_plan() if args.run is None else None
+        rule = shipped.meta.get("rule", {}) if shipped is not None else {}
         score = args.score or rule.get("score", "attention")
         bound_from = args.bound_from if args.bound_from is not None else rule.get("bound_from")
         plan = probe_plan(model, cfg, 4, score=score, bound_from=bound_from)
         print(f"probe plan at 4x (score {score!r}, bound_from {bound_from}): {plan.methods}"
               + "".join(f"; from {r.from_ratio:g}x: {r.methods}" for r in plan.ranges), flush=True)
-        if args.run is None:
-            shipped = shipped_plan()
+        if shipped is not None:
             same = "the same" if (shipped.methods, shipped.ranges) == (plan.methods, plan.ranges) else "differs"
             print(f"the plan shipped with the model: {shipped.methods} ({same})")
     results: list[dict[str, Any]] = []

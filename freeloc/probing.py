@@ -56,7 +56,7 @@ from ._progress import reporter
 from .plan import LayerPlan, LengthRange
 from .rotary import RotaryLayout
 
-__all__ = ["probe", "select", "DEFAULT_QUERIES", "SCORES"]
+__all__ = ["probe", "select", "check_rule", "DEFAULT_QUERIES", "SCORES"]
 
 #: Sampled query tokens per layer.
 DEFAULT_QUERIES = 1024
@@ -192,6 +192,16 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
+def check_rule(score: str, bound_from: float | int | None) -> None:
+    """Raise ``ValueError`` unless ``score`` names a key of ``SCORES`` and ``bound_from`` is ``None`` or a
+    length ratio > 1: the rule's settings, checked before any probing (``probe``, the shapes export)."""
+    if score not in SCORES:
+        raise ValueError(f"probe: score must be one of {sorted(SCORES)}, got {score!r}")
+    if bound_from is not None and (not isinstance(bound_from, (int, float)) or isinstance(bound_from, bool)
+                                   or not bound_from > 1):
+        raise ValueError(f"probe: bound_from must be a length ratio > 1 (or None), got {bound_from!r}")
+
+
 def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
           shifts: list[float] | None = None, window: int | None = None, layers: list[int] | None = None,
           seed: int = 0, trained_frames: int | None = None, max_queries: int = DEFAULT_QUERIES,
@@ -241,11 +251,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             raise ValueError(f"probe: {label} must be an int >= {low}, got {value!r}")
     if text is not None and inputs is not None:
         raise ValueError("probe: text= conditions the synthetic inputs; with inputs=, put the text embeddings in them")
-    if score not in SCORES:
-        raise ValueError(f"probe: score must be one of {sorted(SCORES)}, got {score!r}")
-    if bound_from is not None and (not isinstance(bound_from, (int, float)) or isinstance(bound_from, bool)
-                                   or not bound_from > 1):
-        raise ValueError(f"probe: bound_from must be a length ratio > 1 (or None), got {bound_from!r}")
+    check_rule(score, bound_from)
     name, module, adapter_cls = adapters_for(target)[0]
     adapter = adapter_cls(module, name=name)
     pipeline = None if module is target else target

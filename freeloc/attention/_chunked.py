@@ -211,11 +211,11 @@ def run_chunked(
             # larger tiles (masked: a key outside a row's window gets no weight); finite keys only, as a
             # masked call with a non-finite key runs on the plain path
             g = frames_per_entry(s, p.length) if uses_fused_cpu_kernel(v) and finite_keys else 1
-            entries = _JoinedEntries(g, p.length, s)
-            if g > 1 and not _mask_fits(plan, entries, v, options):
-                g = 1  # its mask would be built on every call: one frame an entry
-            joined_frames = p.num_frames // g * g if g > 1 else 0
-            if joined_frames:
+            entries = _JoinedEntries(g, p.length, s) if g > 1 else None
+            if entries is not None and not _mask_fits(plan, entries, v, options):
+                entries = None  # its mask would be built on every call: one frame an entry
+            joined_frames = p.num_frames // g * g if entries is not None else 0
+            if entries is not None and joined_frames:
                 mask, prepared = _mask_for(plan, entries, v, masks, options)
                 count = joined_frames // g
                 for i in range(b):

@@ -28,6 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from .._extras import require
+from ..probing import SCORES, check_rule
 from .clips import BACKGROUND, CONDITION_DIM, MAX_SHAPES, PALETTE, SLOT_DIM, random_spec, render
 from .metrics import evaluate_generated
 from .model import (
@@ -185,6 +186,7 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
     ``evaluate``: guidance scales at which the card gets a table of ``trained_length_scores``
     (``evaluate_clips`` conditions each; also stored in ``model.json``); None: no table.
     """
+    check_rule(score, bound_from)  # before anything is written to dest
     save_file = require("safetensors.torch", "shapes", "exporting the shapes model").save_file
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
     cfg = ShapesConfig(**state["config"])
@@ -336,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --export: guidance scales for the model card's table at the trained length "
                          "(default: 1 and --guidance; 'none' for no table)")
     ap.add_argument("--evaluate-clips", type=int, default=8, help="with --export: conditions per table row")
-    ap.add_argument("--probe-score", choices=["attention", "output"], default="attention",
+    ap.add_argument("--probe-score", choices=sorted(SCORES), default="attention",
                     help="with --export: the probe's scores for the shipped plan (freeloc.probe's score)")
     ap.add_argument("--bound-from", type=float, default=None,
                     help="with --export: the length ratio from which the plan's VRPR layers get tsa+vrpr "
