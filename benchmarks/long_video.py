@@ -3,7 +3,7 @@
     python benchmarks/long_video.py [--split test|validation] [--lengths 1,2,4,8,16] [--conditions 16]
                                     [--steps 20] [--methods ...] [--quick] [--guidance G] [--run DIR]
                                     [--png benchmarks/long_video.png] [--plot benchmarks/long_video_lengths.png]
-                                    [--json out.json]
+                                    [--json out.json [--resume]]
 
 The model (``freeloc.shapes.model.load_shipped``, or a training folder with ``--run``) was trained on
 16-frame clips of bouncing shapes. For each length, the same conditions and the same initial noise are
@@ -28,6 +28,11 @@ layer, which is what the uniform plan is for a model with RoPE) and ``freeloc-pr
 ``freeloc.probe`` writes for this model at 4x, computed in this run). Prints the table; saves a PNG
 strip of frames of ``direct`` vs ``freeloc-probe`` at 4x (``--png``) and a plot of the right colours
 and count against length, one line per method with its 95% interval shaded (``--plot``).
+
+A full run takes hours on a CPU. ``--json`` is rewritten after every method of every length; with
+``--resume`` a run reads it first and samples only the (length, method) pairs it lacks, so a run may be
+stopped and continued, or extended with more lengths or methods (the split, clips, steps, guidance and
+plan must match the file's, or it refuses before sampling).
 """
 
 from __future__ import annotations
@@ -138,6 +143,21 @@ def _interval(t: tuple[float, float, float] | None) -> str:
     return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]".rjust(24)
 
 
+def _resumed(path: Path, settings: dict[str, Any], ap: argparse.ArgumentParser) -> dict[tuple[int, str], Any]:
+    """The rows of an earlier run's ``--json`` by (length, method), if it was run with these settings."""
+    if not path.exists():
+        print(f"--resume: {path} does not exist yet; starting afresh", flush=True)
+        return {}
+    earlier = json.loads(path.read_text())
+    if "plan_methods" not in earlier and "plan" in earlier:
+        earlier["plan_methods"] = dict(layers=earlier["plan"]["layers"], ranges=earlier["plan"].get("ranges", []))
+    if differ := [key for key, value in settings.items() if earlier.get(key) != value]:
+        ap.error(f"--resume: {path} was run with other settings ({', '.join(differ)}: "
+                 f"{[earlier.get(key) for key in differ]}, this run: {[settings[key] for key in differ]}); "
+                 "give a new --json or the same settings")
+    return {(int(row["length"]), row["method"]): row for row in earlier["results"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--split", choices=sorted(SEEDS), default="test",
@@ -151,7 +171,9 @@ def main() -> None:
                          f"{QUICK['steps']} steps, methods {QUICK['methods']} (each still overridable)")
     ap.add_argument("--png", type=Path, default=Path("benchmarks/long_video.png"))
     ap.add_argument("--plot", type=Path, default=Path("benchmarks/long_video_lengths.png"))
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="write every clip's scores here, after each method")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse the (length, method) results already in --json; sample only the rest")
     ap.add_argument("--run", type=Path, default=None, help="a training folder instead of the shipped model")
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale (default: the shipped model's own; 1 with --run)")
@@ -168,6 +190,8 @@ def main() -> None:
     steps = args.steps or int(defaults["steps"])
     if unknown := [m for m in methods if m not in METHODS]:
         ap.error(f"--methods: unknown {unknown}; choose from {METHODS}")
+    if args.resume and args.json is None:
+        ap.error("--resume reads and extends the file given by --json; give --json")
     model, cfg = load(args.run) if args.run is not None else load_shipped()
     guidance = args.guidance if args.guidance is not None else 1.0 if args.run is not None else shipped_guidance()
     trained = cfg.trained_frames
@@ -190,57 +214,75 @@ def main() -> None:
         if shipped is not None:
             same = "the same" if (shipped.methods, shipped.ranges) == (plan.methods, plan.ranges) else "differs"
             print(f"the plan shipped with the model: {shipped.methods} ({same})")
-    results: list[dict[str, Any]] = []
-    summary: dict[int, dict[str, dict[str, dict[str, Any]]]] = {}
+    plan_dict = plan.to_dict()
+    settings = dict(split=args.split, seeds=[first, first + conditions - 1], steps=steps, guidance=guidance,
+                    riflex_k=k, plan_methods=dict(layers=plan_dict["layers"], ranges=plan_dict.get("ranges", [])))
+    results = _resumed(args.json, settings, ap) if args.resume else {}
+
+    def summary() -> dict[int, dict[str, dict[str, dict[str, Any]]]]:
+        """Intervals at every length in ``results``, over every method sampled at that length."""
+        out = {}
+        for mult in sorted({m for m, _ in results}):
+            clips = {meth: results[(mult, meth)]["per_clip"] for meth in ["real clips", *METHODS]
+                     if (mult, meth) in results}
+            out[mult] = {key: intervals(clips, key) for key, _ in HEADLINE}
+        return out
+
+    def save() -> None:
+        if args.json is not None:
+            out = dict(results=list(results.values()), intervals={str(m): s for m, s in summary().items()},
+                       **settings, plan=plan_dict)
+            args.json.write_text(json.dumps(out, indent=2))
+
     strip: dict[str, torch.Tensor] = {}
     header = f"{'length':>10} {'method':<16}" + "".join(f"{h:>11}" for _, h, _ in METRICS) + f"{'s/video':>9}"
     print(header, flush=True)
     for mult in lengths:
         frames = mult * trained
         real = torch.stack([render(s, frames) for s in specs])
-        clips: dict[str, list[dict[str, float]]] = {"real clips": per_clip(real, specs)}
-        seconds: dict[str, float] = {"real clips": 0.0}
-        rows = [("real clips", clips["real clips"])]
-        for method in methods:
-            t0 = time.perf_counter()
-            with freeloc.enable(model, num_frames=frames, trained_frames=trained, temporal_factor=1,
-                                **session_kwargs(method, k, plan)):
-                videos = sample(model, cfg, cond, frames, steps=steps, seed=mult, guidance=guidance)
-            seconds[method] = (time.perf_counter() - t0) / len(specs)
-            clips[method] = per_clip(videos, specs)
-            rows.append((method, clips[method]))
-            if mult == 4 and method in ("direct", "freeloc-probe"):
-                strip[method] = videos[0]
-            scores = {key: mean([c[key] for c in clips[method]]) for key, _, _ in METRICS}
-            print(f"{f'{mult}x ({frames})':>10} {method:<16}"
-                  + "".join(f"{fmt.format(scores[key]):>11}" for key, _, fmt in METRICS)
-                  + f"{seconds[method]:>9.2f}", flush=True)
-        for method, per in rows:
-            scores = {key: mean([c[key] for c in per]) for key, _, _ in METRICS}
-            results.append(dict(length=mult, frames=frames, method=method, seconds_per_video=seconds[method],
-                                per_clip=per, **scores))
-        summary[mult] = {key: intervals(clips, key) for key, _ in HEADLINE}
-    print(f"\nmean, and paired 95% bootstrap intervals of the difference (per clip, {RESAMPLES} resamples):")
+        for method in ["real clips", *methods]:
+            origin = " (from --json)"
+            if (mult, method) not in results:
+                t0 = time.perf_counter()
+                if method == "real clips":
+                    videos = real
+                else:
+                    with freeloc.enable(model, num_frames=frames, trained_frames=trained, temporal_factor=1,
+                                        **session_kwargs(method, k, plan)):
+                        videos = sample(model, cfg, cond, frames, steps=steps, seed=mult, guidance=guidance)
+                    if mult == 4 and method in ("direct", "freeloc-probe"):
+                        strip[method] = videos[0]
+                seconds = (time.perf_counter() - t0) / len(specs) if method != "real clips" else 0.0
+                per = per_clip(videos, specs)
+                scores = {key: mean([c[key] for c in per]) for key, _, _ in METRICS}
+                results[(mult, method)] = dict(length=mult, frames=frames, method=method, seconds_per_video=seconds,
+                                               per_clip=per, **scores)
+                origin = ""
+                save()
+            row = results[(mult, method)]
+            if method != "real clips":
+                print(f"{f'{mult}x ({frames})':>10} {method:<16}"
+                      + "".join(f"{fmt.format(row[key]):>11}" for key, _, fmt in METRICS)
+                      + f"{row['seconds_per_video']:>9.2f}{origin}", flush=True)
+    every = summary()
+    print(f"\nmean, and paired 95% bootstrap intervals of the difference (per clip, {RESAMPLES} resamples)"
+          + (f", every length and method in {args.json}" if args.resume else "") + ":")
     for key, label in HEADLINE:
         print(f"\n{label}\n{'length':>10} {'method':<16}{'mean [95%]':>24}{'minus direct':>24}"
               f"{'minus best uniform':>24}  best uniform")
-        for mult in lengths:
-            for method, row in summary[mult][key].items():
+        for mult, rows in every.items():
+            for method, row in rows[key].items():
                 print(f"{f'{mult}x':>10} {method:<16}{_interval(row['mean'])}{_interval(row.get('vs_direct'))}"
                       f"{_interval(row.get('vs_best_uniform'))}  {row.get('best_uniform', '')}")
     if len(strip) == 2:
         strip = {"real clip": render(specs[0], 4 * trained), **strip}
         print(f"wrote {frames_png(strip, args.png, f'4x ({4 * trained} frames), condition 0: every column a frame')}")
-    if len(lengths) > 1:
-        lines = {label: {m: [(mult, *summary[mult][key][m]["mean"]) for mult in lengths] for m in methods}
+    if len(every) > 1:
+        # One line per method, over the lengths where it was sampled.
+        lines = {label: {m: [(mult, *rows[key][m]["mean"]) for mult, rows in every.items() if m in rows[key]]
+                         for m in METHODS if any(m in rows[key] for rows in every.values())}
                  for key, label in HEADLINE}
         print(f"wrote {metrics_by_length_png(lines, args.plot, trained, f'{args.split} split, {conditions} clips')}")
-    if args.json is not None:
-        out = dict(results=results, intervals={str(m): s for m, s in summary.items()}, plan=plan.to_dict(),
-                   riflex_k=k, guidance=guidance, split=args.split, seeds=[first, first + conditions - 1],
-                   steps=steps)
-        args.json.write_text(json.dumps(out, indent=2))
-
 
 if __name__ == "__main__":
     main()

@@ -39,6 +39,39 @@ def test_long_video_benchmark_prints_every_method_and_length(tmp_path: Path, mon
     assert len(colours["tsa"]["vs_direct"]) == 3 and (tmp_path / "plot.png").stat().st_size > 10_000
 
 
+def test_long_video_benchmark_resumes_from_its_json_and_refuses_other_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "table.json"
+    common = ["--conditions", "1", "--steps", "1", "--json", str(out), "--plot", str(tmp_path / "plot.png")]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--lengths", "1", "--methods", "direct,tsa", *common])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    first = {(r["length"], r["method"]): r for r in json.loads(out.read_text())["results"]}
+    capsys.readouterr()
+    # extended: one more length and one more method; the earlier pairs are read back, not sampled again
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--lengths", "1,2", "--methods", "direct,vrpr", "--resume",
+                                      *common])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    rows = {(r["length"], r["method"]): r for r in data["results"]}
+    assert set(rows) == {(m, name) for m in (1, 2) for name in ("real clips", "direct", "vrpr")} | {(1, "tsa")}
+    assert rows[(1, "direct")] == first[(1, "direct")] and rows[(1, "tsa")] == first[(1, "tsa")]
+    assert text.count("(from --json)") == 1 and "1x (16) direct" in text  # only 1x direct is printed from the file
+    assert set(data["intervals"]["1"]["color_consistency"]) == {"direct", "tsa", "vrpr"}  # tsa kept at 1x
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    # other settings: refused before sampling, naming what differs; the file is left as it was
+    before = out.read_text()
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--lengths", "1", "--methods", "direct", "--resume",
+                                      *common[:2], "--steps", "2", *common[4:]])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert "other settings (steps: [1], this run: [2])" in capsys.readouterr().err and out.read_text() == before
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--resume"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert "give --json" in capsys.readouterr().err
+
+
 def test_bootstrap_intervals_are_paired_and_cover_the_mean() -> None:
     bench = runpy.run_path(str(SCRIPT))
     assert bench["bootstrap"]([0.5] * 16) == (0.5, 0.5, 0.5)
