@@ -1,12 +1,20 @@
 """Per-layer ablation on the shapes model: the ground truth the probe's cheap scores approximate.
 
-    python benchmarks/ablation.py [--lengths 4,8] [--methods vrpr,tsa,tsa+vrpr] [--conditions 16]
-                                  [--steps 20] [--split validation] [--run DIR] [--json out.json]
+    python benchmarks/ablation.py [--lengths 4,8] [--methods vrpr,tsa,tsa+vrpr] [--base direct]
+                                  [--conditions 16] [--steps 20] [--split validation] [--run DIR]
+                                  [--json out.json]
 
 For each length and each layer, each candidate method is applied to that layer alone (every other
-layer runs plain attention) and the videos of the same conditions and initial noise are scored from
-their pixels (``freeloc.shapes.metrics``), as in ``benchmarks/long_video.py``. A layer's **effect** of a
-method is its mean right colours plus right count minus ``direct``'s (no layer changed), over the clips.
+layer runs ``--base``: plain attention by default) and the videos of the same conditions and initial
+noise are scored from their pixels (``freeloc.shapes.metrics``), as in ``benchmarks/long_video.py``. A
+layer's **effect** of a method is its mean right colours plus right count minus the base's (no layer
+changed), over the clips, printed with its paired 95% bootstrap interval (per clip).
+
+``--base tsa`` is the leave-one-out ablation: from TSA on every layer (what a plan with ``bound_from``
+runs past it, but for the layers the probe gives VRPR), one layer at a time switches to each candidate
+method. In a deep model a single layer's change is small against plain attention; against the plan's
+own base it is what the probe's per-layer choice actually decides. A method equal to the base has effect
+0 and is not sampled.
 
 Then the probe (``freeloc.shapes.model.probe_plan``, at 4x) scores every layer, and for each probe score
 the script prints its Spearman rank correlation with the ablation's **TSA advantage** of each layer (the
@@ -14,11 +22,13 @@ effect of TSA minus the effect of VRPR): the score the probe's rule compares (no
 normalized position) should rank the layers as the ablation does. With ``tsa+vrpr`` among the methods it
 also correlates every score with the **VRPR gain inside TSA** (the effect of ``tsa+vrpr`` minus that of
 ``tsa``): what a plan that bounds every layer's context (``bound_from``) asks the probe to rank, through
-its position score. It also prints the plan the ablation
+its position score. Either correlation is printed when its methods are measured (the base counts as
+measured, with effect 0). It also prints the plan the ablation
 itself implies (per layer, the method with the largest effect) beside the probe's.
 
 Conditions come from the validation seeds (10000 on) by default: the ablation is what probe settings are
-tuned against. Cost: ``lengths x (1 + layers x methods)`` sets of ``--conditions`` videos.
+tuned against. Cost: ``lengths x (1 + layers x methods)`` sets of ``--conditions`` videos (methods
+other than the base).
 """
 
 from __future__ import annotations
@@ -33,7 +43,10 @@ from typing import Any
 import torch
 
 import freeloc
+from freeloc.methods import METHODS
+from freeloc.plan import DIRECT
 from freeloc.shapes.clips import random_spec
+from freeloc.shapes.metrics import bootstrap_mean as bootstrap
 from freeloc.shapes.metrics import evaluate_generated
 from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance
 
@@ -67,6 +80,11 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
 
 
+def _nanmean(values: list[float]) -> float:
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 def normalized_difference(position: list[float], context: list[float]) -> list[float]:
     """The probe rule's per-layer quantity (``freeloc.probing.select``): context / max - position / max."""
     pmax, cmax = max(max(position), 1e-12), max(max(context), 1e-12)
@@ -76,7 +94,9 @@ def normalized_difference(position: list[float], context: list[float]) -> list[f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="4,8", help="multiples of the trained length (default 4,8)")
-    ap.add_argument("--methods", default="vrpr,tsa,tsa+vrpr", help="candidate methods per layer (need vrpr, tsa)")
+    ap.add_argument("--methods", default="vrpr,tsa,tsa+vrpr", help="candidate methods per layer")
+    ap.add_argument("--base", default="direct",
+                    help="the method of every other layer (default direct; 'tsa' for the leave-one-out ablation)")
     ap.add_argument("--conditions", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--split", choices=sorted(SEEDS), default="validation")
@@ -86,62 +106,83 @@ def main() -> None:
     args = ap.parse_args()
     lengths = [int(x) for x in args.lengths.split(",")]
     methods = args.methods.split(",")
-    if not {"vrpr", "tsa"} <= set(methods):
-        ap.error(f"--methods must include vrpr and tsa (the TSA advantage compares them), got {methods}")
+    known = {DIRECT, *METHODS}
+    if unknown := [m for m in [*methods, args.base] if m not in known]:
+        ap.error(f"--methods/--base: unknown {unknown}; choose from {sorted(known)}")
+    sampled = [m for m in dict.fromkeys(methods) if m != args.base]
+    measured = [args.base, *sampled]  # the base's effect is 0 on every layer
+    if not ({"vrpr", "tsa"} <= set(measured) or {"tsa", "tsa+vrpr"} <= set(measured)):
+        ap.error(f"--methods with --base {args.base!r} measure {sorted(measured)}: they must cover vrpr and tsa "
+                 "(the TSA advantage) or tsa and tsa+vrpr (the VRPR gain inside TSA)")
     model, cfg = load(args.run) if args.run is not None else load_shipped()
     guidance = args.guidance if args.guidance is not None else 1.0 if args.run is not None else shipped_guidance()
     trained, n_layers = cfg.trained_frames, len(model.blocks)
     first = SEEDS[args.split]
     specs = [random_spec(first + i) for i in range(args.conditions)]
     cond = torch.stack([model_condition(s) for s in specs])
-    total = len(lengths) * (1 + n_layers * len(methods))
-    print(f"{n_layers} layers, methods {methods}, lengths {lengths}; {args.split} split ({args.conditions} clips), "
+    total = len(lengths) * (1 + n_layers * len(sampled))
+    print(f"{n_layers} layers, methods {sampled} on one layer, {args.base} on the others, lengths {lengths}; "
+          f"{args.split} split ({args.conditions} clips), "
           f"{args.steps} steps, guidance {guidance:g}: {total} sets of videos", flush=True)
     t0, done = time.perf_counter(), 0
 
-    def score(frames: int, plan: freeloc.LayerPlan, mult: int) -> dict[str, float]:
+    def score(frames: int, plan: freeloc.LayerPlan, mult: int) -> dict[str, Any]:
         nonlocal done
         with freeloc.enable(model, plan=plan, num_frames=frames, trained_frames=trained, temporal_factor=1):
             videos = sample(model, cfg, cond, frames, steps=args.steps, seed=mult, guidance=guidance)
         done += 1
-        out = evaluate_generated(videos, specs)
+        clips = [evaluate_generated(videos[i:i + 1], [s]) for i, s in enumerate(specs)]
+        # the means over clips (NaN skipped, as evaluate_generated), and per clip for the paired intervals
+        out: dict[str, Any] = {k: _nanmean([c[k] for c in clips]) for k in clips[0]}
+        out["per_clip"] = [sum(c[k] for k in KEYS) for c in clips]
         elapsed = time.perf_counter() - t0
         print(f"  [{done}/{total}] {mult}x {plan.methods}: colour {out[KEYS[0]]:.3f} count {out[KEYS[1]]:.3f} "
               f"({elapsed / done * (total - done):.0f} s left)", flush=True)
         return out
 
     effects: dict[int, dict[str, list[float]]] = {}
+    spread: dict[int, dict[str, list[tuple[float, float]]]] = {}
     raw: dict[int, Any] = {}
     for mult in lengths:
         frames = mult * trained
-        direct = score(frames, freeloc.LayerPlan.uniform("direct", n_layers), mult)
-        base = sum(direct[k] for k in KEYS)
-        effects[mult] = {m: [] for m in methods}
-        raw[mult] = {"direct": direct}
+        reference = score(frames, freeloc.LayerPlan.uniform(args.base, n_layers), mult)
+        base = sum(reference[k] for k in KEYS)
+        effects[mult] = {m: [] for m in measured}
+        spread[mult] = {m: [] for m in measured}
+        raw[mult] = {args.base: reference}
         for layer in range(n_layers):
-            for m in methods:
-                plan = freeloc.LayerPlan.uniform("direct", n_layers)
+            effects[mult][args.base].append(0.0)
+            spread[mult][args.base].append((0.0, 0.0))
+            for m in sampled:
+                plan = freeloc.LayerPlan.uniform(args.base, n_layers)
                 plan.methods[layer] = m
                 got = score(frames, plan, mult)
                 raw[mult][f"{layer}:{m}"] = got
                 effects[mult][m].append(sum(got[k] for k in KEYS) - base)
+                diffs = [a - b for a, b in zip(got["per_clip"], reference["per_clip"], strict=True)]
+                spread[mult][m].append(bootstrap(diffs)[1:])
     plan = probe_plan(model, cfg, 4, progress=False)
     scores = dict(plan.scores)
     scores["rule (attention)"] = normalized_difference(plan.scores["position"], plan.scores["context"])
     scores["rule (output)"] = normalized_difference(plan.scores["position_output"], plan.scores["context_output"])
-    print(f"\neffect = right colours + right count, minus direct's; probe scores at 4x\n"
-          f"{'layer':>5} " + " ".join(f"{f'{mult}x {m}':>14}" for mult in lengths for m in methods)
+    print(f"\neffect = right colours + right count, minus {args.base} on every layer's [paired 95%]; "
+          f"probe scores at 4x\n"
+          f"{'layer':>5} " + " ".join(f"{f'{mult}x {m}':>24}" for mult in lengths for m in sampled)
           + " " + " ".join(f"{k:>17}" for k in scores))
     for layer in range(n_layers):
-        print(f"{layer:>5} " + " ".join(f"{effects[mult][m][layer]:>+14.3f}" for mult in lengths for m in methods)
+        print(f"{layer:>5} " + " ".join(f"{effects[mult][m][layer]:>+8.3f} [{spread[mult][m][layer][0]:+.2f}, "
+                                        f"{spread[mult][m][layer][1]:+.2f}]"
+                                        for mult in lengths for m in sampled)
               + " " + " ".join(f"{scores[k][layer]:>17.4f}" for k in scores))
     correlations: dict[str, dict[str, float]] = {}
-    print("\nSpearman rank correlation of each probe score with the ablation's TSA advantage (tsa - vrpr effect):")
-    for mult in lengths:
-        advantage = [t - v for t, v in zip(effects[mult]["tsa"], effects[mult]["vrpr"], strict=True)]
-        correlations[str(mult)] = {k: spearman(values, advantage) for k, values in scores.items()}
-        print(f"  {mult}x: " + ", ".join(f"{k} {c:+.2f}" for k, c in correlations[str(mult)].items()))
-    if "tsa+vrpr" in methods:
+    if {"vrpr", "tsa"} <= set(measured):
+        print("\nSpearman rank correlation of each probe score with the ablation's TSA advantage "
+              "(tsa - vrpr effect):")
+        for mult in lengths:
+            advantage = [t - v for t, v in zip(effects[mult]["tsa"], effects[mult]["vrpr"], strict=True)]
+            correlations[str(mult)] = {k: spearman(values, advantage) for k, values in scores.items()}
+            print(f"  {mult}x: " + ", ".join(f"{k} {c:+.2f}" for k, c in correlations[str(mult)].items()))
+    if {"tsa", "tsa+vrpr"} <= set(measured):
         print("\nSpearman rank correlation of each probe score with the ablation's VRPR gain inside TSA "
               "(tsa+vrpr - tsa effect: what re-encoding adds once the context is bounded):")
         for mult in lengths:
@@ -149,14 +190,15 @@ def main() -> None:
             correlations[f"{mult} vrpr gain inside tsa"] = {k: spearman(values, gain) for k, values in scores.items()}
             print(f"  {mult}x: " + ", ".join(f"{k} {c:+.2f}"
                                             for k, c in correlations[f"{mult} vrpr gain inside tsa"].items()))
-    implied = {str(mult): [max(methods, key=lambda m, i=i, mult=mult: effects[mult][m][i]) for i in range(n_layers)]
+    implied = {str(mult): [max(measured, key=lambda m, i=i, mult=mult: effects[mult][m][i]) for i in range(n_layers)]
                for mult in lengths}
     print(f"\nthe probe's plan at 4x: {plan.methods}")
     for mult, p in implied.items():
         print(f"the ablation's best method per layer at {mult}x: {p}")
     if args.json is not None:
-        out = dict(effects={str(k): v for k, v in effects.items()}, raw={str(k): v for k, v in raw.items()},
-                   probe=plan.to_dict(), correlations=correlations, implied=implied, split=args.split,
+        out = dict(effects={str(k): v for k, v in effects.items()}, intervals={str(k): v for k, v in spread.items()},
+                   raw={str(k): v for k, v in raw.items()}, base=args.base, probe=plan.to_dict(),
+                   correlations=correlations, implied=implied, split=args.split,
                    seeds=[first, first + args.conditions - 1], steps=args.steps)
         args.json.write_text(json.dumps(out, indent=2))
 

@@ -50,6 +50,7 @@ import freeloc
 from freeloc.app.plots import frames_png, metrics_by_length_png
 from freeloc.probing import SCORES
 from freeloc.shapes.clips import random_spec, render
+from freeloc.shapes.metrics import bootstrap_mean as bootstrap
 from freeloc.shapes.metrics import evaluate_generated
 from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance, shipped_plan
 
@@ -97,18 +98,6 @@ def per_clip(videos: torch.Tensor, specs: list[Any]) -> list[dict[str, float]]:
 def mean(values: list[float]) -> float:
     kept = [v for v in values if not math.isnan(v)]
     return sum(kept) / len(kept) if kept else float("nan")
-
-
-def bootstrap(values: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``values`` (NaN skipped) and the 2.5 / 97.5 percentiles of the mean over ``RESAMPLES``
-    resamples of them with replacement. For a paired interval, pass the per-clip differences."""
-    kept = torch.tensor([v for v in values if not math.isnan(v)], dtype=torch.float64)
-    if kept.numel() == 0:
-        return float("nan"), float("nan"), float("nan")
-    g = torch.Generator().manual_seed(seed)
-    means = kept[torch.randint(kept.numel(), (RESAMPLES, kept.numel()), generator=g)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return float(kept.mean()), lo, hi
 
 
 def differences(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> list[float]:

@@ -111,11 +111,46 @@ def test_ablation_scores_every_layer_and_method_and_correlates_the_probe(tmp_pat
     n = len(data["probe"]["layers"])  # the shipped model's layers
     methods = ("vrpr", "tsa", "tsa+vrpr")
     assert sorted(data["raw"]["2"]) == sorted(["direct", *(f"{i}:{m}" for i in range(n) for m in methods)])
-    assert [len(v) for v in data["effects"]["2"].values()] == [n] * 3
+    assert list(data["effects"]["2"]) == ["direct", *methods] and data["effects"]["2"]["direct"] == [0.0] * n
+    assert [len(v) for v in data["effects"]["2"].values()] == [n] * 4
     assert set(data["correlations"]["2"]) >= {"position", "context", "rule (attention)", "rule (output)"}
     assert set(data["correlations"]["2 vrpr gain inside tsa"]) == set(data["correlations"]["2"])
     assert f"[{1 + 3 * n}/{1 + 3 * n}]" in text and "the ablation's best method per layer at 2x" in text
     assert "VRPR gain inside TSA" in text
+
+
+def test_leave_one_out_ablation_from_tsa_measures_the_vrpr_gain_inside_tsa(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ablation.json"
+    monkeypatch.setattr(sys, "argv", [str(ABLATION), "--lengths", "2", "--conditions", "2", "--steps", "1",
+                                      "--base", "tsa", "--methods", "tsa,tsa+vrpr", "--json", str(out)])
+    runpy.run_path(str(ABLATION), run_name="__main__")
+    text = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    n = len(data["probe"]["layers"])
+    # the base is sampled once, on every layer; tsa (the base) is not sampled again on any layer
+    assert sorted(data["raw"]["2"]) == sorted(["tsa", *(f"{i}:tsa+vrpr" for i in range(n))])
+    assert f"[{1 + n}/{1 + n}]" in text and "methods ['tsa+vrpr'] on one layer, tsa on the others" in text
+    assert data["effects"]["2"]["tsa"] == [0.0] * n and len(data["effects"]["2"]["tsa+vrpr"]) == n
+    lo, hi = data["intervals"]["2"]["tsa+vrpr"][0]
+    assert lo <= data["effects"]["2"]["tsa+vrpr"][0] + 1e-9 and data["effects"]["2"]["tsa+vrpr"][0] <= hi + 1e-9
+    assert len(data["raw"]["2"]["tsa"]["per_clip"]) == 2
+    # only the correlation whose methods were measured
+    assert "2 vrpr gain inside tsa" in data["correlations"] and "2" not in data["correlations"]
+    assert "TSA advantage" not in text and data["base"] == "tsa"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--methods", "tsa+vrpr"], "must cover vrpr and tsa"),
+    (["--base", "freenoise"], "unknown ['freenoise']"),
+])
+def test_ablation_refuses_methods_it_cannot_correlate(argv: list[str], message: str,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(sys, "argv", [str(ABLATION), *argv])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(ABLATION), run_name="__main__")
+    assert message in capsys.readouterr().err
 
 
 def test_spearman_and_ranks() -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from freeloc.shapes import metrics
 from freeloc.shapes.clips import BACKGROUND, PALETTE, ClipSpec, random_spec, render
 from freeloc.shapes.metrics import (
     color_consistency,
@@ -160,3 +161,15 @@ def test_evaluate_generated_averages_fitted_scores_and_skips_nan() -> None:
     again = evaluate_generated(videos, specs, progress=lambda done, total: calls.append((done, total)))
     assert calls == [(0, 2), (1, 2), (2, 2)]  # one step per video
     assert again["shape_presence"] == scores["shape_presence"]
+
+
+def test_bootstrap_mean_covers_the_mean_skips_nan_and_refuses_no_resamples() -> None:
+    assert metrics.bootstrap_mean([0.25] * 8) == (0.25, 0.25, 0.25)
+    mean, lo, hi = metrics.bootstrap_mean([0.0, 1.0] * 8)
+    assert mean == 0.5 and 0.1 < lo < 0.5 < hi < 0.9
+    # the same seed gives the same interval; NaN clips are left out
+    assert metrics.bootstrap_mean([0.0, 1.0, 0.5] * 4) == metrics.bootstrap_mean([0.0, 1.0, 0.5] * 4)
+    assert metrics.bootstrap_mean([float("nan"), 2.0, 2.0]) == (2.0, 2.0, 2.0)
+    assert all(math.isnan(v) for v in metrics.bootstrap_mean([float("nan")]))
+    with pytest.raises(ValueError, match="resamples must be >= 1, got 0"):
+        metrics.bootstrap_mean([1.0], resamples=0)

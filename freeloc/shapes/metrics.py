@@ -5,12 +5,14 @@ The metrics read pixels only (no learned model). Shapes are detected per palette
 ``MIN_PIXELS`` pixels. Frames in which two shapes of the spec overlap (so that one may be partly
 hidden) are left out of the detection-based metrics, so real clips score exactly. ``evaluate``
 gives every metric of one video, ``evaluate_generated`` the means over generated videos, each
-scored from where its own first frame put the shapes (``fit_spec``).
+scored from where its own first frame put the shapes (``fit_spec``); ``bootstrap_mean`` gives a mean
+over clips with its 95% bootstrap interval.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from .clips import BACKGROUND, PALETTE, ClipSpec, render, trajectory
 
 __all__ = [
     "MIN_PIXELS",
+    "bootstrap_mean",
     "color_consistency",
     "dynamic_degree",
     "evaluate",
@@ -401,3 +404,28 @@ def evaluate_generated(videos: Float[Tensor, "batch frames 3 height width"], spe
         kept = [r[key] for r in rows if not math.isnan(r[key])]
         out[key] = sum(kept) / len(kept) if kept else float("nan")
     return out
+
+
+def bootstrap_mean(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """The mean of per-clip values (NaN skipped) and its 95% bootstrap interval.
+
+    For a paired interval of two methods on the same clips, pass the per-clip differences.
+
+    Args:
+        values: One value per clip.
+        resamples: Resamples of the clips, with replacement.
+        seed: Seed of the resampling.
+
+    Returns:
+        ``(mean, low, high)``: the mean and the 2.5 / 97.5 percentiles of the resampled means; all NaN
+        when every value is NaN.
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    kept = torch.tensor([v for v in values if not math.isnan(v)], dtype=torch.float64)
+    if kept.numel() == 0:
+        return float("nan"), float("nan"), float("nan")
+    g = torch.Generator().manual_seed(seed)
+    means = kept[torch.randint(kept.numel(), (resamples, kept.numel()), generator=g)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(kept.mean()), lo, hi
