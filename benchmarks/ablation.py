@@ -19,12 +19,14 @@ own base it is what the probe's per-layer choice actually decides. A method equa
 Then the probe (``freeloc.shapes.model.probe_plan``, at 4x) scores every layer, and for each probe score
 the script prints its Spearman rank correlation with the ablation's **TSA advantage** of each layer (the
 effect of TSA minus the effect of VRPR): the score the probe's rule compares (normalized context minus
-normalized position) should rank the layers as the ablation does. With ``tsa+vrpr`` among the methods it
-also correlates every score with the **VRPR gain inside TSA** (the effect of ``tsa+vrpr`` minus that of
-``tsa``): what a plan that bounds every layer's context (``bound_from``) asks the probe to rank, through
-its position score. Either correlation is printed when its methods are measured (the base counts as
-measured, with effect 0). It also prints the plan the ablation
-itself implies (per layer, the method with the largest effect) beside the probe's.
+normalized position, above which a layer gets TSA) should rank the layers as the ablation does:
+a positive correlation is agreement. With ``tsa+vrpr`` among the methods it also correlates every
+score with the **VRPR gain inside TSA** (the effect of ``tsa+vrpr`` minus that of ``tsa``): what a plan
+that bounds every layer's context (``bound_from``) asks the probe to rank, through its position score
+(agreement is a positive correlation of the position score and a negative one of the rule, which
+gives TSA to its high values). Either correlation is printed when its methods are measured (the base
+counts as measured, with effect 0). It also prints the plan the ablation itself implies (per layer, the
+method with the largest effect) beside the probe's.
 
 Conditions come from the validation seeds (10000 on) by default: the ablation is what probe settings are
 tuned against. Cost: ``lengths x (1 + layers x methods)`` sets of ``--conditions`` videos (methods
@@ -177,14 +179,15 @@ def main() -> None:
     correlations: dict[str, dict[str, float]] = {}
     if {"vrpr", "tsa"} <= set(measured):
         print("\nSpearman rank correlation of each probe score with the ablation's TSA advantage "
-              "(tsa - vrpr effect):")
+              "(tsa - vrpr effect; a score that agrees with it: context and rule positive, position negative):")
         for mult in lengths:
             advantage = [t - v for t, v in zip(effects[mult]["tsa"], effects[mult]["vrpr"], strict=True)]
             correlations[str(mult)] = {k: spearman(values, advantage) for k, values in scores.items()}
             print(f"  {mult}x: " + ", ".join(f"{k} {c:+.2f}" for k, c in correlations[str(mult)].items()))
     if {"tsa", "tsa+vrpr"} <= set(measured):
         print("\nSpearman rank correlation of each probe score with the ablation's VRPR gain inside TSA "
-              "(tsa+vrpr - tsa effect: what re-encoding adds once the context is bounded):")
+              "(tsa+vrpr - tsa effect: what re-encoding adds once the context is bounded; a score that agrees "
+              "with it: position positive, context and rule negative, since the rule gives TSA to high values):")
         for mult in lengths:
             gain = [c - t for c, t in zip(effects[mult]["tsa+vrpr"], effects[mult]["tsa"], strict=True)]
             correlations[f"{mult} vrpr gain inside tsa"] = {k: spearman(values, gain) for k, values in scores.items()}
