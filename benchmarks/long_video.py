@@ -253,6 +253,7 @@ def main() -> None:
                 print(f"{f'{mult}x ({frames})':>10} {method:<16}"
                       + "".join(f"{fmt.format(row[key]):>11}" for key, _, fmt in METRICS)
                       + f"{row['seconds_per_video']:>9.2f}{origin}", flush=True)
+    save()  # the intervals over everything in the file, even when nothing new was sampled
     every = summary()
     print(f"\nmean, and paired 95% bootstrap intervals of the difference (per clip, {RESAMPLES} resamples)"
           + (f", every length and method in {args.json}" if args.resume else "") + ":")
