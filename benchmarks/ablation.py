@@ -49,7 +49,7 @@ from freeloc.methods import METHODS
 from freeloc.plan import DIRECT
 from freeloc.shapes.clips import random_spec
 from freeloc.shapes.metrics import bootstrap_mean as bootstrap
-from freeloc.shapes.metrics import evaluate_generated
+from freeloc.shapes.metrics import evaluate_generated, nanmean
 from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance
 
 SEEDS = {"validation": 10_000, "test": 50_000}
@@ -80,11 +80,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb, strict=True))
     va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
     return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
-
-
-def _nanmean(values: list[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def normalized_difference(position: list[float], context: list[float]) -> list[float]:
@@ -135,7 +130,7 @@ def main() -> None:
         done += 1
         clips = [evaluate_generated(videos[i:i + 1], [s]) for i, s in enumerate(specs)]
         # the means over clips (NaN skipped, as evaluate_generated), and per clip for the paired intervals
-        out: dict[str, Any] = {k: _nanmean([c[k] for c in clips]) for k in clips[0]}
+        out: dict[str, Any] = {k: nanmean([c[k] for c in clips]) for k in clips[0]}
         out["per_clip"] = [sum(c[k] for k in KEYS) for c in clips]
         elapsed = time.perf_counter() - t0
         print(f"  [{done}/{total}] {mult}x {plan.methods}: colour {out[KEYS[0]]:.3f} count {out[KEYS[1]]:.3f} "

@@ -38,6 +38,7 @@ plan must match the file's, or it refuses before sampling).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -50,8 +51,7 @@ import freeloc
 from freeloc.app.plots import frames_png, metrics_by_length_png
 from freeloc.probing import SCORES
 from freeloc.shapes.clips import random_spec, render
-from freeloc.shapes.metrics import bootstrap_mean as bootstrap
-from freeloc.shapes.metrics import evaluate_generated
+from freeloc.shapes.metrics import bootstrap_mean, evaluate_generated, nanmean
 from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance, shipped_plan
 
 METHODS = ["direct", "sliding-window", "pi", "ntk", "riflex", "ultravico", "vrpr", "tsa", "tsa+vrpr", "window+vrpr",
@@ -69,6 +69,8 @@ METRICS = [("palette_fidelity", "palette", "{:.3f}"), ("shape_presence", "shapes
 HEADLINE = [("color_consistency", "right colours"), ("shape_count_consistency", "right count")]
 QUICK = dict(lengths="2,8", conditions=4, steps=10, methods="direct,sliding-window,tsa,tsa+vrpr,freeloc-probe")
 RESAMPLES = 2000
+#: Mean and 95% interval of per-clip values (``RESAMPLES`` resamples); pass per-clip differences for a paired one.
+bootstrap = functools.partial(bootstrap_mean, resamples=RESAMPLES)
 
 
 def riflex_k(model: torch.nn.Module, trained: int) -> int:
@@ -95,11 +97,6 @@ def per_clip(videos: torch.Tensor, specs: list[Any]) -> list[dict[str, float]]:
     return [evaluate_generated(videos[i:i + 1], [s]) for i, s in enumerate(specs)]
 
 
-def mean(values: list[float]) -> float:
-    kept = [v for v in values if not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else float("nan")
-
-
 def differences(a: list[dict[str, float]], b: list[dict[str, float]], key: str) -> list[float]:
     """Per-clip ``a - b`` of ``key`` (the same conditions and noise in both)."""
     return [x[key] - y[key] for x, y in zip(a, b, strict=True)]
@@ -109,7 +106,7 @@ def intervals(clips: dict[str, list[dict[str, float]]], key: str) -> dict[str, d
     """Per method at one length: the mean of ``key`` with its interval, and the paired intervals against
     ``direct`` and the best uniform method (the uniform method with the highest mean, not itself)."""
     out: dict[str, dict[str, Any]] = {}
-    means = {m: mean([c[key] for c in rows]) for m, rows in clips.items() if m != "real clips"}
+    means = {m: nanmean([c[key] for c in rows]) for m, rows in clips.items() if m != "real clips"}
     for method, rows in clips.items():
         if method == "real clips":
             continue
@@ -243,7 +240,7 @@ def main() -> None:
                         strip[method] = videos[0]
                 seconds = (time.perf_counter() - t0) / len(specs) if method != "real clips" else 0.0
                 per = per_clip(videos, specs)
-                scores = {key: mean([c[key] for c in per]) for key, _, _ in METRICS}
+                scores = {key: nanmean([c[key] for c in per]) for key, _, _ in METRICS}
                 results[(mult, method)] = dict(length=mult, frames=frames, method=method, seconds_per_video=seconds,
                                                per_clip=per, **scores)
                 origin = ""

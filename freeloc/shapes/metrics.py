@@ -33,6 +33,7 @@ __all__ = [
     "frames_right",
     "freeze_fraction",
     "motion_error",
+    "nanmean",
     "palette_fidelity",
     "repetition",
     "shape_count_consistency",
@@ -399,11 +400,13 @@ def evaluate_generated(videos: Float[Tensor, "batch frames 3 height width"], spe
     for done, (v, s) in enumerate(zip(videos, specs, strict=True), start=1):
         rows.append(evaluate(v, fit_spec(v, s)))
         report(done, len(specs))
-    out = {}
-    for key in rows[0]:
-        kept = [r[key] for r in rows if not math.isnan(r[key])]
-        out[key] = sum(kept) / len(kept) if kept else float("nan")
-    return out
+    return {key: nanmean([r[key] for r in rows]) for key in rows[0]}
+
+
+def nanmean(values: Sequence[float]) -> float:
+    """The mean of ``values`` with NaN entries skipped; NaN when every entry is NaN (or there are none)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
 
 
 def bootstrap_mean(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
