@@ -28,7 +28,13 @@ Long videos (``bound_from``): far past the trained length every layer meets cont
 layer that needs its positions corrected needs a bounded context too. With ``bound_from=r`` the plan
 gets a length range (``LayerPlan.ranges``) from ``r`` times the trained length on, in which the layers
 the rule gives VRPR get ``tsa+vrpr`` (VRPR's positions inside TSA's bounded context) and the TSA layers
-keep TSA.
+keep TSA. Just past the trained length a model may need no position correction: with
+``position_from=p`` the layers the rule gives VRPR get it only from ``p`` times the trained length on;
+below ``p`` they run unchanged (``direct``), or TSA where ``bound_from`` already bounds their context.
+At a length ratio ``x``, a layer the rule gives VRPR runs ``direct`` when ``x`` is below both ratios,
+``tsa`` from ``bound_from`` and below ``position_from``, ``vrpr`` from ``position_from`` and below
+``bound_from``, and ``tsa+vrpr`` from both (``bound_from=None`` is never reached; ``position_from=None``
+is reached at every length). ``plan.methods`` holds the assignment below the first of the two ratios.
 
 Inputs: with a pipeline, ``inputs=`` are its own call arguments (a real prompt): the pipeline runs until
 its transformer is first called (the first denoising step), and that call is probed; with a transformer
@@ -56,7 +62,7 @@ from ._progress import reporter
 from .plan import LayerPlan, LengthRange
 from .rotary import RotaryLayout
 
-__all__ = ["probe", "select", "check_rule", "DEFAULT_QUERIES", "SCORES"]
+__all__ = ["probe", "select", "check_rule", "length_ranges", "DEFAULT_QUERIES", "SCORES"]
 
 #: Sampled query tokens per layer.
 DEFAULT_QUERIES = 1024
@@ -192,14 +198,32 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-def check_rule(score: str, bound_from: float | int | None) -> None:
-    """Raise ``ValueError`` unless ``score`` names a key of ``SCORES`` and ``bound_from`` is ``None`` or a
-    length ratio > 1: the rule's settings, checked before any probing (``probe``, the shapes export)."""
+def check_rule(score: str, bound_from: float | int | None, position_from: float | int | None = None) -> None:
+    """Raise ``ValueError`` unless ``score`` names a key of ``SCORES`` and ``bound_from`` and
+    ``position_from`` are each ``None`` or a length ratio > 1: the rule's settings, checked before any
+    probing (``probe``, the shapes export)."""
     if score not in SCORES:
         raise ValueError(f"probe: score must be one of {sorted(SCORES)}, got {score!r}")
-    if bound_from is not None and (not isinstance(bound_from, (int, float)) or isinstance(bound_from, bool)
-                                   or not bound_from > 1):
-        raise ValueError(f"probe: bound_from must be a length ratio > 1 (or None), got {bound_from!r}")
+    for label, ratio in (("bound_from", bound_from), ("position_from", position_from)):
+        if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)
+                                  or not ratio > 1):
+            raise ValueError(f"probe: {label} must be a length ratio > 1 (or None), got {ratio!r}")
+
+
+def length_ranges(methods: list[str], bound_from: float | int | None,
+                  position_from: float | int | None) -> tuple[list[str], list[LengthRange]]:
+    """The plan's methods below the first ratio and its length ranges, from the rule's per-layer
+    choice ``methods`` (``"vrpr"`` or ``"tsa"``), ``bound_from`` and ``position_from`` (module docstring)."""
+
+    def at(ratio: float | int) -> list[str]:
+        positions = position_from is None or ratio >= position_from
+        bounded = bound_from is not None and ratio >= bound_from
+        vrpr_layer = {(True, True): "tsa+vrpr", (True, False): "vrpr", (False, True): "tsa",
+                      (False, False): "direct"}[(positions, bounded)]
+        return [vrpr_layer if m == "vrpr" else m for m in methods]
+
+    cuts = sorted({r for r in (bound_from, position_from) if r is not None})
+    return at(1.0), [LengthRange(r, at(r)) for r in cuts]
 
 
 def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
@@ -208,7 +232,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
           margin: float = 0.0, tsa_count: int | None = None, latent_size: tuple[int, int] | None = None,
           progress: bool | Callable[[int, int], None] = True,
           temporal_factor: int | None = None, text: Tensor | None = None, score: str = "attention",
-          bound_from: float | int | None = None) -> LayerPlan:
+          bound_from: float | int | None = None, position_from: float | int | None = None) -> LayerPlan:
     """Probe every self-attention layer of ``target`` at ``num_frames`` video frames; returns the plan.
 
     Args:
@@ -240,6 +264,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             ``"output"`` (the model's output change); see the module docstring.
         bound_from: a length ratio (> 1) from which VRPR layers get ``tsa+vrpr`` (a length range of the
             plan); ``None``: one assignment for every length.
+        position_from: a length ratio (> 1) below which the VRPR layers get no position correction
+            (``direct``, or ``tsa`` from ``bound_from``); ``None``: VRPR at every length.
     """
     import freeloc
     from freeloc.registry import adapters_for
@@ -251,7 +277,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             raise ValueError(f"probe: {label} must be an int >= {low}, got {value!r}")
     if text is not None and inputs is not None:
         raise ValueError("probe: text= conditions the synthetic inputs; with inputs=, put the text embeddings in them")
-    check_rule(score, bound_from)
+    check_rule(score, bound_from, position_from)
     name, module, adapter_cls = adapters_for(target)[0]
     adapter = adapter_cls(module, name=name)
     pipeline = None if module is target else target
@@ -386,14 +412,14 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             identity[key] = list(value) if isinstance(value, tuple) else value
         elif value is not None and value != n_layers:  # e.g. HunyuanVideo: dual-stream blocks only
             identity["config_num_layers"] = value
-    ranges = [] if bound_from is None else [
-        LengthRange(bound_from, ["tsa+vrpr" if m == "vrpr" else m for m in methods])]
+    methods, ranges = length_ranges(methods, bound_from, position_from)
     plan = LayerPlan(methods=methods, params=[{} for _ in range(n_layers)], ranges=ranges,
                      scores=all_scores,
                      model=identity, trained_frames=t_latent,
                      meta={"source": "freeloc.probe",
                            "rule": {"name": "normalized dominance", "score": score, "margin": margin,
-                                    "tsa_count": tsa_count, "bound_from": bound_from},
+                                    "tsa_count": tsa_count, "bound_from": bound_from,
+                                    "position_from": position_from},
                            "probe": {"num_frames": num_frames, "latent_frames": f_latent, "shifts": shifts,
                                      "window": window, "layers": probed, "seed": seed, "max_queries": max_queries,
                                      "temporal_factor": data_factor,

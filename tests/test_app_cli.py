@@ -301,6 +301,15 @@ def test_probe_shapes_refuses_the_pipeline_options(flag: str, value: str, tmp_pa
     assert f"{flag} is for pipelines; --model shapes probes the shipped shapes model" in err
 
 
+@pytest.mark.parametrize("flag", ["--bound-from", "--position-from"])
+def test_probe_refuses_a_ratio_not_above_one_before_loading(flag: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before any model is loaded: ``org/model`` is not reachable here, so loading would fail otherwise."""
+    err = _usage_error(["probe", "--model", "org/model", "--num-frames", "321", "--out", str(tmp_path / "p.json"),
+                        flag, "1"], capsys)
+    assert f"{flag} must be a length ratio > 1 (or None), got 1.0" in err
+
+
 def test_probe_a_pipeline_needs_a_length(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = _usage_error(["probe", "--model", "org/model", "--out", str(tmp_path / "p.json")], capsys)
     assert "--num-frames is required for a pipeline" in err

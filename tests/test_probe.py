@@ -14,7 +14,8 @@ import diffusers  # noqa: E402
 from test_wan_adapter import assert_same_state, snapshot  # noqa: E402
 
 import freeloc  # noqa: E402
-from freeloc.probing import probe, select  # noqa: E402
+from freeloc.plan import LengthRange  # noqa: E402
+from freeloc.probing import length_ranges, probe, select  # noqa: E402
 
 TRAINED_VIDEO = 21  # 6 latent frames
 FRAMES = 24  # latent frames probed (4x)
@@ -132,6 +133,36 @@ def test_bound_from_gives_the_vrpr_layers_bounded_context_past_a_ratio() -> None
     assert type(plan.resolve(POSITION_LAYER, 5 * 6, 6)).__name__ == "VRPR"
     with pytest.raises(ValueError, match="bound_from must be a length ratio > 1"):
         run_probe(model, bound_from=1)
+
+
+def test_position_from_withholds_vrpr_below_a_ratio() -> None:
+    """Below ``position_from`` the rule's VRPR layers run ``direct`` (or ``tsa`` once ``bound_from`` bounds
+    them); the rule's TSA layers are TSA at every length."""
+    model = prepared_model()
+    plan = run_probe(model, bound_from=2, position_from=4)
+    assert plan.methods[POSITION_LAYER] == "direct" and plan.methods[CONTEXT_LAYER] == "tsa"
+    assert [r.from_ratio for r in plan.ranges] == [2, 4]
+    assert plan.ranges[0].methods[POSITION_LAYER] == "tsa" and plan.ranges[1].methods[POSITION_LAYER] == "tsa+vrpr"
+    assert all(r.methods[CONTEXT_LAYER] == "tsa" for r in plan.ranges)
+    assert plan.meta["rule"]["position_from"] == 4
+    assert type(plan.resolve(POSITION_LAYER, 3 * 6, 6)).__name__ == "TSA"
+    assert type(plan.resolve(POSITION_LAYER, 4 * 6, 6)).__name__ == "TSAVRPR"
+    alone = run_probe(model, position_from=3)
+    assert alone.methods[POSITION_LAYER] == "direct" and [r.from_ratio for r in alone.ranges] == [3]
+    assert alone.ranges[0].methods[POSITION_LAYER] == "vrpr"
+    with pytest.raises(ValueError, match=r"position_from must be a length ratio > 1 \(or None\), got 0.5"):
+        run_probe(model, position_from=0.5)
+
+
+def test_length_ranges_cover_every_order_of_the_two_ratios() -> None:
+    rule = ["vrpr", "tsa"]
+    assert length_ranges(rule, None, None) == (rule, [])
+    assert length_ranges(rule, 2, None) == (rule, [LengthRange(2, ["tsa+vrpr", "tsa"])])
+    assert length_ranges(rule, None, 2) == (["direct", "tsa"], [LengthRange(2, rule)])
+    assert length_ranges(rule, 2, 4) == (["direct", "tsa"], [LengthRange(2, ["tsa", "tsa"]),
+                                                              LengthRange(4, ["tsa+vrpr", "tsa"])])
+    assert length_ranges(rule, 4, 2) == (["direct", "tsa"], [LengthRange(2, rule), LengthRange(4, ["tsa+vrpr", "tsa"])])
+    assert length_ranges(rule, 3, 3) == (["direct", "tsa"], [LengthRange(3, ["tsa+vrpr", "tsa"])])
 
 
 def test_selection_rule() -> None:

@@ -20,7 +20,8 @@ def test_long_video_benchmark_prints_every_method_and_length(tmp_path: Path, mon
     out = tmp_path / "table.json"
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--lengths", "1,2", "--conditions", "2", "--steps", "1",
                                       "--methods", "direct,riflex,tsa,tsa+vrpr,freeloc-uniform,freeloc-probe",
-                                      "--score", "output", "--bound-from", "2", "--json", str(out),
+                                      "--score", "output", "--bound-from", "2", "--position-from", "4",
+                                      "--json", str(out),
                                       "--png", str(tmp_path / "strip.png"), "--plot", str(tmp_path / "plot.png")])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     text = capsys.readouterr().out
@@ -30,8 +31,10 @@ def test_long_video_benchmark_prints_every_method_and_length(tmp_path: Path, mon
     expected = [(m, name) for m in (1, 2) for name in ("real clips", *methods)]
     assert [(r["length"], r["method"]) for r in rows] == expected
     assert all(r["palette_fidelity"] == 1.0 and len(r["per_clip"]) == 2 for r in rows if r["method"] == "real clips")
-    assert "probe plan at 4x (score 'output', bound_from 2.0)" in text and "; from 2x: [" in text
-    assert data["plan"]["meta"]["rule"]["bound_from"] == 2.0
+    assert "probe plan at 4x (score 'output', bound_from 2.0, position_from 4.0)" in text
+    assert "; from 2x: ['tsa', " in text and "; from 4x: [" in text
+    assert [layer["method"] for layer in data["plan"]["ranges"][0]["layers"]] == ["tsa"] * 8
+    assert data["plan"]["meta"]["rule"]["bound_from"] == 2.0 and data["plan"]["meta"]["rule"]["position_from"] == 4.0
     assert "RIFLEx k = 2" in text and "2x (32)" in text and "test split (seeds 50000-50001)" in text
     colours = data["intervals"]["2"]["color_consistency"]
     assert set(colours) == set(methods) and "vs_direct" not in colours["direct"]

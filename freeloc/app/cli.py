@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--bound-from", type=float, default=None, metavar="RATIO",
                     help="from RATIO x the trained length on, the VRPR layers get tsa+vrpr (a length range of the "
                          "plan); default: one assignment for every length")
+    pr.add_argument("--position-from", type=float, default=None, metavar="RATIO",
+                    help="below RATIO x the trained length, the VRPR layers get no position correction (direct, "
+                         "or tsa from --bound-from); default: VRPR at every length")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--device", default="cuda" if _cuda() else "cpu")
     pr.add_argument("--dtype", default="bfloat16" if _cuda() else "float32",
@@ -258,7 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
+    from ..probing import check_rule
+
     shapes = args.model == SHAPES
+    try:
+        check_rule(args.score, args.bound_from, args.position_from)
+    except ValueError as err:
+        parser.error(str(err).replace("probe: bound_from", "--bound-from").replace("probe: position_from",
+                                                                                 "--position-from"))
     if shapes:
         for flag, value in (("--prompt", args.prompt), ("--trained-frames", args.trained_frames),
                             ("--height", args.height), ("--width", args.width)):
@@ -287,7 +297,7 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
               f"{args.num_frames or 4 * cfg.trained_frames} frames", flush=True)
         plan = probe_plan(model.to(args.device), cfg, num_frames=args.num_frames, seed=args.seed,
                           tsa_count=args.tsa_count, progress=progress, score=args.score,
-                          bound_from=args.bound_from)
+                          bound_from=args.bound_from, position_from=args.position_from)
     else:
         diffusers = require("diffusers", "diffusers", "freeloc probe")
         print(f"loading {args.model}", flush=True)
@@ -297,7 +307,8 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         height, width = args.height or PROBE_HEIGHT, args.width or PROBE_WIDTH
         plan = probe(pipe, args.num_frames, trained_frames=args.trained_frames, seed=args.seed,
                      tsa_count=args.tsa_count, latent_size=(height // spatial, width // spatial), progress=progress,
-                     text=text, score=args.score, bound_from=args.bound_from)
+                     text=text, score=args.score, bound_from=args.bound_from,
+                     position_from=args.position_from)
         if args.prompt is not None:
             plan.meta["probe"]["prompt"] = args.prompt
     plan.meta["probe"]["model"] = args.model
