@@ -171,6 +171,9 @@ def main() -> None:
     ap.add_argument("--position-from", type=float, default=None,
                     help="freeloc-probe: the length ratio below which VRPR layers get no position correction "
                          "(default: the shipped plan's, else none)")
+    ap.add_argument("--bounded-vrpr", choices=["tsa+vrpr", "window+vrpr"], default=None,
+                    help="freeloc-probe: what VRPR layers take from --bound-from on "
+                         "(default: the shipped plan's, else tsa+vrpr)")
     args = ap.parse_args()
     defaults = QUICK if args.quick else dict(lengths="1,2,4,8,16", conditions=16, steps=20, methods=",".join(METHODS))
     lengths = [int(x) for x in (args.lengths or str(defaults["lengths"])).split(",")]
@@ -198,8 +201,11 @@ def main() -> None:
         score = args.score or rule.get("score", "attention")
         bound_from = args.bound_from if args.bound_from is not None else rule.get("bound_from")
         position_from = args.position_from if args.position_from is not None else rule.get("position_from")
-        plan = probe_plan(model, cfg, 4, score=score, bound_from=bound_from, position_from=position_from)
-        print(f"probe plan at 4x (score {score!r}, bound_from {bound_from}, position_from {position_from}): "
+        bounded_vrpr = args.bounded_vrpr or rule.get("bounded_vrpr", "tsa+vrpr")
+        plan = probe_plan(model, cfg, 4, score=score, bound_from=bound_from, position_from=position_from,
+                          bounded_vrpr=bounded_vrpr)
+        print(f"probe plan at 4x (score {score!r}, bound_from {bound_from}, position_from {position_from}, "
+              f"bounded_vrpr {bounded_vrpr!r}): "
               f"{plan.methods}"
               + "".join(f"; from {r.from_ratio:g}x: {r.methods}" for r in plan.ranges), flush=True)
         if shipped is not None:

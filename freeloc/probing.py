@@ -35,6 +35,8 @@ At a length ratio ``x``, a layer the rule gives VRPR runs ``direct`` when ``x`` 
 ``tsa`` from ``bound_from`` and below ``position_from``, ``vrpr`` from ``position_from`` and below
 ``bound_from``, and ``tsa+vrpr`` from both (``bound_from=None`` is never reached; ``position_from=None``
 is reached at every length). ``plan.methods`` holds the assignment below the first of the two ratios.
+``bounded_vrpr="window+vrpr"`` bounds those layers with a sliding window instead of TSA (``tsa+vrpr``
+becomes ``window+vrpr``; ``tsa`` below ``position_from`` stays).
 
 Inputs: with a pipeline, ``inputs=`` are its own call arguments (a real prompt): the pipeline runs until
 its transformer is first called (the first denoising step), and that call is probed; with a transformer
@@ -62,7 +64,7 @@ from ._progress import reporter
 from .plan import LayerPlan, LengthRange
 from .rotary import RotaryLayout
 
-__all__ = ["probe", "select", "check_rule", "length_ranges", "DEFAULT_QUERIES", "SCORES"]
+__all__ = ["probe", "select", "check_rule", "length_ranges", "BOUNDED_VRPR", "DEFAULT_QUERIES", "SCORES"]
 
 #: Sampled query tokens per layer.
 DEFAULT_QUERIES = 1024
@@ -70,6 +72,8 @@ DEFAULT_QUERIES = 1024
 KEY_CHUNK = 8192
 #: The pairs of scores (position, context) the selection rule can compare, by name.
 SCORES = {"attention": ("position", "context"), "output": ("position_output", "context_output")}
+#: The composed methods the rule's VRPR layers may take from ``bound_from`` on.
+BOUNDED_VRPR = ("tsa+vrpr", "window+vrpr")
 
 
 def select(position: list[float], context: list[float], *, margin: float = 0.0,
@@ -198,27 +202,31 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
-def check_rule(score: str, bound_from: float | int | None, position_from: float | int | None = None) -> None:
-    """Raise ``ValueError`` unless ``score`` names a key of ``SCORES`` and ``bound_from`` and
-    ``position_from`` are each ``None`` or a length ratio > 1: the rule's settings, checked before any
-    probing (``probe``, the shapes export)."""
+def check_rule(score: str, bound_from: float | int | None, position_from: float | int | None = None,
+               bounded_vrpr: str = "tsa+vrpr") -> None:
+    """Raise ``ValueError`` unless ``score`` names a key of ``SCORES``, ``bound_from`` and
+    ``position_from`` are each ``None`` or a length ratio > 1 and ``bounded_vrpr`` is one of
+    ``BOUNDED_VRPR``: the rule's settings, checked before any probing (``probe``, the shapes export)."""
     if score not in SCORES:
         raise ValueError(f"probe: score must be one of {sorted(SCORES)}, got {score!r}")
+    if bounded_vrpr not in BOUNDED_VRPR:
+        raise ValueError(f"probe: bounded_vrpr must be one of {list(BOUNDED_VRPR)}, got {bounded_vrpr!r}")
     for label, ratio in (("bound_from", bound_from), ("position_from", position_from)):
         if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)
                                   or not ratio > 1):
             raise ValueError(f"probe: {label} must be a length ratio > 1 (or None), got {ratio!r}")
 
 
-def length_ranges(methods: list[str], bound_from: float | int | None,
-                  position_from: float | int | None) -> tuple[list[str], list[LengthRange]]:
+def length_ranges(methods: list[str], bound_from: float | int | None, position_from: float | int | None,
+                  bounded_vrpr: str = "tsa+vrpr") -> tuple[list[str], list[LengthRange]]:
     """The plan's methods below the first ratio and its length ranges, from the rule's per-layer
-    choice ``methods`` (``"vrpr"`` or ``"tsa"``), ``bound_from`` and ``position_from`` (module docstring)."""
+    choice ``methods`` (``"vrpr"`` or ``"tsa"``), ``bound_from``, ``position_from`` and ``bounded_vrpr``
+    (module docstring)."""
 
     def at(ratio: float | int) -> list[str]:
         positions = position_from is None or ratio >= position_from
         bounded = bound_from is not None and ratio >= bound_from
-        vrpr_layer = {(True, True): "tsa+vrpr", (True, False): "vrpr", (False, True): "tsa",
+        vrpr_layer = {(True, True): bounded_vrpr, (True, False): "vrpr", (False, True): "tsa",
                       (False, False): "direct"}[(positions, bounded)]
         return [vrpr_layer if m == "vrpr" else m for m in methods]
 
@@ -232,7 +240,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
           margin: float = 0.0, tsa_count: int | None = None, latent_size: tuple[int, int] | None = None,
           progress: bool | Callable[[int, int], None] = True,
           temporal_factor: int | None = None, text: Tensor | None = None, score: str = "attention",
-          bound_from: float | int | None = None, position_from: float | int | None = None) -> LayerPlan:
+          bound_from: float | int | None = None, position_from: float | int | None = None,
+          bounded_vrpr: str = "tsa+vrpr") -> LayerPlan:
     """Probe every self-attention layer of ``target`` at ``num_frames`` video frames; returns the plan.
 
     Args:
@@ -266,6 +275,8 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             plan); ``None``: one assignment for every length.
         position_from: a length ratio (> 1) below which the VRPR layers get no position correction
             (``direct``, or ``tsa`` from ``bound_from``); ``None``: VRPR at every length.
+        bounded_vrpr: what the VRPR layers take from ``bound_from`` (and ``position_from``) on:
+            ``"tsa+vrpr"`` (default) or ``"window+vrpr"`` (a sliding window's bounded context).
     """
     import freeloc
     from freeloc.registry import adapters_for
@@ -277,7 +288,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             raise ValueError(f"probe: {label} must be an int >= {low}, got {value!r}")
     if text is not None and inputs is not None:
         raise ValueError("probe: text= conditions the synthetic inputs; with inputs=, put the text embeddings in them")
-    check_rule(score, bound_from, position_from)
+    check_rule(score, bound_from, position_from, bounded_vrpr)
     name, module, adapter_cls = adapters_for(target)[0]
     adapter = adapter_cls(module, name=name)
     pipeline = None if module is target else target
@@ -412,14 +423,14 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
             identity[key] = list(value) if isinstance(value, tuple) else value
         elif value is not None and value != n_layers:  # e.g. HunyuanVideo: dual-stream blocks only
             identity["config_num_layers"] = value
-    methods, ranges = length_ranges(methods, bound_from, position_from)
+    methods, ranges = length_ranges(methods, bound_from, position_from, bounded_vrpr)
     plan = LayerPlan(methods=methods, params=[{} for _ in range(n_layers)], ranges=ranges,
                      scores=all_scores,
                      model=identity, trained_frames=t_latent,
                      meta={"source": "freeloc.probe",
                            "rule": {"name": "normalized dominance", "score": score, "margin": margin,
                                     "tsa_count": tsa_count, "bound_from": bound_from,
-                                    "position_from": position_from},
+                                    "position_from": position_from, "bounded_vrpr": bounded_vrpr},
                            "probe": {"num_frames": num_frames, "latent_frames": f_latent, "shifts": shifts,
                                      "window": window, "layers": probed, "seed": seed, "max_queries": max_queries,
                                      "temporal_factor": data_factor,

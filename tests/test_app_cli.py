@@ -277,12 +277,15 @@ def test_probe_the_shipped_shapes_model(tmp_path: Path, capsys: pytest.CaptureFi
     pytest.importorskip("diffusers", reason="the shapes model is a diffusers transformer (extra 'shapes')")
     out = tmp_path / "plan.json"
     assert main(["probe", "--model", "shapes", "--num-frames", "20", "--out", str(out), "--device", "cpu",
-                 "--dtype", "float32"]) == 0
+                 "--dtype", "float32", "--bound-from", "3", "--position-from", "2", "--bounded-vrpr", "window+vrpr"]) == 0
     plan = freeloc.LayerPlan.load(out)
+    rule = plan.meta["rule"]
+    assert (rule["bound_from"], rule["position_from"], rule["bounded_vrpr"]) == (3, 2, "window+vrpr")
+    assert [r.from_ratio for r in plan.ranges] == [2, 3] and "window+vrpr" in plan.ranges[1].methods
     from freeloc.shapes.model import load_shipped
 
     n = load_shipped()[1].num_layers
-    assert len(plan.methods) == n and set(plan.methods) <= {"vrpr", "tsa"}
+    assert len(plan.methods) == n and set(plan.methods) <= {"direct", "tsa"}
     assert plan.meta["probe"]["model"] == "shapes" and plan.trained_frames == 16
     assert plan.meta["probe"]["latent_frames"] == 20
     assert all(x > 0 for x in plan.scores["position"]) and all(x > 0 for x in plan.scores["context"])

@@ -163,6 +163,19 @@ def test_length_ranges_cover_every_order_of_the_two_ratios() -> None:
                                                               LengthRange(4, ["tsa+vrpr", "tsa"])])
     assert length_ranges(rule, 4, 2) == (["direct", "tsa"], [LengthRange(2, rule), LengthRange(4, ["tsa+vrpr", "tsa"])])
     assert length_ranges(rule, 3, 3) == (["direct", "tsa"], [LengthRange(3, ["tsa+vrpr", "tsa"])])
+    assert length_ranges(rule, 2, 4, "window+vrpr") == (["direct", "tsa"], [LengthRange(2, ["tsa", "tsa"]),
+                                                                            LengthRange(4, ["window+vrpr", "tsa"])])
+
+
+def test_bounded_vrpr_bounds_the_vrpr_layers_with_a_window() -> None:
+    model = prepared_model()
+    plan = run_probe(model, bound_from=2, bounded_vrpr="window+vrpr")
+    (far,) = plan.ranges
+    assert far.methods[POSITION_LAYER] == "window+vrpr" and far.methods[CONTEXT_LAYER] == "tsa"
+    assert plan.meta["rule"]["bounded_vrpr"] == "window+vrpr"
+    assert type(plan.resolve(POSITION_LAYER, 3 * 6, 6)).__name__ == "WindowVRPR"
+    with pytest.raises(ValueError, match=r"bounded_vrpr must be one of \['tsa\+vrpr', 'window\+vrpr'\], got 'tsa'"):
+        run_probe(model, bound_from=2, bounded_vrpr="tsa")
 
 
 def test_selection_rule() -> None:

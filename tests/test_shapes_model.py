@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from freeloc.shapes.model import (  # noqa: E402
     load,
     load_shipped,
     model_condition,
+    probe_plan,
     sample,
     shipped_plan,
 )
@@ -133,3 +135,18 @@ def test_sampling_reports_progress_per_step(tiny_shapes: ShapesConfig, capsys: p
     err = capsys.readouterr().err
     assert [part.split(",")[0] for part in err.split("\r")[1:]] == [f"sampling steps: {i}/3" for i in range(4)]
     assert torch.equal(seen, quiet)
+
+
+def test_the_shipped_plan_is_what_its_recorded_rule_writes() -> None:
+    """``plan.json`` and ``model.json`` name the same rule, and the probe with that rule on the shipped weights
+    writes the same methods and length ranges again."""
+    model, cfg = load_shipped()
+    shipped = shipped_plan()
+    rule = shipped.meta["rule"]
+    recorded = json.loads((SHIPPED / "model.json").read_text())["plan"]
+    keys = ("score", "bound_from", "position_from", "bounded_vrpr")
+    assert {k: recorded.get(k) for k in keys} == {k: rule.get(k) for k in keys}
+    again = probe_plan(model, cfg, score=rule["score"], bound_from=rule["bound_from"],
+                       position_from=rule["position_from"], bounded_vrpr=rule["bounded_vrpr"], progress=False)
+    print(again.methods, [(r.from_ratio, r.methods) for r in again.ranges])
+    assert (again.methods, again.ranges) == (shipped.methods, shipped.ranges)

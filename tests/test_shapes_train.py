@@ -202,10 +202,12 @@ def test_export_writes_the_plan_with_the_probe_settings_it_is_given(tiny_shapes:
     assert default.ranges == [] and default.meta["rule"]["bound_from"] is None
     assert default.meta["rule"]["score"] == "attention"
     assert "with its `attention` scores.\n" in (tmp_path / "default" / "MODEL_CARD.md").read_text()
-    export(tmp_path / "run", tmp_path / "both", evaluate=None, bound_from=2, position_from=4)
+    export(tmp_path / "run", tmp_path / "both", evaluate=None, bound_from=2, position_from=4,
+           bounded_vrpr="window+vrpr")
     monkeypatch.setattr(shapes_model, "SHIPPED", tmp_path / "both")
     both = shapes_model.shipped_plan()
     assert both.meta["rule"]["position_from"] == 4 and [r.from_ratio for r in both.ranges] == [2, 4]
+    assert both.meta["rule"]["bounded_vrpr"] == "window+vrpr" and "tsa+vrpr" not in both.ranges[1].methods
     assert set(both.ranges[0].methods) == {"tsa"} and "vrpr" not in both.methods
-    assert ("from 2x on, its VRPR layers take `tsa` (`bound_from`), and from 4x on `tsa+vrpr` (`position_from`)"
+    assert ("from 2x on, its VRPR layers take `tsa` (`bound_from`), and from 4x on `window+vrpr` (`position_from`)"
             in (tmp_path / "both" / "MODEL_CARD.md").read_text())

@@ -45,7 +45,7 @@ from .._files import check_writable
 from ..attention.options import AttentionOptions
 from ..patterns import TSA, SlidingWindow
 from ..positions import PUBLISHED_VRPR, VRPR
-from ..probing import probe
+from ..probing import BOUNDED_VRPR, check_rule, probe
 from ..session import METHOD_CHOICES
 from .plots import explain_png, plot_scores
 from .progress import tqdm_progress
@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--position-from", type=float, default=None, metavar="RATIO",
                     help="below RATIO x the trained length, the VRPR layers get no position correction (direct, "
                          "or tsa from --bound-from); default: VRPR at every length")
+    pr.add_argument("--bounded-vrpr", choices=list(BOUNDED_VRPR), default="tsa+vrpr",
+                    help="what the VRPR layers take from --bound-from on: VRPR inside TSA's or a sliding window's "
+                         "bounded context (default tsa+vrpr)")
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--device", default="cuda" if _cuda() else "cpu")
     pr.add_argument("--dtype", default="bfloat16" if _cuda() else "float32",
@@ -260,8 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
-
-    from ..probing import check_rule
 
     shapes = args.model == SHAPES
     try:
@@ -297,7 +298,8 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
               f"{args.num_frames or 4 * cfg.trained_frames} frames", flush=True)
         plan = probe_plan(model.to(args.device), cfg, num_frames=args.num_frames, seed=args.seed,
                           tsa_count=args.tsa_count, progress=progress, score=args.score,
-                          bound_from=args.bound_from, position_from=args.position_from)
+                          bound_from=args.bound_from, position_from=args.position_from,
+                          bounded_vrpr=args.bounded_vrpr)
     else:
         diffusers = require("diffusers", "diffusers", "freeloc probe")
         print(f"loading {args.model}", flush=True)
@@ -308,7 +310,7 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         plan = probe(pipe, args.num_frames, trained_frames=args.trained_frames, seed=args.seed,
                      tsa_count=args.tsa_count, latent_size=(height // spatial, width // spatial), progress=progress,
                      text=text, score=args.score, bound_from=args.bound_from,
-                     position_from=args.position_from)
+                     position_from=args.position_from, bounded_vrpr=args.bounded_vrpr)
         if args.prompt is not None:
             plan.meta["probe"]["prompt"] = args.prompt
     plan.meta["probe"]["model"] = args.model

@@ -199,13 +199,13 @@ def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesCon
 def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, num_frames: int | None = None,
                seed: int = 0, tsa_count: int | None = None, progress: Progress = True,
                score: str = "attention", bound_from: float | int | None = None,
-               position_from: float | int | None = None) -> LayerPlan:
+               position_from: float | int | None = None, bounded_vrpr: str = "tsa+vrpr") -> LayerPlan:
     """The layer plan ``freeloc.probe`` writes for this model at ``multiple`` x its trained length.
 
     The probe's input is a rendered clip (seed 99) noised halfway (timestep 500) with its condition.
     ``num_frames`` (video frames, here latent frames too) replaces ``multiple``; ``seed`` (the probe's
-    query sample), ``tsa_count``, ``progress``, ``score``, ``bound_from`` and ``position_from`` are passed to
-    ``freeloc.probe``.
+    query sample), ``tsa_count``, ``progress``, ``score``, ``bound_from``, ``position_from`` and ``bounded_vrpr``
+    are passed to ``freeloc.probe``.
     """
     frames = multiple * cfg.trained_frames if num_frames is None else num_frames
     spec = random_spec(99, frame_size=cfg.frame_size)
@@ -215,7 +215,7 @@ def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, 
                   encoder_hidden_states=condition_tokens(cfg, model_condition(spec)[None]), return_dict=False)
     plan = probe(model, frames, inputs=inputs, trained_frames=cfg.trained_frames, temporal_factor=1, seed=seed,
                  tsa_count=tsa_count, progress=progress, score=score, bound_from=bound_from,
-                 position_from=position_from)
+                 position_from=position_from, bounded_vrpr=bounded_vrpr)
     plan.meta["probe"]["inputs"] = "freeloc.shapes.model.probe_plan: a rendered clip (seed 99) at timestep 500"
     return plan
 

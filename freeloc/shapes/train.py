@@ -28,7 +28,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from .._extras import require
-from ..probing import SCORES, check_rule
+from ..probing import BOUNDED_VRPR, SCORES, check_rule
 from .clips import BACKGROUND, CONDITION_DIM, MAX_SHAPES, PALETTE, SLOT_DIM, random_spec, render
 from .metrics import evaluate_generated
 from .model import (
@@ -176,19 +176,19 @@ def _scores_table(scores: dict[float, dict[str, float]], shipped: float, clips: 
 def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: str = "",
            guidance: float = 1.0, evaluate: list[float] | None = None, evaluate_clips: int = 8,
            score: str = "attention", bound_from: float | int | None = None,
-           position_from: float | int | None = None) -> Path:
+           position_from: float | int | None = None, bounded_vrpr: str = "tsa+vrpr") -> Path:
     """Write a training run's weight average as a shippable checkpoint in ``dest``.
 
     ``dest`` receives ``model.safetensors`` (float16 weights), ``model.json`` (the config, the steps,
     the final loss, the data generator settings and ``commit``, the commit of the training code),
-    ``plan.json`` (``probe_plan`` on the exported weights, with the probe's ``score``, ``bound_from`` and
-    ``position_from``),
+    ``plan.json`` (``probe_plan`` on the exported weights, with the probe's ``score``, ``bound_from``,
+    ``position_from`` and ``bounded_vrpr``),
     ``loss.png`` and ``MODEL_CARD.md``.
     ``guidance`` is the classifier-free guidance scale to sample it with (``shipped_guidance()``).
     ``evaluate``: guidance scales at which the card gets a table of ``trained_length_scores``
     (``evaluate_clips`` conditions each; also stored in ``model.json``); None: no table.
     """
-    check_rule(score, bound_from, position_from)  # before anything is written to dest
+    check_rule(score, bound_from, position_from, bounded_vrpr)  # before anything is written to dest
     save_file = require("safetensors.torch", "shapes", "exporting the shapes model").save_file
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
     cfg = ShapesConfig(**state["config"])
@@ -203,7 +203,8 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
         config=asdict(cfg), steps=state["step"], final_loss=round(sum(losses[-window:]) / window, 4),
         loss_window=window, commit=commit, guidance=guidance,
         parameters=sum(v.numel() for v in state["ema"].values()),
-        plan=dict(probe_at=4, score=score, bound_from=bound_from, position_from=position_from),
+        plan=dict(probe_at=4, score=score, bound_from=bound_from, position_from=position_from,
+                  bounded_vrpr=bounded_vrpr),
         weights="exponential moving average of the weights, stored as float16",
         data=dict(generator="freeloc.shapes.clips.random_spec", frame_size=cfg.frame_size, shape_size=3,
                   max_shapes=MAX_SHAPES, palette=list(PALETTE),
@@ -220,7 +221,8 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
                                              by_guidance={f"{g:g}": sc for g, sc in scores.items()})
         note = _scores_table(scores, guidance, evaluate_clips) + note
     (dest / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
-    probe_plan(model, cfg, score=score, bound_from=bound_from, position_from=position_from).save(dest / "plan.json")
+    probe_plan(model, cfg, score=score, bound_from=bound_from, position_from=position_from,
+               bounded_vrpr=bounded_vrpr).save(dest / "plan.json")
     _loss_png(losses, dest / "loss.png")
     (dest / "MODEL_CARD.md").write_text(_card(meta, note))
     return dest
@@ -280,15 +282,16 @@ def _plan_text(plan: dict[str, Any]) -> str:
     text = (f"written by `freeloc.probe` at {plan.get('probe_at', 4)}x the trained length with its "
             f"`{plan.get('score', 'attention')}` scores")
     bound, positions = plan.get("bound_from"), plan.get("position_from")
+    bounded = plan.get("bounded_vrpr", "tsa+vrpr")
     if positions is not None and bound is not None and positions > bound:
         text += (f"; from {bound:g}x on, its VRPR layers take `tsa` (`bound_from`), and from {positions:g}x on "
-                 f"`tsa+vrpr` (`position_from`)")
+                 f"`{bounded}` (`position_from`)")
     elif positions is not None:
         text += f"; its VRPR layers take no position correction below {positions:g}x (`position_from`)"
         if bound is not None:
-            text += f", and from {bound:g}x on they take `tsa+vrpr` (`bound_from`)"
+            text += f", and from {bound:g}x on they take `{bounded}` (`bound_from`)"
     elif bound is not None:
-        text += f"; from {bound:g}x on, its VRPR layers take `tsa+vrpr` (`bound_from`)"
+        text += f"; from {bound:g}x on, its VRPR layers take `{bounded}` (`bound_from`)"
     return text
 
 
@@ -356,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--position-from", type=float, default=None,
                     help="with --export: the length ratio below which the plan's VRPR layers get no position "
                          "correction (freeloc.probe's position_from; default none)")
+    ap.add_argument("--bounded-vrpr", choices=list(BOUNDED_VRPR), default="tsa+vrpr",
+                    help="with --export: what the plan's VRPR layers take from --bound-from on "
+                         "(freeloc.probe's bounded_vrpr; default tsa+vrpr)")
     args = ap.parse_args(argv)
     if args.export is not None:
         if args.evaluate == "none":
@@ -369,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--evaluate: expected guidance scales like 1,3,5 or 'none', got {args.evaluate!r}")
         dest = export(args.out, args.export, commit=args.commit, guidance=args.guidance, evaluate=evaluate,
                       evaluate_clips=args.evaluate_clips, score=args.probe_score, bound_from=args.bound_from,
-                      position_from=args.position_from)
+                      position_from=args.position_from, bounded_vrpr=args.bounded_vrpr)
         print(f"wrote {dest}")
         return 0
     if args.layers < 1 or args.ffn_dim < 1:
