@@ -277,7 +277,8 @@ def test_probe_the_shipped_shapes_model(tmp_path: Path, capsys: pytest.CaptureFi
     pytest.importorskip("diffusers", reason="the shapes model is a diffusers transformer (extra 'shapes')")
     out = tmp_path / "plan.json"
     assert main(["probe", "--model", "shapes", "--num-frames", "20", "--out", str(out), "--device", "cpu",
-                 "--dtype", "float32", "--bound-from", "3", "--position-from", "2", "--bounded-vrpr", "window+vrpr"]) == 0
+                 "--dtype", "float32", "--bound-from", "3", "--position-from", "2",
+                 "--bounded-vrpr", "window+vrpr"]) == 0
     plan = freeloc.LayerPlan.load(out)
     rule = plan.meta["rule"]
     assert (rule["bound_from"], rule["position_from"], rule["bounded_vrpr"]) == (3, 2, "window+vrpr")
