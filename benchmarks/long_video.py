@@ -32,7 +32,8 @@ and count against length, one line per method with its 95% interval shaded (``--
 A full run takes hours on a CPU. ``--json`` is rewritten after every method of every length; with
 ``--resume`` a run reads it first and samples only the (length, method) pairs it lacks, so a run may be
 stopped and continued, or extended with more lengths or methods (the split, clips, steps, guidance and
-plan must match the file's, or it refuses before sampling).
+plan must match the file's, or it refuses before sampling; a run without ``freeloc-probe`` samples no
+plan and keeps the file's).
 """
 
 from __future__ import annotations
@@ -129,14 +130,20 @@ def _interval(t: tuple[float, float, float] | None) -> str:
     return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]".rjust(24)
 
 
-def _resumed(path: Path, settings: dict[str, Any], ap: argparse.ArgumentParser) -> dict[tuple[int, str], Any]:
-    """The rows of an earlier run's ``--json`` by (length, method), if it was run with these settings."""
+def _resumed(path: Path, settings: dict[str, Any], ap: argparse.ArgumentParser,
+             plan: dict[str, Any] | None = None) -> dict[tuple[int, str], Any]:
+    """The rows of an earlier run's ``--json`` by (length, method), if it was run with these settings.
+    ``plan``: a run that samples no plan passes an empty dict, which receives the file's plan (its
+    ``freeloc-probe`` rows keep it) and is not compared."""
     if not path.exists():
         print(f"--resume: {path} does not exist yet; starting afresh", flush=True)
         return {}
     earlier = json.loads(path.read_text())
     if "plan_methods" not in earlier and "plan" in earlier:
         earlier["plan_methods"] = dict(layers=earlier["plan"]["layers"], ranges=earlier["plan"].get("ranges", []))
+    if plan is not None:
+        plan.update(earlier.get("plan", {}))
+        settings["plan_methods"] = earlier["plan_methods"]
     if differ := [key for key, value in settings.items() if earlier.get(key) != value]:
         ap.error(f"--resume: {path} was run with other settings ({', '.join(differ)}: "
                  f"{[earlier.get(key) for key in differ]}, this run: {[settings[key] for key in differ]}); "
@@ -214,7 +221,11 @@ def main() -> None:
     plan_dict = plan.to_dict()
     settings = dict(split=args.split, seeds=[first, first + conditions - 1], steps=steps, guidance=guidance,
                     riflex_k=k, plan_methods=dict(layers=plan_dict["layers"], ranges=plan_dict.get("ranges", [])))
-    results = _resumed(args.json, settings, ap) if args.resume else {}
+    # Without freeloc-probe no plan is sampled: a resumed file keeps its own plan, whatever it is.
+    no_plan = args.resume and "freeloc-probe" not in methods and args.json is not None and args.json.exists()
+    if no_plan:
+        plan_dict = {}
+    results = _resumed(args.json, settings, ap, plan_dict if no_plan else None) if args.resume else {}
 
     def summary() -> dict[int, dict[str, dict[str, dict[str, Any]]]]:
         """Intervals at every length in ``results``, over every method sampled at that length."""

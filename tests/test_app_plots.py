@@ -10,7 +10,7 @@ import torch
 
 from freeloc import LayerPlan
 from freeloc.app.cli import explain_data
-from freeloc.app.plots import explain_png, frames_png, plot_scores
+from freeloc.app.plots import explain_png, frames_png, metrics_by_length_png, plot_scores
 
 
 def test_frames_png_takes_explicit_frames_and_rejects_bad_ones(tmp_path: Path, is_png: Callable[[Path], bool]) -> None:
@@ -38,3 +38,27 @@ def test_explain_png_draws_longer_and_trained_lengths(num_frames: int, trained_f
     """At the trained length TSA is not applied; the picture still shows what it would attend."""
     path = explain_png(explain_data(num_frames, trained_frames), tmp_path / "explain.png")
     assert path.stat().st_size > 10_000 and is_png(path)
+
+
+def test_metrics_by_length_gives_every_method_its_own_colour_in_every_panel(
+        tmp_path: Path, is_png: Callable[[Path], bool], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twelve methods (more than one colour cycle): no two share a colour, a method keeps its colour across
+    panels, and the plan's line is black."""
+    from matplotlib.axes import Axes
+    from matplotlib.colors import to_hex
+
+    drawn: list[tuple[str, str]] = []
+    plot = Axes.plot
+
+    def recording(self: Axes, *args: object, **kwargs: object) -> object:
+        drawn.append((str(kwargs["label"]), to_hex(kwargs["color"])))  # type: ignore[arg-type]
+        return plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", recording)
+    methods = [f"m{i}" for i in range(10)] + ["freeloc-uniform", "freeloc-probe"]
+    points = {m: [(1, 0.8, 0.7, 0.9), (2, 0.7 - 0.01 * i, 0.6, 0.8)] for i, m in enumerate(methods)}
+    path = metrics_by_length_png({"a": points, "b": dict(points)}, tmp_path / "lengths.png", 16, "test")
+    assert is_png(path)
+    colours = dict(drawn)
+    assert len(drawn) == 24 and len(set(colours.values())) == 12 and set(drawn) == set(colours.items())
+    assert colours["freeloc-probe"] == "#000000"

@@ -75,6 +75,26 @@ def test_long_video_benchmark_resumes_from_its_json_and_refuses_other_settings(
     assert "give --json" in capsys.readouterr().err
 
 
+def test_long_video_benchmark_adds_baselines_to_a_file_with_a_plan(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A resumed run without ``freeloc-probe`` samples no plan: the file keeps its plan and its plan's rows."""
+    out = tmp_path / "table.json"
+    common = ["--lengths", "1", "--conditions", "1", "--steps", "1", "--json", str(out), "--plot",
+              str(tmp_path / "plot.png"), "--png", str(tmp_path / "strip.png")]
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--methods", "direct,freeloc-probe", *common])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    first = json.loads(out.read_text())
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--methods", "tsa", "--resume", *common])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert "probe plan" not in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["plan"] == first["plan"] and data["plan_methods"] == first["plan_methods"]
+    assert {r["method"] for r in data["results"]} == {"real clips", "direct", "freeloc-probe", "tsa"}
+    assert [r for r in data["results"] if r["method"] == "freeloc-probe"] == \
+        [r for r in first["results"] if r["method"] == "freeloc-probe"]
+
+
 def test_bootstrap_intervals_are_paired_and_cover_the_mean() -> None:
     bench = runpy.run_path(str(SCRIPT))
     assert bench["bootstrap"]([0.5] * 16) == (0.5, 0.5, 0.5)

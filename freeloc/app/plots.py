@@ -218,13 +218,21 @@ def metrics_by_length_png(lines: dict[str, dict[str, list[tuple[int, float, floa
     if not lines or not all(lines.values()):
         raise ValueError("metrics_by_length_png needs at least one metric with at least one method")
     fig, axes = plt.subplots(1, len(lines), figsize=(5.2 * len(lines), 4.2), squeeze=False)
+    # One colour per method in every panel: the hues of tab20 but its grey first, then their light shades;
+    # FreeLOC's own lines black (the last one, in practice the plan) and greys, drawn thicker.
+    names = list(dict.fromkeys(m for methods in lines.values() for m in methods))
+    palette = [plt.get_cmap("tab20")(i) for i in [*range(0, 20, 2), *range(1, 20, 2)] if i not in (14, 15)]
+    others = iter(palette * (len(names) // len(palette) + 1))
+    colours = {m: next(others) for m in names if not m.startswith("freeloc")}
+    ours = [m for m in names if m.startswith("freeloc")][::-1]
+    colours |= {m: ["black", "dimgray", "darkgray", "silver"][i % 4] for i, m in enumerate(ours)}
     for ax, (label, methods) in zip(axes[0], lines.items(), strict=True):
         for method, points in methods.items():
             points = sorted(points)
             x = [p[0] for p in points]
-            (line,) = ax.plot(x, [p[1] for p in points], marker="o", markersize=3, label=method,
-                              linewidth=2.2 if method.startswith("freeloc") else 1.2)
-            ax.fill_between(x, [p[2] for p in points], [p[3] for p in points], color=line.get_color(), alpha=0.12)
+            ax.plot(x, [p[1] for p in points], marker="o", markersize=3, label=method, color=colours[method],
+                    linewidth=2.2 if method.startswith("freeloc") else 1.2)
+            ax.fill_between(x, [p[2] for p in points], [p[3] for p in points], color=colours[method], alpha=0.12)
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({p[0] for pts in methods.values() for p in pts}))
         ax.set_xticklabels([f"{m}x" for m in sorted({p[0] for pts in methods.values() for p in pts})])
