@@ -31,7 +31,7 @@ def test_long_video_benchmark_prints_every_method_and_length(tmp_path: Path, mon
     expected = [(m, name) for m in (1, 2) for name in ("real clips", *methods)]
     assert [(r["length"], r["method"]) for r in rows] == expected
     assert all(r["palette_fidelity"] == 1.0 and len(r["per_clip"]) == 2 for r in rows if r["method"] == "real clips")
-    assert "probe plan at 4x (score 'output', bound_from 2.0, position_from 4.0)" in text
+    assert "probe plan at 4x (score 'output', bound_from 2.0, position_from 4.0, bounded_vrpr 'window+vrpr')" in text
     assert "; from 2x: ['tsa', " in text and "; from 4x: [" in text
     assert [layer["method"] for layer in data["plan"]["ranges"][0]["layers"]] == ["tsa"] * 8
     assert data["plan"]["meta"]["rule"]["bound_from"] == 2.0 and data["plan"]["meta"]["rule"]["position_from"] == 4.0
