@@ -50,7 +50,7 @@ import torch
 
 import freeloc
 from freeloc.app.plots import frames_png, metrics_by_length_png
-from freeloc.probing import SCORES
+from freeloc.probing import BOUNDED_VRPR, SCORES
 from freeloc.shapes.clips import random_spec, render
 from freeloc.shapes.metrics import bootstrap_mean, evaluate_generated, nanmean
 from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance, shipped_plan
@@ -178,7 +178,7 @@ def main() -> None:
     ap.add_argument("--position-from", type=float, default=None,
                     help="freeloc-probe: the length ratio below which VRPR layers get no position correction "
                          "(default: the shipped plan's, else none)")
-    ap.add_argument("--bounded-vrpr", choices=["tsa+vrpr", "window+vrpr"], default=None,
+    ap.add_argument("--bounded-vrpr", choices=list(BOUNDED_VRPR), default=None,
                     help="freeloc-probe: what VRPR layers take from --bound-from on "
                          "(default: the shipped plan's, else tsa+vrpr)")
     args = ap.parse_args()
@@ -222,7 +222,7 @@ def main() -> None:
     settings = dict(split=args.split, seeds=[first, first + conditions - 1], steps=steps, guidance=guidance,
                     riflex_k=k, plan_methods=dict(layers=plan_dict["layers"], ranges=plan_dict.get("ranges", [])))
     # Without freeloc-probe no plan is sampled: a resumed file keeps its own plan, whatever it is.
-    no_plan = args.resume and "freeloc-probe" not in methods and args.json is not None and args.json.exists()
+    no_plan = args.resume and "freeloc-probe" not in methods and args.json.exists()
     if no_plan:
         plan_dict = {}
     results = _resumed(args.json, settings, ap, plan_dict if no_plan else None) if args.resume else {}
