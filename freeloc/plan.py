@@ -6,7 +6,8 @@ parameters per layer, optional per-layer probe scores, the identity of the model
 for and the model's trained length. It is plain data: JSON in, JSON out.
 
 Parameters are usually left empty (``{}``): the method's setting is then derived at run time from
-the length with ``for_length(num_frames, trained_frames)``, so one plan serves every length. At or
+the length with ``for_length(num_frames, trained_frames)``, so one plan serves every length. The
+parameters a layer does give replace those of that derived setting; the others stay derived. At or
 below the trained length every layer resolves to ``None`` (plain attention): a plan never changes a
 model that is not asked for a longer video than it was trained on.
 
@@ -73,6 +74,32 @@ def _known_methods() -> list[str]:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _merged(derived: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
+    """``derived`` with ``explicit``'s values, merged key by key where both are dicts (composed methods)."""
+    out = dict(derived)
+    for key, value in explicit.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _explicit_method(name: str, params: dict[str, Any], num_frames: int, trained_frames: int) -> Method:
+    """The method of a layer with explicit ``params`` at ``num_frames`` (> ``trained_frames``).
+
+    The parameters given replace those of the setting derived from the length (``for_length``); the
+    others stay derived, so ``{"d1": 6}`` on a model trained on 33 frames keeps TSA's cap at 32. A
+    method that cannot be derived without parameters (RIFLEx's ``k``, key-shift's ``shift``) is built
+    from ``params`` and the run-time parameters alone.
+    """
+    explicit = _with_runtime_params(name, params, num_frames)
+    try:
+        derived = METHODS[name].for_length(num_frames, trained_frames)
+    except ValueError:  # RIFLEx without k, key-shift
+        derived = None
+    if derived is None:
+        return method_from_dict({"method": name, **explicit})
+    return method_from_dict(_merged(derived.to_dict(), explicit))
 
 
 def _with_runtime_params(name: str, params: dict[str, Any], num_frames: int) -> dict[str, Any]:
@@ -269,7 +296,7 @@ class LayerPlan:
         Args:
             method: a method name (see ``LayerPlan``), or ``"direct"``.
             num_layers: number of self-attention layers.
-            **params: explicit parameters for every layer (none: derived from the length at run time).
+            **params: explicit parameters for every layer (those not given: derived from the length at run time).
 
         Examples:
             >>> LayerPlan.uniform("tsa", 4).summary()
@@ -563,7 +590,7 @@ class LayerPlan:
             return None
         params = layer_params[layer]
         if params:
-            return method_from_dict({"method": name, **_with_runtime_params(name, params, num_frames)})
+            return _explicit_method(name, params, num_frames, t)
         if name == "riflex":
             raise ValueError(
                 f"layer {layer} uses 'riflex', which needs its intrinsic frequency index k: give it in the "
@@ -636,7 +663,7 @@ def _validate_layer(index: int, name: object, params: object) -> None:
         return
     if name == DIRECT:
         raise ValueError(f"layer {index} is 'direct' (unchanged) and takes no params, got {params!r}")
-    try:
-        method_from_dict({"method": name, **_with_runtime_params(name, params, 1)})
+    try:  # as resolved at twice a 21-frame trained length: names, types and ranges of the values given
+        _explicit_method(name, params, 42, 21)
     except ValueError as e:
         raise ValueError(f"layer {index} ({name!r}): bad params {params!r}: {e}") from e

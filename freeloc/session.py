@@ -204,7 +204,7 @@ def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
     VRPR unless the model has no RoPE, on every layer),
     or the shipped plan ``shipped`` when the model matches one. Any other method: that method on
     every layer (``plan`` must then be None), with ``method_params`` (e.g. ``{"k": 4}`` for RIFLEx;
-    empty: derived from the length).
+    the parameters not given: derived from the length).
     """
     if method not in METHOD_CHOICES:
         raise ValueError(f"method must be one of {list(METHOD_CHOICES)}, got {method!r}")
@@ -255,7 +255,7 @@ def enable(target: torch.nn.Module | Any, num_frames: int | None = None, plan: L
         trained_frames: the trained length in video frames, overriding the model's data.
         backend: attention backend for ``freeloc.attention.attend``.
         method_params: parameters of a single ``method`` on every layer, e.g. ``{"k": 4}`` for RIFLEx or
-            ``{"window": 10}`` for the sliding window; empty: derived from the length.
+            ``{"window": 10}`` for the sliding window; the parameters not given are derived from the length.
         observer: called with each hooked layer's attention inputs (used by the probe).
         temporal_factor: video frames per latent frame, overriding the pipeline's and the model data's
             (1 for a model without temporal compression); ``latent = (video - 1) // factor + 1``.

@@ -164,7 +164,7 @@ def _mutate(path: tuple[Any, ...], value: Any) -> dict[str, Any]:
         (_mutate(("layers", 1, "method"), "vrpx"), r"layer 1: unknown method 'vrpx'.*'tsa'.*'vrpr'"),
         (_mutate(("layers", 0, "params"), {"d1": 30, "d2": 24}), r"layer 0 \('tsa'\).*d1=30, d2=24"),
         (_mutate(("layers", 0, "params"), {"d3": 1}), r"layer 0 \('tsa'\).*\['d3'\].*accepted"),
-        (_mutate(("layers", 1, "params"), {"w1": 10}), r"layer 1 \('vrpr'\): bad params \{'w1': 10\}"),
+        (_mutate(("layers", 1, "params"), {"cap": 5}), r"layer 1 \('vrpr'\): bad params \{'cap': 5\}.*cap=5"),
         (_mutate(("layers", 1, "params"), "w1=10"),
          r"layer 1 \('vrpr'\): params must be a dict, got 'w1=10'"),
         (_mutate(("layers", 1, "params"), {"w1": 20, "w2": 10, "g1": 2, "g2": 8, "cap": 20}),
@@ -269,6 +269,27 @@ def test_resolve_honours_explicit_params(method: str) -> None:
     assert got is not None and got.to_dict() == {**got.to_dict(), **want}
     assert got == type(got)(**{k: v for k, v in want.items() if k != "method"})
     assert plan.resolve(0, num_frames=81) is None
+
+
+@pytest.mark.parametrize(("method", "given"), [
+    ("tsa", {"d1": 6}),
+    ("ultravico", {"alpha": 0.8}),
+    ("yarn", {"alpha": 1.5}),
+    ("sliding-window", {"sink": False}),
+    ("vrpr", {"g2": 6}),
+    ("tsa+vrpr", {"pattern": {"d1": 6}}),
+    ("window+vrpr", {"positions": {"g2": 6}}),
+])
+def test_resolve_keeps_derived_settings_the_params_leave_out(method: str, given: dict[str, Any]) -> None:
+    # 33 trained frames (HunyuanVideo), where the derived settings differ from the classes' defaults
+    plan = LayerPlan.uniform(method, 1, **given)
+    got = plan.resolve(0, num_frames=132, trained_frames=33)
+    derived = METHODS[method].for_length(132, 33)
+    assert got is not None and derived is not None and got != derived
+    want = derived.to_dict()
+    for key, value in given.items():
+        want[key] = {**want[key], **value} if isinstance(value, dict) else value
+    assert got.to_dict() == want
 
 
 def test_resolve_derived_baselines() -> None:
