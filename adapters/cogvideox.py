@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from ..adapter import (
+    UNPUBLISHED,
     ConfigVariant,
     FreeLOCProcessor,
     GridState,
@@ -271,6 +272,7 @@ class CogVideoXAdapter(TransformerAdapter):
                  "frames = 21 latent frames, padded to 22 = 11 temporal tokens"),),
         temporal_factor=4,
     )
+    ultravico_band = UNPUBLISHED
     #: Shared by the layers of one installation: checks the pipeline's rotary tables once per forward.
     _positions: PositionCheck | None = None
 

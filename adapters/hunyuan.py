@@ -27,11 +27,13 @@ The rotary layout is read from the model: ``config.rope_axes_dim`` (temporal cha
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 import torch
 
 from ..adapter import (
+    UNPUBLISHED,
     ConfigVariant,
     FreeLOCProcessor,
     GridState,
@@ -369,6 +371,9 @@ class HunyuanVideoAdapter(TransformerAdapter):
                  "T2V one cannot be told apart by its config) generate 97 frames by default: pass trained_frames="),),
         temporal_factor=4,
     )
+    #: UltraViCo's published harmonic band for HunyuanVideo (distances within 4 latent frames of 50, 100,
+    #: 150 and 200; positive logits x 0.6).
+    ultravico_band = MappingProxyType({"beta": 0.6, "period": 50})
 
     def attention_layers(self) -> list[torch.nn.Module]:
         """``transformer_blocks.{i}.attn``, then ``single_transformer_blocks.{i}.attn``."""
@@ -440,6 +445,8 @@ class HunyuanVideo15Adapter(HunyuanVideoAdapter):
                  "generates 121 frames by default): pass trained_frames="),),
         temporal_factor=4,
     )
+    #: HunyuanVideo's published UltraViCo band was set for HunyuanVideo 1.0, not 1.5.
+    ultravico_band = UNPUBLISHED
 
     def attention_layers(self) -> list[torch.nn.Module]:
         """``transformer_blocks.{i}.attn``."""

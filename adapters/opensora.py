@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapter import FreeLOCProcessor, LayerContext, ModelClass, ModelData, TransformerAdapter
+from ..adapter import UNPUBLISHED, FreeLOCProcessor, LayerContext, ModelClass, ModelData, TransformerAdapter
 from ..rotary import RotaryLayout
 
 __all__ = ["OpenSoraAdapter"]
@@ -99,6 +99,7 @@ class OpenSoraAdapter(TransformerAdapter):
                             note="Open-Sora 2.0, HunyuanVideo VAE: 129 frames = 33 latent frames"),),
         temporal_factor=4,
     )
+    ultravico_band = UNPUBLISHED
 
     def attention_layers(self) -> list[torch.nn.Module]:
         """Double-stream blocks, then single-stream blocks (each block holds its processor)."""

@@ -26,6 +26,7 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -54,8 +55,13 @@ __all__ = [
     "ModelData",
     "ShippedPlan",
     "TransformerAdapter",
+    "UNPUBLISHED",
     "config_matches",
 ]
+
+#: ``TransformerAdapter.ultravico_band`` of models whose RoPE may need UltraViCo's harmonic band but for
+#: which no setting is published: UltraViCo layers must choose one (``beta``, or ``beta: None``).
+UNPUBLISHED = "unpublished"
 
 T = TypeVar("T")
 
@@ -424,6 +430,11 @@ class TransformerAdapter:
 
     #: The transformer classes this adapter handles, their trained lengths, temporal factor and shipped plans.
     model_data: ClassVar[ModelData]
+    #: UltraViCo's harmonic band on these models: ``None`` where UltraViCo has none (Wan, and the
+    #: default); a published setting such as ``{"beta": 0.6, "period": 50}`` (HunyuanVideo), given to
+    #: the UltraViCo layers that set neither key; or ``UNPUBLISHED`` where the models' RoPE may need
+    #: one and none is published: UltraViCo layers must then set ``beta`` (``None``: the decay alone).
+    ultravico_band: ClassVar[Mapping[str, Any] | str | None] = None
 
     def __init__(self, transformer: torch.nn.Module, name: str = "transformer") -> None:
         self.transformer = transformer
@@ -502,6 +513,29 @@ class TransformerAdapter:
         """Temporal tokens of ``frames`` video frames: ``((frames - 1) // factor + 1) // temporal_patch``."""
         return ((frames - 1) // factor + 1) // self.temporal_patch()
 
+    def _with_ultravico_band(self, plan: LayerPlan, rotary: RotaryLayout | None, trained: int) -> LayerPlan:
+        """``plan`` with this model's UltraViCo band (``ultravico_band``) in its UltraViCo layers, or a clear
+        error where the band must be chosen and a layer does not choose it."""
+        band = self.ultravico_band
+        if band is None or rotary is None or "ultravico" not in plan.all_methods():
+            return plan
+        if not isinstance(band, str):
+            return plan.with_defaults("ultravico", dict(band))
+        layers = [(m, p) for m, p in zip(plan.methods, plan.params, strict=True)]
+        layers += [(m, p) for r in plan.ranges for m, p in zip(r.methods, r.params, strict=True)]
+        if all("beta" in p for m, p in layers if m == "ultravico"):
+            return plan
+        periods = [p for p in (2 * math.pi / rotary.temporal_freqs()).tolist() if p > trained]
+        hint = (f" (the shortest temporal RoPE period longer than the trained {trained} temporal positions is "
+                f"{min(periods):.1f})" if periods else "")
+        raise ValueError(
+            f"UltraViCo on {type(self.transformer).__name__} ({self.name}): besides the decay beyond half the "
+            f"trained length, UltraViCo scales the positive logits near multiples of a RoPE period close to the "
+            f"trained length by beta (published for HunyuanVideo: beta=0.6, period=50; Wan needs none), and no "
+            f"such setting is published for this model. Choose it: method_params={{'beta': B, 'period': P}}"
+            f"{hint}, or method_params={{'beta': None}} for the decay alone (in a plan: the UltraViCo layers' "
+            f"params)")
+
     # ------------------------------------------------------------------ install
     def install(self, session: Session, *, method: str, plan: LayerPlan | str | None, num_frames: int | None,
                 trained_frames: int | None, backend: str, pipeline: Any = None,
@@ -531,6 +565,7 @@ class TransformerAdapter:
                               method_params, uniform="tsa" if rotary is None and no_layout is None else "vrpr")
         if no_layout is not None and layer_plan.all_methods() - {DIRECT}:
             raise no_layout
+        layer_plan = self._with_ultravico_band(layer_plan, rotary, t_latent)
         self.check_supported(method, layer_plan)
         layer_plan.check_for_model(type(tr).__name__, t_latent, expected)
         grid = GridState(expected)

@@ -138,8 +138,8 @@ class LayerPlan:
             ``METHODS`` (``"vrpr"``, ``"tsa"``, ``"pi"``, ``"ntk"``, ``"yarn"``,
             ``"riflex"``, ``"sliding-window"``) or ``"direct"`` (unchanged).
         params: per-layer explicit parameters of the method (``{}``: derive them at run time from
-            the length). An empty list means ``{}`` for every layer. RIFLEx may give only ``k``;
-            its ``num_frames`` is then the run-time length.
+            the length; those not given are derived). An empty list means ``{}`` for every layer.
+            RIFLEx may give only ``k``; its ``num_frames`` is then the run-time length.
         scores: optional per-layer scores, e.g. ``{"position": [...], "context": [...]}`` from a
             probe; every list has one value per layer.
         model: identity of the model the plan is for (name, class, layer and head counts...).
@@ -544,6 +544,28 @@ class LayerPlan:
                 if num_frames >= r.from_ratio * trained_frames:
                     return r.methods, r.params
         return self.methods, self.params
+
+    def with_defaults(self, method: str, defaults: dict[str, Any]) -> LayerPlan:
+        """A copy in which the layers of ``method`` (at any length) that set none of ``defaults``' keys get them.
+
+        ``defaults`` is a setting taken as a whole (an adapter's published setting for its model, such
+        as UltraViCo's harmonic band for HunyuanVideo): a layer that sets any of its keys keeps its own
+        params as they are; the other layers get ``defaults`` beside their own params.
+
+        Examples:
+            >>> plan = LayerPlan(methods=["ultravico", "ultravico", "tsa"], params=[{"beta": None}, {"alpha": 0.8}, {}])
+            >>> plan.with_defaults("ultravico", {"beta": 0.6, "period": 50}).params
+            [{'beta': None}, {'beta': 0.6, 'period': 50, 'alpha': 0.8}, {}]
+        """
+        def fill(methods: list[str], params: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return [{**defaults, **p} if m == method and not set(p) & set(defaults) else dict(p)
+                    for m, p in zip(methods, params, strict=True)]
+
+        return LayerPlan(methods=list(self.methods), params=fill(self.methods, self.params),
+                         scores={k: list(v) for k, v in self.scores.items()}, model=dict(self.model),
+                         trained_frames=self.trained_frames, meta=json.loads(json.dumps(self.meta)),
+                         ranges=[LengthRange(r.from_ratio, list(r.methods), fill(r.methods, r.params))
+                                 for r in self.ranges])
 
     def all_methods(self) -> set[str]:
         """Every method name the plan uses, at any length."""

@@ -12,6 +12,7 @@ diffusers = pytest.importorskip("diffusers", reason="the CogVideoX adapter needs
 from freeloc.adapters.cogvideox import FreeLOCCogVideoXAttnProcessor, PositionCheck, rotary_layout  # noqa: E402
 
 import freeloc  # noqa: E402
+from freeloc.plan import LengthRange  # noqa: E402
 
 TRAINED_VIDEO = 21  # 6 latent frames (1.0), 3 temporal tokens (1.5)
 TRAINED_LATENT = 6
@@ -407,3 +408,23 @@ def test_tiny_no_rope_pipeline_with_tsa() -> None:
         latents = generate(pipe, PIPE_LONG, "latent", text=12)
     assert torch.isfinite(latents).all() and (latents - direct).abs().max() > 1e-4
     assert all(s.calls == 2 and s.density < 1.0 for s in session.layers)
+
+
+@pytest.mark.parametrize("how", ["method", "plan range"])
+def test_ultravico_needs_a_chosen_harmonic_band_with_the_model_untouched(how: str) -> None:
+    model = cog10()
+    before = snapshot(model)
+    kwargs: dict = dict(method="ultravico") if how == "method" else dict(plan=freeloc.LayerPlan(
+        ["tsa"] * 2, ranges=[LengthRange(2, ["ultravico", "tsa"])]))
+    with pytest.raises(ValueError) as err:
+        freeloc.enable(model, trained_frames=TRAINED_VIDEO, **kwargs)
+    message = str(err.value)
+    assert "UltraViCo on CogVideoXTransformer3DModel (transformer)" in message
+    assert "no such setting is published" in message and "method_params={'beta': None}" in message
+    assert "shortest temporal RoPE period longer than the trained 6 temporal positions is " in message
+    assert_same_state(before, snapshot(model))
+    with freeloc.enable(model, method="ultravico", method_params={"beta": None}, trained_frames=TRAINED_VIDEO) as s:
+        out = run(model, 24)
+    assert s.plan.resolve(0, 24, 6) == freeloc.UltraViCo(window=3)
+    assert all(layer.calls == 1 for layer in s.layers) and torch.isfinite(out).all()
+    assert_same_state(before, snapshot(model))

@@ -409,3 +409,31 @@ def test_full_tiny_hunyuan15_pipeline() -> None:
     assert (long - direct).abs().max() > 1e-4
     assert all(s.calls == 4 for s in session.layers)  # 2 steps x (cond, uncond)
     assert max(s.max_abs_distance for s in session.layers) <= TRAINED_LATENT - 1
+
+
+def test_ultravico_takes_the_published_harmonic_band() -> None:
+    model = tiny_hunyuan()
+    kw = inputs(LONG)
+    with freeloc.enable(model, method="ultravico", trained_frames=TRAINED_VIDEO) as session:
+        published = run(model, **kw)
+    assert session.plan.params == [{"beta": 0.6, "period": 50}] * 2
+    assert session.plan.resolve(0, 132, 33) == freeloc.UltraViCo(window=16, beta=0.6, period=50)
+    with freeloc.enable(model, method="ultravico", method_params={"beta": None},
+                        trained_frames=TRAINED_VIDEO) as session:
+        decay_alone = run(model, **kw)
+    assert session.plan.resolve(0, 132, 33) == freeloc.UltraViCo(window=16)
+    torch.testing.assert_close(published, decay_alone, atol=0, rtol=0)  # 12 frames: no distance near 50
+    near = dict(beta=0.5, period=4, halfwidth=1, harmonics=2)  # distances 3-5 and 7-9 of the 12 frames
+    with freeloc.enable(model, method="ultravico", method_params=near, trained_frames=TRAINED_VIDEO) as session:
+        banded = run(model, **kw)
+    assert session.plan.resolve(0, LONG, TRAINED_LATENT) == freeloc.UltraViCo(window=1, **near)
+    assert (banded - decay_alone).abs().max() > 1e-4  # the band reaches the layers
+
+
+def test_hunyuan15_ultravico_asks_for_a_band() -> None:
+    model = tiny_hunyuan15()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"UltraViCo on HunyuanVideo15Transformer3DModel \(transformer\).*no such "
+                                         r"setting is published.*method_params=\{'beta': None\}"):
+        freeloc.enable(model, method="ultravico", trained_frames=TRAINED_VIDEO)
+    assert_same_state(before, snapshot(model))

@@ -53,3 +53,13 @@ def test_selective_checkpointing_forward_is_hooked_the_same() -> None:
             outs.append(run(m, 24))
         assert all(s.calls == 1 for s in session.layers)
     assert torch.equal(outs[0], outs[1])
+
+
+def test_ultravico_needs_a_chosen_harmonic_band() -> None:
+    m = vendored.build(vendored.FLUX_DEFAULTS)
+    processors = [b.processor for b in (*m.double_blocks, *m.single_blocks)]
+    with pytest.raises(ValueError, match=r"UltraViCo on MMDiTModel \(transformer\).*no such setting is published"):
+        freeloc.enable(m, method="ultravico")
+    assert [b.processor for b in (*m.double_blocks, *m.single_blocks)] == processors
+    with freeloc.enable(m, method="ultravico", method_params={"beta": 0.6, "period": 63}) as session:
+        assert session.plan.resolve(0, 132, 33) == freeloc.UltraViCo(window=16, beta=0.6, period=63)

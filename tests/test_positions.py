@@ -418,7 +418,8 @@ EXAMPLES: dict[str, list[Method]] = {
     "sliding-window": [SlidingWindow(window=10), SlidingWindow(window=3, sink=False)],
     "tsa+vrpr": [TSAVRPR(TSA(), VRPR(10, 14, 2, 8, 20)), TSAVRPR(TSA(d1=4, d2=10), VRPR(3, 5, 2, 4, 12))],
     "window+vrpr": [WindowVRPR(SlidingWindow(window=10), VRPR(10, 14, 2, 8, 20))],
-    "ultravico": [UltraViCo(), UltraViCo(alpha=0.7, window=4)],
+    "ultravico": [UltraViCo(), UltraViCo(alpha=0.7, window=4),
+                  UltraViCo(window=16, beta=0.6, period=50.3, halfwidth=3)],
     "key-shift": [KeyShift(shift=21), KeyShift(shift=-2.5)],
 }
 

@@ -17,7 +17,10 @@ from freeloc.attention import attend
 
 
 def dense_ultravico(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], alpha: float,
-                    window: int, text_before: int = 0, text_after: int = 0) -> torch.Tensor:
+                    window: int, text_before: int = 0, text_after: int = 0,
+                    harmonic: tuple[float, float, int, int] | None = None) -> torch.Tensor:
+    """``harmonic``: ``(beta, period, halfwidth, harmonics)``: positive logits of video pairs within
+    ``halfwidth`` frames of a multiple ``1..harmonics`` of ``period`` are scaled by ``beta`` instead."""
     f, h, w = grid
     n = f * h * w
     video = slice(text_before, text_before + n)
@@ -27,7 +30,17 @@ def dense_ultravico(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tup
     frame = torch.arange(f).repeat_interleave(h * w)
     far = torch.zeros(q.shape[1], q.shape[1], dtype=torch.bool)
     far[video, video] = (frame[:, None] - frame[None, :]).abs() > window
-    logits = torch.where(far & (logits > 0), alpha * logits, logits)
+    scale = torch.where(far, alpha, 1.0)
+    if harmonic is not None:
+        beta, period, halfwidth, harmonics = harmonic
+        distance = (frame[:, None] - frame[None, :]).abs()
+        near_multiple = torch.zeros_like(distance, dtype=torch.bool)
+        for m in range(1, harmonics + 1):
+            near_multiple |= (distance - m * period).abs() <= halfwidth
+        band = torch.zeros_like(far)
+        band[video, video] = near_multiple
+        scale = torch.where(band, beta, scale)
+    logits = torch.where(logits > 0, scale * logits, logits)
     return torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v.double()).to(q.dtype)
 
 
@@ -44,6 +57,36 @@ def test_matches_the_dense_definition(text: tuple[int, int], grid: tuple[int, in
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
     plain = attend(q, k, v, grid=grid, method=None, rotary=ROTARY, backend="reference", text_before=tb, text_after=ta)
     assert (got - plain).abs().max() > 1e-3  # the decay changed the output
+
+
+@pytest.mark.parametrize("text", [(0, 0), (4, 3)], ids=["video", "text-both"])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_the_harmonic_band_matches_the_dense_definition(text: tuple[int, int], backend: str) -> None:
+    grid, (tb, ta) = (17, 2, 1), text
+    method = freeloc.UltraViCo(alpha=0.8, window=2, beta=0.5, period=5.5, halfwidth=1, harmonics=2)
+    assert [b.name for b in method.band_set(17, 2).bands] == ["within", "beyond", "harmonic"]
+    q, k, v = qkv(tb + 34 + ta, torch.float32, seed=11, batch=2, heads=3)
+    q, k = 3 * q, 3 * k  # logits large enough that the factors matter
+    want = dense_ultravico(q, k, v, grid, 0.8, 2, tb, ta, harmonic=(0.5, 5.5, 1, 2))
+    got = attend(q, k, v, grid=grid, method=method, rotary=ROTARY, backend=backend, text_before=tb, text_after=ta)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    alpha_only = attend(q, k, v, grid=grid, method=freeloc.UltraViCo(alpha=0.8, window=2), rotary=ROTARY,
+                        backend=backend, text_before=tb, text_after=ta)
+    assert (got - alpha_only).abs().max() > 1e-3  # the band changed the output
+    qb, kb, vb = (q / 3).bfloat16(), (k / 3).bfloat16(), v.bfloat16()  # bf16 at the usual logit scale
+    in_bf16 = attend(qb, kb, vb, grid=grid, method=method, rotary=ROTARY, backend=backend, text_before=tb,
+                     text_after=ta)
+    want_bf16 = dense_ultravico(qb.float(), kb.float(), vb.float(), grid, 0.8, 2, tb, ta, harmonic=(0.5, 5.5, 1, 2))
+    torch.testing.assert_close(in_bf16.float(), want_bf16, atol=4e-2, rtol=0)
+
+
+def test_the_published_hunyuan_band() -> None:
+    # distances 46-54 and 96-104 latent frames at 132 frames (4x HunyuanVideo's 33), as the reference code
+    bands = {b.name: b.pairs for b in freeloc.UltraViCo(window=16, beta=0.6, period=50).band_set(132, 1).bands}
+    distance = (torch.arange(132)[:, None] - torch.arange(132)[None, :]).abs()
+    assert sorted(distance[bands["harmonic"]].unique().tolist()) == [*range(46, 55), *range(96, 105)]
+    assert distance[bands["within"]].max() == 16 and distance[bands["beyond"]].min() == 17
+    assert bool((bands["within"] ^ bands["beyond"] ^ bands["harmonic"]).all())  # one band per pair
 
 
 def test_bf16_follows_fp32() -> None:
@@ -84,6 +127,14 @@ def test_what_cannot_run_it_is_refused_clearly() -> None:
         attend(q, k, v, grid=(9, 2, 2), method=method, rotary=ROTARY, options=small)
     for bad in (dict(alpha=0.0), dict(alpha=1.5), dict(window=-1)):
         with pytest.raises(ValueError, match="UltraViCo\\.(alpha must be in \\(0, 1\\]|window must be an int)"):
+            freeloc.UltraViCo(**bad)
+    for bad, message in ((dict(beta=0.6), "beta and UltraViCo.period go together"),
+                         (dict(period=50), "got beta=None and period=50"),
+                         (dict(beta=1.5, period=50), "beta must be in \\(0, 1\\] or None, got 1.5"),
+                         (dict(beta=0.6, period=0), "period must be a number of frames > 0 or None, got 0"),
+                         (dict(beta=0.6, period=50, halfwidth=-1), "halfwidth must be an int >= 0"),
+                         (dict(beta=0.6, period=50, harmonics=0), "harmonics must be an int >= 1, got 0")):
+        with pytest.raises(ValueError, match=message):
             freeloc.UltraViCo(**bad)
 
 
