@@ -318,6 +318,58 @@ def test_generate_compare_bad_input_is_a_usage_error_before_loading(argv: list[s
     assert loader.calls == []
 
 
+def test_generate_params_reach_the_method(tmp_path: Path, pipeline_loader: Callable[..., type],
+                                         is_mp4: Callable[[Path], bool]) -> None:
+    """``--method riflex --params 'riflex:{"k": 1}'``: RIFLEx runs with that k, recorded in the sidecar."""
+    pipeline_loader(tiny_wan_pipeline, _encode_random_prompt)
+    out = tmp_path / "riflex.mp4"
+    assert main(["generate", "--model", "org/model", "--prompt", "p", "--num-frames", "21", "--trained-frames", "9",
+                 "--height", "32", "--width", "32", "--steps", "1", "--device", "cpu", "--dtype", "float32",
+                 "--method", "riflex", "--params", 'riflex:{"k": 1}', "--out", str(out)]) == 0
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert is_mp4(out) and side["settings"]["method_params"] == {"k": 1}
+    assert [layer["params"] for layer in side["plan"]["layers"]] == [{"k": 1}] * 4
+    assert all(layer["calls"] == 2 for layer in side["layers"])  # 1 step x (cond, uncond)
+    both = tmp_path / "both.mp4"
+    assert main(["generate", "--model", "org/model", "--prompt", "p", "--num-frames", "21", "--trained-frames", "9",
+                 "--height", "32", "--width", "32", "--steps", "1", "--device", "cpu", "--dtype", "float32",
+                 "--compare", "direct,riflex", "--params", 'riflex:{"k": 1}', "--out", str(both)]) == 0
+    reports = json.loads(both.with_suffix(".json").read_text())["reports"]
+    assert reports["riflex"]["settings"]["method_params"] == {"k": 1}
+    assert reports["direct"]["settings"]["method_params"] == {}
+    def untimed(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in layer.items() if k != "seconds"} for layer in layers]
+
+    assert untimed(reports["riflex"]["layers"]) == untimed(side["layers"])  # the same RIFLEx run as --method riflex
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--method", "riflex", "--params", "riflex"], "expected METHOD:JSON with METHOD one of"),
+        (["--method", "riflex", "--params", "freeloc:{}"], "(a plan's layers take their parameters in the plan file)"),
+        (["--method", "riflex", "--params", "riflex:{k: 4}"], "riflex: the parameters are not JSON"),
+        (["--method", "riflex", "--params", "riflex:[4]"], "riflex: expected a JSON object of parameters"),
+        (["--method", "tsa", "--params", 'tsa:{"d9": 1}'], "method 'tsa' got unknown parameter(s) ['d9']"),
+        (["--method", "riflex", "--params", 'pi:{"scale": 2}'], "--params pi:... is for a method that does not run "
+                                                                "(running: riflex)"),
+        (["--compare", "direct,riflex", "--params", 'riflex:{"k": 1}', "--params", 'riflex:{"k": 2}'],
+         "--params gives 'riflex' twice"),
+    ],
+    ids=["no-json", "freeloc", "not-json", "not-object", "unknown-param", "not-running", "twice"],
+)
+def test_generate_params_bad_input_is_a_usage_error_before_loading(argv: list[str], message: str,
+                                                                   capsys: pytest.CaptureFixture[str],
+                                                                   pipeline_loader: Callable[..., type]) -> None:
+    loader = pipeline_loader(tiny_wan_pipeline, _encode_random_prompt)
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--model", "org/model", "--prompt", "p", "--num-frames", "81", "--out", "v.mp4", *argv])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    print(err)
+    assert exc.value.code == 2 and message in err
+    assert loader.calls == []
+
+
 def test_generate_compare_checks_every_method_before_generating(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                                 pipeline_loader: Callable[..., type]) -> None:
     """A method that cannot run on the pipeline (RIFLEx without its frequency index) stops the comparison before

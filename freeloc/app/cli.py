@@ -44,6 +44,7 @@ from .._extras import require
 from .._files import check_writable
 from ..attention.options import AttentionOptions
 from ..patterns import TSA, SlidingWindow
+from ..plan import DIRECT, LayerPlan
 from ..positions import PUBLISHED_VRPR, VRPR
 from ..probing import BOUNDED_VRPR, check_rule, probe
 from ..session import METHOD_CHOICES
@@ -201,6 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead of --method: run each of these methods (comma-separated, e.g. direct,freeloc) "
                          "with the same prompt and seed and write one video of labelled panels, top to bottom, "
                          "and one sidecar with each method's report")
+    ge.add_argument("--params", action="append", type=_method_params, default=None, metavar="METHOD:JSON",
+                    help="parameters of one method on every layer (--method, or one of --compare's), as JSON; "
+                         "repeat for several methods, e.g. --params 'riflex:{\"k\": 4}' --params "
+                         "'ultravico:{\"beta\": null}'; the parameters not given are derived from the length")
     ge.add_argument("--plan", default=None, help="plan JSON path, or 'uniform' (default: the shipped plan)")
     ge.add_argument("--trained-frames", type=_positive_int, default=None,
                     help="the model's trained length in video frames (default: freeloc's data for the model)")
@@ -376,10 +381,47 @@ def _method_list(text: str) -> list[str]:
     return names
 
 
+def _method_params(text: str) -> tuple[str, dict[str, Any]]:
+    """argparse type of ``--params``: ``METHOD:JSON``, a single method and a JSON object of its parameters."""
+    name, sep, data = text.partition(":")
+    name = name.strip()
+    single = [m for m in METHOD_CHOICES if m not in ("freeloc", DIRECT)]
+    if not sep or name not in single:
+        raise argparse.ArgumentTypeError(f"expected METHOD:JSON with METHOD one of {', '.join(single)} (a plan's "
+                                         f"layers take their parameters in the plan file), got {text!r}")
+    try:
+        params = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{name}: the parameters are not JSON ({e}), got {data!r}") from None
+    if not isinstance(params, dict):
+        raise argparse.ArgumentTypeError(f"{name}: expected a JSON object of parameters, e.g. {{\"k\": 4}}, "
+                                         f"got {data!r}")
+    try:
+        LayerPlan.uniform(name, 1, **params)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name, params
+
+
+def _params_by_method(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """``--params`` by method name, each for a method that runs (``--method`` or one of ``--compare``'s)."""
+    given = args.params or []
+    names = [name for name, _ in given]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        parser.error(f"--params gives {twice[0]!r} twice")
+    running = args.compare if args.compare is not None else [args.method or "freeloc"]
+    unused = [n for n in names if n not in running]
+    if unused:
+        parser.error(f"--params {unused[0]}:... is for a method that does not run (running: {', '.join(running)})")
+    return dict(given)
+
+
 def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.compare is not None and args.method is not None:
         parser.error(f"--compare and --method exclude each other: --compare {','.join(args.compare)} runs each of "
                      f"its methods, --method {args.method} one")
+    params = _params_by_method(parser, args)
     if args.compare is not None and args.plan is not None and "freeloc" not in args.compare:
         parser.error(f"--plan is the freeloc method's, and --compare {','.join(args.compare)} does not list freeloc")
     if args.out.suffix.lower() != ".mp4":
@@ -398,9 +440,12 @@ def _cmd_generate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
                                       negative_prompt=args.negative_prompt, trained_frames=args.trained_frames,
                                       pipeline=pipeline, writes=run.writes, context_parallel=run.degree)
         if args.compare is not None:
-            generate_compare(args.model, args.prompt, args.num_frames, args.out, args.compare, **common)
+            generate_compare(args.model, args.prompt, args.num_frames, args.out, args.compare, method_params=params,
+                             **common)
         else:
-            generate(args.model, args.prompt, args.num_frames, args.out, method=args.method or "freeloc", **common)
+            method = args.method or "freeloc"
+            generate(args.model, args.prompt, args.num_frames, args.out, method=method,
+                     method_params=params.get(method), **common)
     finally:
         run.finish()
     return 0

@@ -313,12 +313,12 @@ def _call_arguments(prompt: str, num_frames: int, height: int | None, width: int
     return kwargs
 
 
-def _run(pipeline: Any, call: dict[str, Any], method: str, plan: str | None,
-         trained_frames: int | None) -> tuple[Any, Any, float]:
+def _run(pipeline: Any, call: dict[str, Any], method: str, plan: str | None, trained_frames: int | None,
+         method_params: dict[str, Any] | None = None) -> tuple[Any, Any, float]:
     """One generation inside a freeloc session: (frames, session, seconds)."""
     t0 = time.perf_counter()
-    with enable(pipeline, num_frames=call["num_frames"], plan=plan, method=method,
-                trained_frames=trained_frames) as session:
+    with enable(pipeline, num_frames=call["num_frames"], plan=plan, method=method, trained_frames=trained_frames,
+                method_params=method_params) as session:
         frames = pipeline(**call).frames[0]
     return frames, session, time.perf_counter() - t0
 
@@ -338,19 +338,21 @@ def generate(model: str, prompt: str, num_frames: int, out: Path, *, height: int
              width: int | None = None, steps: int = 50, guidance: float = 5.0, seed: int = 0,
              method: str = "freeloc", plan: str | None = None, device: str = "cpu", dtype: str = "float32",
              negative_prompt: str | None = None, trained_frames: int | None = None,
-             pipeline: Any = None, writes: bool = True, context_parallel: int = 1) -> dict[str, Any]:
+             pipeline: Any = None, writes: bool = True, context_parallel: int = 1,
+             method_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load a pipeline, generate ``num_frames`` video frames inside a freeloc session, write mp4 + JSON.
 
     ``writes=False``: generate only (the other ranks of a context-parallel run); ``context_parallel`` is
-    recorded in the sidecar.
+    recorded in the sidecar. ``method_params``: the parameters of a single ``method`` (``freeloc.enable``'s).
     """
     if pipeline is None:
         pipeline = load_pipeline(model, device, dtype)
     call = _call_arguments(prompt, num_frames, height, width, steps, guidance, seed, negative_prompt)
-    frames, session, seconds = _run(pipeline, call, method, plan, trained_frames)
+    frames, session, seconds = _run(pipeline, call, method, plan, trained_frames, method_params)
     settings = dict(model=model, prompt=prompt, num_frames=num_frames, height=height, width=width, steps=steps,
-                    guidance=guidance, seed=seed, method=method, plan=plan, device=device, dtype=dtype,
-                    negative_prompt=negative_prompt, trained_frames=trained_frames, context_parallel=context_parallel)
+                    guidance=guidance, seed=seed, method=method, method_params=method_params or {}, plan=plan,
+                    device=device, dtype=dtype, negative_prompt=negative_prompt, trained_frames=trained_frames,
+                    context_parallel=context_parallel)
     sidecar = _report(settings, seconds, out, session)
     if writes:
         write_video(frames, out)
@@ -378,24 +380,31 @@ def generate_compare(model: str, prompt: str, num_frames: int, out: Path, method
                      height: int | None = None, width: int | None = None, steps: int = 50, guidance: float = 5.0,
                      seed: int = 0, plan: str | None = None, device: str = "cpu", dtype: str = "float32",
                      negative_prompt: str | None = None, trained_frames: int | None = None,
-                     pipeline: Any = None, writes: bool = True, context_parallel: int = 1) -> dict[str, Any]:
+                     pipeline: Any = None, writes: bool = True, context_parallel: int = 1,
+                     method_params: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The same prompt and seed once per method, into one comparison video and one JSON sidecar.
 
     The video shows each method as a labelled panel (stacked top to bottom in the order given, the same
     frames in each); the sidecar (``out`` with ``.json``) holds, per method, the report a single
     ``generate`` writes. ``plan`` is the ``freeloc`` method's. Every method is installed on the pipeline
     once before anything is generated, so that a method that cannot run stops the comparison first.
-    ``writes`` and ``context_parallel``: as in ``generate``.
+    ``writes`` and ``context_parallel``: as in ``generate``. ``method_params``: per method name, the
+    parameters of that single method.
     """
+    params = dict(method_params or {})
     if len(methods) < 2 or len(set(methods)) != len(methods):
         raise ValueError(f"methods: expected two or more different methods, got {list(methods)}")
     if plan is not None and "freeloc" not in methods:
         raise ValueError(f"plan is the freeloc method's, and methods {list(methods)} do not include freeloc")
+    unused = sorted(set(params) - set(methods))
+    if unused:
+        raise ValueError(f"method_params has parameters for {unused}, which are not among the methods {list(methods)}")
     if pipeline is None:
         pipeline = load_pipeline(model, device, dtype)
     plans = {m: plan if m == "freeloc" else None for m in methods}
     for m in methods:  # installs and removes at once: an unusable method stops here, before any generation
-        with enable(pipeline, num_frames=num_frames, plan=plans[m], method=m, trained_frames=trained_frames):
+        with enable(pipeline, num_frames=num_frames, plan=plans[m], method=m, trained_frames=trained_frames,
+                    method_params=params.get(m)):
             pass
     panels: dict[str, Tensor] = {}
     reports: dict[str, dict[str, Any]] = {}
@@ -403,10 +412,11 @@ def generate_compare(model: str, prompt: str, num_frames: int, out: Path, method
         if writes:
             print(f"[{i}/{len(methods)}] generating {num_frames} frames with {m} ...", flush=True)
         call = _call_arguments(prompt, num_frames, height, width, steps, guidance, seed, negative_prompt)
-        frames, session, seconds = _run(pipeline, call, m, plans[m], trained_frames)
+        frames, session, seconds = _run(pipeline, call, m, plans[m], trained_frames, params.get(m))
         panels[m] = video_tensor(frames)
         settings = dict(model=model, prompt=prompt, num_frames=num_frames, height=height, width=width, steps=steps,
-                        guidance=guidance, seed=seed, method=m, plan=plans[m], device=device, dtype=dtype,
+                        guidance=guidance, seed=seed, method=m, method_params=params.get(m, {}), plan=plans[m],
+                        device=device, dtype=dtype,
                         negative_prompt=negative_prompt, trained_frames=trained_frames,
                         context_parallel=context_parallel)
         reports[m] = _report(settings, seconds, out, session)
