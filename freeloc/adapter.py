@@ -534,7 +534,7 @@ class TransformerAdapter:
             f"trained length by beta (published for HunyuanVideo: beta=0.6, period=50; Wan needs none), and no "
             f"such setting is published for this model. Choose it: method_params={{'beta': B, 'period': P}}"
             f"{hint}, or method_params={{'beta': None}} for the decay alone (in a plan: the UltraViCo layers' "
-            f"params)")
+            f"params; on the command line: --params 'ultravico:{{\"beta\": null}}')")
 
     # ------------------------------------------------------------------ install
     def install(self, session: Session, *, method: str, plan: LayerPlan | str | None, num_frames: int | None,

@@ -213,7 +213,8 @@ def plan_for(method: str, plan: LayerPlan | str | Path | None, num_layers: int,
             raise ValueError(f"plan= is only used with method='freeloc', got method={method!r} and a plan")
         if method == "riflex" and not (method_params or {}).get("k"):
             raise ValueError("method='riflex' needs its intrinsic frequency index: method_params={'k': K} "
-                             "(1-based; published: HunyuanVideo 4, CogVideoX-5B 2)")
+                             "(1-based; published: HunyuanVideo 4, CogVideoX-5B 2; on the command line "
+                             "--params 'riflex:{\"k\": K}')")
         return LayerPlan.uniform(method, num_layers, **(method_params or {}))
     if method_params:
         raise ValueError(f"method_params is for a single method on every layer, not method='freeloc' "
