@@ -87,6 +87,15 @@ class Band:
             m = m & ((raster[:, None] - raster[None, :]).abs() < self.stripe)
         return m
 
+    def token_pairs_rows(self, tokens_per_frame: int, start: int, stop: int) -> Bool[Tensor, "rows N"]:
+        """Rows ``start:stop`` of ``token_pairs`` (query tokens), without building the other rows."""
+        s = tokens_per_frame
+        rows, cols = torch.arange(start, stop), torch.arange(self.num_frames * s)
+        m = self.pairs[rows // s][:, cols // s]
+        if self.stripe is not None:
+            m = m & ((rows[:, None] % s - cols[None, :] % s).abs() < self.stripe)
+        return m
+
     def block_counts(self, tokens_per_frame: int, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per tile [Qb, Kb]: segment pairs with any attended pair, entirely attended, and in all.
 

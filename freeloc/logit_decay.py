@@ -17,7 +17,8 @@ whole frames.
 As bands: the pairs within ``T / 2`` frames, the pairs beyond (``Band.positive_logit_scale =
 alpha``), and the harmonic band (``beta``) when there is one. The scale applies to each logit before
 the softmax, which only the dense ``reference`` backend computes (``backend="auto"`` picks it; the
-others refuse the method clearly).
+others refuse the method clearly); past ``AttentionOptions.max_dense_tokens`` it does so in chunks of
+query rows.
 
 Examples:
     >>> m = UltraViCo.for_length(64, 16)

@@ -62,6 +62,16 @@ def test_reference_is_an_independent_softmax() -> None:
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_token_pairs_rows_are_rows_of_token_pairs() -> None:
+    """``Band.token_pairs_rows`` (the reference's rows for long sequences) is a row slice of ``token_pairs``,
+    striped bands included."""
+    method = freeloc.TSA(d1=2, d2=5, stripe=0.5, sink_group=2, sink_window=3, cap=7)
+    for band in band_set_for(method, 12, 6, ROTARY).bands:
+        whole = band.token_pairs(6)
+        for start, stop in ((0, 72), (5, 17), (71, 72), (30, 30)):
+            assert torch.equal(band.token_pairs_rows(6, start, stop), whole[start:stop])
+
+
 @pytest.mark.parametrize("backend", ["reference", "chunked", "flex"])
 def test_vrpr_all_near_equals_plain(backend: str) -> None:
     """A VRPR whose near tier covers every pair (w1 >= F) is plain attention."""

@@ -89,6 +89,28 @@ def test_the_published_hunyuan_band() -> None:
     assert bool((bands["within"] ^ bands["beyond"] ^ bands["harmonic"]).all())  # one band per pair
 
 
+@pytest.mark.parametrize("text", [(0, 0), (5, 2)], ids=["video", "text-both"])
+@pytest.mark.parametrize("max_dense", [30, 12, 5], ids=["2-chunks", "N/4-rows", "1-row"])
+def test_beyond_max_dense_tokens_it_runs_in_rows_with_the_same_numbers(text: tuple[int, int], max_dense: int) -> None:
+    grid, (tb, ta) = (13, 2, 2), text
+    n = tb + 52 + ta
+    method = freeloc.UltraViCo(alpha=0.7, window=2, beta=0.5, period=5, halfwidth=1)
+    q, k, v = qkv(n, torch.float32, seed=12, batch=2, heads=3)
+    mask = torch.ones(2, tb + ta, dtype=torch.bool)
+    if tb:
+        mask[1, 0] = False  # one padded text key in the second sample
+    kw = dict(grid=grid, method=method, rotary=ROTARY, text_before=tb, text_after=ta, text_mask=mask if tb else None)
+    dense = attend(q, k, v, **kw)
+    rows = attend(q, k, v, options=freeloc.AttentionOptions(max_dense_tokens=max_dense), **kw)
+    torch.testing.assert_close(rows, dense, atol=1e-6, rtol=1e-5)
+    want = dense_ultravico(q, k, v, grid, 0.7, 2, tb, ta, harmonic=(0.5, 5, 1, 4)) if not tb else dense
+    torch.testing.assert_close(rows, want, atol=2e-5, rtol=1e-4)
+    plain = freeloc.AttentionOptions(max_dense_tokens=max_dense)
+    with pytest.raises(ValueError, match=f"accepts N <= {max_dense} tokens .* got N={n}; use backend='chunked'"):
+        attend(q, k, v, grid=grid, method=freeloc.TSA(cap=2), rotary=ROTARY, backend="reference", options=plain,
+               text_before=tb, text_after=ta)
+
+
 def test_bf16_follows_fp32() -> None:
     grid = (11, 2, 2)
     q, k, v = qkv(44, torch.float32, seed=5)
@@ -122,9 +144,6 @@ def test_what_cannot_run_it_is_refused_clearly() -> None:
         refused = f"only backend='reference' \\(or 'auto'\\) computes, got backend='{backend}'"
         with pytest.raises(ValueError, match=refused):
             attend(q, k, v, grid=(9, 2, 2), method=method, rotary=ROTARY, backend=backend)
-    small = freeloc.AttentionOptions(max_dense_tokens=30)
-    with pytest.raises(ValueError, match="got N=36; it is the only backend for methods that scale logits"):
-        attend(q, k, v, grid=(9, 2, 2), method=method, rotary=ROTARY, options=small)
     for bad in (dict(alpha=0.0), dict(alpha=1.5), dict(window=-1)):
         with pytest.raises(ValueError, match="UltraViCo\\.(alpha must be in \\(0, 1\\]|window must be an int)"):
             freeloc.UltraViCo(**bad)

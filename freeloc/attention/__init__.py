@@ -192,7 +192,7 @@ def _attend_plan(plan: AttentionPlan, q: Tensor, k: Tensor, v: Tensor, rotary: R
         qo, ko = (rotate_original(plan, x, rotary, options).transpose(1, 2) for x in (q, k))
         out = reference_attention(qo, ko, v.transpose(1, 2), [x.transpose(1, 2) for x in qs],
                                   [x.transpose(1, 2) for x in ks], first.bands, hh * ww, video, scale, key_mask,
-                                  options.max_dense_tokens, wide)
+                                  options.max_dense_tokens, wide, rows_beyond=first.bands.scales_logits())
         return out.transpose(1, 2)
     # the video parts' outputs and LSEs by frame (B, H, F, S[, D]), merged once
     in_place = (into is not None and not grad and q.dtype == wide and not (plan.text_before or plan.text_after)

@@ -143,12 +143,10 @@ def plan_attention(q: Tensor, bands: BandSet, grid: tuple[int, int, int], text_b
         mode = _resolve_unstriped(q, options)
         key_block = stripe_key_block(options, q.dtype, q.shape[-1])
     n = text_before + grid[0] * grid[1] * grid[2] + text_after
-    if backend == "reference" and n > options.max_dense_tokens:
-        other = ("it is the only backend for methods that scale logits (UltraViCo): raise "
-                 "AttentionOptions.max_dense_tokens if the memory allows" if bands.scales_logits()
-                 else "use backend='chunked' (CPU) or 'flex' (CUDA)")
+    if backend == "reference" and n > options.max_dense_tokens and not bands.scales_logits():
         raise ValueError(f"the reference backend materialises [N, N] logits and accepts N <= "
-                         f"{options.max_dense_tokens} tokens (AttentionOptions.max_dense_tokens), got N={n}; {other}")
+                         f"{options.max_dense_tokens} tokens (AttentionOptions.max_dense_tokens), got N={n}; use "
+                         f"backend='chunked' (CPU) or 'flex' (CUDA)")
     return _plan(bands, grid, text_before, text_after, backend, q.device.type, mode, key_block, q.shape[-1], options)
 
 

@@ -78,7 +78,8 @@ class AttentionOptions:
         float_logits: the most logits the plain float32 attention path materialises at once.
         mask_cache_bytes: bytes of prepared masks a chunked plan keeps between calls.
         max_dense_tokens: the longest sequence the ``reference`` backend and eager ``flex`` accept
-            (they materialise batch x heads x N x N scores).
+            (they materialise batch x heads x N x N scores); beyond it the ``reference`` backend computes
+            methods that scale logits (UltraViCo) in chunks of ``max_dense_tokens ** 2 // N`` query rows.
         fused_devices: device types on which the fused CUDA kernels (``fused_kernels``) are tried.
         fused_kernels: the fused kernels that return the LSE, in order of preference; ``None``: cuDNN's,
             FlashAttention's, then the memory-efficient kernel.
