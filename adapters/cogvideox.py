@@ -58,8 +58,9 @@ __all__ = ["CogVideoXAdapter", "CogVideoXContextParallelProcessor", "FreeLOCCogV
            "cogvideox_qkv", "context_parallel_plan", "PositionCheck", "rotary_layout",
            "ATTENTION_ONLY_METHODS"]
 
-#: Methods that change which token pairs attend and never the positions: the ones a model without RoPE accepts.
-ATTENTION_ONLY_METHODS = ("tsa", "sliding-window", DIRECT)
+#: Methods that never change the positions (which pairs attend, or their logits): the ones a model without RoPE
+#: accepts.
+ATTENTION_ONLY_METHODS = ("tsa", "sliding-window", "ultravico", DIRECT)
 
 #: Largest |difference| between the pipeline's float32 cos/sin tables and the layout's at integer positions
 #: that still counts as the same positions (diffusers computes its angles in float32; a different position
@@ -316,7 +317,7 @@ class CogVideoXAdapter(TransformerAdapter):
                 f"(config.use_rotary_positional_embeddings=False, as CogVideoX-2b: its positions are additive "
                 f"sin-cos embeddings), so temporal position methods ({', '.join(refused)}) do not apply to it; "
                 f"{what} is refused. Accepted: the attention-only methods method='tsa', method='sliding-window', "
-                f"method='direct', or a plan using only {list(ATTENTION_ONLY_METHODS)}")
+                f"method='ultravico', method='direct', or a plan using only {list(ATTENTION_ONLY_METHODS)}")
 
     def synthetic_inputs(self, frames: int, seed: int = 0, latent_size: tuple[int, int] | None = None
                          ) -> dict[str, Any]:

@@ -130,6 +130,21 @@ def test_no_rope_model_accepts_attention_only_plans() -> None:
     assert [s.method for s in session.layers] == ["tsa", "direct"]
 
 
+def test_no_rope_model_takes_ultravico() -> None:
+    """UltraViCo changes logits, not positions: a model without RoPE takes it (no harmonic band to choose);
+    with alpha = 1 it is the model itself."""
+    model = cog2b()
+    f = 4 * TRAINED_LATENT
+    base = run(model, f)
+    with freeloc.enable(model, method="ultravico", method_params={"alpha": 1.0}, trained_frames=TRAINED_VIDEO) as s:
+        same = run(model, f)
+    assert all(layer.calls == 1 for layer in s.layers)
+    torch.testing.assert_close(same, base, atol=2e-5, rtol=1e-4)
+    with freeloc.enable(model, method="ultravico", trained_frames=TRAINED_VIDEO):
+        decayed = run(model, f)
+    assert (decayed - base).abs().max() > 1e-4
+
+
 def test_no_rope_dense_window_equals_unhooked() -> None:
     """A sliding window covering every frame, through the unrotated path, is the model itself."""
     model = cog2b()
