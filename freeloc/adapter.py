@@ -521,9 +521,7 @@ class TransformerAdapter:
             return plan
         if not isinstance(band, str):
             return plan.with_defaults("ultravico", dict(band))
-        layers = [(m, p) for m, p in zip(plan.methods, plan.params, strict=True)]
-        layers += [(m, p) for r in plan.ranges for m, p in zip(r.methods, r.params, strict=True)]
-        if all("beta" in p for m, p in layers if m == "ultravico"):
+        if all("beta" in p for p in plan.params_of("ultravico")):
             return plan
         periods = [p for p in (2 * math.pi / rotary.temporal_freqs()).tolist() if p > trained]
         hint = (f" (the shortest temporal RoPE period longer than the trained {trained} temporal positions is "

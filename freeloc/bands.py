@@ -80,12 +80,7 @@ class Band:
 
     def token_pairs(self, tokens_per_frame: int) -> Bool[Tensor, "N N"]:
         """Token-level mask [F*S, F*S] of this band (materialises N^2: tests and pictures only)."""
-        s = tokens_per_frame
-        m = self.pairs.repeat_interleave(s, 0).repeat_interleave(s, 1)
-        if self.stripe is not None:
-            raster = torch.arange(s).repeat(self.num_frames)
-            m = m & ((raster[:, None] - raster[None, :]).abs() < self.stripe)
-        return m
+        return self.token_pairs_rows(tokens_per_frame, 0, self.num_frames * tokens_per_frame)
 
     def token_pairs_rows(self, tokens_per_frame: int, start: int, stop: int) -> Bool[Tensor, "rows N"]:
         """Rows ``start:stop`` of ``token_pairs`` (query tokens), without building the other rows."""

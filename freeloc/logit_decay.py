@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .bands import Band, BandSet, frame_index_grid
-from .methods import Method, _check_frames, register
+from .methods import Method, _check_frames, _is_int, _is_number, register
 from .rotary import RotaryLayout
 
 __all__ = ["UltraViCo"]
@@ -111,10 +111,3 @@ class UltraViCo(Method):
             label += f", beta={self.beta:g}, period={self.period:g}±{self.halfwidth}x{self.harmonics}"
         return BandSet(num_frames, tuple(bands), label=label + ")")
 
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -50,6 +50,14 @@ class Method:
         raise NotImplementedError
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_frames(num_frames: int, trained_frames: int) -> None:
     for label, value in (("num_frames", num_frames), ("trained_frames", trained_frames)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from ._files import atomic_path
-from .methods import METHODS, Method, method_from_dict
+from .methods import METHODS, Method, _is_int, method_from_dict
 
 __all__ = ["LayerPlan", "LengthRange", "DIRECT", "SCHEMA", "VERSION"]
 
@@ -70,10 +70,6 @@ _RUNTIME_PARAMS: dict[str, tuple[str, ...]] = {"riflex": ("num_frames",)}
 
 def _known_methods() -> list[str]:
     return [DIRECT, *sorted(METHODS)]
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _merged(derived: dict[str, Any], explicit: dict[str, Any]) -> dict[str, Any]:
@@ -566,6 +562,12 @@ class LayerPlan:
                          trained_frames=self.trained_frames, meta=json.loads(json.dumps(self.meta)),
                          ranges=[LengthRange(r.from_ratio, list(r.methods), fill(r.methods, r.params))
                                  for r in self.ranges])
+
+    def params_of(self, method: str) -> list[dict[str, Any]]:
+        """The params of every layer of ``method``, at any length (the base assignment, then each range)."""
+        layers = [zip(self.methods, self.params, strict=True)]
+        layers += [zip(r.methods, r.params, strict=True) for r in self.ranges]
+        return [p for entries in layers for m, p in entries if m == method]
 
     def all_methods(self) -> set[str]:
         """Every method name the plan uses, at any length."""

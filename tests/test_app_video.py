@@ -303,10 +303,20 @@ def test_generate_compare_writes_one_video_of_panels_and_each_report(tmp_path: P
         (["--compare", "direct,freeloc", "--method", "pi"], "--compare and --method exclude each other"),
         (["--compare", "direct,pi", "--plan", "plan.json"], "--plan is the freeloc method's, and --compare direct,pi "
                                                             "does not list freeloc"),
+        (["--method", "riflex", "--params", "riflex"], "expected METHOD:JSON with METHOD one of"),
+        (["--method", "riflex", "--params", "freeloc:{}"], "(a plan's layers take their parameters in the plan file)"),
+        (["--method", "riflex", "--params", "riflex:{k: 4}"], "riflex: the parameters are not JSON"),
+        (["--method", "riflex", "--params", "riflex:[4]"], "riflex: expected a JSON object of parameters"),
+        (["--method", "tsa", "--params", 'tsa:{"d9": 1}'], "method 'tsa' got unknown parameter(s) ['d9']"),
+        (["--method", "riflex", "--params", 'pi:{"scale": 2}'], "--params pi:... is for a method that does not run "
+                                                                "(running: riflex)"),
+        (["--compare", "direct,riflex", "--params", 'riflex:{"k": 1}', "--params", 'riflex:{"k": 2}'],
+         "--params gives 'riflex' twice"),
     ],
-    ids=["unknown", "one", "twice", "with-method", "plan-without-freeloc"],
+    ids=["unknown", "one", "twice", "with-method", "plan-without-freeloc", "params-no-json", "params-freeloc",
+         "params-not-json", "params-not-object", "params-unknown-param", "params-not-running", "params-twice"],
 )
-def test_generate_compare_bad_input_is_a_usage_error_before_loading(argv: list[str], message: str,
+def test_generate_compare_and_params_bad_input_is_a_usage_error_before_loading(argv: list[str], message: str,
                                                                      capsys: pytest.CaptureFixture[str],
                                                                      pipeline_loader: Callable[..., type]) -> None:
     loader = pipeline_loader(tiny_wan_pipeline, _encode_random_prompt)
@@ -337,37 +347,11 @@ def test_generate_params_reach_the_method(tmp_path: Path, pipeline_loader: Calla
     reports = json.loads(both.with_suffix(".json").read_text())["reports"]
     assert reports["riflex"]["settings"]["method_params"] == {"k": 1}
     assert reports["direct"]["settings"]["method_params"] == {}
+
     def untimed(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [{k: v for k, v in layer.items() if k != "seconds"} for layer in layers]
 
     assert untimed(reports["riflex"]["layers"]) == untimed(side["layers"])  # the same RIFLEx run as --method riflex
-
-
-@pytest.mark.parametrize(
-    "argv,message",
-    [
-        (["--method", "riflex", "--params", "riflex"], "expected METHOD:JSON with METHOD one of"),
-        (["--method", "riflex", "--params", "freeloc:{}"], "(a plan's layers take their parameters in the plan file)"),
-        (["--method", "riflex", "--params", "riflex:{k: 4}"], "riflex: the parameters are not JSON"),
-        (["--method", "riflex", "--params", "riflex:[4]"], "riflex: expected a JSON object of parameters"),
-        (["--method", "tsa", "--params", 'tsa:{"d9": 1}'], "method 'tsa' got unknown parameter(s) ['d9']"),
-        (["--method", "riflex", "--params", 'pi:{"scale": 2}'], "--params pi:... is for a method that does not run "
-                                                                "(running: riflex)"),
-        (["--compare", "direct,riflex", "--params", 'riflex:{"k": 1}', "--params", 'riflex:{"k": 2}'],
-         "--params gives 'riflex' twice"),
-    ],
-    ids=["no-json", "freeloc", "not-json", "not-object", "unknown-param", "not-running", "twice"],
-)
-def test_generate_params_bad_input_is_a_usage_error_before_loading(argv: list[str], message: str,
-                                                                   capsys: pytest.CaptureFixture[str],
-                                                                   pipeline_loader: Callable[..., type]) -> None:
-    loader = pipeline_loader(tiny_wan_pipeline, _encode_random_prompt)
-    with pytest.raises(SystemExit) as exc:
-        main(["generate", "--model", "org/model", "--prompt", "p", "--num-frames", "81", "--out", "v.mp4", *argv])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    print(err)
-    assert exc.value.code == 2 and message in err
-    assert loader.calls == []
 
 
 def test_generate_compare_checks_every_method_before_generating(tmp_path: Path, capsys: pytest.CaptureFixture[str],
