@@ -180,8 +180,13 @@ class LayerPlan:
             got = len(self.params) if isinstance(self.params, list) else type(self.params).__name__
             raise ValueError(f"LayerPlan.params must be a list with one dict per layer ({n} layers), "
                              f"got {got}")
+        if self.trained_frames is not None and (not _is_int(self.trained_frames) or self.trained_frames < 1):
+            raise ValueError(
+                f"LayerPlan.trained_frames must be a positive int (temporal tokens) or None, "
+                f"got {self.trained_frames!r}"
+            )
         for i, (name, params) in enumerate(zip(self.methods, self.params, strict=True)):
-            _validate_layer(i, name, params)
+            _validate_layer(i, name, params, self.trained_frames)
         if not isinstance(self.ranges, list) or not all(isinstance(r, LengthRange) for r in self.ranges):
             raise ValueError(f"LayerPlan.ranges must be a list of LengthRange, got {self.ranges!r}")
         last = 1.0
@@ -197,7 +202,7 @@ class LayerPlan:
                                  f"({n} layers), got {r.methods!r}")
             for i, (name, params) in enumerate(zip(r.methods, r.params, strict=True)):
                 try:
-                    _validate_layer(i, name, params)
+                    _validate_layer(i, name, params, self.trained_frames)
                 except ValueError as err:
                     raise ValueError(f"LayerPlan.ranges (from {ratio:g}x): {err}") from None
         if not isinstance(self.scores, dict):
@@ -215,11 +220,6 @@ class LayerPlan:
                     f"LayerPlan.scores[{key!r}] has {len(values)} values but the plan has {n} layers; "
                     f"accepted: one score per layer"
                 )
-        if self.trained_frames is not None and (not _is_int(self.trained_frames) or self.trained_frames < 1):
-            raise ValueError(
-                f"LayerPlan.trained_frames must be a positive int (temporal tokens) or None, "
-                f"got {self.trained_frames!r}"
-            )
         if not isinstance(self.model, dict):
             raise ValueError(f"LayerPlan.model must be a dict, got {self.model!r}")
         if not isinstance(self.meta, dict):
@@ -677,8 +677,18 @@ def _layers_from(layers: Any, what: str) -> tuple[list[str], list[dict[str, Any]
     return methods, params
 
 
-def _validate_layer(index: int, name: object, params: object) -> None:
-    """Check one layer's method name and parameters (constructing the method when params are given)."""
+#: trained lengths (latent frames) at which a plan that does not know its model's checks explicit
+#: parameters: Wan's, and one long enough for any length-dependent bound.
+_NOMINAL_TRAINED = (21, 1024)
+
+
+def _validate_layer(index: int, name: object, params: object, trained_frames: int | None = None) -> None:
+    """Check one layer's method name and parameters (constructing the method when params are given).
+
+    The method is built at twice ``trained_frames``; when the trained length is not known, parameters
+    that are valid at some trained length (say a VRPR ``w1`` of 25, valid from 25 trained frames on) pass
+    here and are checked against the model's own length by ``LayerPlan.check_for_model``.
+    """
     if not isinstance(name, str) or (name != DIRECT and name not in METHODS):
         raise ValueError(f"layer {index}: unknown method {name!r}; known methods: {_known_methods()}")
     if not isinstance(params, dict):
@@ -687,7 +697,12 @@ def _validate_layer(index: int, name: object, params: object) -> None:
         return
     if name == DIRECT:
         raise ValueError(f"layer {index} is 'direct' (unchanged) and takes no params, got {params!r}")
-    try:  # as resolved at twice a 21-frame trained length: names, types and ranges of the values given
-        _explicit_method(name, params, 42, 21)
-    except ValueError as e:
-        raise ValueError(f"layer {index} ({name!r}): bad params {params!r}: {e}") from e
+    first: ValueError | None = None
+    for trained in (trained_frames,) if trained_frames is not None else _NOMINAL_TRAINED:
+        try:  # names, types and ranges of the values given
+            _explicit_method(name, params, 2 * trained, trained)
+            return
+        except ValueError as e:
+            first = first or e
+    at = f" at {trained_frames} trained frames" if trained_frames is not None else ""
+    raise ValueError(f"layer {index} ({name!r}): bad params {params!r}{at}: {first}") from first

@@ -387,3 +387,17 @@ def test_check_for_model_resolves_every_range() -> None:
     plan.check_for_model("X", 21, 81)  # 81 < 5 x 21: the range does not apply at this length
     with pytest.raises(ValueError, match="layer 0 uses 'riflex'"):
         plan.check_for_model("X", 21, None)
+
+
+def test_params_valid_only_at_a_longer_trained_length_wait_for_the_model() -> None:
+    """VRPR's near tier w1 = 25 needs a cap of at least 24: fine for a 33-frame model, not for Wan's 21."""
+    params = {"w1": 25, "w2": 30}
+    plan = LayerPlan(methods=["vrpr"], params=[params])  # no trained length: checked against the model
+    plan.check_for_model("HunyuanVideoTransformer3DModel", 33, 66)
+    with pytest.raises(ValueError, match=r"layer 0 \('vrpr'\).*w1=25, cap=20"):
+        plan.check_for_model("WanTransformer3DModel", 21, 81)
+    assert LayerPlan(methods=["vrpr"], params=[params], trained_frames=33).resolve(0, 66) == VRPR(25, 30, 2, 8, 32)
+    with pytest.raises(ValueError, match=r"layer 0 \('vrpr'\): bad params .* at 21 trained frames: .*w1=25, cap=20"):
+        LayerPlan(methods=["vrpr"], params=[params], trained_frames=21)
+    with pytest.raises(ValueError, match=r"layer 0 \('tsa'\): bad params \{'d1': -1\}: TSA.d1 must be"):
+        LayerPlan(methods=["tsa"], params=[{"d1": -1}])  # wrong at every trained length
