@@ -1,7 +1,7 @@
 """Long-video quality on the shipped shapes model: every method from 1x to 16x its trained length.
 
     python benchmarks/long_video.py [--split test|validation] [--lengths 1,2,4,8,16] [--conditions 16]
-                                    [--steps 20] [--methods ...] [--quick] [--guidance G] [--run DIR]
+                                    [--steps 20] [--methods ...] [--quick] [--guidance G] [--sample-shift S] [--run DIR]
                                     [--png benchmarks/long_video.png] [--plot benchmarks/long_video_lengths.png]
                                     [--json out.json [--resume]]
 
@@ -43,6 +43,7 @@ import functools
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,7 @@ def _resumed(path: Path, settings: dict[str, Any], ap: argparse.ArgumentParser,
         print(f"--resume: {path} does not exist yet; starting afresh", flush=True)
         return {}
     earlier = json.loads(path.read_text())
+    earlier.setdefault("sample_shift", 2.0)  # a file without it was sampled with the training shift, 2.0
     if "plan_methods" not in earlier and "plan" in earlier:
         earlier["plan_methods"] = dict(layers=earlier["plan"]["layers"], ranges=earlier["plan"].get("ranges", []))
     if plan is not None:
@@ -170,6 +172,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None, help="a training folder instead of the shipped model")
     ap.add_argument("--guidance", type=float, default=None,
                     help="classifier-free guidance scale (default: the shipped model's own; 1 with --run)")
+    ap.add_argument("--sample-shift", type=float, default=None,
+                    help="the sampler's timestep shift (default: the model's own, ShapesConfig.sampling_shift)")
     ap.add_argument("--score", choices=sorted(SCORES), default=None,
                     help="the probe's scores for freeloc-probe (default: the shipped plan's, else 'attention')")
     ap.add_argument("--bound-from", type=float, default=None,
@@ -191,7 +195,11 @@ def main() -> None:
         ap.error(f"--methods: unknown {unknown}; choose from {METHODS}")
     if args.resume and args.json is None:
         ap.error("--resume reads and extends the file given by --json; give --json")
+    if args.sample_shift is not None and not (math.isfinite(args.sample_shift) and args.sample_shift > 0):
+        ap.error(f"--sample-shift must be a finite number > 0, got {args.sample_shift}")
     model, cfg = load(args.run) if args.run is not None else load_shipped()
+    if args.sample_shift is not None:
+        cfg = replace(cfg, sample_shift=args.sample_shift)
     guidance = args.guidance if args.guidance is not None else 1.0 if args.run is not None else shipped_guidance()
     trained = cfg.trained_frames
     first = SEEDS[args.split]
@@ -199,7 +207,8 @@ def main() -> None:
     cond = torch.stack([model_condition(s) for s in specs])
     k = riflex_k(model, trained)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; shapes model trained on {trained} frames; "
-          f"{args.split} split (seeds {first}-{first + conditions - 1}), {steps} Euler steps, guidance {guidance:g}; "
+          f"{args.split} split (seeds {first}-{first + conditions - 1}), {steps} Euler steps (shift "
+          f"{cfg.sampling_shift:g}), guidance {guidance:g}; "
           f"RIFLEx k = {k}", flush=True)
     plan = freeloc.LayerPlan.uniform("vrpr", len(model.blocks))
     if "freeloc-probe" in methods:
@@ -220,7 +229,8 @@ def main() -> None:
             print(f"the plan shipped with the model: {shipped.methods} ({same})")
     plan_dict = plan.to_dict()
     settings = dict(split=args.split, seeds=[first, first + conditions - 1], steps=steps, guidance=guidance,
-                    riflex_k=k, plan_methods=dict(layers=plan_dict["layers"], ranges=plan_dict.get("ranges", [])))
+                    sample_shift=cfg.sampling_shift, riflex_k=k,
+                    plan_methods=dict(layers=plan_dict["layers"], ranges=plan_dict.get("ranges", [])))
     # Without freeloc-probe no plan is sampled: a resumed file keeps its own plan, whatever it is.
     no_plan = args.resume and "freeloc-probe" not in methods and args.json.exists()
     if no_plan:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from freeloc.shapes.model import load_shipped
+
 pytest.importorskip("diffusers", reason="the shapes model is a diffusers WanTransformer3DModel (extra 'shapes')")
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "long_video.py"
@@ -69,6 +71,14 @@ def test_long_video_benchmark_resumes_from_its_json_and_refuses_other_settings(
     with pytest.raises(SystemExit):
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert "other settings (steps: [1], this run: [2])" in capsys.readouterr().err and out.read_text() == before
+    shipped_shift = data["sample_shift"]
+    assert shipped_shift == load_shipped()[1].sampling_shift  # the shipped model's own
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--lengths", "1", "--methods", "direct", "--resume",
+                                      "--sample-shift", "7", *common])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert f"other settings (sample_shift: [{shipped_shift}], this run: [7.0])" in capsys.readouterr().err
+    assert out.read_text() == before
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--resume"])
     with pytest.raises(SystemExit):
         runpy.run_path(str(SCRIPT), run_name="__main__")

@@ -92,6 +92,28 @@ def test_guided_sampling_is_the_guidance_formula_on_both_velocities(tiny_shapes:
     torch.testing.assert_close(guided, decode(x - t * (v0 + 4.0 * (v1 - v0))), rtol=1e-5, atol=1e-5)
 
 
+def test_the_sampler_shift_is_the_config_s_or_the_argument(tiny_shapes: ShapesConfig, tmp_path: Path) -> None:
+    """Two Euler steps: from t = 1 to the shifted midpoint, then to 0; only the shift moves the midpoint."""
+    train(tiny_shapes, 1, tmp_path, progress=False)
+    model, cfg = load(tmp_path)
+    assert cfg.sample_shift is None and cfg.sampling_shift == cfg.shift
+    cond = torch.stack([condition(random_spec(7)), condition(random_spec(8))])
+    x = torch.randn(2, cfg.channels, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    for shift in (1.0, 4.0):
+        mid = float(_shifted(torch.tensor(0.5), shift))
+        with torch.no_grad():
+            x1 = x + (mid - 1.0) * model(x, torch.full((2,), 1000.0), cond[:, None], return_dict=False)[0]
+            x2 = x1 - mid * model(x1, torch.full((2,), mid * 1000), cond[:, None], return_dict=False)[0]
+        by_argument = sample(model, cfg, cond, 4, steps=2, seed=3, shift=shift)
+        torch.testing.assert_close(by_argument, decode(x2), rtol=1e-5, atol=1e-5)
+        assert torch.equal(sample(model, replace(cfg, sample_shift=shift), cond, 4, steps=2, seed=3), by_argument)
+    assert not torch.equal(sample(model, cfg, cond, 4, steps=2, seed=3, shift=4.0),
+                           sample(model, cfg, cond, 4, steps=2, seed=3))
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match=f"shift must be a finite number > 0 \\(1: no shift\\), got {bad!r}"):
+            sample(model, cfg, cond, 4, steps=1, shift=bad)
+
+
 def test_slot_tokens_give_one_condition_token_per_shape(tiny_shapes: ShapesConfig, tmp_path: Path) -> None:
     cond = torch.stack([condition(random_spec(7)), condition(random_spec(8))])
     assert torch.equal(condition_tokens(tiny_shapes, cond), cond[:, None, :])

@@ -142,6 +142,29 @@ def test_export_records_the_guidance_scale_and_refuses_it_without_dropout(tiny_s
     assert shapes_model.shipped_guidance() == 1.0
 
 
+def test_export_stores_the_sampler_shift_in_the_config(tiny_shapes: ShapesConfig, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    train(tiny_shapes, 1, tmp_path / "run", progress=False)
+    for bad in (0, -2.0, float("inf")):
+        with pytest.raises(ValueError, match=f"sample_shift must be a finite number > 0 or None .*got {bad!r}"):
+            export(tmp_path / "run", tmp_path / "bad", sample_shift=bad)
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "bad"), "--sample-shift", "0"])
+    assert not (tmp_path / "bad").exists()
+    dest = export(tmp_path / "run", tmp_path / "ship", sample_shift=4)
+    assert json.loads((dest / "model.json").read_text())["config"]["sample_shift"] == 4.0
+    card = (dest / "MODEL_CARD.md").read_text()
+    assert "Euler flow sampling with timestep shift 4 (`sample_shift` in the config)" in card
+    monkeypatch.setattr(shapes_model, "SHIPPED", dest)
+    _, cfg = shapes_model.load_shipped()
+    assert cfg.sampling_shift == 4.0 and cfg.shift == tiny_shapes.shift  # training shift unchanged
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sample_shift"] is None
+    main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "cli"), "--sample-shift", "3",
+          "--evaluate", "none"])
+    assert json.loads((tmp_path / "cli" / "model.json").read_text())["config"]["sample_shift"] == 3.0
+
+
 def test_export_scores_the_model_at_its_trained_length_in_the_card(tiny_shapes: ShapesConfig, tmp_path: Path) -> None:
     train(replace(tiny_shapes, cond_drop=0.2), 1, tmp_path / "run", progress=False)
     dest = export(tmp_path / "run", tmp_path / "ship", guidance=3.0, evaluate=[1.0, 3.0], evaluate_clips=2)

@@ -15,8 +15,8 @@ frame to frame (a relation between frames, which is what RoPE's relative positio
 
 Sampling (``sample``) integrates the flow with Euler steps from Gaussian noise at any length.
 ``load`` reads a training run of ``freeloc.shapes.train``; ``load_shipped`` the checkpoint
-shipped in the package (``SHIPPED``), with its layer plan (``shipped_plan``) and guidance
-scale (``shipped_guidance``).
+shipped in the package (``SHIPPED``), with its layer plan (``shipped_plan``), guidance
+scale (``shipped_guidance``) and sampler shift (its config's ``sample_shift``).
 
 Building the model needs diffusers and loading the shipped weights safetensors (the ``shapes`` extra);
 both are imported when first needed.
@@ -25,6 +25,7 @@ both are imported when first needed.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,6 +101,14 @@ class ShapesConfig:
     #: keeps ``lr`` throughout. A run saved before the start is a valid start for this config.
     lr_decay_start: int = 0
     lr_decay_end: int = 0
+    #: Timestep shift of the sampler (``sample``); None: ``shift``, the training one. A larger shift
+    #: spends more of the Euler steps at high noise, where the layout (how many shapes, where) is decided.
+    sample_shift: float | None = None
+
+    @property
+    def sampling_shift(self) -> float:
+        """The sampler's timestep shift: ``sample_shift``, or the training ``shift`` when it is None."""
+        return self.shift if self.sample_shift is None else float(self.sample_shift)
 
     def lr_at(self, step: int) -> float:
         """The learning rate of training step ``step`` (0-based): warm-up, then the decay if one is set."""
@@ -115,7 +124,8 @@ class ShapesConfig:
 
     def same_training_until(self, other: ShapesConfig, step: int) -> bool:
         """Whether training with ``other`` for ``step`` steps is exactly training with this config."""
-        scheduled = ("cond_drop", "cond_drop_start", "lr_decay_start", "lr_decay_end")
+        scheduled = ("cond_drop", "cond_drop_start", "lr_decay_start", "lr_decay_end",
+                     "sample_shift")  # the last is not training at all
         if {k: v for k, v in asdict(self).items() if k not in scheduled} != {
                 k: v for k, v in asdict(other).items() if k not in scheduled}:
             return False
@@ -255,20 +265,25 @@ def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, S
 
 @torch.no_grad()
 def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch cond"], num_frames: int, *,
-           steps: int = 20, seed: int = 0, guidance: float = 1.0,
+           steps: int = 20, seed: int = 0, guidance: float = 1.0, shift: float | int | None = None,
            progress: Progress = False) -> Float[Tensor, "batch frames 3 height width"]:
     """Videos (B, T, 3, H, W) in [0, 1] for conditions ``cond`` (B, CONDITION_DIM), Euler flow sampling.
 
     ``guidance`` != 1 applies classifier-free guidance against the zero condition,
     ``v = v(0) + guidance * (v(cond) - v(0))``: meaningful for a model trained with ``cond_drop > 0``.
+    ``shift``: the timestep shift of the steps (``t -> shift t / (1 + (shift - 1) t)``); None takes
+    ``cfg.sampling_shift``.
     ``progress``: ``True`` writes a status line over the steps to stderr, a callable receives
     ``(done, total)`` steps (``freeloc._progress``); ``False`` (default) is silent.
     """
+    shift = cfg.sampling_shift if shift is None else shift
+    if not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a finite number > 0 (1: no shift), got {shift!r}")
     g = torch.Generator().manual_seed(seed)
     h = cfg.frame_size // UNSHUFFLE
     dev = next(model.parameters()).device  # noise drawn on the CPU: the same videos on any device
     x = torch.randn(cond.shape[0], cfg.channels, num_frames, h, h, generator=g).to(dev)
-    ts = _shifted(torch.linspace(1, 0, steps + 1), cfg.shift)
+    ts = _shifted(torch.linspace(1, 0, steps + 1), float(shift))
     tokens = condition_tokens(cfg, cond.to(dev))
     both_conds = torch.cat([torch.zeros_like(tokens), tokens])
     report = reporter(progress, "sampling steps")

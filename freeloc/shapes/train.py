@@ -19,7 +19,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,8 @@ def _scores_table(scores: dict[float, dict[str, float]], shipped: float, clips: 
 def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: str = "",
            guidance: float = 1.0, evaluate: list[float] | None = None, evaluate_clips: int = 8,
            score: str = "attention", bound_from: float | int | None = None,
-           position_from: float | int | None = None, bounded_vrpr: str = "tsa+vrpr") -> Path:
+           position_from: float | int | None = None, bounded_vrpr: str = "tsa+vrpr",
+           sample_shift: float | int | None = None) -> Path:
     """Write a training run's weight average as a shippable checkpoint in ``dest``.
 
     ``dest`` receives ``model.safetensors`` (float16 weights), ``model.json`` (the config, the steps,
@@ -185,13 +186,18 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
     ``position_from`` and ``bounded_vrpr``),
     ``loss.png`` and ``MODEL_CARD.md``.
     ``guidance`` is the classifier-free guidance scale to sample it with (``shipped_guidance()``).
+    ``sample_shift``: the sampler's timestep shift, stored in the config (``ShapesConfig.sample_shift``);
+    None samples with the training shift.
     ``evaluate``: guidance scales at which the card gets a table of ``trained_length_scores``
     (``evaluate_clips`` conditions each; also stored in ``model.json``); None: no table.
     """
     check_rule(score, bound_from, position_from, bounded_vrpr)  # before anything is written to dest
+    if sample_shift is not None and not (isinstance(sample_shift, (int, float)) and not isinstance(sample_shift, bool)
+                                         and math.isfinite(sample_shift) and sample_shift > 0):
+        raise ValueError(f"sample_shift must be a finite number > 0 or None (the training shift), got {sample_shift!r}")
     save_file = require("safetensors.torch", "shapes", "exporting the shapes model").save_file
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
-    cfg = ShapesConfig(**state["config"])
+    cfg = replace(ShapesConfig(**state["config"]), sample_shift=None if sample_shift is None else float(sample_shift))
     if guidance != 1.0 and cfg.cond_drop == 0:
         raise ValueError(f"guidance={guidance} needs a model trained with cond_drop > 0; {run} has cond_drop 0")
     losses: list[float] = state["losses"]
@@ -271,10 +277,13 @@ def _lr_text(cfg: dict[str, Any]) -> str:
     return f"{text}, decayed linearly from step {start} to {LR_FLOOR:g} x lr at step {end}"
 
 
-def _guidance_text(guidance: float) -> str:
+def _guidance_text(guidance: float, cfg: dict[str, Any]) -> str:
+    shift = cfg.get("sample_shift")
+    euler = "Euler flow sampling" + (f" with timestep shift {shift:g} (`sample_shift` in the config)"
+                                     if shift is not None else "")
     if guidance == 1.0:
-        return "Euler flow sampling, no guidance."
-    return (f"Euler flow sampling with classifier-free guidance {guidance:g} against the null condition "
+        return f"{euler}, no guidance."
+    return (f"{euler}, classifier-free guidance {guidance:g} against the null condition "
             f"(`sample(..., guidance={guidance:g})`; `shipped_guidance()`).")
 
 
@@ -311,7 +320,7 @@ synthetic clips of one to three coloured squares or discs bouncing in a 32 x 32 
 - Trained length: **{cfg["trained_frames"]} frames**. Training: flow matching as in Wan (predict
   noise - x0, timestep shift {cfg["shift"]}), {_lr_text(cfg)}, batch
   {cfg["batch"]}, EMA {cfg["ema"]}, seed {cfg["seed"]}, {meta["steps"]} steps, on CPU; {_dropout_text(cfg)}.
-- Sampling: {_guidance_text(meta.get("guidance", 1.0))}
+- Sampling: {_guidance_text(meta.get("guidance", 1.0), cfg)}
 - Final loss (mean of the last {meta["loss_window"]} steps): {meta["final_loss"]}. Curve: `loss.png`.
 - Training code: `freeloc/shapes/` at commit `{meta["commit"]}`.
 - Data generator settings: see `model.json` (`data`).
@@ -347,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--commit", default=None, help="with --export: the commit of the training code")
     ap.add_argument("--guidance", type=float, default=1.0,
                     help="with --export: the classifier-free guidance scale to sample the model with")
+    ap.add_argument("--sample-shift", type=float, default=None,
+                    help="with --export: the sampler's timestep shift (default: the training shift)")
     ap.add_argument("--evaluate", default=None, metavar="G1,G2,...",
                     help="with --export: guidance scales for the model card's table at the trained length "
                          "(default: 1 and --guidance; 'none' for no table)")
@@ -364,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(freeloc.probe's bounded_vrpr; default tsa+vrpr)")
     args = ap.parse_args(argv)
     if args.export is not None:
+        if args.sample_shift is not None and not (math.isfinite(args.sample_shift) and args.sample_shift > 0):
+            ap.error(f"--sample-shift must be a finite number > 0, got {args.sample_shift}")
         if args.evaluate == "none":
             evaluate = None
         elif args.evaluate is None:
@@ -375,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--evaluate: expected guidance scales like 1,3,5 or 'none', got {args.evaluate!r}")
         dest = export(args.out, args.export, commit=args.commit, guidance=args.guidance, evaluate=evaluate,
                       evaluate_clips=args.evaluate_clips, score=args.probe_score, bound_from=args.bound_from,
-                      position_from=args.position_from, bounded_vrpr=args.bounded_vrpr)
+                      position_from=args.position_from, bounded_vrpr=args.bounded_vrpr,
+                      sample_shift=args.sample_shift)
         print(f"wrote {dest}")
         return 0
     if args.layers < 1 or args.ffn_dim < 1:
