@@ -1,4 +1,5 @@
-"""UltraViCo: positive logits of pairs beyond half the trained length scaled by alpha, on the dense reference.
+"""UltraViCo: positive logits of pairs beyond half the trained length scaled by alpha, on the dense reference
+and in one flex call (eager on the CPU).
 
 The expected outputs are computed here from scratch (rotated q and k, one logit matrix, the decay, one
 softmax), not from the method's bands.
@@ -14,6 +15,9 @@ from support import HEAD_DIM, ROTARY, qkv, rotate_original, tiny_wan_and_run
 
 import freeloc
 from freeloc.attention import attend
+from freeloc.attention._planning import plan_attention
+from freeloc.attention._scaled_flex import scaled_flex_refusal
+from freeloc.bands import Band, BandSet
 
 
 def dense_ultravico(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], alpha: float,
@@ -46,7 +50,7 @@ def dense_ultravico(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tup
 
 @pytest.mark.parametrize("text", [(0, 0), (4, 0), (0, 3)], ids=["video", "text-before", "text-after"])
 @pytest.mark.parametrize("grid", [(13, 2, 3), (9, 3, 1)], ids=["13x2x3", "9x3x1"])
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "flex"])
 def test_matches_the_dense_definition(text: tuple[int, int], grid: tuple[int, int, int], backend: str) -> None:
     f, h, w = grid
     tb, ta = text
@@ -60,7 +64,7 @@ def test_matches_the_dense_definition(text: tuple[int, int], grid: tuple[int, in
 
 
 @pytest.mark.parametrize("text", [(0, 0), (4, 3)], ids=["video", "text-both"])
-@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "flex"])
 def test_the_harmonic_band_matches_the_dense_definition(text: tuple[int, int], backend: str) -> None:
     grid, (tb, ta) = (17, 2, 1), text
     method = freeloc.UltraViCo(alpha=0.8, window=2, beta=0.5, period=5.5, halfwidth=1, harmonics=2)
@@ -137,13 +141,43 @@ def test_setting_for_a_length() -> None:
     assert not bands.is_plain()
 
 
+def test_flex_with_padded_text_keys_matches_the_reference() -> None:
+    grid, tb, ta = (11, 3, 1), 4, 2
+    method = freeloc.UltraViCo(alpha=0.6, window=2, beta=0.5, period=4, halfwidth=1)
+    q, k, v = qkv(tb + 33 + ta, torch.float32, seed=13, batch=2, heads=3)
+    mask = torch.ones(2, tb + ta, dtype=torch.bool)
+    mask[1, 0] = mask[0, -1] = False
+    kw = dict(grid=grid, method=method, rotary=ROTARY, text_before=tb, text_after=ta, text_mask=mask)
+    want = attend(q, k, v, backend="reference", **kw)
+    torch.testing.assert_close(attend(q, k, v, backend="flex", **kw), want, atol=2e-6, rtol=1e-5)
+    assert (want - attend(q, k, v, backend="reference", **{**kw, "method": None})).abs().max() > 1e-3
+
+
 def test_what_cannot_run_it_is_refused_clearly() -> None:
     q, k, v = qkv(36, torch.float32, seed=7, batch=1, heads=1, head_dim=HEAD_DIM)
     method = freeloc.UltraViCo(window=2)
-    for backend in ("chunked", "flex"):
-        refused = f"only backend='reference' \\(or 'auto'\\) computes, got backend='{backend}'"
-        with pytest.raises(ValueError, match=refused):
-            attend(q, k, v, grid=(9, 2, 2), method=method, rotary=ROTARY, backend=backend)
+    refused = ("only backend='reference' or 'flex' computes \\('auto': flex on CUDA, else reference\\), "
+               "got backend='chunked'")
+    with pytest.raises(ValueError, match=refused):
+        attend(q, k, v, grid=(9, 2, 2), method=method, rotary=ROTARY, backend="chunked")
+    small = freeloc.AttentionOptions(max_dense_tokens=20)
+    with pytest.raises(ValueError, match="flex on CPU runs eagerly .* N <= 20 video tokens .* got N=36; use "
+                                         "backend='reference' on CPU"):
+        attend(q, k, v, grid=(9, 2, 2), method=method, rotary=ROTARY, backend="flex", options=small)
+    pos = torch.arange(4, dtype=torch.float64)
+    everything, near = torch.ones(4, 4, dtype=torch.bool), (pos[:, None] - pos[None, :]).abs() <= 1
+    cases = [((Band("a", near, pos, pos), Band("b", ~near, pos, pos, positive_logit_scale=0.5)), None),
+             ((Band("a", near, pos, pos, positive_logit_scale=0.5),), "its bands leave frame pairs out"),
+             ((Band("a", near, pos, pos), Band("b", ~near, pos + 1, pos, positive_logit_scale=0.5)),
+              "its bands have different positions"),
+             ((Band("a", everything, pos, pos, stripe=1, positive_logit_scale=0.5),), "a band is striped")]
+    for bands, why in cases:
+        band_set = BandSet(4, bands, label="made-up")
+        assert scaled_flex_refusal(band_set) == why
+        if why is not None:
+            with pytest.raises(ValueError, match=f"backend='flex' .* which made-up does not fit \\({why}\\); use "
+                                                 f"backend='reference'"):
+                plan_attention(q, band_set, (4, 3, 3), 0, 0, "flex", freeloc.AttentionOptions())
     for bad in (dict(alpha=0.0), dict(alpha=1.5), dict(window=-1)):
         with pytest.raises(ValueError, match="UltraViCo\\.(alpha must be in \\(0, 1\\]|window must be an int)"):
             freeloc.UltraViCo(**bad)

@@ -10,6 +10,8 @@ the attention:
 * ``ReferencePart``: the dense masked softmax the other backends are tested against;
 * ``ChunkedPart``: stacks and passes of fused attention calls (``freeloc.attention._passes``);
 * ``FlexPart``: block-sparse ``flex_attention`` calls (``freeloc.attention._flex_groups``);
+* ``ScaledFlexPart``: one ``flex_attention`` call that scales positive logits per frame pair
+  (UltraViCo; ``freeloc.attention._scaled_flex``);
 * ``TextPart``: the text tokens, dense, at their original positions (models with text in the
   sequence).
 
@@ -29,10 +31,11 @@ from ..bands import BandSet
 from ._flex_groups import BLOCK_SIZE, FlexGroup, flex_groups, split_striped, stripe_key_block, use_aligned
 from ._kernels import fused_kernel_for
 from ._passes import PassPlan, key_groups, plan_passes, plan_stacks
+from ._scaled_flex import scaled_flex_refusal
 from .options import AttentionOptions
 
-__all__ = ["AttentionPlan", "ChunkedPart", "DensePart", "FlexPart", "Part", "ReferencePart", "Rotations", "TextPart",
-           "plan_attention"]
+__all__ = ["AttentionPlan", "ChunkedPart", "DensePart", "FlexPart", "Part", "ReferencePart", "Rotations",
+           "ScaledFlexPart", "TextPart", "plan_attention"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,12 +74,21 @@ class FlexPart:
 
 
 @dataclass(frozen=True, eq=False)
+class ScaledFlexPart:
+    """The video queries over every video key in one ``flex_attention`` call whose ``score_mod`` multiplies
+    the positive logits of each band's pairs by its ``positive_logit_scale`` (the bands share positions)."""
+
+    bands: BandSet
+    tokens_per_frame: int
+
+
+@dataclass(frozen=True, eq=False)
 class TextPart:
     """The text tokens: video queries over the text keys (merged with the video parts), and text queries
     over every key (their rows of the output), densely, at the original positions."""
 
 
-Part = DensePart | ReferencePart | ChunkedPart | FlexPart | TextPart
+Part = DensePart | ReferencePart | ChunkedPart | FlexPart | ScaledFlexPart | TextPart
 
 
 @dataclass(frozen=True)
@@ -131,11 +143,16 @@ def plan_attention(q: Tensor, bands: BandSet, grid: tuple[int, int, int], text_b
     """The plan for queries like ``q`` (device, dtype, head dim): the automatic choices resolved here
     (backend, what the flex backend leaves to the dense kernel, the striped calls' key block), the rest
     from the cached ``_plan``. ``bands`` is the method's band set at this grid."""
-    if bands.scales_logits():  # UltraViCo's decay of positive logits: only the dense reference computes it
-        if backend not in ("auto", "reference"):
+    if bands.scales_logits():  # UltraViCo's decay of positive logits: the dense reference, or one flex call
+        if backend == "auto":
+            backend = "flex" if q.device.type == "cuda" and scaled_flex_refusal(bands) is None else "reference"
+        if backend not in ("reference", "flex"):
             raise ValueError(f"{bands.label or 'this method'} scales positive attention logits (UltraViCo), which "
-                             f"only backend='reference' (or 'auto') computes, got backend={backend!r}")
-        backend = "reference"
+                             f"only backend='reference' or 'flex' computes ('auto': flex on CUDA, else reference), "
+                             f"got backend={backend!r}")
+        if backend == "flex" and (why := scaled_flex_refusal(bands)) is not None:
+            raise ValueError(f"backend='flex' computes a method that scales logits in one call, which "
+                             f"{bands.label or 'this method'} does not fit ({why}); use backend='reference'")
     if backend == "auto":
         backend = "flex" if q.device.type == "cuda" else "chunked"
     mode, key_block = "", BLOCK_SIZE
@@ -164,6 +181,9 @@ def _plan(bands: BandSet, grid: tuple[int, int, int], text_before: int, text_aft
     if backend == "reference":  # each band keeps its own positions (the tests' check of the alignment)
         return AttentionPlan(backend, bands, grid, text_before, text_after, _rotations(bands, (), False, True),
                              (ReferencePart(bands),))
+    if backend == "flex" and bands.scales_logits():  # one call; every band at the same positions
+        return AttentionPlan(backend, bands, grid, text_before, text_after, _rotations(bands, (), False, bool(text)),
+                             (ScaledFlexPart(bands, s), *text))
     bands = _aligned(bands)
     if bands.is_plain():
         return AttentionPlan(backend, bands, grid, text_before, text_after, Rotations(original=True), (DensePart(),))

@@ -4,7 +4,7 @@ It builds every logit with the positions of the band that holds the pair, masks 
 holds, and takes one softmax: no LSE merge, no chunking. It is the definition the other backends
 are tested against, and it refuses sequences longer than ``AttentionOptions.max_dense_tokens`` (it
 materialises batch x heads x N x N float32 logits: 8192 tokens, the default, are 256 MiB per batch
-element and head). For methods that scale logits (UltraViCo), whose only backend it is, it instead
+element and head). For methods that scale logits (UltraViCo) it instead
 computes longer sequences in chunks of query rows, each of at most ``max_dense_tokens ** 2`` logits
 per batch element and head: the same numbers, row by row, in bounded memory.
 """
