@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one run of a few minutes: the CUDA tests, the attention benchmark at the
-# full Wan 2.1 1.3B shape, TSA's striped tier and one forward of the whole Wan 2.1 1.3B transformer at 480p
-# and 4x its trained length (321 frames, bf16). Every figure goes to one file, with the card's name and
-# torch's version at its top.
+# full Wan 2.1 1.3B shape, TSA's striped tier, UltraViCo's backends and one forward of the whole Wan 2.1
+# 1.3B transformer at 480p and 4x its trained length (321 frames, bf16). Every figure goes to one file,
+# with the card's name and torch's version at its top.
 #
 #   bash benchmarks/gpu_check.sh [--out FILE] [--dry-run]
 #
@@ -51,6 +51,7 @@ if [[ $DRY -eq 1 ]]; then
     step "attention benchmark (options)" "$PY" benchmarks/attention.py --help
     step "striped tier (options)" "$PY" benchmarks/striped_tier.py --help
     step "pipeline benchmark (options)" "$PY" benchmarks/pipeline.py --help
+    step "UltraViCo benchmark (options)" "$PY" benchmarks/ultravico.py --help
 else
     if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "gpu_check.sh: no CUDA device here; use --dry-run to check that the steps start" | tee -a "$OUT" >&2
@@ -60,6 +61,7 @@ else
     step "attention benchmark, Wan 1.3B shape" "$PY" benchmarks/attention.py --shapes none --reps 3 \
         --variants flex,tiles128,prescale
     step "striped tier" "$PY" benchmarks/striped_tier.py --reps 3
+    step "UltraViCo at the Wan 1.3B shape (flex, chunked, reference)" "$PY" benchmarks/ultravico.py --reps 3
     # the whole 30-layer model at 480 x 832, 321 frames (126,360 tokens): a few seconds a forward
     step "pipeline benchmark, Wan 2.1 1.3B at 480p x 321 frames" "$PY" benchmarks/pipeline.py --shape gpu --reps 2
 fi

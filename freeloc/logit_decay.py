@@ -16,10 +16,9 @@ whole frames.
 
 As bands: the pairs within ``T / 2`` frames, the pairs beyond (``Band.positive_logit_scale =
 alpha``), and the harmonic band (``beta``) when there is one. The scale applies to each logit before
-the softmax, which two backends compute: ``flex``, in one ``flex_attention`` call whose ``score_mod``
-scales each frame pair's positive logits (``freeloc.attention._scaled_flex``), and the dense
-``reference``, past ``AttentionOptions.max_dense_tokens`` in chunks of query rows. ``backend="auto"``
-picks ``flex`` on CUDA and ``reference`` elsewhere; ``chunked`` refuses the method clearly.
+the softmax, which no fused dense kernel does; ``freeloc.attention._scaled`` computes it on ``flex``
+(one ``flex_attention`` call with a ``score_mod``) and ``chunked`` (chunks of query rows), and the
+dense ``reference`` is the definition. ``backend="auto"`` picks ``flex`` on CUDA, ``chunked`` elsewhere.
 
 Examples:
     >>> m = UltraViCo.for_length(64, 16)

@@ -59,7 +59,7 @@ def test_gpu_check_dry_run_starts_every_step(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=300)
     text = out.read_text()
     assert run.returncode == 0, text
-    assert text.startswith("device: ") and text.count("done in") == 4 and "every step passed" in text
+    assert text.startswith("device: ") and text.count("done in") == 5 and "every step passed" in text
     if not torch.cuda.is_available():
         run = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--out", str(tmp_path / "real.txt")], cwd=root,
                              env=env, capture_output=True, text=True, timeout=300)

@@ -1,5 +1,5 @@
-"""UltraViCo: positive logits of pairs beyond half the trained length scaled by alpha, on the dense reference
-and in one flex call (eager on the CPU).
+"""UltraViCo: positive logits of pairs beyond half the trained length scaled by alpha, on the dense reference,
+in one flex call (eager on the CPU) and in chunks of query rows (chunked).
 
 The expected outputs are computed here from scratch (rotated q and k, one logit matrix, the decay, one
 softmax), not from the method's bands.
@@ -16,7 +16,7 @@ from support import HEAD_DIM, ROTARY, qkv, rotate_original, tiny_wan_and_run
 import freeloc
 from freeloc.attention import attend
 from freeloc.attention._planning import plan_attention
-from freeloc.attention._scaled_flex import scaled_flex_refusal
+from freeloc.attention._scaled import scaled_refusal
 from freeloc.bands import Band, BandSet
 
 
@@ -50,7 +50,7 @@ def dense_ultravico(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tup
 
 @pytest.mark.parametrize("text", [(0, 0), (4, 0), (0, 3)], ids=["video", "text-before", "text-after"])
 @pytest.mark.parametrize("grid", [(13, 2, 3), (9, 3, 1)], ids=["13x2x3", "9x3x1"])
-@pytest.mark.parametrize("backend", ["reference", "auto", "flex"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "flex", "chunked"])
 def test_matches_the_dense_definition(text: tuple[int, int], grid: tuple[int, int, int], backend: str) -> None:
     f, h, w = grid
     tb, ta = text
@@ -64,7 +64,7 @@ def test_matches_the_dense_definition(text: tuple[int, int], grid: tuple[int, in
 
 
 @pytest.mark.parametrize("text", [(0, 0), (4, 3)], ids=["video", "text-both"])
-@pytest.mark.parametrize("backend", ["reference", "auto", "flex"])
+@pytest.mark.parametrize("backend", ["reference", "auto", "flex", "chunked"])
 def test_the_harmonic_band_matches_the_dense_definition(text: tuple[int, int], backend: str) -> None:
     grid, (tb, ta) = (17, 2, 1), text
     method = freeloc.UltraViCo(alpha=0.8, window=2, beta=0.5, period=5.5, halfwidth=1, harmonics=2)
@@ -141,7 +141,8 @@ def test_setting_for_a_length() -> None:
     assert not bands.is_plain()
 
 
-def test_flex_with_padded_text_keys_matches_the_reference() -> None:
+@pytest.mark.parametrize("backend", ["flex", "chunked"])
+def test_padded_text_keys_match_the_reference(backend: str) -> None:
     grid, tb, ta = (11, 3, 1), 4, 2
     method = freeloc.UltraViCo(alpha=0.6, window=2, beta=0.5, period=4, halfwidth=1)
     q, k, v = qkv(tb + 33 + ta, torch.float32, seed=13, batch=2, heads=3)
@@ -149,20 +150,43 @@ def test_flex_with_padded_text_keys_matches_the_reference() -> None:
     mask[1, 0] = mask[0, -1] = False
     kw = dict(grid=grid, method=method, rotary=ROTARY, text_before=tb, text_after=ta, text_mask=mask)
     want = attend(q, k, v, backend="reference", **kw)
-    torch.testing.assert_close(attend(q, k, v, backend="flex", **kw), want, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, backend=backend, **kw), want, atol=2e-6, rtol=1e-5)
     assert (want - attend(q, k, v, backend="reference", **{**kw, "method": None})).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("float_logits", [10**6, 97, 1], ids=["one-chunk", "odd-rows", "1-row"])
+def test_chunked_rows_give_the_same_numbers_at_any_chunk(float_logits: int) -> None:
+    grid = (13, 2, 3)
+    method = freeloc.UltraViCo(alpha=0.7, window=3, beta=0.5, period=5, halfwidth=1)
+    q, k, v = qkv(5 + 78, torch.float32, seed=14, batch=2, heads=3)
+    kw = dict(grid=grid, method=method, rotary=ROTARY, text_before=5)
+    want = attend(q, k, v, backend="reference", **kw)
+    got = attend(q, k, v, backend="chunked", options=freeloc.AttentionOptions(float_logits=float_logits), **kw)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_gradients_on_chunked_match_the_reference() -> None:
+    grid = (9, 2, 3)
+    method = freeloc.UltraViCo(alpha=0.7, window=2, beta=0.5, period=4, halfwidth=1)
+    q, k, v = qkv(3 + 54 + 2, torch.float32, seed=15, batch=2, heads=2)
+    cot = torch.randn(q.shape, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for backend in ("reference", "chunked"):
+        xs = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        out = attend(*xs, grid=grid, method=method, rotary=ROTARY, backend=backend, text_before=3, text_after=2)
+        (out * cot).sum().backward()
+        grads[backend] = [x.grad for x in xs]
+    for g, g_ref in zip(grads["chunked"], grads["reference"], strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-4)
+        assert g_ref.abs().max() > 0.1
 
 
 def test_what_cannot_run_it_is_refused_clearly() -> None:
     q, k, v = qkv(36, torch.float32, seed=7, batch=1, heads=1, head_dim=HEAD_DIM)
     method = freeloc.UltraViCo(window=2)
-    refused = ("only backend='reference' or 'flex' computes \\('auto': flex on CUDA, else reference\\), "
-               "got backend='chunked'")
-    with pytest.raises(ValueError, match=refused):
-        attend(q, k, v, grid=(9, 2, 2), method=method, rotary=ROTARY, backend="chunked")
     small = freeloc.AttentionOptions(max_dense_tokens=20)
     with pytest.raises(ValueError, match="flex on CPU runs eagerly .* N <= 20 video tokens .* got N=36; use "
-                                         "backend='reference' on CPU"):
+                                         "backend='chunked' on CPU"):
         attend(q, k, v, grid=(9, 2, 2), method=method, rotary=ROTARY, backend="flex", options=small)
     pos = torch.arange(4, dtype=torch.float64)
     everything, near = torch.ones(4, 4, dtype=torch.bool), (pos[:, None] - pos[None, :]).abs() <= 1
@@ -173,11 +197,14 @@ def test_what_cannot_run_it_is_refused_clearly() -> None:
              ((Band("a", everything, pos, pos, stripe=1, positive_logit_scale=0.5),), "a band is striped")]
     for bands, why in cases:
         band_set = BandSet(4, bands, label="made-up")
-        assert scaled_flex_refusal(band_set) == why
+        assert scaled_refusal(band_set) == why
         if why is not None:
-            with pytest.raises(ValueError, match=f"backend='flex' .* which made-up does not fit \\({why}\\); use "
-                                                 f"backend='reference'"):
-                plan_attention(q, band_set, (4, 3, 3), 0, 0, "flex", freeloc.AttentionOptions())
+            for backend in ("flex", "chunked"):
+                with pytest.raises(ValueError, match=f"backend='{backend}' computes .* which made-up does not fit "
+                                                     f"\\({why}\\); use backend='reference'"):
+                    plan_attention(q, band_set, (4, 3, 3), 0, 0, backend, freeloc.AttentionOptions())
+            auto = plan_attention(q, band_set, (4, 3, 3), 0, 0, "auto", freeloc.AttentionOptions())
+            assert auto.backend == "reference"  # what fits no factor table falls back to the definition
     for bad in (dict(alpha=0.0), dict(alpha=1.5), dict(window=-1)):
         with pytest.raises(ValueError, match="UltraViCo\\.(alpha must be in \\(0, 1\\]|window must be an int)"):
             freeloc.UltraViCo(**bad)

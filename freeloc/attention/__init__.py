@@ -45,10 +45,10 @@ from ._fused import on_device
 from ._kernels import attention_with_lse, surely_finite
 from ._merge import merge_lse, merge_outputs
 from ._passes import release_schedule
-from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, ScaledFlexPart, plan_attention
+from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, ScaledPart, plan_attention
 from ._reference import reference_attention
 from ._rotations import BandRotations, HeadMajor, KeyBuffers, rotate_bands, rotate_original
-from ._scaled_flex import run_scaled_flex
+from ._scaled import run_scaled
 from .memory import head_group_size
 from .options import BACKENDS, DEFAULT_OPTIONS, AttentionOptions
 
@@ -247,8 +247,8 @@ def _run_video_parts(plan: AttentionPlan, rotations: BandRotations, k: Tensor, v
                                 plan.rotations.q_source, v[:, video].transpose(1, 2), scale, options)
             outs += o_f
             lses += l_f
-        elif isinstance(part, ScaledFlexPart):
-            o_s, l_s = run_scaled_flex(part, HeadMajor(rotations, "q")[0], HeadMajor(rotations, "k")[0],
+        elif isinstance(part, ScaledPart):
+            o_s, l_s = run_scaled(part, plan.backend, HeadMajor(rotations, "q")[0], HeadMajor(rotations, "k")[0],
                                        v[:, video].transpose(1, 2), scale, options)
             outs.append(o_s)
             lses.append(l_s)

@@ -10,8 +10,8 @@ the attention:
 * ``ReferencePart``: the dense masked softmax the other backends are tested against;
 * ``ChunkedPart``: stacks and passes of fused attention calls (``freeloc.attention._passes``);
 * ``FlexPart``: block-sparse ``flex_attention`` calls (``freeloc.attention._flex_groups``);
-* ``ScaledFlexPart``: one ``flex_attention`` call that scales positive logits per frame pair
-  (UltraViCo; ``freeloc.attention._scaled_flex``);
+* ``ScaledPart``: every video pair with its positive logits scaled per frame pair (UltraViCo), in one
+  ``flex_attention`` call or in chunks of query rows (``freeloc.attention._scaled``);
 * ``TextPart``: the text tokens, dense, at their original positions (models with text in the
   sequence).
 
@@ -31,11 +31,11 @@ from ..bands import BandSet
 from ._flex_groups import BLOCK_SIZE, FlexGroup, flex_groups, split_striped, stripe_key_block, use_aligned
 from ._kernels import fused_kernel_for
 from ._passes import PassPlan, key_groups, plan_passes, plan_stacks
-from ._scaled_flex import scaled_flex_refusal
+from ._scaled import scaled_refusal
 from .options import AttentionOptions
 
 __all__ = ["AttentionPlan", "ChunkedPart", "DensePart", "FlexPart", "Part", "ReferencePart", "Rotations",
-           "ScaledFlexPart", "TextPart", "plan_attention"]
+           "ScaledPart", "TextPart", "plan_attention"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,9 +74,9 @@ class FlexPart:
 
 
 @dataclass(frozen=True, eq=False)
-class ScaledFlexPart:
-    """The video queries over every video key in one ``flex_attention`` call whose ``score_mod`` multiplies
-    the positive logits of each band's pairs by its ``positive_logit_scale`` (the bands share positions)."""
+class ScaledPart:
+    """The video queries over every video key, the positive logits of each band's pairs multiplied by its
+    ``positive_logit_scale`` (the bands share positions): one flex call, or chunks of query rows."""
 
     bands: BandSet
     tokens_per_frame: int
@@ -88,7 +88,7 @@ class TextPart:
     over every key (their rows of the output), densely, at the original positions."""
 
 
-Part = DensePart | ReferencePart | ChunkedPart | FlexPart | ScaledFlexPart | TextPart
+Part = DensePart | ReferencePart | ChunkedPart | FlexPart | ScaledPart | TextPart
 
 
 @dataclass(frozen=True)
@@ -143,16 +143,14 @@ def plan_attention(q: Tensor, bands: BandSet, grid: tuple[int, int, int], text_b
     """The plan for queries like ``q`` (device, dtype, head dim): the automatic choices resolved here
     (backend, what the flex backend leaves to the dense kernel, the striped calls' key block), the rest
     from the cached ``_plan``. ``bands`` is the method's band set at this grid."""
-    if bands.scales_logits():  # UltraViCo's decay of positive logits: the dense reference, or one flex call
+    if bands.scales_logits():  # UltraViCo's decay of positive logits: no fused dense kernel computes it
+        why = scaled_refusal(bands)
         if backend == "auto":
-            backend = "flex" if q.device.type == "cuda" and scaled_flex_refusal(bands) is None else "reference"
-        if backend not in ("reference", "flex"):
-            raise ValueError(f"{bands.label or 'this method'} scales positive attention logits (UltraViCo), which "
-                             f"only backend='reference' or 'flex' computes ('auto': flex on CUDA, else reference), "
-                             f"got backend={backend!r}")
-        if backend == "flex" and (why := scaled_flex_refusal(bands)) is not None:
-            raise ValueError(f"backend='flex' computes a method that scales logits in one call, which "
-                             f"{bands.label or 'this method'} does not fit ({why}); use backend='reference'")
+            backend = "reference" if why is not None else "flex" if q.device.type == "cuda" else "chunked"
+        if backend != "reference" and why is not None:
+            raise ValueError(f"backend={backend!r} computes a method that scales logits with one factor per frame "
+                             f"pair, which {bands.label or 'this method'} does not fit ({why}); use "
+                             f"backend='reference'")
     if backend == "auto":
         backend = "flex" if q.device.type == "cuda" else "chunked"
     mode, key_block = "", BLOCK_SIZE
@@ -181,9 +179,9 @@ def _plan(bands: BandSet, grid: tuple[int, int, int], text_before: int, text_aft
     if backend == "reference":  # each band keeps its own positions (the tests' check of the alignment)
         return AttentionPlan(backend, bands, grid, text_before, text_after, _rotations(bands, (), False, True),
                              (ReferencePart(bands),))
-    if backend == "flex" and bands.scales_logits():  # one call; every band at the same positions
+    if bands.scales_logits():  # flex or chunked; every band at the same positions
         return AttentionPlan(backend, bands, grid, text_before, text_after, _rotations(bands, (), False, bool(text)),
-                             (ScaledFlexPart(bands, s), *text))
+                             (ScaledPart(bands, s), *text))
     bands = _aligned(bands)
     if bands.is_plain():
         return AttentionPlan(backend, bands, grid, text_before, text_after, Rotations(original=True), (DensePart(),))

@@ -51,7 +51,7 @@ from ..bands import BandSet
 from ..methods import Method
 from ..rotary import RotaryLayout
 from ._passes import Stack, heads_per_call, pass_bytes, release_schedule
-from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, ScaledFlexPart, plan_attention
+from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, ScaledPart, plan_attention
 from .options import DEFAULT_OPTIONS, AttentionOptions
 
 __all__ = ["METHODS", "Peak", "estimate_peak", "head_group_size", "working_set"]
@@ -127,10 +127,10 @@ def working_set(plan: AttentionPlan, heads: int, head_dim: int, dtype: torch.dty
     n = plan.text_before + nv + plan.text_after
     row = nv * head_dim * size  # one rotation, or one copy of the values
     text = plan.text_before + plan.text_after > 0
-    video_parts = [p for p in plan.parts if isinstance(p, (ChunkedPart, FlexPart, ScaledFlexPart))]
+    video_parts = [p for p in plan.parts if isinstance(p, (ChunkedPart, FlexPart, ScaledPart))]
     chunked = [part.passes for part in video_parts if isinstance(part, ChunkedPart)]
     flex_outputs = sum(len(part.groups) if isinstance(part, FlexPart) else 1 for part in video_parts
-                       if isinstance(part, (FlexPart, ScaledFlexPart)))
+                       if isinstance(part, (FlexPart, ScaledPart)))
     held = len(chunked) + flex_outputs  # outputs held until the merge
     in_place = held == 1 and bool(chunked) and not text and size == _WIDE
     fixed = 0  # held from the start of the video parts to the merge

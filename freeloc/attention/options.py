@@ -75,7 +75,8 @@ class AttentionOptions:
             this many key tokens (per sample and head).
         stacking: let the chunked planner run sliding key windows as stacks (one fused call each).
         stack_logits: off the fused kernels (which tile), the most logits one stacked call holds.
-        float_logits: the most logits the plain float32 attention path materialises at once.
+        float_logits: the most logits the plain float32 attention path, and the chunked backend for methods
+            that scale logits (UltraViCo), materialise at once (per call: its batch and heads).
         mask_cache_bytes: bytes of prepared masks a chunked plan keeps between calls.
         max_dense_tokens: the longest sequence the ``reference`` backend and eager ``flex`` accept
             (they materialise batch x heads x N x N scores); beyond it the ``reference`` backend computes
