@@ -54,7 +54,16 @@ from freeloc.app.plots import frames_png, metrics_by_length_png
 from freeloc.probing import BOUNDED_VRPR, SCORES
 from freeloc.shapes.clips import random_spec, render
 from freeloc.shapes.metrics import bootstrap_mean, evaluate_generated, nanmean
-from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance, shipped_plan
+from freeloc.shapes.model import (
+    is_shift,
+    load,
+    load_shipped,
+    model_condition,
+    probe_plan,
+    sample,
+    shipped_guidance,
+    shipped_plan,
+)
 
 METHODS = ["direct", "sliding-window", "pi", "ntk", "riflex", "ultravico", "vrpr", "tsa", "tsa+vrpr", "window+vrpr",
            "freeloc-uniform", "freeloc-probe"]
@@ -195,7 +204,7 @@ def main() -> None:
         ap.error(f"--methods: unknown {unknown}; choose from {METHODS}")
     if args.resume and args.json is None:
         ap.error("--resume reads and extends the file given by --json; give --json")
-    if args.sample_shift is not None and not (math.isfinite(args.sample_shift) and args.sample_shift > 0):
+    if args.sample_shift is not None and not is_shift(args.sample_shift):
         ap.error(f"--sample-shift must be a finite number > 0, got {args.sample_shift}")
     model, cfg = load(args.run) if args.run is not None else load_shipped()
     if args.sample_shift is not None:

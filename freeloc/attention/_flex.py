@@ -31,7 +31,7 @@ from .options import AttentionOptions
 if TYPE_CHECKING:
     from ._planning import FlexPart
 
-__all__ = ["run_flex"]
+__all__ = ["check_eager_size", "flex_function", "run_flex"]
 
 # what failed on this process's devices: the fallbacks hold from then on
 _NO_TMA: set[str] = set()  # devices where the kernel with TMA loads failed once
@@ -79,14 +79,34 @@ def _kernel_options(device: torch.device, options: AttentionOptions) -> dict[str
     return {"USE_TMA": True}
 
 
+def flex_function(device: torch.device, options: AttentionOptions) -> Any:
+    """The ``flex_attention`` to call on ``device``: compiled on CUDA (``options.flex_compiled``), else eager."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return _compiled_flex() if _compiled_here(device, options) and device.type == "cuda" else flex_attention
+
+
+def check_eager_size(n: int, device: torch.device, options: AttentionOptions, instead: str) -> None:
+    """Refuse ``n`` video tokens past ``options.max_dense_tokens`` on the CPU, where flex runs eagerly and
+    materialises the scores; ``instead`` names the backend to use."""
+    if device.type == "cpu" and n > options.max_dense_tokens:
+        raise ValueError(f"flex on CPU runs eagerly and materialises the scores; it accepts N <= "
+                         f"{options.max_dense_tokens} video tokens (AttentionOptions.max_dense_tokens), got N={n}; "
+                         f"use backend={instead!r} on CPU")
+
+
 def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float, key_block: int,
-         options: AttentionOptions) -> tuple[Tensor, Tensor]:
+             options: AttentionOptions, score_mod: Any = None) -> tuple[Tensor, Tensor]:
+    """One ``flex_attention`` call with its LSE (``score_mod`` where given), with the kernel options and the
+    TMA fallback of a compiled call."""
     tma = _kernel_options(q.device, options) if _compiled_here(q.device, options) else None
     # the kernel's key tile must divide the block mask's key block; tuning options on top
     extra: dict[str, Any] = {}
     if _compiled_here(q.device, options):
         extra = {**({"BLOCK_N": key_block} if key_block < BLOCK_SIZE else {}), **options.kernel_options}
-    plain = {"kernel_options": extra} if extra else {}
+    plain: dict[str, Any] = {"kernel_options": extra} if extra else {}
+    if score_mod is not None:
+        plain["score_mod"] = score_mod
     # one compiled kernel per (query, key) length
     with warnings.catch_warnings(), recompile_limit_at_least(64):
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
@@ -94,7 +114,8 @@ def _run(fn: Any, q: Tensor, k: Tensor, v: Tensor, block_mask: Any, scale: float
         if tma is None:
             return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, **plain)
         try:
-            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True, kernel_options={**tma, **extra})
+            return fn(q, k, v, block_mask=block_mask, scale=scale, return_lse=True,
+                      **{**plain, "kernel_options": {**tma, **extra}})
         except Exception as err:  # this torch or device refuses TMA: the plain kernel, from now on
             _NO_TMA.add(str(q.device))
             warnings.warn(f"flex_attention with {tma} failed ({type(err).__name__}: {err}); "
@@ -145,16 +166,10 @@ def run_flex(
     ``qs[b]``/``ks[b]``: the video queries/keys rotated at band ``b``'s positions; ``q_ids[b]``: which
     query rotation band ``b`` uses (bands with equal ids share one tensor, and one padded copy of it).
     """
-    from torch.nn.attention.flex_attention import flex_attention
-
     if not torch.is_grad_enabled():  # flex_attention refuses inputs that require grad on CPU, even under no_grad
         qs, ks, v = [x.detach() for x in qs], [x.detach() for x in ks], v.detach()
-    n = v.shape[2]
-    if v.device.type == "cpu" and n > options.max_dense_tokens:
-        raise ValueError(f"flex on CPU runs eagerly and materialises the scores; it accepts N <= "
-                         f"{options.max_dense_tokens} video tokens (AttentionOptions.max_dense_tokens), got N={n}; "
-                         f"use backend='chunked' on CPU")
-    fn = _compiled_flex() if _compiled_here(v.device, options) and v.device.type == "cuda" else flex_attention
+    check_eager_size(v.shape[2], v.device, options, "chunked")
+    fn = flex_function(v.device, options)
     if part.fallback is None or not _compiled_here(v.device, options):
         return _attend_groups(fn, part, qs, ks, q_ids, v, scale, options)
     if str(v.device) in _NO_SMALL_KEY_BLOCKS:

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import functools
 import typing
-import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from ..bands import BandSet
-from ._flex import _compiled_flex, _compiled_here
-from ._fused import recompile_limit_at_least
+from ._flex import _run, check_eager_size, flex_function
+from ._flex_groups import BLOCK_SIZE
 from .options import AttentionOptions
 
 if TYPE_CHECKING:
@@ -107,13 +106,8 @@ def _in_rows(q: Tensor, k: Tensor, v: Tensor, factors: Tensor, s: int, scale: fl
 
 def _in_flex(q: Tensor, k: Tensor, v: Tensor, factors: Tensor, s: int, scale: float,
              options: AttentionOptions) -> tuple[Tensor, Tensor]:
-    from torch.nn.attention.flex_attention import flex_attention
-
     b, h, n, d = v.shape
-    if v.device.type == "cpu" and n > options.max_dense_tokens:
-        raise ValueError(f"flex on CPU runs eagerly and materialises the scores; it accepts N <= "
-                         f"{options.max_dense_tokens} video tokens (AttentionOptions.max_dense_tokens), got N={n}; "
-                         f"use backend='chunked' on CPU")
+    check_eager_size(n, v.device, options, "chunked")
     if not torch.is_grad_enabled():  # flex_attention refuses inputs that require grad on CPU, even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
 
@@ -122,12 +116,5 @@ def _in_flex(q: Tensor, k: Tensor, v: Tensor, factors: Tensor, s: int, scale: fl
         factor = factors[q_idx // s, kv_idx // s]
         return torch.where(score > 0, score * factor, score)
 
-    compiled = _compiled_here(v.device, options) and v.device.type == "cuda"
-    fn = _compiled_flex() if compiled else flex_attention
-    extra: dict[str, Any] = dict(options.kernel_options) if compiled else {}
-    with warnings.catch_warnings(), recompile_limit_at_least(64):
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
-        out, lse = fn(q, k, v, score_mod=score_mod, scale=scale, return_lse=True,
-                      **({"kernel_options": extra} if extra else {}))
+    out, lse = _run(flex_function(v.device, options), q, k, v, None, scale, BLOCK_SIZE, options, score_mod)
     return out.view(b, h, n // s, s, d), lse.view(b, h, n // s, s)

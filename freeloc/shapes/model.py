@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .._extras import require
 from .._progress import Progress, reporter
+from ..methods import _is_number
 from ..plan import LayerPlan
 from ..probing import probe
 from .clips import BACKGROUND, CONDITION_DIM, MAX_SHAPES, SLOT_DIM, ClipSpec, condition, random_spec, render
@@ -50,6 +51,7 @@ __all__ = [
     "condition_tokens",
     "decode",
     "encode",
+    "is_shift",
     "load",
     "load_shipped",
     "model_condition",
@@ -193,6 +195,11 @@ def condition_tokens(cfg: ShapesConfig, cond: Float[Tensor, "batch cond"]) -> Fl
     return torch.cat([slots, cond[:, None, -1:].expand(-1, MAX_SHAPES, 1)], dim=2)
 
 
+def is_shift(value: object) -> bool:
+    """Whether ``value`` is a valid timestep shift: a finite number > 0 (1: no shift)."""
+    return _is_number(value) and math.isfinite(value) and value > 0  # type: ignore[arg-type,operator]
+
+
 def _shifted(t: Float[Tensor, "*shape"], shift: float) -> Float[Tensor, "*shape"]:
     return shift * t / (1 + (shift - 1) * t)
 
@@ -277,7 +284,7 @@ def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch
     ``(done, total)`` steps (``freeloc._progress``); ``False`` (default) is silent.
     """
     shift = cfg.sampling_shift if shift is None else shift
-    if not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and math.isfinite(shift) and shift > 0):
+    if not is_shift(shift):
         raise ValueError(f"shift must be a finite number > 0 (1: no shift), got {shift!r}")
     g = torch.Generator().manual_seed(seed)
     h = cfg.frame_size // UNSHUFFLE

@@ -40,6 +40,7 @@ from .model import (
     build_model,
     condition_tokens,
     encode,
+    is_shift,
     model_condition,
     probe_plan,
     sample,
@@ -192,8 +193,7 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
     (``evaluate_clips`` conditions each; also stored in ``model.json``); None: no table.
     """
     check_rule(score, bound_from, position_from, bounded_vrpr)  # before anything is written to dest
-    if sample_shift is not None and not (isinstance(sample_shift, (int, float)) and not isinstance(sample_shift, bool)
-                                         and math.isfinite(sample_shift) and sample_shift > 0):
+    if sample_shift is not None and not is_shift(sample_shift):
         raise ValueError(f"sample_shift must be a finite number > 0 or None (the training shift), got {sample_shift!r}")
     save_file = require("safetensors.torch", "shapes", "exporting the shapes model").save_file
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(freeloc.probe's bounded_vrpr; default tsa+vrpr)")
     args = ap.parse_args(argv)
     if args.export is not None:
-        if args.sample_shift is not None and not (math.isfinite(args.sample_shift) and args.sample_shift > 0):
+        if args.sample_shift is not None and not is_shift(args.sample_shift):
             ap.error(f"--sample-shift must be a finite number > 0, got {args.sample_shift}")
         if args.evaluate == "none":
             evaluate = None
