@@ -163,7 +163,7 @@ def test_statistics_stay_off_a_compiled_graph() -> None:
     assert [s.calls for s in session.layers] == [1, 1]  # the eager call only
 
 
-@pytest.mark.parametrize("method", ["vrpr", "tsa"])
+@pytest.mark.parametrize("method", ["vrpr", "tsa", "ultravico"])
 def test_a_compiled_hooked_model_trains_like_the_eager_one(method: str) -> None:
     """Backward through the opaque ``freeloc::attend`` operator of a compiled graph (AOTAutograd traces the
     forward and the backward) gives the eager hooked model's gradients."""
