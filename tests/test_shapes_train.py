@@ -13,7 +13,7 @@ pytest.importorskip("diffusers", reason="the shapes model is a diffusers WanTran
 
 import freeloc.shapes.model as shapes_model  # noqa: E402
 from freeloc.shapes.model import LR_FLOOR, ShapesConfig, load  # noqa: E402
-from freeloc.shapes.train import _card, export, main, train, trained_length_scores  # noqa: E402
+from freeloc.shapes.train import _card, export, main, train, trained_length_scores, trained_steps  # noqa: E402
 
 
 def assert_same_weights(run_a: Path, run_b: Path) -> None:
@@ -123,6 +123,39 @@ def test_export_writes_a_loadable_checkpoint_with_card_plan_and_loss_curve(tiny_
     with pytest.raises(FileNotFoundError, match="reinstall freeloc"):
         monkeypatch.setattr(shapes_model, "SHIPPED", tmp_path / "nowhere")
         shapes_model.load_shipped()
+
+
+def test_training_can_start_from_an_exported_model(tiny_shapes: ShapesConfig, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``init``: the run starts from the exported weights (lr 0 keeps them), records where they came from,
+    resumes without being told again, and exports its steps on top of theirs; another network, another
+    init on resume and a folder that is no export are refused before anything is written."""
+    train(tiny_shapes, 3, tmp_path / "first", progress=False)
+    ship = export(tmp_path / "first", tmp_path / "ship", commit="abc1234", evaluate=None)
+    frozen = replace(tiny_shapes, lr=0.0, seed=1)
+    train(frozen, 2, tmp_path / "next", progress=False, init=ship)
+    exported = shapes_model.load_exported(ship)[0].state_dict()
+    for name, value in load(tmp_path / "next")[0].state_dict().items():
+        torch.testing.assert_close(value, exported[name], rtol=0, atol=0, msg=name)
+    state = torch.load(tmp_path / "next" / "checkpoint.pt", weights_only=False)
+    assert state["init"] == dict(source=str(ship), steps=3, commit="abc1234")
+    assert train(frozen, 3, tmp_path / "next", progress=False)["step"] == 3  # resumed, init kept
+    assert torch.load(tmp_path / "next" / "checkpoint.pt", weights_only=False)["init"]["steps"] == 3
+    meta = json.loads((export(tmp_path / "next", tmp_path / "ship2", evaluate=None) / "model.json").read_text())
+    assert (meta["steps"], meta["init"]["steps"], trained_steps(meta)) == (3, 3, 6)
+    assert "3 steps starting from the weights of a model trained for 3 steps" in (
+        tmp_path / "ship2" / "MODEL_CARD.md").read_text()
+    assert "6 steps in all" in (tmp_path / "ship2" / "MODEL_CARD.md").read_text()
+    with pytest.raises(ValueError, match="started from"):
+        train(frozen, 4, tmp_path / "next", progress=False, init=tmp_path / "ship2")
+    with pytest.raises(ValueError, match="ffn_dim 32 vs 64"):
+        train(replace(tiny_shapes, ffn_dim=64), 1, tmp_path / "wide", progress=False, init=ship)
+    with pytest.raises(FileNotFoundError, match="not an exported shapes model"):
+        train(tiny_shapes, 1, tmp_path / "none", progress=False, init=tmp_path / "first")
+    assert not (tmp_path / "wide").exists() and not (tmp_path / "none").exists()
+    with pytest.raises(SystemExit):
+        main(["--steps", "1", "--out", str(tmp_path / "cli"), "--layers", "2", "--init-from", str(ship)])
+    assert "num_layers 1 vs 2" in capsys.readouterr().err and not (tmp_path / "cli").exists()
 
 
 def test_export_records_the_guidance_scale_and_refuses_it_without_dropout(tiny_shapes: ShapesConfig, tmp_path: Path,

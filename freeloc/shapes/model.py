@@ -53,6 +53,7 @@ __all__ = [
     "encode",
     "is_shift",
     "load",
+    "load_exported",
     "load_shipped",
     "model_condition",
     "probe_plan",
@@ -253,21 +254,34 @@ def shipped_guidance() -> float:
     return float(json.loads(path.read_text()).get("guidance", 1.0))
 
 
+def load_exported(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ShapesConfig]:
+    """A checkpoint written by ``freeloc.shapes.train.export`` (``model.safetensors`` and ``model.json`` in
+    ``folder``) and its config; eval mode.
+
+    Raises:
+        FileNotFoundError: If either file is missing from ``folder``.
+    """
+    load_file = require("safetensors.torch", "shapes", "loading an exported shapes model").load_file
+    weights, meta_path = folder / "model.safetensors", folder / "model.json"
+    if not weights.exists() or not meta_path.exists():
+        raise FileNotFoundError(f"{folder} is not an exported shapes model: it needs model.safetensors and "
+                                f"model.json (written by python -m freeloc.shapes.train --export)")
+    cfg = ShapesConfig(**json.loads(meta_path.read_text())["config"])
+    model = build_model(cfg)
+    model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(weights)).items()})
+    return (model if dtype == torch.float32 else model.to(dtype)).eval(), cfg
+
+
 def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ShapesConfig]:
     """The checkpoint shipped in the package (``SHIPPED``), offline; eval mode.
 
     Raises:
         FileNotFoundError: If the package was installed without its data files.
     """
-    load_file = require("safetensors.torch", "shapes", "the shipped shapes model").load_file
-    weights, meta_path = SHIPPED / "model.safetensors", SHIPPED / "model.json"
-    if not weights.exists() or not meta_path.exists():
+    if not (SHIPPED / "model.safetensors").exists() or not (SHIPPED / "model.json").exists():
         raise FileNotFoundError(f"the shipped shapes model is missing from {SHIPPED} (model.safetensors and "
                                 f"model.json): reinstall freeloc with its package data")
-    cfg = ShapesConfig(**json.loads(meta_path.read_text())["config"])
-    model = build_model(cfg)
-    model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(weights)).items()})
-    return (model if dtype == torch.float32 else model.to(dtype)).eval(), cfg
+    return load_exported(SHIPPED, dtype)
 
 
 @torch.no_grad()

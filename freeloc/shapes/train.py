@@ -41,12 +41,13 @@ from .model import (
     condition_tokens,
     encode,
     is_shift,
+    load_exported,
     model_condition,
     probe_plan,
     sample,
 )
 
-__all__ = ["CARD_SCORES", "export", "main", "train", "trained_length_scores"]
+__all__ = ["ARCHITECTURE", "CARD_SCORES", "export", "main", "train", "trained_length_scores", "trained_steps"]
 
 
 def _batch(cfg: ShapesConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -56,14 +57,39 @@ def _batch(cfg: ShapesConfig, generator: torch.Generator) -> tuple[Tensor, Tenso
     return encode(video), cond
 
 
+#: The config fields that make two shapes models the same network (what ``init`` must share).
+ARCHITECTURE = ("frame_size", "trained_frames", "num_layers", "num_heads", "head_dim", "ffn_dim", "slot_tokens")
+
+
+def _init_source(init: Path, cfg: ShapesConfig) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The weights of the exported model in ``init`` and what the run records of it."""
+    model, init_cfg = load_exported(init)
+    pairs = {k: (getattr(init_cfg, k), getattr(cfg, k)) for k in ARCHITECTURE}
+    differ = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
+    if differ:
+        raise ValueError(f"{init} is another network than this run's config; differing (its, this run's): "
+                         + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()))
+    meta = json.loads((init / "model.json").read_text())
+    return model.state_dict(), dict(source=str(init), steps=trained_steps(meta), commit=meta.get("commit"))
+
+
+def trained_steps(meta: dict[str, Any]) -> int:
+    """All training steps behind an exported model (``model.json``): its own and those of its ``init``."""
+    return int(meta["steps"]) + int((meta.get("init") or {}).get("steps", 0))
+
+
 def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, progress: bool = True,
-          device: str | torch.device = "cpu") -> dict[str, Any]:
+          device: str | torch.device = "cpu", init: Path | None = None) -> dict[str, Any]:
     """Train (or resume) for ``steps`` total steps; checkpoints and a loss log go to ``out``.
+
+    ``init``: a folder written by ``export`` (the shipped model's ``SHIPPED`` among them) whose weights
+    the run starts from instead of a random initialisation, with a fresh optimizer and this config's
+    schedule; it must be the same network (``ARCHITECTURE``). The run records it, and ``export`` adds its
+    steps to the run's. Resuming a run started from an ``init`` needs no ``init`` (or the same one).
 
     ``device``: where the model trains (``"cuda"`` on a GPU). The clips, noise and timesteps are drawn
     on the CPU from the same seeded streams whatever the device, so a run can move between devices.
     """
-    out.mkdir(parents=True, exist_ok=True)
     if not 0.0 <= cfg.cond_drop < 1.0:
         raise ValueError(f"cond_drop must be in [0, 1), got {cfg.cond_drop}")
     if cfg.lr_decay_start < 0 or cfg.lr_decay_end < 0:
@@ -74,6 +100,7 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     if cfg.num_heads * cfg.head_dim < 3 * (UNSHUFFLE * 2) ** 2:
         raise ValueError(f"num_heads * head_dim = {cfg.num_heads * cfg.head_dim} is narrower than a token "
                          f"({3 * (UNSHUFFLE * 2) ** 2} numbers): the model could not pass the noise through")
+    start = None if init is None else _init_source(init, cfg)  # weights, record; checked before anything is written
     device = torch.device(device)
     model = build_model(cfg).train().to(device)
     ema = build_model(cfg).eval().requires_grad_(False).to(device)
@@ -81,13 +108,19 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     noise_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    out.mkdir(parents=True, exist_ok=True)
     step, losses = 0, []
     ckpt = out / "checkpoint.pt"
+    init_info = None if start is None else start[1]
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if not ShapesConfig(**state["config"]).same_training_until(cfg, state["step"]):
             raise ValueError(f"{ckpt} was trained with {state['config']} for {state['step']} steps, which is not "
                              f"the same training as {asdict(cfg)}: use another --out")
+        if init_info is not None and state.get("init") != init_info:
+            raise ValueError(f"{ckpt} started from {state.get('init') or 'a random initialisation'}, not from "
+                             f"{init_info}: use another --out")
+        init_info = state.get("init")
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -96,12 +129,17 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
         step, losses = state["step"], state["losses"]
         if progress:
             print(f"resumed at step {step}")
+    elif start is not None:
+        model.load_state_dict(start[0])
+        ema.load_state_dict(start[0])
+        if progress:
+            print(f"starting from the weights in {init} ({init_info['steps']} steps)")
     t0 = time.perf_counter()
 
     def save() -> None:
         torch.save(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(), step=step,
                         losses=losses, config=asdict(cfg), data_rng=data_gen.get_state(),
-                        noise_rng=noise_gen.get_state()), ckpt)
+                        noise_rng=noise_gen.get_state(), init=init_info), ckpt)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     while step < steps:
@@ -206,8 +244,8 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
     (dest / "model.safetensors").chmod(0o644)  # safetensors writes 0600; the package data must be readable
     window = min(200, len(losses))
     meta = dict(
-        config=asdict(cfg), steps=state["step"], final_loss=round(sum(losses[-window:]) / window, 4),
-        loss_window=window, commit=commit, guidance=guidance,
+        config=asdict(cfg), steps=state["step"], init=state.get("init"),
+        final_loss=round(sum(losses[-window:]) / window, 4), loss_window=window, commit=commit, guidance=guidance,
         parameters=sum(v.numel() for v in state["ema"].values()),
         plan=dict(probe_at=4, score=score, bound_from=bound_from, position_from=position_from,
                   bounded_vrpr=bounded_vrpr),
@@ -277,6 +315,15 @@ def _lr_text(cfg: dict[str, Any]) -> str:
     return f"{text}, decayed linearly from step {start} to {LR_FLOOR:g} x lr at step {end}"
 
 
+def _steps_text(meta: dict[str, Any]) -> str:
+    init = meta.get("init")
+    if not init:
+        return f"{meta['steps']} steps"
+    commit = f" (training code at commit `{init['commit']}`)" if init.get("commit") else ""
+    return (f"{meta['steps']} steps starting from the weights of a model trained for {init['steps']} steps"
+            f"{commit} ({trained_steps(meta)} steps in all)")
+
+
 def _guidance_text(guidance: float, cfg: dict[str, Any]) -> str:
     shift = cfg.get("sample_shift")
     euler = "Euler flow sampling" + (f" with timestep shift {shift:g} (`sample_shift` in the config)"
@@ -319,7 +366,7 @@ synthetic clips of one to three coloured squares or discs bouncing in a 32 x 32 
   velocity; the start positions are zeroed, so the model chooses the layout.
 - Trained length: **{cfg["trained_frames"]} frames**. Training: flow matching as in Wan (predict
   noise - x0, timestep shift {cfg["shift"]}), {_lr_text(cfg)}, batch
-  {cfg["batch"]}, EMA {cfg["ema"]}, seed {cfg["seed"]}, {meta["steps"]} steps, on CPU; {_dropout_text(cfg)}.
+  {cfg["batch"]}, EMA {cfg["ema"]}, seed {cfg["seed"]}, {_steps_text(meta)}, on CPU; {_dropout_text(cfg)}.
 - Sampling: {_guidance_text(meta.get("guidance", 1.0), cfg)}
 - Final loss (mean of the last {meta["loss_window"]} steps): {meta["final_loss"]}. Curve: `loss.png`.
 - Training code: `freeloc/shapes/` at commit `{meta["commit"]}`.
@@ -351,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ffn-dim", type=int, default=ShapesConfig.ffn_dim,
                     help=f"width of each block's feed-forward layer (default {ShapesConfig.ffn_dim})")
     ap.add_argument("--device", default="cpu", help="train on this device, e.g. cuda (default cpu)")
+    ap.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                    help="start from the weights of an exported model (e.g. the shipped one, "
+                         "freeloc/shapes/data) instead of a random initialisation; the same network")
     ap.add_argument("--export", type=Path, default=None, metavar="DIR",
                     help="do not train: write the run in --out as a shippable checkpoint in DIR")
     ap.add_argument("--commit", default=None, help="with --export: the commit of the training code")
@@ -398,7 +448,12 @@ def main(argv: list[str] | None = None) -> int:
                        cond_drop_start=args.cond_drop_start,
                        slot_tokens=args.slot_tokens, lr_decay_start=args.lr_decay[0],
                        lr_decay_end=args.lr_decay[1])
-    print(json.dumps(train(cfg, args.steps, args.out, save_every=args.save_every, device=args.device)))
+    try:
+        result = train(cfg, args.steps, args.out, save_every=args.save_every, device=args.device,
+                       init=args.init_from)
+    except (ValueError, FileNotFoundError) as err:  # a config or --init-from that does not fit: nothing trained
+        ap.error(str(err))
+    print(json.dumps(result))
     return 0
 
 
