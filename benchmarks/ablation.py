@@ -50,7 +50,14 @@ from freeloc.plan import DIRECT
 from freeloc.shapes.clips import random_spec
 from freeloc.shapes.metrics import bootstrap_mean as bootstrap
 from freeloc.shapes.metrics import evaluate_generated, nanmean
-from freeloc.shapes.model import load, load_shipped, model_condition, probe_plan, sample, shipped_guidance
+from freeloc.shapes.model import (
+    load_folder,
+    load_shipped,
+    model_condition,
+    probe_plan,
+    sample,
+    shipped_guidance,
+)
 
 SEEDS = {"validation": 10_000, "test": 50_000}
 KEYS = ("color_consistency", "shape_count_consistency")
@@ -97,7 +104,8 @@ def main() -> None:
     ap.add_argument("--conditions", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--split", choices=sorted(SEEDS), default="validation")
-    ap.add_argument("--run", type=Path, default=None, help="a training folder instead of the shipped model")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="a training run, or an exported model with its guidance, instead of the shipped model")
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -111,8 +119,9 @@ def main() -> None:
     if not ({"vrpr", "tsa"} <= set(measured) or {"tsa", "tsa+vrpr"} <= set(measured)):
         ap.error(f"--methods with --base {args.base!r} measure {sorted(measured)}: they must cover vrpr and tsa "
                  "(the TSA advantage) or tsa and tsa+vrpr (the VRPR gain inside TSA)")
-    model, cfg = load(args.run) if args.run is not None else load_shipped()
-    guidance = args.guidance if args.guidance is not None else 1.0 if args.run is not None else shipped_guidance()
+    model, cfg, own_guidance, _ = load_folder(args.run) if args.run is not None else (
+        *load_shipped(), shipped_guidance(), None)
+    guidance = args.guidance if args.guidance is not None else own_guidance
     trained, n_layers = cfg.trained_frames, len(model.blocks)
     first = SEEDS[args.split]
     specs = [random_spec(first + i) for i in range(args.conditions)]

@@ -5,7 +5,8 @@
                                     [--png benchmarks/long_video.png] [--plot benchmarks/long_video_lengths.png]
                                     [--json out.json [--resume]]
 
-The model (``freeloc.shapes.model.load_shipped``, or a training folder with ``--run``) was trained on
+The model (``freeloc.shapes.model.load_shipped``, or with ``--run`` a training run or an exported model,
+``load_folder``) was trained on
 16-frame clips of bouncing shapes. For each length, the same conditions and the same initial noise are
 sampled with each method; every video is scored from its pixels (``freeloc.shapes.metrics``) against the
 clip its condition asks for, starting where the video's first frame put the shapes
@@ -56,7 +57,7 @@ from freeloc.shapes.clips import random_spec, render
 from freeloc.shapes.metrics import bootstrap_mean, evaluate_generated, nanmean
 from freeloc.shapes.model import (
     is_shift,
-    load,
+    load_folder,
     load_shipped,
     model_condition,
     probe_plan,
@@ -178,9 +179,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="write every clip's scores here, after each method")
     ap.add_argument("--resume", action="store_true",
                     help="reuse the (length, method) results already in --json; sample only the rest")
-    ap.add_argument("--run", type=Path, default=None, help="a training folder instead of the shipped model")
+    ap.add_argument("--run", type=Path, default=None,
+                    help="a training run, or an exported model (with its guidance and plan) for the shipped one")
     ap.add_argument("--guidance", type=float, default=None,
-                    help="classifier-free guidance scale (default: the shipped model's own; 1 with --run)")
+                    help="classifier-free guidance scale (default: the model's own; 1 for a training run)")
     ap.add_argument("--sample-shift", type=float, default=None,
                     help="the sampler's timestep shift (default: the model's own, ShapesConfig.sampling_shift)")
     ap.add_argument("--score", choices=sorted(SCORES), default=None,
@@ -206,10 +208,11 @@ def main() -> None:
         ap.error("--resume reads and extends the file given by --json; give --json")
     if args.sample_shift is not None and not is_shift(args.sample_shift):
         ap.error(f"--sample-shift must be a finite number > 0, got {args.sample_shift}")
-    model, cfg = load(args.run) if args.run is not None else load_shipped()
+    model, cfg, own_guidance, own_plan = load_folder(args.run) if args.run is not None else (
+        *load_shipped(), shipped_guidance(), shipped_plan())
     if args.sample_shift is not None:
         cfg = replace(cfg, sample_shift=args.sample_shift)
-    guidance = args.guidance if args.guidance is not None else 1.0 if args.run is not None else shipped_guidance()
+    guidance = args.guidance if args.guidance is not None else own_guidance
     trained = cfg.trained_frames
     first = SEEDS[args.split]
     specs = [random_spec(first + i) for i in range(conditions)]
@@ -221,7 +224,7 @@ def main() -> None:
           f"RIFLEx k = {k}", flush=True)
     plan = freeloc.LayerPlan.uniform("vrpr", len(model.blocks))
     if "freeloc-probe" in methods:
-        shipped = shipped_plan() if args.run is None else None
+        shipped = own_plan
         rule = shipped.meta.get("rule", {}) if shipped is not None else {}
         score = args.score or rule.get("score", "attention")
         bound_from = args.bound_from if args.bound_from is not None else rule.get("bound_from")

@@ -7,6 +7,7 @@ import math
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,3 +195,30 @@ def test_spearman_and_ranks() -> None:
     assert math.isnan(bench["spearman"]([1, 1, 1], [1, 2, 3]))
     with pytest.raises(ValueError, match="same length >= 2"):
         bench["spearman"]([1], [2])
+
+
+def test_long_video_benchmark_runs_an_exported_model_with_its_guidance_and_plan(
+        tiny_shapes: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--run`` takes an export as well as a training run: the export's guidance and plan are its defaults."""
+    from dataclasses import replace
+
+    from freeloc.shapes.model import load_folder
+    from freeloc.shapes.train import export, train
+
+    train(replace(tiny_shapes, cond_drop=0.5), 1, tmp_path / "run", progress=False)
+    ship = export(tmp_path / "run", tmp_path / "ship", guidance=2.5, evaluate=None, score="output", bound_from=2)
+    model, cfg, guidance, plan = load_folder(ship)
+    assert (guidance, cfg.trained_frames, len(model.blocks)) == (2.5, 4, 1) and plan is not None
+    assert load_folder(tmp_path / "run")[2:] == (1.0, None)
+    with pytest.raises(FileNotFoundError, match="not an exported shapes model"):
+        load_folder(tmp_path)
+    out = tmp_path / "table.json"
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--run", str(ship), "--lengths", "1", "--conditions", "1",
+                                      "--steps", "1", "--methods", "direct,freeloc-probe", "--json", str(out),
+                                      "--png", str(tmp_path / "strip.png"), "--plot", str(tmp_path / "plot.png")])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    text = capsys.readouterr().out
+    assert "shapes model trained on 4 frames" in text and "guidance 2.5" in text
+    assert "probe plan at 4x (score 'output', bound_from 2," in text
+    assert "the plan shipped with the model: ['vrpr'] (the same)" in text
+    assert json.loads(out.read_text())["guidance"] == 2.5

@@ -54,6 +54,7 @@ __all__ = [
     "is_shift",
     "load",
     "load_exported",
+    "load_folder",
     "load_shipped",
     "model_condition",
     "probe_plan",
@@ -265,11 +266,31 @@ def load_exported(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[tor
     weights, meta_path = folder / "model.safetensors", folder / "model.json"
     if not weights.exists() or not meta_path.exists():
         raise FileNotFoundError(f"{folder} is not an exported shapes model: it needs model.safetensors and "
-                                f"model.json (written by python -m freeloc.shapes.train --export)")
+                                f"model.json (written by python -m freeloc.shapes.train --export), or a "
+                                f"training run's checkpoint.pt for load_folder")
     cfg = ShapesConfig(**json.loads(meta_path.read_text())["config"])
     model = build_model(cfg)
     model.load_state_dict({k: v.to(dtype) for k, v in load_file(str(weights)).items()})
     return (model if dtype == torch.float32 else model.to(dtype)).eval(), cfg
+
+
+def load_folder(folder: Path) -> tuple[torch.nn.Module, ShapesConfig, float, LayerPlan | None]:
+    """A model from ``folder``, whichever kind it is: the model (eval mode), its config, the guidance scale
+    it is meant to be sampled with and its layer plan.
+
+    A training run (``checkpoint.pt``, ``load``): its weight average, guidance 1.0 (none recorded), no
+    plan. An export (``model.safetensors`` and ``model.json``, ``load_exported``): its weights, the
+    ``guidance`` in ``model.json`` and ``plan.json`` where it is there.
+
+    Raises:
+        FileNotFoundError: If ``folder`` is neither.
+    """
+    if (folder / "checkpoint.pt").exists():
+        model, cfg = load(folder)
+        return model, cfg, 1.0, None
+    model, cfg = load_exported(folder)
+    plan = LayerPlan.load(folder / "plan.json") if (folder / "plan.json").exists() else None
+    return model, cfg, float(json.loads((folder / "model.json").read_text()).get("guidance", 1.0)), plan
 
 
 def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ShapesConfig]:
