@@ -231,3 +231,23 @@ def test_explain_memory_takes_a_head_group(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit):
         main([*args, "--head-group", "none"])
     assert "expected 'auto' or an int >= 1 (heads per group), got 'none'" in capsys.readouterr().err
+
+
+def test_the_chunked_ultravico_logits_are_counted_up_to_float_logits() -> None:
+    """A method that scales logits runs the chunked backend in chunks of query rows: the working set
+    holds one chunk of logits and its scaled temporary (two float32 rows x video keys per row and head),
+    as many rows as ``float_logits`` allows for the call's samples and heads; the group choice sees it."""
+    frames, s, heads = 17, 15, 4
+    nv = frames * s
+    q = torch.empty(2, nv, heads, 64, device="meta")
+    bands = band_set_for(freeloc.UltraViCo(alpha=0.8, window=4), frames, s, ROTARY)
+    plan = plan_attention(q, bands, (frames, 3, 5), 0, 0, "chunked", freeloc.AttentionOptions())
+    one_row = working_set(plan, heads, 64, torch.float32, batch=2, float_logits=1)
+    every_row = working_set(plan, heads, 64, torch.float32, batch=2, float_logits=2 * heads * nv * nv)
+    ten_rows = working_set(plan, heads, 64, torch.float32, batch=2, float_logits=2 * heads * nv * 10)
+    assert every_row - one_row == 2 * heads * (nv - 1) * nv * 4
+    assert ten_rows - one_row == 2 * heads * 9 * nv * 4
+    small = freeloc.AttentionOptions(float_logits=nv)  # one row per call: every head fits the budget
+    assert head_group_size(plan, 2, heads, 64, torch.float32, small) == heads
+    wide = freeloc.AttentionOptions(float_logits=2 * heads * nv * nv)  # whole score matrices: fewer heads
+    assert head_group_size(plan, 2, heads, 64, torch.float32, wide) < heads

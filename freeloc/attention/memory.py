@@ -24,6 +24,9 @@ the largest sum; flex parts count their outputs):
   one rotation of the group runs over a share of the heads at a time);
 * with text or several parts: the parts' outputs held until the merge, the merge's float32 result,
   and the text's rotations at the original positions.
+* for a method that scales logits (UltraViCo) on the chunked backend: one chunk of query rows' float32
+  logits and its scaled temporary (at most ``AttentionOptions.float_logits`` each for the call's samples
+  and heads), the float32 output and LSE it writes, and float32 copies of k and v for 2-byte inputs.
 
 Plus the output tensor (the size of ``q``) for the whole call. Dense attention (``method=None``) holds
 q and k rotated once and the output: three times ``q``. Kernel workspaces (per thread, a few tiles)
@@ -115,12 +118,15 @@ class _Rotations:
 
 
 @functools.lru_cache(maxsize=256)
-def working_set(plan: AttentionPlan, heads: int, head_dim: int, dtype: torch.dtype, rotary: bool = True) -> int:
+def working_set(plan: AttentionPlan, heads: int, head_dim: int, dtype: torch.dtype, rotary: bool = True, *,
+                batch: int = 1, float_logits: int = DEFAULT_OPTIONS.float_logits) -> int:
     """Bytes one sample of a band-split call over a group of ``heads`` heads holds at its peak (module
     docstring), for a plan of ``plan_attention``; the output tensor of the whole call is not included.
     The chunked backend is followed pass by pass: the rotations held (written when first read, dropped
     after the last read), the repeated values until their last stack, the pass's own buffers (for the
-    share of the heads one call of it takes, ``heads_per_call``)."""
+    share of the heads one call of it takes, ``heads_per_call``). A method that scales logits
+    (``ScaledPart``) on the chunked backend holds one chunk of query rows' logits and its scaled
+    temporary, at most ``float_logits`` each for the call's ``batch`` samples and heads together."""
     size = torch.empty((), dtype=dtype).element_size()
     f, s = plan.grid[0], plan.tokens_per_frame
     nv = f * s
@@ -170,6 +176,13 @@ def working_set(plan: AttentionPlan, heads: int, head_dim: int, dtype: torch.dty
         for b in range(len(plan.bands.bands)):
             rotations.q(b)
             rotations.k(b)
+        if plan.backend == "chunked" and any(isinstance(p, ScaledPart) for p in video_parts):
+            rows = max(1, min(nv, float_logits // max(1, batch * heads * nv)))  # as _scaled._in_rows
+            logits = 2 * heads * rows * nv * max(size, _WIDE)  # per sample: the chunk and its scaled temporary
+            running = nv * (head_dim * max(size, _WIDE) + _WIDE)  # the float output and LSE being written
+            if size < _WIDE:  # the float32 copies of k and v
+                running += 2 * nv * head_dim * _WIDE
+            peak = max(peak, heads * (fixed + done_outputs + rotations.count * row + running) + logits)
         done_outputs += flex_outputs * nv * (head_dim * size + _WIDE)
     merged = fixed + done_outputs + rotations.count * row
     if held > 1 or text:  # the merge's float32 result and a temporary of its size
@@ -216,7 +229,8 @@ def head_group_size(plan: AttentionPlan, batch: int, heads: int, head_dim: int, 
     size = torch.empty((), dtype=dtype).element_size()
     n = plan.text_before + plan.grid[0] * plan.tokens_per_frame + plan.text_after
     budget = PEAK_RATIO * _dense_bytes(n, heads, head_dim, size) - n * heads * head_dim * size  # less the output
-    fits = [g for g in range(1, heads + 1) if working_set(plan, g, head_dim, dtype, rotary) <= budget]
+    fits = [g for g in range(1, heads + 1)
+            if working_set(plan, g, head_dim, dtype, rotary, batch=batch, float_logits=options.float_logits) <= budget]
     return max(fits, default=1)
 
 
@@ -299,5 +313,6 @@ def estimate_peak(*, heads: int, head_dim: int, dtype: torch.dtype, height: int,
             out[name] = Peak(name, batch * _dense_bytes(n, heads, head_dim, size), heads, 1)
             continue
         g = head_group_size(plan, batch, heads, head_dim, dtype, options)
-        out[name] = Peak(name, q_bytes + batch * working_set(plan, g, head_dim, dtype), g, -(-heads // g))
+        work = working_set(plan, g, head_dim, dtype, batch=batch, float_logits=options.float_logits)
+        out[name] = Peak(name, q_bytes + batch * work, g, -(-heads // g))
     return out
