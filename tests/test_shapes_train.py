@@ -146,6 +146,8 @@ def test_training_can_start_from_an_exported_model(tiny_shapes: ShapesConfig, tm
     assert "3 steps starting from the weights of a model trained for 3 steps" in (
         tmp_path / "ship2" / "MODEL_CARD.md").read_text()
     assert "6 steps in all" in (tmp_path / "ship2" / "MODEL_CARD.md").read_text()
+    assert "trained from scratch" in (ship / "MODEL_CARD.md").read_text()
+    assert "from scratch" not in (tmp_path / "ship2" / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="started from"):
         train(frozen, 4, tmp_path / "next", progress=False, init=tmp_path / "ship2")
     with pytest.raises(ValueError, match="ffn_dim 32 vs 64"):

@@ -319,7 +319,7 @@ def _steps_text(meta: dict[str, Any]) -> str:
     init = meta.get("init")
     if not init:
         return f"{meta['steps']} steps"
-    commit = f" (training code at commit `{init['commit']}`)" if init.get("commit") else ""
+    commit = f" with the training code at commit `{init['commit']}`" if init.get("commit") else ""
     return (f"{meta['steps']} steps starting from the weights of a model trained for {init['steps']} steps"
             f"{commit} ({trained_steps(meta)} steps in all)")
 
@@ -353,9 +353,10 @@ def _plan_text(plan: dict[str, Any]) -> str:
 
 def _card(meta: dict[str, Any], note: str) -> str:
     cfg = meta["config"]
+    origin = "" if meta.get("init") else "from scratch "
     return f"""# Shapes model (freeloc's built-in video model)
 
-A `diffusers.WanTransformer3DModel` trained from scratch by `python -m freeloc.shapes.train` on
+A `diffusers.WanTransformer3DModel` trained {origin}by `python -m freeloc.shapes.train` on
 synthetic clips of one to three coloured squares or discs bouncing in a 32 x 32 frame
 (`freeloc.shapes.clips`). It exists so that long-video methods can be compared on a real model offline.
 
