@@ -374,7 +374,8 @@ synthetic clips of one to three coloured squares or discs bouncing in a 32 x 32 
 - Data generator settings: see `model.json` (`data`).
 - Layer plan: `plan.json`, {_plan_text(meta.get("plan", {}))}.
 {note}
-Load it offline with `freeloc.shapes.model.load_shipped()`; sample with `freeloc.shapes.model.sample`.
+Load it offline with `freeloc.shapes.model.load_shipped()` where it is the shipped model, else with
+`load_exported(folder)`; sample with `freeloc.shapes.model.sample`.
 """
 
 
