@@ -32,7 +32,7 @@ from .options import AttentionOptions
 if TYPE_CHECKING:
     from ._planning import ScaledPart
 
-__all__ = ["run_scaled", "scaled_refusal"]
+__all__ = ["chunk_rows", "run_scaled", "scaled_refusal"]
 
 
 def scaled_refusal(bands: BandSet) -> str | None:
@@ -55,6 +55,12 @@ def _factors(bands: BandSet, device_str: str) -> Tensor:
         if b.positive_logit_scale is not None:
             out[b.pairs] = float(b.positive_logit_scale)
     return out.to(device_str)
+
+
+def chunk_rows(n: int, calls: int, float_logits: int) -> int:
+    """Query rows per chunk of the chunked path over ``n`` video tokens for ``calls`` (batch x heads)
+    matrices at once: the most whose logits stay within ``float_logits``, at least one."""
+    return max(1, min(n, float_logits // max(1, calls * n)))
 
 
 def run_scaled(
@@ -81,7 +87,7 @@ def _in_rows(q: Tensor, k: Tensor, v: Tensor, factors: Tensor, s: int, scale: fl
     f = n // s
     wide = torch.promote_types(q.dtype, torch.float32)
     kt, vw, fw = k.to(wide).transpose(-1, -2), v.to(wide), factors.to(wide)
-    rows = max(1, min(n, options.float_logits // max(1, b * h * n)))  # query rows per chunk
+    rows = chunk_rows(n, b * h, options.float_logits)
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
     out = None if grad else q.new_empty(b, h, n, d, dtype=wide)
     outs, lses = [], []

@@ -55,6 +55,7 @@ from ..methods import Method
 from ..rotary import RotaryLayout
 from ._passes import Stack, heads_per_call, pass_bytes, release_schedule
 from ._planning import AttentionPlan, ChunkedPart, DensePart, FlexPart, ReferencePart, ScaledPart, plan_attention
+from ._scaled import chunk_rows
 from .options import DEFAULT_OPTIONS, AttentionOptions
 
 __all__ = ["METHODS", "Peak", "estimate_peak", "head_group_size", "working_set"]
@@ -177,7 +178,7 @@ def working_set(plan: AttentionPlan, heads: int, head_dim: int, dtype: torch.dty
             rotations.q(b)
             rotations.k(b)
         if plan.backend == "chunked" and any(isinstance(p, ScaledPart) for p in video_parts):
-            rows = max(1, min(nv, float_logits // max(1, batch * heads * nv)))  # as _scaled._in_rows
+            rows = chunk_rows(nv, batch * heads, float_logits)
             logits = 2 * heads * rows * nv * max(size, _WIDE)  # per sample: the chunk and its scaled temporary
             running = nv * (head_dim * max(size, _WIDE) + _WIDE)  # the float output and LSE being written
             if size < _WIDE:  # the float32 copies of k and v

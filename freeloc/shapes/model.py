@@ -252,7 +252,11 @@ def shipped_guidance() -> float:
     path = SHIPPED / "model.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: reinstall freeloc with its package data")
-    return float(json.loads(path.read_text()).get("guidance", 1.0))
+    return _guidance(SHIPPED)
+
+
+def _guidance(folder: Path) -> float:
+    return float(json.loads((folder / "model.json").read_text()).get("guidance", 1.0))
 
 
 def load_exported(folder: Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ShapesConfig]:
@@ -290,7 +294,7 @@ def load_folder(folder: Path) -> tuple[torch.nn.Module, ShapesConfig, float, Lay
         return model, cfg, 1.0, None
     model, cfg = load_exported(folder)
     plan = LayerPlan.load(folder / "plan.json") if (folder / "plan.json").exists() else None
-    return model, cfg, float(json.loads((folder / "model.json").read_text()).get("guidance", 1.0)), plan
+    return model, cfg, _guidance(folder), plan
 
 
 def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, ShapesConfig]:

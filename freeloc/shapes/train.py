@@ -100,7 +100,7 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     if cfg.num_heads * cfg.head_dim < 3 * (UNSHUFFLE * 2) ** 2:
         raise ValueError(f"num_heads * head_dim = {cfg.num_heads * cfg.head_dim} is narrower than a token "
                          f"({3 * (UNSHUFFLE * 2) ** 2} numbers): the model could not pass the noise through")
-    start = None if init is None else _init_source(init, cfg)  # weights, record; checked before anything is written
+    init_weights, init_info = (None, None) if init is None else _init_source(init, cfg)  # before anything is written
     device = torch.device(device)
     model = build_model(cfg).train().to(device)
     ema = build_model(cfg).eval().requires_grad_(False).to(device)
@@ -111,7 +111,6 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
     out.mkdir(parents=True, exist_ok=True)
     step, losses = 0, []
     ckpt = out / "checkpoint.pt"
-    init_info = None if start is None else start[1]
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if not ShapesConfig(**state["config"]).same_training_until(cfg, state["step"]):
@@ -129,9 +128,9 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
         step, losses = state["step"], state["losses"]
         if progress:
             print(f"resumed at step {step}")
-    elif start is not None:
-        model.load_state_dict(start[0])
-        ema.load_state_dict(start[0])
+    elif init_weights is not None:
+        model.load_state_dict(init_weights)
+        ema.load_state_dict(init_weights)
         if progress:
             print(f"starting from the weights in {init} ({init_info['steps']} steps)")
     t0 = time.perf_counter()
