@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -138,8 +140,11 @@ def test_training_can_start_from_an_exported_model(tiny_shapes: ShapesConfig, tm
     for name, value in load(tmp_path / "next")[0].state_dict().items():
         torch.testing.assert_close(value, exported[name], rtol=0, atol=0, msg=name)
     state = torch.load(tmp_path / "next" / "checkpoint.pt", weights_only=False)
-    assert state["init"] == dict(source=str(ship), steps=3, commit="abc1234")
+    digest = hashlib.sha256((ship / "model.safetensors").read_bytes()).hexdigest()
+    assert state["init"] == dict(source=str(ship), steps=3, commit="abc1234", sha256=digest)
     assert train(frozen, 3, tmp_path / "next", progress=False)["step"] == 3  # resumed, init kept
+    shutil.copytree(ship, tmp_path / "same")  # the same weights named by another path
+    assert train(frozen, 3, tmp_path / "next", progress=False, init=tmp_path / "same")["step"] == 3
     assert torch.load(tmp_path / "next" / "checkpoint.pt", weights_only=False)["init"]["steps"] == 3
     meta = json.loads((export(tmp_path / "next", tmp_path / "ship2", evaluate=None) / "model.json").read_text())
     assert (meta["steps"], meta["init"]["steps"], trained_steps(meta)) == (3, 3, 6)

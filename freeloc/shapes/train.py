@@ -16,6 +16,7 @@ run is the same on every machine and device.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -70,7 +71,20 @@ def _init_source(init: Path, cfg: ShapesConfig) -> tuple[dict[str, Tensor], dict
         raise ValueError(f"{init} is another network than this run's config; differing (its, this run's): "
                          + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()))
     meta = json.loads((init / "model.json").read_text())
-    return model.state_dict(), dict(source=str(init), steps=trained_steps(meta), commit=meta.get("commit"))
+    digest = hashlib.sha256((init / "model.safetensors").read_bytes()).hexdigest()
+    return model.state_dict(), dict(source=str(init), steps=trained_steps(meta), commit=meta.get("commit"),
+                                    sha256=digest)
+
+
+def _same_init(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two recorded inits are the same weights: by their file's digest where both have one (so the
+    folder may be named by another path), else by steps, commit and resolved folder."""
+    if a is None or b is None:
+        return a is b
+    if a.get("sha256") and b.get("sha256"):
+        return a["sha256"] == b["sha256"]
+    return ((a["steps"], a.get("commit"), Path(a["source"]).resolve())
+            == (b["steps"], b.get("commit"), Path(b["source"]).resolve()))
 
 
 def trained_steps(meta: dict[str, Any]) -> int:
@@ -116,7 +130,7 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
         if not ShapesConfig(**state["config"]).same_training_until(cfg, state["step"]):
             raise ValueError(f"{ckpt} was trained with {state['config']} for {state['step']} steps, which is not "
                              f"the same training as {asdict(cfg)}: use another --out")
-        if init_info is not None and state.get("init") != init_info:
+        if init_info is not None and not _same_init(state.get("init"), init_info):
             raise ValueError(f"{ckpt} started from {state.get('init') or 'a random initialisation'}, not from "
                              f"{init_info}: use another --out")
         init_info = state.get("init")
