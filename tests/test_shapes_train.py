@@ -15,7 +15,15 @@ pytest.importorskip("diffusers", reason="the shapes model is a diffusers WanTran
 
 import freeloc.shapes.model as shapes_model  # noqa: E402
 from freeloc.shapes.model import LR_FLOOR, ShapesConfig, load  # noqa: E402
-from freeloc.shapes.train import _card, export, main, train, trained_length_scores, trained_steps  # noqa: E402
+from freeloc.shapes.train import (  # noqa: E402
+    _card,
+    export,
+    main,
+    train,
+    trained_length_scores,
+    trained_steps,
+    widen_ffn,
+)
 
 
 def assert_same_weights(run_a: Path, run_b: Path) -> None:
@@ -155,14 +163,49 @@ def test_training_can_start_from_an_exported_model(tiny_shapes: ShapesConfig, tm
     assert "from scratch" not in (tmp_path / "ship2" / "MODEL_CARD.md").read_text()
     with pytest.raises(ValueError, match="started from"):
         train(frozen, 4, tmp_path / "next", progress=False, init=tmp_path / "ship2")
-    with pytest.raises(ValueError, match="ffn_dim 32 vs 64"):
-        train(replace(tiny_shapes, ffn_dim=64), 1, tmp_path / "wide", progress=False, init=ship)
+    with pytest.raises(ValueError, match="only a wider ffn_dim may differ.*ffn_dim 32 vs 16"):
+        train(replace(tiny_shapes, ffn_dim=16), 1, tmp_path / "wide", progress=False, init=ship)
     with pytest.raises(FileNotFoundError, match="not an exported shapes model"):
         train(tiny_shapes, 1, tmp_path / "none", progress=False, init=tmp_path / "first")
     assert not (tmp_path / "wide").exists() and not (tmp_path / "none").exists()
     with pytest.raises(SystemExit):
         main(["--steps", "1", "--out", str(tmp_path / "cli"), "--layers", "2", "--init-from", str(ship)])
     assert "num_layers 1 vs 2" in capsys.readouterr().err and not (tmp_path / "cli").exists()
+
+
+def test_an_init_can_be_widened_without_changing_what_it_computes(tiny_shapes: ShapesConfig, tmp_path: Path) -> None:
+    """A run with a wider ``ffn_dim`` than its init starts from the init's function (the new units' outputs
+    are zero, their inputs random), trains all of it, records the width it grew from, and says so on the
+    card; a weight that cannot be widened is refused by name."""
+    train(tiny_shapes, 2, tmp_path / "first", progress=False)
+    ship = export(tmp_path / "first", tmp_path / "ship", evaluate=None)
+    narrow, _ = shapes_model.load_exported(ship)
+    wide_cfg = replace(tiny_shapes, ffn_dim=48, seed=3)
+    train(replace(wide_cfg, lr=0.0), 1, tmp_path / "same", progress=False, init=ship)
+    wide, _ = load(tmp_path / "same")
+    x = torch.randn(2, wide_cfg.channels, wide_cfg.trained_frames, 4, 4, generator=torch.Generator().manual_seed(0))
+    tokens = shapes_model.condition_tokens(wide_cfg, torch.rand(2, 37, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        before = narrow(x, torch.tensor([250.0, 750.0]), tokens, return_dict=False)[0]
+        after = wide(x, torch.tensor([250.0, 750.0]), tokens, return_dict=False)[0]
+    assert before.abs().amax() > 0.1
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    grown = wide.state_dict()["blocks.0.ffn.net.2.weight"]
+    assert grown.shape == (192, 48) and torch.equal(grown[:, 32:], torch.zeros(192, 16))
+    assert grown[:, :32].abs().amax() > 0 and wide.state_dict()["blocks.0.ffn.net.0.proj.weight"][32:].abs().amax() > 0
+    state = torch.load(tmp_path / "same" / "checkpoint.pt", weights_only=False)
+    assert state["init"]["ffn_dim"] == 32
+
+    train(wide_cfg, 2, tmp_path / "trained", progress=False, init=ship)
+    moved = load(tmp_path / "trained", average=False)[0].state_dict()["blocks.0.ffn.net.2.weight"]
+    assert moved[:, 32:].abs().amax() > 0  # the new units learn
+    export(tmp_path / "trained", tmp_path / "ship2", evaluate=None)
+    assert "feed-forward layers widened from 32 to 48 units" in (tmp_path / "ship2" / "MODEL_CARD.md").read_text()
+
+    weights = narrow.state_dict()
+    fresh = shapes_model.build_model(replace(tiny_shapes, head_dim=128)).state_dict()
+    with pytest.raises(ValueError, match="only the feed-forward layers may be widened"):
+        widen_ffn(weights, fresh)
 
 
 def test_export_records_the_guidance_scale_and_refuses_it_without_dropout(tiny_shapes: ShapesConfig, tmp_path: Path,

@@ -48,7 +48,8 @@ from .model import (
     sample,
 )
 
-__all__ = ["ARCHITECTURE", "CARD_SCORES", "export", "main", "train", "trained_length_scores", "trained_steps"]
+__all__ = ["ARCHITECTURE", "CARD_SCORES", "export", "main", "train", "trained_length_scores", "trained_steps",
+           "widen_ffn"]
 
 
 def _batch(cfg: ShapesConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -58,22 +59,62 @@ def _batch(cfg: ShapesConfig, generator: torch.Generator) -> tuple[Tensor, Tenso
     return encode(video), cond
 
 
-#: The config fields that make two shapes models the same network (what ``init`` must share).
+#: The config fields that make two shapes models the same network (what ``init`` must share; ``ffn_dim``
+#: may grow).
 ARCHITECTURE = ("frame_size", "trained_frames", "num_layers", "num_heads", "head_dim", "ffn_dim", "slot_tokens")
 
 
 def _init_source(init: Path, cfg: ShapesConfig) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The weights of the exported model in ``init`` and what the run records of it."""
+    """The weights of the exported model in ``init`` and what the run records of it.
+
+    The run's network must be the init's, except that its feed-forward layers may be wider
+    (``ffn_dim``): the init's weights are then widened by ``widen_ffn`` and the record says from what.
+    """
     model, init_cfg = load_exported(init)
     pairs = {k: (getattr(init_cfg, k), getattr(cfg, k)) for k in ARCHITECTURE}
-    differ = {k: (a, b) for k, (a, b) in pairs.items() if a != b}
+    differ = {k: (a, b) for k, (a, b) in pairs.items() if a != b and not (k == "ffn_dim" and a < b)}
     if differ:
-        raise ValueError(f"{init} is another network than this run's config; differing (its, this run's): "
+        raise ValueError(f"{init} is another network than this run's config (only a wider ffn_dim may differ); "
+                         "differing (its, this run's): "
                          + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()))
     meta = json.loads((init / "model.json").read_text())
     digest = hashlib.sha256((init / "model.safetensors").read_bytes()).hexdigest()
-    return model.state_dict(), dict(source=str(init), steps=trained_steps(meta), commit=meta.get("commit"),
-                                    sha256=digest)
+    info = dict(source=str(init), steps=trained_steps(meta), commit=meta.get("commit"), sha256=digest)
+    if init_cfg.ffn_dim != cfg.ffn_dim:
+        info["ffn_dim"] = init_cfg.ffn_dim
+    return model.state_dict(), info
+
+
+def widen_ffn(weights: dict[str, Tensor], fresh: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``weights`` of a shapes model carried into a network with wider feed-forward layers, keeping its function.
+
+    ``fresh`` is the wider network's own (randomly initialised) state dict. Each block's first
+    feed-forward projection keeps the old units' rows and takes the fresh rows for the new units; the
+    second projection keeps the old units' columns and gets zeros for the new ones, so the new units add
+    nothing until training moves those zeros (their gradients are not zero). Every other weight is
+    copied unchanged.
+
+    Raises:
+        ValueError: If a weight other than the feed-forward ones differs in shape, or the new
+            network's feed-forward layers are narrower.
+    """
+    out = {}
+    for name, new in fresh.items():
+        old = weights[name]
+        if old.shape == new.shape:
+            out[name] = old.clone()
+        elif name.endswith("ffn.net.0.proj.weight") or name.endswith("ffn.net.0.proj.bias"):
+            if old.shape[0] > new.shape[0] or old.shape[1:] != new.shape[1:]:
+                raise ValueError(f"{name}: cannot widen {tuple(old.shape)} into {tuple(new.shape)}")
+            out[name] = torch.cat([old, new[old.shape[0]:]])
+        elif name.endswith("ffn.net.2.weight"):
+            if old.shape[1] > new.shape[1] or old.shape[0] != new.shape[0]:
+                raise ValueError(f"{name}: cannot widen {tuple(old.shape)} into {tuple(new.shape)}")
+            out[name] = torch.cat([old, old.new_zeros(old.shape[0], new.shape[1] - old.shape[1])], dim=1)
+        else:
+            raise ValueError(f"{name} is {tuple(old.shape)} in the init and {tuple(new.shape)} in the run: "
+                             "only the feed-forward layers may be widened")
+    return out
 
 
 def _same_init(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
@@ -98,7 +139,8 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
 
     ``init``: a folder written by ``export`` (the shipped model's ``SHIPPED`` among them) whose weights
     the run starts from instead of a random initialisation, with a fresh optimizer and this config's
-    schedule; it must be the same network (``ARCHITECTURE``). The run records it, and ``export`` adds its
+    schedule; it must be the same network (``ARCHITECTURE``), except that the run's ``ffn_dim`` may be
+    larger (``widen_ffn``: the init's function is kept). The run records it, and ``export`` adds its
     steps to the run's. Resuming a run started from an ``init`` needs no ``init`` (or the same one).
 
     ``device``: where the model trains (``"cuda"`` on a GPU). The clips, noise and timesteps are drawn
@@ -143,10 +185,12 @@ def train(cfg: ShapesConfig, steps: int, out: Path, *, save_every: int = 200, pr
         if progress:
             print(f"resumed at step {step}")
     elif init_weights is not None:
+        init_weights = widen_ffn(init_weights, model.state_dict())
         model.load_state_dict(init_weights)
         ema.load_state_dict(init_weights)
         if progress:
-            print(f"starting from the weights in {init} ({init_info['steps']} steps)")
+            wider = f", feed-forward widened from {init_info['ffn_dim']}" if "ffn_dim" in init_info else ""
+            print(f"starting from the weights in {init} ({init_info['steps']} steps{wider})")
     t0 = time.perf_counter()
 
     def save() -> None:
@@ -333,8 +377,10 @@ def _steps_text(meta: dict[str, Any]) -> str:
     if not init:
         return f"{meta['steps']} steps"
     commit = f" with the training code at commit `{init['commit']}`" if init.get("commit") else ""
+    wider = (f", its feed-forward layers widened from {init['ffn_dim']} to {meta['config']['ffn_dim']} units "
+             "(the new units' outputs starting at zero)" if init.get("ffn_dim") else "")
     return (f"{meta['steps']} steps starting from the weights of a model trained for {init['steps']} steps"
-            f"{commit} ({trained_steps(meta)} steps in all)")
+            f"{commit}{wider} ({trained_steps(meta)} steps in all)")
 
 
 def _guidance_text(guidance: float, cfg: dict[str, Any]) -> str:
@@ -415,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", help="train on this device, e.g. cuda (default cpu)")
     ap.add_argument("--init-from", type=Path, default=None, metavar="DIR",
                     help="start from the weights of an exported model (e.g. the shipped one, "
-                         "freeloc/shapes/data) instead of a random initialisation; the same network")
+                         "freeloc/shapes/data) instead of a random initialisation; the same network, or "
+                         "one with a wider --ffn-dim (the new units start with zero output)")
     ap.add_argument("--export", type=Path, default=None, metavar="DIR",
                     help="do not train: write the run in --out as a shippable checkpoint in DIR")
     ap.add_argument("--commit", default=None, help="with --export: the commit of the training code")
