@@ -129,7 +129,8 @@ def main() -> None:
     total = len(lengths) * (1 + n_layers * len(sampled))
     print(f"{n_layers} layers, methods {sampled} on one layer, {args.base} on the others, lengths {lengths}; "
           f"{args.split} split ({args.conditions} clips), "
-          f"{args.steps} steps, guidance {guidance:g}: {total} sets of videos", flush=True)
+          f"{args.steps} steps (shift {cfg.sampling_shift:g}, fresh noise {cfg.sample_noise:g}), guidance "
+          f"{guidance:g}: {total} sets of videos", flush=True)
     t0, done = time.perf_counter(), 0
 
     def score(frames: int, plan: freeloc.LayerPlan, mult: int) -> dict[str, Any]:

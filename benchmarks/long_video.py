@@ -1,7 +1,8 @@
 """Long-video quality on the shipped shapes model: every method from 1x to 16x its trained length.
 
     python benchmarks/long_video.py [--split test|validation] [--lengths 1,2,4,8,16] [--conditions 16]
-                                    [--steps 20] [--methods ...] [--quick] [--guidance G] [--sample-shift S] [--run DIR]
+                                    [--steps 20] [--methods ...] [--quick] [--guidance G] [--sample-shift S]
+                                    [--sample-noise N] [--run DIR]
                                     [--png benchmarks/long_video.png] [--plot benchmarks/long_video_lengths.png]
                                     [--json out.json [--resume]]
 
@@ -56,6 +57,7 @@ from freeloc.probing import BOUNDED_VRPR, SCORES
 from freeloc.shapes.clips import random_spec, render
 from freeloc.shapes.metrics import bootstrap_mean, evaluate_generated, nanmean
 from freeloc.shapes.model import (
+    is_sample_noise,
     is_shift,
     load_folder,
     load_shipped,
@@ -151,6 +153,7 @@ def _resumed(path: Path, settings: dict[str, Any], ap: argparse.ArgumentParser,
         return {}
     earlier = json.loads(path.read_text())
     earlier.setdefault("sample_shift", 2.0)  # a file without it was sampled with the training shift, 2.0
+    earlier.setdefault("sample_noise", 0.0)  # and with deterministic Euler steps
     if "plan_methods" not in earlier and "plan" in earlier:
         earlier["plan_methods"] = dict(layers=earlier["plan"]["layers"], ranges=earlier["plan"].get("ranges", []))
     if plan is not None:
@@ -185,6 +188,9 @@ def main() -> None:
                     help="classifier-free guidance scale (default: the model's own; 1 for a training run)")
     ap.add_argument("--sample-shift", type=float, default=None,
                     help="the sampler's timestep shift (default: the model's own, ShapesConfig.sampling_shift)")
+    ap.add_argument("--sample-noise", type=float, default=None,
+                    help="the sampler's share of fresh noise per step, in [0, 1] (default: the model's own, "
+                         "ShapesConfig.sample_noise)")
     ap.add_argument("--score", choices=sorted(SCORES), default=None,
                     help="the probe's scores for freeloc-probe (default: the shipped plan's, else 'attention')")
     ap.add_argument("--bound-from", type=float, default=None,
@@ -208,10 +214,14 @@ def main() -> None:
         ap.error("--resume reads and extends the file given by --json; give --json")
     if args.sample_shift is not None and not is_shift(args.sample_shift):
         ap.error(f"--sample-shift must be a finite number > 0, got {args.sample_shift}")
+    if args.sample_noise is not None and not is_sample_noise(args.sample_noise):
+        ap.error(f"--sample-noise must be a number in [0, 1], got {args.sample_noise}")
     model, cfg, own_guidance, own_plan = load_folder(args.run) if args.run is not None else (
         *load_shipped(), shipped_guidance(), shipped_plan())
     if args.sample_shift is not None:
         cfg = replace(cfg, sample_shift=args.sample_shift)
+    if args.sample_noise is not None:
+        cfg = replace(cfg, sample_noise=args.sample_noise)
     guidance = args.guidance if args.guidance is not None else own_guidance
     trained = cfg.trained_frames
     first = SEEDS[args.split]
@@ -220,7 +230,7 @@ def main() -> None:
     k = riflex_k(model, trained)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; shapes model trained on {trained} frames; "
           f"{args.split} split (seeds {first}-{first + conditions - 1}), {steps} Euler steps (shift "
-          f"{cfg.sampling_shift:g}), guidance {guidance:g}; "
+          f"{cfg.sampling_shift:g}, fresh noise {cfg.sample_noise:g}), guidance {guidance:g}; "
           f"RIFLEx k = {k}", flush=True)
     plan = freeloc.LayerPlan.uniform("vrpr", len(model.blocks))
     if "freeloc-probe" in methods:
@@ -241,7 +251,7 @@ def main() -> None:
             print(f"the plan shipped with the model: {shipped.methods} ({same})")
     plan_dict = plan.to_dict()
     settings = dict(split=args.split, seeds=[first, first + conditions - 1], steps=steps, guidance=guidance,
-                    sample_shift=cfg.sampling_shift, riflex_k=k,
+                    sample_shift=cfg.sampling_shift, sample_noise=cfg.sample_noise, riflex_k=k,
                     plan_methods=dict(layers=plan_dict["layers"], ranges=plan_dict.get("ranges", [])))
     # Without freeloc-probe no plan is sampled: a resumed file keeps its own plan, whatever it is.
     no_plan = args.resume and "freeloc-probe" not in methods and args.json.exists()

@@ -80,6 +80,16 @@ def test_long_video_benchmark_resumes_from_its_json_and_refuses_other_settings(
         runpy.run_path(str(SCRIPT), run_name="__main__")
     assert f"other settings (sample_shift: [{shipped_shift}], this run: [7.0])" in capsys.readouterr().err
     assert out.read_text() == before
+    shipped_noise = data["sample_noise"]
+    assert shipped_noise == load_shipped()[1].sample_noise  # the shipped model's own
+    for noise, refusal in (("0.25", f"other settings (sample_noise: [{shipped_noise}], this run: [0.25])"),
+                           ("2", "--sample-noise must be a number in [0, 1], got 2.0")):
+        monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--lengths", "1", "--methods", "direct", "--resume",
+                                          "--sample-noise", noise, *common])
+        with pytest.raises(SystemExit):
+            runpy.run_path(str(SCRIPT), run_name="__main__")
+        assert refusal in capsys.readouterr().err
+    assert out.read_text() == before
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--resume"])
     with pytest.raises(SystemExit):
         runpy.run_path(str(SCRIPT), run_name="__main__")

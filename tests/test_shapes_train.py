@@ -248,6 +248,26 @@ def test_export_stores_the_sampler_shift_in_the_config(tiny_shapes: ShapesConfig
     assert json.loads((tmp_path / "cli" / "model.json").read_text())["config"]["sample_shift"] == 3.0
 
 
+def test_export_stores_the_sampler_noise_in_the_config(tiny_shapes: ShapesConfig, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    train(tiny_shapes, 1, tmp_path / "run", progress=False)
+    for bad in (-0.5, 1.01, float("nan")):
+        with pytest.raises(ValueError, match=f"sample_noise must be a number in \\[0, 1\\] .*got {bad!r}"):
+            export(tmp_path / "run", tmp_path / "bad", sample_noise=bad)
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "bad"), "--sample-noise", "3"])
+    assert not (tmp_path / "bad").exists()
+    dest = export(tmp_path / "run", tmp_path / "ship", sample_noise=0.8)
+    assert json.loads((dest / "model.json").read_text())["config"]["sample_noise"] == 0.8
+    assert "re-noised with a share 0.8 of fresh noise (`sample_noise` in the config)" in (
+        dest / "MODEL_CARD.md").read_text()
+    monkeypatch.setattr(shapes_model, "SHIPPED", dest)
+    assert shapes_model.load_shipped()[1].sample_noise == 0.8
+    main(["--out", str(tmp_path / "run"), "--export", str(tmp_path / "cli"), "--evaluate", "none"])
+    assert json.loads((tmp_path / "cli" / "model.json").read_text())["config"]["sample_noise"] == 0.0
+    assert "fresh noise" not in (tmp_path / "cli" / "MODEL_CARD.md").read_text()
+
+
 def test_export_scores_the_model_at_its_trained_length_in_the_card(tiny_shapes: ShapesConfig, tmp_path: Path) -> None:
     train(replace(tiny_shapes, cond_drop=0.2), 1, tmp_path / "run", progress=False)
     dest = export(tmp_path / "run", tmp_path / "ship", guidance=3.0, evaluate=[1.0, 3.0], evaluate_clips=2)

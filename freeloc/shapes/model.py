@@ -16,7 +16,8 @@ frame to frame (a relation between frames, which is what RoPE's relative positio
 Sampling (``sample``) integrates the flow with Euler steps from Gaussian noise at any length.
 ``load`` reads a training run of ``freeloc.shapes.train``; ``load_shipped`` the checkpoint
 shipped in the package (``SHIPPED``), with its layer plan (``shipped_plan``), guidance
-scale (``shipped_guidance``) and sampler shift (its config's ``sample_shift``).
+scale (``shipped_guidance``), sampler shift and sampler noise (its config's ``sample_shift`` and
+``sample_noise``).
 
 Building the model needs diffusers and loading the shipped weights safetensors (the ``shapes`` extra);
 both are imported when first needed.
@@ -51,6 +52,7 @@ __all__ = [
     "condition_tokens",
     "decode",
     "encode",
+    "is_sample_noise",
     "is_shift",
     "load",
     "load_exported",
@@ -108,6 +110,10 @@ class ShapesConfig:
     #: Timestep shift of the sampler (``sample``); None: ``shift``, the training one. A larger shift
     #: spends more of the Euler steps at high noise, where the layout (how many shapes, where) is decided.
     sample_shift: float | None = None
+    #: Fresh noise in the sampler's steps (``sample``'s ``noise``): 0, deterministic Euler steps; up to 1,
+    #: each step re-noises its clean estimate with that share of new Gaussian noise, which lets later steps
+    #: undo early mistakes (a shape drawn twice or broken in two).
+    sample_noise: float = 0.0
 
     @property
     def sampling_shift(self) -> float:
@@ -129,7 +135,7 @@ class ShapesConfig:
     def same_training_until(self, other: ShapesConfig, step: int) -> bool:
         """Whether training with ``other`` for ``step`` steps is exactly training with this config."""
         scheduled = ("cond_drop", "cond_drop_start", "lr_decay_start", "lr_decay_end",
-                     "sample_shift")  # the last is not training at all
+                     "sample_shift", "sample_noise")  # the last two are not training at all
         if {k: v for k, v in asdict(self).items() if k not in scheduled} != {
                 k: v for k, v in asdict(other).items() if k not in scheduled}:
             return False
@@ -200,6 +206,11 @@ def condition_tokens(cfg: ShapesConfig, cond: Float[Tensor, "batch cond"]) -> Fl
 def is_shift(value: object) -> bool:
     """Whether ``value`` is a valid timestep shift: a finite number > 0 (1: no shift)."""
     return _is_number(value) and math.isfinite(value) and value > 0  # type: ignore[arg-type,operator]
+
+
+def is_sample_noise(value: object) -> bool:
+    """Whether ``value`` is a valid share of fresh noise for the sampler: a number in [0, 1]."""
+    return _is_number(value) and 0.0 <= value <= 1.0  # type: ignore[operator]
 
 
 def _shifted(t: Float[Tensor, "*shape"], shift: float) -> Float[Tensor, "*shape"]:
@@ -312,6 +323,7 @@ def load_shipped(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, S
 @torch.no_grad()
 def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch cond"], num_frames: int, *,
            steps: int = 20, seed: int = 0, guidance: float = 1.0, shift: float | int | None = None,
+           noise: float | int | None = None,
            progress: Progress = False) -> Float[Tensor, "batch frames 3 height width"]:
     """Videos (B, T, 3, H, W) in [0, 1] for conditions ``cond`` (B, CONDITION_DIM), Euler flow sampling.
 
@@ -319,12 +331,19 @@ def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch
     ``v = v(0) + guidance * (v(cond) - v(0))``: meaningful for a model trained with ``cond_drop > 0``.
     ``shift``: the timestep shift of the steps (``t -> shift t / (1 + (shift - 1) t)``); None takes
     ``cfg.sampling_shift``.
+    ``noise``: the share ``eta`` of fresh noise per step, in [0, 1]; None takes ``cfg.sample_noise``. With
+    ``x_t = (1 - t) x_0 + t e`` and the velocity ``v = e - x_0``, a step estimates ``x_0 = x_t - t v`` and
+    ``e = x_t + (1 - t) v`` and moves to ``(1 - t') x_0 + t' (sqrt(1 - eta^2) e + eta z)`` with fresh
+    Gaussian ``z`` (drawn from the same seeded generator as the initial noise); ``eta = 0`` is the Euler step.
     ``progress``: ``True`` writes a status line over the steps to stderr, a callable receives
     ``(done, total)`` steps (``freeloc._progress``); ``False`` (default) is silent.
     """
     shift = cfg.sampling_shift if shift is None else shift
     if not is_shift(shift):
         raise ValueError(f"shift must be a finite number > 0 (1: no shift), got {shift!r}")
+    noise = cfg.sample_noise if noise is None else noise
+    if not is_sample_noise(noise):
+        raise ValueError(f"noise must be a number in [0, 1] (0: deterministic Euler steps), got {noise!r}")
     g = torch.Generator().manual_seed(seed)
     h = cfg.frame_size // UNSHUFFLE
     dev = next(model.parameters()).device  # noise drawn on the CPU: the same videos on any device
@@ -342,6 +361,11 @@ def sample(model: torch.nn.Module, cfg: ShapesConfig, cond: Float[Tensor, "batch
                          return_dict=False)[0]
             v0, v1 = both.chunk(2)
             v = v0 + guidance * (v1 - v0)
-        x = x + (t_next - t) * v
+        if noise == 0 or t_next == 0:
+            x = x + (t_next - t) * v
+        else:
+            fresh = torch.randn(x.shape, generator=g).to(dev)
+            clean, eps = x - t * v, x + (1 - t) * v
+            x = (1 - t_next) * clean + t_next * (math.sqrt(1 - noise**2) * eps + noise * fresh)
         report(step, steps)
     return decode(x.float().cpu())

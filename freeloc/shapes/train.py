@@ -41,6 +41,7 @@ from .model import (
     build_model,
     condition_tokens,
     encode,
+    is_sample_noise,
     is_shift,
     load_exported,
     model_condition,
@@ -273,7 +274,7 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
            guidance: float = 1.0, evaluate: list[float] | None = None, evaluate_clips: int = 8,
            score: str = "attention", bound_from: float | int | None = None,
            position_from: float | int | None = None, bounded_vrpr: str = "tsa+vrpr",
-           sample_shift: float | int | None = None) -> Path:
+           sample_shift: float | int | None = None, sample_noise: float | int = 0.0) -> Path:
     """Write a training run's weight average as a shippable checkpoint in ``dest``.
 
     ``dest`` receives ``model.safetensors`` (float16 weights), ``model.json`` (the config, the steps,
@@ -284,15 +285,21 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
     ``guidance`` is the classifier-free guidance scale to sample it with (``shipped_guidance()``).
     ``sample_shift``: the sampler's timestep shift, stored in the config (``ShapesConfig.sample_shift``);
     None samples with the training shift.
+    ``sample_noise``: the sampler's share of fresh noise per step, stored in the config
+    (``ShapesConfig.sample_noise``); 0 samples with deterministic Euler steps.
     ``evaluate``: guidance scales at which the card gets a table of ``trained_length_scores``
     (``evaluate_clips`` conditions each; also stored in ``model.json``); None: no table.
     """
     check_rule(score, bound_from, position_from, bounded_vrpr)  # before anything is written to dest
     if sample_shift is not None and not is_shift(sample_shift):
         raise ValueError(f"sample_shift must be a finite number > 0 or None (the training shift), got {sample_shift!r}")
+    if not is_sample_noise(sample_noise):
+        raise ValueError(f"sample_noise must be a number in [0, 1] (0: deterministic Euler steps), "
+                         f"got {sample_noise!r}")
     save_file = require("safetensors.torch", "shapes", "exporting the shapes model").save_file
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
-    cfg = replace(ShapesConfig(**state["config"]), sample_shift=None if sample_shift is None else float(sample_shift))
+    cfg = replace(ShapesConfig(**state["config"]), sample_shift=None if sample_shift is None else float(sample_shift),
+                  sample_noise=float(sample_noise))
     if guidance != 1.0 and cfg.cond_drop == 0:
         raise ValueError(f"guidance={guidance} needs a model trained with cond_drop > 0; {run} has cond_drop 0")
     losses: list[float] = state["losses"]
@@ -387,6 +394,9 @@ def _guidance_text(guidance: float, cfg: dict[str, Any]) -> str:
     shift = cfg.get("sample_shift")
     euler = "Euler flow sampling" + (f" with timestep shift {shift:g} (`sample_shift` in the config)"
                                      if shift is not None else "")
+    if cfg.get("sample_noise"):
+        euler += (f", each step re-noised with a share {cfg['sample_noise']:g} of fresh noise "
+                  "(`sample_noise` in the config)")
     if guidance == 1.0:
         return f"{euler}, no guidance."
     return (f"{euler}, classifier-free guidance {guidance:g} against the null condition "
@@ -470,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --export: the classifier-free guidance scale to sample the model with")
     ap.add_argument("--sample-shift", type=float, default=None,
                     help="with --export: the sampler's timestep shift (default: the training shift)")
+    ap.add_argument("--sample-noise", type=float, default=0.0,
+                    help="with --export: the sampler's share of fresh noise per step, in [0, 1] (default 0, "
+                         "deterministic Euler steps)")
     ap.add_argument("--evaluate", default=None, metavar="G1,G2,...",
                     help="with --export: guidance scales for the model card's table at the trained length "
                          "(default: 1 and --guidance; 'none' for no table)")
@@ -489,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.export is not None:
         if args.sample_shift is not None and not is_shift(args.sample_shift):
             ap.error(f"--sample-shift must be a finite number > 0, got {args.sample_shift}")
+        if not is_sample_noise(args.sample_noise):
+            ap.error(f"--sample-noise must be a number in [0, 1], got {args.sample_noise}")
         if args.evaluate == "none":
             evaluate = None
         elif args.evaluate is None:
@@ -501,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         dest = export(args.out, args.export, commit=args.commit, guidance=args.guidance, evaluate=evaluate,
                       evaluate_clips=args.evaluate_clips, score=args.probe_score, bound_from=args.bound_from,
                       position_from=args.position_from, bounded_vrpr=args.bounded_vrpr,
-                      sample_shift=args.sample_shift)
+                      sample_shift=args.sample_shift, sample_noise=args.sample_noise)
         print(f"wrote {dest}")
         return 0
     if args.layers < 1 or args.ffn_dim < 1:
