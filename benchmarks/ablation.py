@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 import freeloc
+from freeloc._progress import reporter
 from freeloc.methods import METHODS
 from freeloc.plan import DIRECT
 from freeloc.shapes.clips import random_spec
@@ -136,7 +137,8 @@ def main() -> None:
     def score(frames: int, plan: freeloc.LayerPlan, mult: int) -> dict[str, Any]:
         nonlocal done
         with freeloc.enable(model, plan=plan, num_frames=frames, trained_frames=trained, temporal_factor=1):
-            videos = sample(model, cfg, cond, frames, steps=args.steps, seed=mult, guidance=guidance)
+            videos = sample(model, cfg, cond, frames, steps=args.steps, seed=mult, guidance=guidance,
+                            progress=reporter(True, f"[{done + 1}/{total}] sampling steps"))
         done += 1
         clips = [evaluate_generated(videos[i:i + 1], [s]) for i, s in enumerate(specs)]
         # the means over clips (NaN skipped, as evaluate_generated), and per clip for the paired intervals

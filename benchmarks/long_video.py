@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 import freeloc
+from freeloc._progress import reporter
 from freeloc.app.plots import frames_png, metrics_by_length_png
 from freeloc.probing import BOUNDED_VRPR, SCORES
 from freeloc.shapes.clips import random_spec, render
@@ -289,7 +290,8 @@ def main() -> None:
                 else:
                     with freeloc.enable(model, num_frames=frames, trained_frames=trained, temporal_factor=1,
                                         **session_kwargs(method, k, plan)):
-                        videos = sample(model, cfg, cond, frames, steps=steps, seed=mult, guidance=guidance)
+                        videos = sample(model, cfg, cond, frames, steps=steps, seed=mult, guidance=guidance,
+                                        progress=reporter(True, f"{mult}x {method}: sampling steps"))
                     if mult == 4 and method in ("direct", "freeloc-probe"):
                         strip[method] = videos[0]
                 seconds = (time.perf_counter() - t0) / len(specs) if method != "real clips" else 0.0
