@@ -203,8 +203,8 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
     print(f"wrote {results['compare']} (direct above FreeLOC), {results['videos']['direct']}, "
           f"{results['videos']['freeloc']}, {results['png']} and {results['motion_png']} in {results['seconds']} s")
     print(f"\nThe model saw only 16-frame clips in training; both videos are 64 frames (guidance {guidance:g}). "
-          "Past its trained length it loses shapes and the asked colours; FreeLOC keeps more of them, though "
-          "not all it draws at 16 frames (benchmarks/RESULTS.md compares every method).\n"
+          "Run directly past its trained length it loses shapes and the asked colours; FreeLOC keeps about what "
+          "it draws at 16 frames (benchmarks/RESULTS.md compares every method from 1x to 16x).\n"
           "`freeloc demo --model random` runs the tiny random Wan pipeline instead.\nWith a real model:  "
           "freeloc generate --model Wan-AI/Wan2.1-T2V-1.3B-Diffusers --prompt \"...\" --num-frames 321 "
           "--device cuda --dtype bfloat16 --out video.mp4")
