@@ -5,7 +5,8 @@ What users call:
 * ``enable``: apply a layer plan (or one method on every layer) to a pipeline or transformer;
   it returns a ``Session`` that takes everything off again;
 * ``probe``: measure which layers suffer from positions and which from context, and write the
-  ``LayerPlan``;
+  ``LayerPlan``; ``probe_loss``: choose each layer's method per length by the model's own loss on real
+  clips;
 * the methods: ``VRPR`` and ``TSA`` (FreeLOC's two corrections), their compositions ``TSAVRPR`` and
   ``WindowVRPR`` (a bounded context at re-encoded positions), and the baselines ``SlidingWindow``,
   ``PI``, ``NTK``, ``YaRN``, ``RIFLEx``, ``UltraViCo``;
@@ -24,6 +25,7 @@ from __future__ import annotations
 from .attention import AttentionOptions, attend
 from .composed import TSAVRPR, WindowVRPR
 from .logit_decay import UltraViCo
+from .loss_probe import probe_loss
 from .patterns import TSA, SlidingWindow
 from .plan import LayerPlan
 from .positions import NTK, PI, VRPR, RIFLEx, YaRN
@@ -52,5 +54,6 @@ __all__ = [
     "attend",
     "enable",
     "probe",
+    "probe_loss",
     "register_adapter",
 ]

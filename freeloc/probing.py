@@ -198,6 +198,19 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def model_identity(module: torch.nn.Module, n_layers: int) -> dict[str, Any]:
+    """The plan's record of the model it was made for: class, layer count and the config's shape keys."""
+    cfg = getattr(module, "config", None)
+    identity: dict[str, Any] = {"class": type(module).__name__, "num_layers": n_layers}
+    for key in ("num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "in_channels"):
+        value = getattr(cfg, key, None)
+        if value is not None and key != "num_layers":
+            identity[key] = list(value) if isinstance(value, tuple) else value
+        elif value is not None and value != n_layers:  # e.g. HunyuanVideo: dual-stream blocks only
+            identity["config_num_layers"] = value
+    return identity
+
+
 def _rel(a: Tensor, b: Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
@@ -415,14 +428,7 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     if layers is not None:
         methods = [m if i in probed else "vrpr" for i, m in enumerate(methods)]
     seconds = time.perf_counter() - t0
-    cfg = getattr(module, "config", None)
-    identity = {"class": type(module).__name__, "num_layers": n_layers}
-    for key in ("num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "in_channels"):
-        value = getattr(cfg, key, None)
-        if value is not None and key != "num_layers":
-            identity[key] = list(value) if isinstance(value, tuple) else value
-        elif value is not None and value != n_layers:  # e.g. HunyuanVideo: dual-stream blocks only
-            identity["config_num_layers"] = value
+    identity = model_identity(module, n_layers)
     methods, ranges = length_ranges(methods, bound_from, position_from, bounded_vrpr)
     plan = LayerPlan(methods=methods, params=[{} for _ in range(n_layers)], ranges=ranges,
                      scores=all_scores,

@@ -11,6 +11,7 @@ import torch
 from freeloc import LayerPlan
 from freeloc.app.cli import explain_data
 from freeloc.app.plots import explain_png, frames_png, metrics_by_length_png, plot_scores
+from freeloc.plan import LengthRange
 
 
 def test_frames_png_takes_explicit_frames_and_rejects_bad_ones(tmp_path: Path, is_png: Callable[[Path], bool]) -> None:
@@ -30,6 +31,19 @@ def test_plot_scores_draws_a_probed_plan(tmp_path: Path, is_png: Callable[[Path]
     assert plot_scores(plan, path) == path and is_png(path)
     assert plot_scores(plan, str(tmp_path / "as-text.png")) == str(tmp_path / "as-text.png")
     assert is_png(tmp_path / "as-text.png")
+
+
+def test_plot_scores_draws_a_loss_probe_plan_and_refuses_a_plan_without_scores(
+        tmp_path: Path, is_png: Callable[[Path], bool]) -> None:
+    plan = LayerPlan(methods=["direct"] * 3, ranges=[LengthRange(2, ["tsa", "tsa+vrpr", "tsa"]),
+                                                     LengthRange(4, ["tsa+vrpr", "tsa", "tsa"])],
+                     scores={"loss_gain_2x": [-0.01, 0.02, -0.003], "loss_gain_4x": [0.004, -0.02, -0.001]},
+                     meta={"rule": {"name": "loss", "base": "tsa", "candidate": "tsa+vrpr"}})
+    path = tmp_path / "gains.png"
+    assert plot_scores(plan, path) == path and is_png(path)
+    with pytest.raises(ValueError, match=r"neither the probe's position/context scores nor a loss gain per length "
+                                         r"range; its scores: \[\]"):
+        plot_scores(LayerPlan(methods=["tsa"]), tmp_path / "none.png")
 
 
 @pytest.mark.parametrize(("num_frames", "trained_frames"), [(321, 81), (81, 81)], ids=["longer", "not-longer"])

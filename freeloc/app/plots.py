@@ -114,9 +114,12 @@ def explain_png(data: dict[str, Any], path: Path) -> Path:
 def plot_scores(plan: LayerPlan, path: Path | str) -> Path | str:
     """Both sensitivity scores per layer (normalized by their maximum) and the resulting assignment, as PNG.
 
-    ``plan`` is a plan written by ``freeloc.probe`` (it holds the scores); returns ``path``.
+    ``plan`` is a plan written by ``freeloc.probe`` (it holds the scores), or by ``freeloc.probe_loss``
+    (its gains per length ratio and layer are drawn instead); returns ``path``.
     """
     plt = _pyplot("freeloc probe --png")
+    if "position" not in plan.scores:
+        return _plot_loss_gains(plt, plan, path)
 
     pos, ctx = plan.scores["position"], plan.scores["context"]
     n = len(pos)
@@ -134,6 +137,35 @@ def plot_scores(plan: LayerPlan, path: Path | str) -> Path | str:
     ax.set_ylabel("sensitivity / max over layers")
     ax.set_title("layer sensitivity (TSA where context dominates)", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return _save(plt, fig, path, 110)
+
+
+def _plot_loss_gains(plt: Any, plan: LayerPlan, path: Path | str) -> Path | str:
+    """``freeloc.probe_loss``'s relative loss gain per layer at each of its ratios, and the choice there."""
+    ranges = plan.ranges
+    if not ranges or any(f"loss_gain_{float(r.from_ratio):g}x" not in plan.scores for r in ranges):
+        raise ValueError(f"plot_scores: the plan has neither the probe's position/context scores nor a loss gain per "
+                         f"length range; its scores: {sorted(plan.scores)}")
+    n = len(plan.methods)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * n * len(ranges) / 2 + 2), 3.8))
+    width = 0.8 / len(ranges)
+    candidate = plan.meta.get("rule", {}).get("candidate")
+    for j, r in enumerate(ranges):
+        gains = [100 * g for g in plan.scores[f"loss_gain_{float(r.from_ratio):g}x"]]
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(n)]
+        bars = ax.bar(xs, gains, width, label=f"from {float(r.from_ratio):g}x")
+        for x, g, m in zip(xs, gains, r.methods, strict=True):
+            if m == candidate:
+                ax.text(x, g, "*", ha="center", va="bottom" if g >= 0 else "top", fontsize=9,
+                        color=bars.patches[0].get_facecolor())
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(list(range(n)))
+    ax.set_xlabel("self-attention layer")
+    ax.set_ylabel("loss gain of the switch, %")
+    ax.set_title(f"loss probe: {plan.meta.get('rule', {}).get('base')} -> {candidate} on one layer "
+                 "(* taken)", fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(plt, fig, path, 110)
 
