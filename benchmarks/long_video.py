@@ -54,10 +54,13 @@ import torch
 import freeloc
 from freeloc._progress import reporter
 from freeloc.app.plots import frames_png, metrics_by_length_png
-from freeloc.probing import BOUNDED_VRPR, SCORES
+from freeloc.probing import BOUNDED_VRPR
 from freeloc.shapes.clips import random_spec, render
 from freeloc.shapes.metrics import bootstrap_mean, evaluate_generated, nanmean
 from freeloc.shapes.model import (
+    LOSS_RATIOS,
+    PLAN_SCORES,
+    check_plan_rule,
     is_sample_noise,
     is_shift,
     load_folder,
@@ -192,14 +195,18 @@ def main() -> None:
     ap.add_argument("--sample-noise", type=float, default=None,
                     help="the sampler's share of fresh noise per step, in [0, 1] (default: the model's own, "
                          "ShapesConfig.sample_noise)")
-    ap.add_argument("--score", choices=sorted(SCORES), default=None,
-                    help="the probe's scores for freeloc-probe (default: the shipped plan's, else 'attention')")
+    ap.add_argument("--score", choices=PLAN_SCORES, default=None,
+                    help="the probe's scores for freeloc-probe, or 'loss' for freeloc.probe_loss (default: the "
+                         "shipped plan's, else 'attention')")
     ap.add_argument("--bound-from", type=float, default=None,
                     help="freeloc-probe: the length ratio from which VRPR layers get tsa+vrpr "
                          "(default: the shipped plan's, else none)")
     ap.add_argument("--position-from", type=float, default=None,
                     help="freeloc-probe: the length ratio below which VRPR layers get no position correction "
                          "(default: the shipped plan's, else none)")
+    ap.add_argument("--min-z", type=float, default=None,
+                    help="freeloc-probe with --score loss: the z-score a layer's loss gain must exceed "
+                         "(default: the shipped plan's, else 0)")
     ap.add_argument("--bounded-vrpr", choices=list(BOUNDED_VRPR), default=None,
                     help="freeloc-probe: what VRPR layers take from --bound-from on "
                          "(default: the shipped plan's, else tsa+vrpr)")
@@ -238,12 +245,22 @@ def main() -> None:
         shipped = own_plan
         rule = shipped.meta.get("rule", {}) if shipped is not None else {}
         score = args.score or rule.get("score", "attention")
-        bound_from = args.bound_from if args.bound_from is not None else rule.get("bound_from")
-        position_from = args.position_from if args.position_from is not None else rule.get("position_from")
+        same_score = score == rule.get("score", "attention")  # the shipped ratios go with the shipped score
+        bound_from = args.bound_from if args.bound_from is not None else rule.get("bound_from") if same_score else None
+        position_from = (args.position_from if args.position_from is not None
+                         else rule.get("position_from") if same_score else None)
         bounded_vrpr = args.bounded_vrpr or rule.get("bounded_vrpr", "tsa+vrpr")
+        min_z = args.min_z if args.min_z is not None else rule.get("min_z", 0.0) if same_score else 0.0
+        try:
+            check_plan_rule(score, bound_from, position_from, bounded_vrpr, min_z=min_z)
+        except ValueError as err:
+            ap.error(str(err))
         plan = probe_plan(model, cfg, 4, score=score, bound_from=bound_from, position_from=position_from,
-                          bounded_vrpr=bounded_vrpr)
-        print(f"probe plan at 4x (score {score!r}, bound_from {bound_from}, position_from {position_from}, "
+                          bounded_vrpr=bounded_vrpr, min_z=min_z)
+        where = f"by the loss at {list(LOSS_RATIOS)}x" if score == "loss" else "at 4x"
+        if score == "loss":
+            where += f", min_z {min_z:g}"
+        print(f"probe plan {where} (score {score!r}, bound_from {bound_from}, position_from {position_from}, "
               f"bounded_vrpr {bounded_vrpr!r}): "
               f"{plan.methods}"
               + "".join(f"; from {r.from_ratio:g}x: {r.methods}" for r in plan.ranges), flush=True)

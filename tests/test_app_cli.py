@@ -314,6 +314,21 @@ def test_probe_refuses_a_ratio_not_above_one_before_loading(flag: str, tmp_path:
     assert f"{flag} must be a length ratio > 1 (or None), got 1.0" in err
 
 
+def test_probe_score_loss_is_for_the_shapes_model_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A pipeline has no clean clips at each length on the command line: refused before loading, naming the
+    Python entry point; with the shapes model, the other rules' options are refused."""
+    err = _usage_error(["probe", "--model", "org/model", "--num-frames", "321", "--score", "loss",
+                        "--out", str(tmp_path / "p.json")], capsys)
+    assert "--score loss: the loss probe needs clean videos at each length" in err and "freeloc.probe_loss(" in err
+    for flag, value in (("--num-frames", "64"), ("--bound-from", "2"), ("--tsa-count", "2")):
+        err = _usage_error(["probe", "--model", "shapes", "--score", "loss", flag, value,
+                            "--out", str(tmp_path / "p.json")], capsys)
+        assert f"{flag} does not apply to --score loss" in err
+    err = _usage_error(["probe", "--model", "shapes", "--min-z", "2", "--out", str(tmp_path / "p.json")], capsys)
+    assert "--min-z is for --score loss, got --score attention" in err
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_probe_a_pipeline_needs_a_length(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     err = _usage_error(["probe", "--model", "org/model", "--out", str(tmp_path / "p.json")], capsys)
     assert "--num-frames is required for a pipeline" in err

@@ -43,7 +43,7 @@ def test_shapes_demo_writes_videos_frames_and_table(tmp_path: Path, capsys: pyte
     for label in ("direct", "freeloc"):  # a bar over the sampling steps and one over the scored clips, per run
         assert f"{label}: sampling: 100%" in err and "3/3" in err and f"{label}: scoring: 100%" in err
     assert "64 frames" in out and "motion.png" in out and "freeloc generate --model" in out
-    assert "FreeLOC plan at 64 frames (from freeloc probe on this model): [" in out
+    assert "FreeLOC plan at 64 frames (from freeloc probe --score loss on this model): [" in out
     assert is_mp4(tmp_path / "compare.mp4")
     table = {line[:28].strip(): line[28:].split() for line in out.splitlines()
              if line.startswith(("palette", "right", "shapes"))}

@@ -24,7 +24,7 @@ def test_long_video_benchmark_prints_every_method_and_length(tmp_path: Path, mon
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--lengths", "1,2", "--conditions", "2", "--steps", "1",
                                       "--methods", "direct,riflex,tsa,tsa+vrpr,freeloc-uniform,freeloc-probe",
                                       "--score", "output", "--bound-from", "2", "--position-from", "4",
-                                      "--json", str(out),
+                                      "--bounded-vrpr", "window+vrpr", "--json", str(out),
                                       "--png", str(tmp_path / "strip.png"), "--plot", str(tmp_path / "plot.png")])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     text = capsys.readouterr().out
@@ -102,7 +102,8 @@ def test_long_video_benchmark_adds_baselines_to_a_file_with_a_plan(
     out = tmp_path / "table.json"
     common = ["--lengths", "1", "--conditions", "1", "--steps", "1", "--json", str(out), "--plot",
               str(tmp_path / "plot.png"), "--png", str(tmp_path / "strip.png")]
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--methods", "direct,freeloc-probe", *common])
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--methods", "direct,freeloc-probe", "--score", "output",
+                                      *common])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     first = json.loads(out.read_text())
     capsys.readouterr()
@@ -158,7 +159,7 @@ def test_ablation_scores_every_layer_and_method_and_correlates_the_probe(tmp_pat
     assert list(data["effects"]["2"]) == ["direct", *methods] and data["effects"]["2"]["direct"] == [0.0] * n
     assert [len(v) for v in data["effects"]["2"].values()] == [n] * 4
     assert set(data["correlations"]["2"]) >= {"position", "context", "rule (attention)", "rule (output)"}
-    assert set(data["correlations"]["2 vrpr gain inside tsa"]) == set(data["correlations"]["2"])
+    assert set(data["correlations"]["2 vrpr gain inside tsa"]) == set(data["correlations"]["2"]) | {"loss gain"}
     assert f"[{1 + 3 * n}/{1 + 3 * n}]" in text and "the ablation's best method per layer at 2x" in text
     assert "VRPR gain inside TSA" in text
 
@@ -182,6 +183,28 @@ def test_leave_one_out_ablation_from_tsa_measures_the_vrpr_gain_inside_tsa(
     # only the correlation whose methods were measured
     assert "2 vrpr gain inside tsa" in data["correlations"] and "2" not in data["correlations"]
     assert "TSA advantage" not in text and data["base"] == "tsa"
+
+
+def test_the_shipped_plan_matches_the_leave_one_out_ablation_where_it_resolves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--read`` the shipped model's ablation files (validation seeds, 4x and 8x): the one layer that resolves
+    (layer 3 at 8x, where TSA+VRPR costs) keeps TSA in the shipped loss-probe plan, which the output rule's
+    plan does not; the loss gains rank the layers as the ablation does (positive correlation at both lengths)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation"
+    out = tmp_path / "analysis.json"
+    monkeypatch.setattr(sys, "argv", [str(ABLATION), "--read", f"{folder / 'tsa_vrpr_4x.json'},"
+                                      f"{folder / 'tsa_vrpr_8x.json'}", "--json", str(out)])
+    runpy.run_path(str(ABLATION), run_name="__main__")
+    text = capsys.readouterr().out
+    print(text[-1500:])
+    data = json.loads(out.read_text())
+    assert "sampling steps" not in text and "the loss probe's gains: the model's own plan's" in text
+    assert data["agreement"]["4"] == {"resolved": [], "agree": {"loss": [], "rule (attention)": [],
+                                                                "rule (output)": []}}
+    assert data["agreement"]["8"]["resolved"] == [3] and data["agreement"]["8"]["agree"]["loss"] == [3]
+    assert data["agreement"]["8"]["agree"]["rule (output)"] == []
+    assert all(data["correlations"][f"{m} vrpr gain inside tsa"]["loss gain"] > 0 for m in (4, 8))
+    assert "8x: resolved layers [3] (-0.074); loss agrees on 1/1" in text
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -14,14 +14,19 @@ pytest.importorskip("diffusers", reason="the shapes model is a diffusers WanTran
 from freeloc.shapes.clips import BACKGROUND, CONDITION_DIM, SLOT_DIM, condition, random_spec, render  # noqa: E402
 from freeloc.shapes.metrics import evaluate, fit_spec  # noqa: E402
 from freeloc.shapes.model import (  # noqa: E402
+    LOSS_CLIPS,
+    LOSS_RATIOS,
+    LOSS_TIMES,
     SHIPPED,
     ShapesConfig,
     _shifted,
+    check_plan_rule,
     condition_tokens,
     decode,
     encode,
     load,
     load_shipped,
+    loss_batches,
     model_condition,
     probe_plan,
     sample,
@@ -197,7 +202,48 @@ def test_the_shipped_plan_is_what_its_recorded_rule_writes() -> None:
     recorded = json.loads((SHIPPED / "model.json").read_text())["plan"]
     keys = ("score", "bound_from", "position_from", "bounded_vrpr")
     assert {k: recorded.get(k) for k in keys} == {k: rule.get(k) for k in keys}
+    assert recorded.get("min_z", 0.0) == rule.get("min_z", 0.0)
     again = probe_plan(model, cfg, score=rule["score"], bound_from=rule["bound_from"],
-                       position_from=rule["position_from"], bounded_vrpr=rule["bounded_vrpr"], progress=False)
+                       position_from=rule["position_from"], bounded_vrpr=rule["bounded_vrpr"],
+                       min_z=rule.get("min_z", 0.0), progress=False)
     print(again.methods, [(r.from_ratio, r.methods) for r in again.ranges])
     assert (again.methods, again.ranges) == (shipped.methods, shipped.ranges)
+
+
+def test_loss_batches_are_noised_rendered_clips_with_their_flow_matching_target(tiny_shapes: ShapesConfig) -> None:
+    """Each example at ratio r: clips r times the trained length noised to one of the times, with target
+    ``noise - x0``: ``x_t - t * target`` is the clean latent ``x0`` (the same for every time)."""
+    batches = loss_batches(tiny_shapes, (2, 3), clips=2, times=(0.25, 0.75), seed=900)
+    assert sorted(batches) == [2, 3] and all(len(items) == 2 for items in batches.values())
+    for ratio, items in batches.items():
+        frames = ratio * tiny_shapes.trained_frames
+        x0 = encode(torch.stack([render(random_spec(900 + i), frames) for i in range(2)]))
+        for (kwargs, target), t in zip(items, (0.25, 0.75), strict=True):
+            assert kwargs["hidden_states"].shape == target.shape == x0.shape
+            assert torch.equal(kwargs["timestep"], torch.full((2,), 1000.0 * t))
+            torch.testing.assert_close(kwargs["hidden_states"] - t * target, x0, atol=1e-5, rtol=0)
+    assert (LOSS_RATIOS, LOSS_CLIPS, LOSS_TIMES) == ((2, 4, 8), 8, (0.25, 0.5, 0.75))
+
+
+def test_the_loss_rule_chooses_per_ratio_and_refuses_the_other_rules_settings(tiny_shapes: ShapesConfig,
+                                                                             tmp_path: Path) -> None:
+    train(tiny_shapes, 1, tmp_path, progress=False)
+    model, cfg = load(tmp_path)
+    plan = probe_plan(model, cfg, score="loss", progress=False)
+    print(plan.summary(), plan.scores)
+    assert plan.methods == ["direct"] and [r.from_ratio for r in plan.ranges] == [2.0, 4.0, 8.0]
+    for r in plan.ranges:
+        gain = plan.scores[f"loss_gain_{r.from_ratio:g}x"][0]
+        assert r.methods == ["tsa+vrpr" if gain > 0 else "tsa"]
+    assert plan.meta["rule"]["score"] == "loss" and plan.meta["rule"]["bounded_vrpr"] == "tsa+vrpr"
+    for kwargs, match in ((dict(bound_from=2), "bound_from, position_from and tsa_count do not apply"),
+                          (dict(bounded_vrpr="vrpr"), r"bounded_vrpr must be one of \['tsa\+vrpr', 'window\+vrpr'\], "
+                                                      "got 'vrpr'")):
+        with pytest.raises(ValueError, match=match):
+            check_plan_rule("loss", **kwargs)
+        with pytest.raises(ValueError, match=match):
+            probe_plan(model, cfg, score="loss", progress=False, **kwargs)
+    with pytest.raises(ValueError, match=r"score must be one of \['attention', 'output'\], got 'losses'"):
+        check_plan_rule("losses")
+    with pytest.raises(ValueError, match=r"min_z is the loss rule's \(score='loss'\), got 2.0 with score 'output'"):
+        check_plan_rule("output", min_z=2.0)

@@ -246,9 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--width", type=_positive_int, default=None,
                     help=f"pipelines: video width of the probe's inputs (default {PROBE_WIDTH})")
     pr.add_argument("--tsa-count", type=int, default=None, help="exactly this many TSA layers (default: the rule)")
-    pr.add_argument("--score", choices=["attention", "output"], default="attention",
+    pr.add_argument("--score", choices=["attention", "output", "loss"], default="attention",
                     help="the scores the rule compares: attention (logit and entropy change, the paper's) or output "
-                         "(the model's output change); both are recorded (default attention)")
+                         "(the model's output change); both are recorded (default attention). loss: with --model "
+                         f"{SHAPES} only, each layer's method at 2x, 4x and 8x by the model's own loss on rendered "
+                         "clips (freeloc.probe_loss)")
+    pr.add_argument("--min-z", type=float, default=None, metavar="Z",
+                    help="with --score loss: a layer takes TSA+VRPR only where its loss gain exceeds Z standard "
+                         "errors (default 0: any gain)")
     pr.add_argument("--bound-from", type=float, default=None, metavar="RATIO",
                     help="from RATIO x the trained length on, the VRPR layers get tsa+vrpr (a length range of the "
                          "plan); default: one assignment for every length")
@@ -270,8 +275,21 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     import torch
 
     shapes = args.model == SHAPES
+    if args.score == "loss" and not shapes:
+        parser.error(f"--score loss: the loss probe needs clean videos at each length and the model's training "
+                     f"target; on the command line only --model {SHAPES} has them (its rendered clips). From Python: "
+                     "freeloc.probe_loss(pipe.transformer, {ratio: [(forward kwargs, target)]})")
+    if args.min_z is not None and args.score != "loss":
+        parser.error(f"--min-z is for --score loss, got --score {args.score}")
+    if args.score == "loss":
+        for flag, value in (("--num-frames", args.num_frames), ("--tsa-count", args.tsa_count),
+                            ("--bound-from", args.bound_from), ("--position-from", args.position_from)):
+            if value is not None:
+                parser.error(f"{flag} does not apply to --score loss, which chooses each layer's method at 2x, 4x "
+                             f"and 8x itself (from 8x on for longer videos)")
     try:
-        check_rule(args.score, args.bound_from, args.position_from)
+        if args.score != "loss":  # the loss rule's flags are checked above
+            check_rule(args.score, args.bound_from, args.position_from)
     except ValueError as err:
         parser.error(str(err).replace("probe: bound_from", "--bound-from").replace("probe: position_from",
                                                                                  "--position-from"))
@@ -288,7 +306,8 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if args.prompt is not None and not args.prompt.strip():
             parser.error("--prompt: expected some text, got an empty prompt")
         require("diffusers", "diffusers", "freeloc probe")
-    progress = tqdm_progress("probing layers", "layer")
+    progress = (tqdm_progress("loss probe", "forward") if args.score == "loss"
+                else tqdm_progress("probing layers", "layer"))
     _check_outputs(parser, ("--out", args.out, False), ("--png", args.png, False))
     if not shapes:
         _check_model(parser, args.model)
@@ -299,12 +318,14 @@ def _cmd_probe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         from ..shapes.model import load_shipped, probe_plan
 
         model, cfg = load_shipped(dtype)
-        print(f"probing the shipped shapes model (trained on {cfg.trained_frames} frames) at "
-              f"{args.num_frames or 4 * cfg.trained_frames} frames", flush=True)
+        where = ("by its loss at 2x, 4x and 8x" if args.score == "loss"
+                 else f"at {args.num_frames or 4 * cfg.trained_frames} frames")
+        print(f"probing the shipped shapes model (trained on {cfg.trained_frames} frames) {where}", flush=True)
         plan = probe_plan(model.to(args.device), cfg, num_frames=args.num_frames, seed=args.seed,
                           tsa_count=args.tsa_count, progress=progress, score=args.score,
                           bound_from=args.bound_from, position_from=args.position_from,
-                          bounded_vrpr=args.bounded_vrpr)
+                          bounded_vrpr=args.bounded_vrpr,
+                          **({"min_z": args.min_z} if args.min_z is not None else {}))
     else:
         diffusers = require("diffusers", "diffusers", "freeloc probe")
         print(f"loading {args.model}", flush=True)

@@ -196,7 +196,7 @@ def _demo_shapes(out_dir: Path, steps: int, seed: int, conditions: int, guidance
         best = "0" if key == "motion_error" else "1"
         print(f"{label:<28}{results['scores']['direct'][key]:>10.3f}{results['scores']['freeloc'][key]:>10.3f}"
               f"   {best}")
-    print(f"\nFreeLOC plan at {frames} frames (from freeloc probe on this model): {at_length}")
+    print(f"\nFreeLOC plan at {frames} frames (from freeloc probe --score loss on this model): {at_length}")
     print(f"clip {clip} shows the difference best: direct draws the wrong shapes or colours and FreeLOC the right "
           f"ones in {len(wins)} of its {frames} frames ({_ranges(wins) or 'none'}); frames.png shows it, and it is "
           f"the top-left clip of compare.mp4")

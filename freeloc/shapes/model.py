@@ -29,6 +29,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -37,18 +38,25 @@ from torch import Tensor
 
 from .._extras import require
 from .._progress import Progress, reporter
+from ..loss_probe import probe_loss
 from ..methods import _is_number
 from ..plan import LayerPlan
-from ..probing import probe
+from ..probing import BOUNDED_VRPR, SCORES, check_rule, probe
 from .clips import BACKGROUND, CONDITION_DIM, MAX_SHAPES, SLOT_DIM, ClipSpec, condition, random_spec, render
 
 __all__ = [
+    "LOSS_CLIPS",
+    "LOSS_RATIOS",
+    "LOSS_SEED",
+    "LOSS_TIMES",
     "LR_FLOOR",
+    "PLAN_SCORES",
     "SCALE",
     "SHIPPED",
     "UNSHUFFLE",
     "ShapesConfig",
     "build_model",
+    "check_plan_rule",
     "condition_tokens",
     "decode",
     "encode",
@@ -58,6 +66,7 @@ __all__ = [
     "load_exported",
     "load_folder",
     "load_shipped",
+    "loss_batches",
     "model_condition",
     "probe_plan",
     "sample",
@@ -226,17 +235,52 @@ def load(out: Path, *, average: bool = True) -> tuple[torch.nn.Module, ShapesCon
     return model.eval(), cfg
 
 
+#: The scores ``probe_plan`` can choose a plan by: ``freeloc.probe``'s pairs, and ``"loss"`` (``probe_loss``).
+PLAN_SCORES = (*sorted(SCORES), "loss")
+
+
+def check_plan_rule(score: str, bound_from: float | int | None = None, position_from: float | int | None = None,
+                    bounded_vrpr: str = "tsa+vrpr", tsa_count: int | None = None, min_z: float = 0.0) -> None:
+    """Raise ``ValueError`` unless ``probe_plan`` accepts these settings, before any probing."""
+    if score != "loss":
+        check_rule(score, bound_from, position_from, bounded_vrpr)
+        if min_z != 0.0:
+            raise ValueError(f"probe_plan: min_z is the loss rule's (score='loss'), got {min_z!r} with score {score!r}")
+        return
+    if not isinstance(min_z, (int, float)) or isinstance(min_z, bool) or math.isnan(min_z):
+        raise ValueError(f"probe_loss: min_z must be a number (a z-score), got {min_z!r}")
+    if bounded_vrpr not in BOUNDED_VRPR:
+        raise ValueError(f"probe: bounded_vrpr must be one of {list(BOUNDED_VRPR)}, got {bounded_vrpr!r}")
+    if bound_from is not None or position_from is not None or tsa_count is not None:
+        raise ValueError("probe_plan: score='loss' chooses every length range itself; bound_from, position_from "
+                         f"and tsa_count do not apply, got {bound_from!r}, {position_from!r}, {tsa_count!r}")
+
+
 def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, num_frames: int | None = None,
                seed: int = 0, tsa_count: int | None = None, progress: Progress = True,
                score: str = "attention", bound_from: float | int | None = None,
-               position_from: float | int | None = None, bounded_vrpr: str = "tsa+vrpr") -> LayerPlan:
+               position_from: float | int | None = None, bounded_vrpr: str = "tsa+vrpr",
+               min_z: float = 0.0) -> LayerPlan:
     """The layer plan ``freeloc.probe`` writes for this model at ``multiple`` x its trained length.
 
     The probe's input is a rendered clip (seed 99) noised halfway (timestep 500) with its condition.
     ``num_frames`` (video frames, here latent frames too) replaces ``multiple``; ``seed`` (the probe's
     query sample), ``tsa_count``, ``progress``, ``score``, ``bound_from``, ``position_from`` and ``bounded_vrpr``
     are passed to ``freeloc.probe``.
+
+    ``score="loss"`` runs ``freeloc.probe_loss`` instead, on ``loss_batches(cfg)``: from each of
+    ``LOSS_RATIOS`` on, a layer takes ``bounded_vrpr`` where that lowers the model's loss against TSA on every
+    layer (by more than ``min_z`` standard errors), TSA otherwise; ``direct`` below the first ratio
+    (``multiple``, ``num_frames`` and ``seed`` unused).
     """
+    check_plan_rule(score, bound_from, position_from, bounded_vrpr, tsa_count, min_z)
+    if score == "loss":
+        plan = probe_loss(model, loss_batches(cfg), base="tsa", candidate=bounded_vrpr, below="direct",
+                          min_z=min_z, trained_frames=cfg.trained_frames, temporal_factor=1, progress=progress)
+        plan.meta["rule"].update(score="loss", bound_from=None, position_from=None, bounded_vrpr=bounded_vrpr)
+        plan.meta["probe"]["inputs"] = (f"freeloc.shapes.model.loss_batches: {LOSS_CLIPS} rendered clips (seeds "
+                                        f"{LOSS_SEED}-{LOSS_SEED + LOSS_CLIPS - 1}) at times {list(LOSS_TIMES)}")
+        return plan
     frames = multiple * cfg.trained_frames if num_frames is None else num_frames
     spec = random_spec(99, frame_size=cfg.frame_size)
     x0 = encode(render(spec, frames)[None])
@@ -248,6 +292,31 @@ def probe_plan(model: torch.nn.Module, cfg: ShapesConfig, multiple: int = 4, *, 
                  position_from=position_from, bounded_vrpr=bounded_vrpr)
     plan.meta["probe"]["inputs"] = "freeloc.shapes.model.probe_plan: a rendered clip (seed 99) at timestep 500"
     return plan
+
+
+#: The loss probe's length ratios, clips (seeds from ``LOSS_SEED``) and flow-matching times for the shapes
+#: model (``loss_batches``): the plan gets one length range per ratio; the last one holds beyond it.
+LOSS_RATIOS = (2, 4, 8)
+LOSS_CLIPS = 8
+LOSS_SEED = 900
+LOSS_TIMES = (0.25, 0.5, 0.75)
+
+
+def loss_batches(cfg: ShapesConfig, ratios: tuple[int, ...] = LOSS_RATIOS, *, clips: int = LOSS_CLIPS,
+                 times: tuple[float, ...] = LOSS_TIMES, seed: int = LOSS_SEED
+                 ) -> dict[int, list[tuple[dict[str, Any], Tensor]]]:
+    """The loss probe's examples (``freeloc.probe_loss``): for each ratio, rendered clips ``ratio`` times the
+    trained length (seeds ``seed`` on, disjoint from the validation and test seeds) noised to each of
+    ``times`` with one shared noise draw, and the flow-matching target ``noise - x0``."""
+    out: dict[int, list[tuple[dict[str, Any], Tensor]]] = {}
+    specs = [random_spec(seed + i, frame_size=cfg.frame_size) for i in range(clips)]
+    cond = condition_tokens(cfg, torch.stack([model_condition(s) for s in specs]))
+    for ratio in ratios:
+        x0 = encode(torch.stack([render(s, ratio * cfg.trained_frames) for s in specs]))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + ratio))
+        out[ratio] = [(dict(hidden_states=(1 - t) * x0 + t * noise, timestep=torch.full((clips,), 1000.0 * t),
+                            encoder_hidden_states=cond, return_dict=False), noise - x0) for t in times]
+    return out
 
 
 def shipped_plan() -> LayerPlan:

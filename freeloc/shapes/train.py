@@ -29,16 +29,19 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor
 
 from .._extras import require
-from ..probing import BOUNDED_VRPR, SCORES, check_rule
+from ..probing import BOUNDED_VRPR
 from .clips import BACKGROUND, CONDITION_DIM, MAX_SHAPES, PALETTE, SLOT_DIM, random_spec, render
 from .metrics import evaluate_generated
 from .model import (
+    LOSS_RATIOS,
     LR_FLOOR,
+    PLAN_SCORES,
     SHIPPED,
     UNSHUFFLE,
     ShapesConfig,
     _shifted,
     build_model,
+    check_plan_rule,
     condition_tokens,
     encode,
     is_sample_noise,
@@ -274,13 +277,13 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
            guidance: float = 1.0, evaluate: list[float] | None = None, evaluate_clips: int = 8,
            score: str = "attention", bound_from: float | int | None = None,
            position_from: float | int | None = None, bounded_vrpr: str = "tsa+vrpr",
-           sample_shift: float | int | None = None, sample_noise: float | int = 0.0) -> Path:
+           sample_shift: float | int | None = None, sample_noise: float | int = 0.0, min_z: float = 0.0) -> Path:
     """Write a training run's weight average as a shippable checkpoint in ``dest``.
 
     ``dest`` receives ``model.safetensors`` (float16 weights), ``model.json`` (the config, the steps,
     the final loss, the data generator settings and ``commit``, the commit of the training code),
     ``plan.json`` (``probe_plan`` on the exported weights, with the probe's ``score``, ``bound_from``,
-    ``position_from`` and ``bounded_vrpr``),
+    ``position_from``, ``bounded_vrpr`` and ``min_z``),
     ``loss.png`` and ``MODEL_CARD.md``.
     ``guidance`` is the classifier-free guidance scale to sample it with (``shipped_guidance()``).
     ``sample_shift``: the sampler's timestep shift, stored in the config (``ShapesConfig.sample_shift``);
@@ -290,7 +293,7 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
     ``evaluate``: guidance scales at which the card gets a table of ``trained_length_scores``
     (``evaluate_clips`` conditions each; also stored in ``model.json``); None: no table.
     """
-    check_rule(score, bound_from, position_from, bounded_vrpr)  # before anything is written to dest
+    check_plan_rule(score, bound_from, position_from, bounded_vrpr, min_z=min_z)  # before anything is written
     if sample_shift is not None and not is_shift(sample_shift):
         raise ValueError(f"sample_shift must be a finite number > 0 or None (the training shift), got {sample_shift!r}")
     if not is_sample_noise(sample_noise):
@@ -311,8 +314,9 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
         config=asdict(cfg), steps=state["step"], init=state.get("init"),
         final_loss=round(sum(losses[-window:]) / window, 4), loss_window=window, commit=commit, guidance=guidance,
         parameters=sum(v.numel() for v in state["ema"].values()),
-        plan=dict(probe_at=4, score=score, bound_from=bound_from, position_from=position_from,
-                  bounded_vrpr=bounded_vrpr),
+        plan=dict(probe_at=list(LOSS_RATIOS) if score == "loss" else 4, score=score, bound_from=bound_from,
+                  position_from=position_from, bounded_vrpr=bounded_vrpr,
+                  **({"min_z": min_z} if score == "loss" else {})),
         weights="exponential moving average of the weights, stored as float16",
         data=dict(generator="freeloc.shapes.clips.random_spec", frame_size=cfg.frame_size, shape_size=3,
                   max_shapes=MAX_SHAPES, palette=list(PALETTE),
@@ -330,7 +334,7 @@ def export(run: Path, dest: Path = SHIPPED, *, commit: str | None = None, note: 
         note = _scores_table(scores, guidance, evaluate_clips) + note
     (dest / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
     probe_plan(model, cfg, score=score, bound_from=bound_from, position_from=position_from,
-               bounded_vrpr=bounded_vrpr).save(dest / "plan.json")
+               bounded_vrpr=bounded_vrpr, min_z=min_z).save(dest / "plan.json")
     _loss_png(losses, dest / "loss.png")
     (dest / "MODEL_CARD.md").write_text(_card(meta, note))
     return dest
@@ -404,6 +408,12 @@ def _guidance_text(guidance: float, cfg: dict[str, Any]) -> str:
 
 
 def _plan_text(plan: dict[str, Any]) -> str:
+    if plan.get("score") == "loss":
+        ratios = ", ".join(f"{r:g}x" for r in plan.get("probe_at", LOSS_RATIOS))
+        return (f"written by `freeloc.probe_loss` on the model's own loss at {ratios} (`score=\"loss\"`): from each "
+                f"ratio on, a layer takes `{plan.get('bounded_vrpr', 'tsa+vrpr')}` where that lowers the loss against "
+                f"`tsa` on every layer by more than {plan.get('min_z', 0.0):g} standard errors (`min_z`), and `tsa` "
+                f"otherwise; `direct` below {ratios.split(',')[0]}")
     text = (f"written by `freeloc.probe` at {plan.get('probe_at', 4)}x the trained length with its "
             f"`{plan.get('score', 'attention')}` scores")
     bound, positions = plan.get("bound_from"), plan.get("position_from")
@@ -487,8 +497,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --export: guidance scales for the model card's table at the trained length "
                          "(default: 1 and --guidance; 'none' for no table)")
     ap.add_argument("--evaluate-clips", type=int, default=8, help="with --export: conditions per table row")
-    ap.add_argument("--probe-score", choices=sorted(SCORES), default="attention",
-                    help="with --export: the probe's scores for the shipped plan (freeloc.probe's score)")
+    ap.add_argument("--probe-score", choices=PLAN_SCORES, default="attention",
+                    help="with --export: the probe's scores for the shipped plan (freeloc.probe's score), or "
+                         "'loss' (freeloc.probe_loss on the model's own loss)")
+    ap.add_argument("--probe-min-z", type=float, default=0.0,
+                    help="with --export --probe-score loss: the z-score a layer's loss gain must exceed "
+                         "(freeloc.probe_loss's min_z; default 0)")
     ap.add_argument("--bound-from", type=float, default=None,
                     help="with --export: the length ratio from which the plan's VRPR layers get tsa+vrpr "
                          "(freeloc.probe's bound_from; default none)")
@@ -516,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         dest = export(args.out, args.export, commit=args.commit, guidance=args.guidance, evaluate=evaluate,
                       evaluate_clips=args.evaluate_clips, score=args.probe_score, bound_from=args.bound_from,
                       position_from=args.position_from, bounded_vrpr=args.bounded_vrpr,
-                      sample_shift=args.sample_shift, sample_noise=args.sample_noise)
+                      sample_shift=args.sample_shift, sample_noise=args.sample_noise, min_z=args.probe_min_z)
         print(f"wrote {dest}")
         return 0
     if args.layers < 1 or args.ffn_dim < 1:
