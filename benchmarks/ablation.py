@@ -285,6 +285,15 @@ def main() -> None:
     print(f"the loss probe's plan: {loss_plan.summary()}")
     for mult, p in implied.items():
         print(f"the ablation's best method per layer at {mult}x: {p}")
+    if args.base == "tsa" and "tsa+vrpr" in measured:
+        # every layer, resolved or not: how often each probe's choice is the ablation's best method
+        for mult in lengths:
+            best = [m == "tsa+vrpr" for m in implied[str(mult)]]
+            chosen = {"loss": [g > 0 for g in loss_at[mult]], **vrpr_layers}
+            same = {name: sum(a == b for a, b in zip(picks, best, strict=True)) for name, picks in chosen.items()}
+            agreement[str(mult)]["same_as_best"] = same
+            print(f"  {mult}x, layers whose choice is the ablation's best method: "
+                  + ", ".join(f"{name} {k}/{n_layers}" for name, k in same.items()))
     if args.json is not None:
         out = dict(effects={str(k): v for k, v in effects.items()}, intervals={str(k): v for k, v in spread.items()},
                    raw={str(k): v for k, v in raw.items()}, base=args.base, probe=plan.to_dict(),

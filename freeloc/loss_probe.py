@@ -12,9 +12,9 @@ each time, and the layer's relative gain is
 the mean squared error between the model's output and the given target (for a flow-matching model such
 as Wan, ``noise - x0``). Its z-score is the mean of the per-row paired differences of squared errors (a
 row: one clip at one timestep) over their standard error. A layer takes ``candidate`` from ``r`` on when
-its gain exceeds ``margin`` and its z-score ``min_z``, and ``base`` otherwise; below the smallest ratio every layer runs ``below`` (default ``direct``). One plan
-with one length range per ratio results; each ratio's gains and z-scores are kept in its scores
-(``loss_gain_4x``, ``loss_z_4x``, ...).
+its gain exceeds ``margin`` and its z-score ``min_z``, and ``base`` otherwise; below the smallest ratio
+every layer runs ``below`` (default ``direct``). One plan with one length range per ratio results; each
+ratio's gains and z-scores are kept in its scores (``loss_gain_4x``, ``loss_z_4x``, ...).
 
 On the shapes test bed the gains rank the layers as the leave-one-out ablation of sampled videos does
 (benchmarks/RESULTS.md), which the attention and output scores do not.

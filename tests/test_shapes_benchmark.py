@@ -205,6 +205,7 @@ def test_the_shipped_plan_matches_the_leave_one_out_ablation_where_it_resolves(
     assert data["agreement"]["8"]["agree"]["rule (output)"] == []
     assert all(data["correlations"][f"{m} vrpr gain inside tsa"]["loss gain"] > 0 for m in (4, 8))
     assert "8x: resolved layers [3] (-0.074); loss agrees on 1/1" in text
+    assert data["agreement"]["4"]["same_as_best"] == {"loss": 7, "rule (attention)": 5, "rule (output)": 3}
 
 
 @pytest.mark.parametrize(("argv", "message"), [
