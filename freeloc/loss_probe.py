@@ -117,7 +117,8 @@ def probe_loss(target: Any, batches: Mapping[float | int, Sequence[Batch]], *, b
             timestep) divided by its standard error, each row's paired difference of squared errors
             (0: any gain; 2: a gain about twice its standard error).
         layers: the layers that may switch (default all); the others keep ``base``.
-        trained_frames, temporal_factor: as in ``freeloc.enable``.
+        trained_frames: the trained length in video frames, as in ``freeloc.enable``.
+        temporal_factor: video frames per latent frame, as in ``freeloc.enable``.
         progress: ``True`` writes a status line over the forwards to stderr; a callable receives
             ``(done, total)``; ``False``: silent.
 
