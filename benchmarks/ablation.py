@@ -265,9 +265,16 @@ def main() -> None:
             correlations[f"{mult} vrpr gain inside tsa"]["loss gain"] = spearman(loss_at[mult], gain)
             print(f"  {mult}x: " + ", ".join(f"{k} {c:+.2f}"
                                             for k, c in correlations[f"{mult} vrpr gain inside tsa"].items()))
+    implied = {str(mult): [max(measured, key=lambda m, i=i, mult=mult: effects[mult][m][i]) for i in range(n_layers)]
+               for mult in lengths}
+    print(f"\nthe probe's plan at 4x: {plan.methods}")
+    print(f"the loss probe's plan: {loss_plan.summary()}")
+    for mult, p in implied.items():
+        print(f"the ablation's best method per layer at {mult}x: {p}")
     if args.base == "tsa" and "tsa+vrpr" in measured:
         print("\nthe layers whose VRPR gain inside TSA resolves (its paired 95% interval excludes 0), and whether "
-              "each rule gives them the position correction as the gain's sign asks:")
+              "each rule gives them the position correction as the gain's sign asks; then, over every layer, "
+              "how often each probe's choice is the ablation's best method:")
         vrpr_layers = {"rule (attention)": [v <= 0 for v in scores["rule (attention)"]],
                        "rule (output)": [v <= 0 for v in scores["rule (output)"]]}
         for mult in lengths:
@@ -276,22 +283,11 @@ def main() -> None:
             resolved = [i for i in range(n_layers) if not spread[mult]["tsa+vrpr"][i][0] <= 0
                         <= spread[mult]["tsa+vrpr"][i][1]]
             agree = {name: [i for i in resolved if picks[i] == (gain[i] > 0)] for name, picks in chosen.items()}
-            agreement[str(mult)] = dict(resolved=resolved, agree=agree)
+            best = [m == "tsa+vrpr" for m in implied[str(mult)]]
+            same = {name: sum(a == b for a, b in zip(picks, best, strict=True)) for name, picks in chosen.items()}
+            agreement[str(mult)] = dict(resolved=resolved, agree=agree, same_as_best=same)
             print(f"  {mult}x: resolved layers {resolved} (" + ", ".join(f"{gain[i]:+.3f}" for i in resolved) + "); "
                   + ", ".join(f"{name} agrees on {len(a)}/{len(resolved)}" for name, a in agree.items()))
-    implied = {str(mult): [max(measured, key=lambda m, i=i, mult=mult: effects[mult][m][i]) for i in range(n_layers)]
-               for mult in lengths}
-    print(f"\nthe probe's plan at 4x: {plan.methods}")
-    print(f"the loss probe's plan: {loss_plan.summary()}")
-    for mult, p in implied.items():
-        print(f"the ablation's best method per layer at {mult}x: {p}")
-    if args.base == "tsa" and "tsa+vrpr" in measured:
-        # every layer, resolved or not: how often each probe's choice is the ablation's best method
-        for mult in lengths:
-            best = [m == "tsa+vrpr" for m in implied[str(mult)]]
-            chosen = {"loss": [g > 0 for g in loss_at[mult]], **vrpr_layers}
-            same = {name: sum(a == b for a, b in zip(picks, best, strict=True)) for name, picks in chosen.items()}
-            agreement[str(mult)]["same_as_best"] = same
             print(f"  {mult}x, layers whose choice is the ablation's best method: "
                   + ", ".join(f"{name} {k}/{n_layers}" for name, k in same.items()))
     if args.json is not None:

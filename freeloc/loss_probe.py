@@ -34,9 +34,9 @@ from torch import Tensor
 
 from ._progress import Progress, reporter
 from .plan import LayerPlan, LengthRange
-from .probing import model_identity
+from .probing import model_identity, trained_tokens
 
-__all__ = ["probe_loss", "loss_score_name", "z_score_name"]
+__all__ = ["probe_loss", "check_min_z", "loss_score_name", "z_score_name"]
 
 #: One denoising example: the model's forward keyword arguments and the output it should give.
 Batch = tuple[dict[str, Any], Tensor]
@@ -92,6 +92,12 @@ def _z(diff: Tensor) -> float:
     return mean / se
 
 
+def check_min_z(min_z: Any) -> None:
+    """Raise ``ValueError`` unless ``min_z`` is a number (a z-score; NaN is not)."""
+    if not isinstance(min_z, (int, float)) or isinstance(min_z, bool) or math.isnan(min_z):
+        raise ValueError(f"probe_loss: min_z must be a number (a z-score), got {min_z!r}")
+
+
 def _output(out: Any) -> Tensor:
     out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
     return out.detach().float()
@@ -134,8 +140,7 @@ def probe_loss(target: Any, batches: Mapping[float | int, Sequence[Batch]], *, b
     from freeloc.registry import adapters_for
 
     ratios = _check(batches, base, candidate, below, margin)
-    if not isinstance(min_z, (int, float)) or isinstance(min_z, bool) or math.isnan(min_z):
-        raise ValueError(f"probe_loss: min_z must be a number (a z-score), got {min_z!r}")
+    check_min_z(min_z)
     name, module, adapter_cls = adapters_for(target)[0]
     adapter = adapter_cls(module, name=name)
     enable_kw: dict[str, Any] = dict(trained_frames=trained_frames, temporal_factor=temporal_factor)
@@ -144,11 +149,8 @@ def probe_loss(target: Any, batches: Mapping[float | int, Sequence[Batch]], *, b
     switchable = list(range(n_layers)) if layers is None else sorted(set(layers))
     if not switchable or any(not isinstance(i, int) or not 0 <= i < n_layers for i in switchable):
         raise ValueError(f"probe_loss: layers must be a non-empty list of layers in 0..{n_layers - 1}, got {layers}")
-    pipeline = None if module is target else target
-    factor = int(getattr(pipeline, "vae_scale_factor_temporal", 0) or 0) or None
-    data_factor = temporal_factor or factor or adapter.model_data.temporal_factor
-    t_video = trained_frames if trained_frames is not None else adapter.trained_video_frames()
-    t_latent = adapter.video_to_latent(t_video, data_factor)
+    data_factor, t_latent = trained_tokens(adapter, None if module is target else target, trained_frames,
+                                           temporal_factor)
 
     by_ratio = {float(r): list(items) for r, items in batches.items()}
     total = sum(len(by_ratio[r]) * (1 + len(switchable)) for r in ratios)

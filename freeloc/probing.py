@@ -198,6 +198,17 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def trained_tokens(adapter: Any, pipeline: Any, trained_frames: int | None,
+                   temporal_factor: int | None) -> tuple[int, int]:
+    """Video frames per latent frame and the trained length in temporal tokens, as the adapter counts them:
+    the given ``temporal_factor``, else the pipeline's VAE factor, else the model data's; the given
+    ``trained_frames`` (video frames), else the model data's."""
+    factor = int(getattr(pipeline, "vae_scale_factor_temporal", 0) or 0) or None
+    data_factor = temporal_factor or factor or adapter.model_data.temporal_factor
+    t_video = trained_frames if trained_frames is not None else adapter.trained_video_frames()
+    return data_factor, adapter.video_to_latent(t_video, data_factor)
+
+
 def model_identity(module: torch.nn.Module, n_layers: int) -> dict[str, Any]:
     """The plan's record of the model it was made for: class, layer count and the config's shape keys."""
     cfg = getattr(module, "config", None)
@@ -305,13 +316,10 @@ def probe(target: Any, num_frames: int, *, inputs: dict[str, Any] | None = None,
     name, module, adapter_cls = adapters_for(target)[0]
     adapter = adapter_cls(module, name=name)
     pipeline = None if module is target else target
-    factor = int(getattr(pipeline, "vae_scale_factor_temporal", 0) or 0) or None
     t0 = time.perf_counter()
     enable_kw: dict[str, Any] = dict(trained_frames=trained_frames, temporal_factor=temporal_factor)
     # the trained and probed lengths in temporal tokens, as the adapter counts them
-    data_factor = temporal_factor or factor or adapter.model_data.temporal_factor
-    t_video = trained_frames if trained_frames is not None else adapter.trained_video_frames()
-    t_latent = adapter.video_to_latent(t_video, data_factor)
+    data_factor, t_latent = trained_tokens(adapter, pipeline, trained_frames, temporal_factor)
     f_latent = adapter.video_to_latent(num_frames, data_factor)
     if f_latent <= t_latent:
         raise ValueError(f"probe at a length longer than trained: num_frames={num_frames} gives {f_latent} temporal "

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .._extras import require
 from .._files import atomic_path
+from ..loss_probe import loss_score_name
 from ..patterns import TSA
 from ..plan import LayerPlan
 from ..positions import VRPR
@@ -144,7 +145,7 @@ def plot_scores(plan: LayerPlan, path: Path | str) -> Path | str:
 def _plot_loss_gains(plt: Any, plan: LayerPlan, path: Path | str) -> Path | str:
     """``freeloc.probe_loss``'s relative loss gain per layer at each of its ratios, and the choice there."""
     ranges = plan.ranges
-    if not ranges or any(f"loss_gain_{float(r.from_ratio):g}x" not in plan.scores for r in ranges):
+    if not ranges or any(loss_score_name(r.from_ratio) not in plan.scores for r in ranges):
         raise ValueError(f"plot_scores: the plan has neither the probe's position/context scores nor a loss gain per "
                          f"length range; its scores: {sorted(plan.scores)}")
     n = len(plan.methods)
@@ -152,7 +153,7 @@ def _plot_loss_gains(plt: Any, plan: LayerPlan, path: Path | str) -> Path | str:
     width = 0.8 / len(ranges)
     candidate = plan.meta.get("rule", {}).get("candidate")
     for j, r in enumerate(ranges):
-        gains = [100 * g for g in plan.scores[f"loss_gain_{float(r.from_ratio):g}x"]]
+        gains = [100 * g for g in plan.scores[loss_score_name(r.from_ratio)]]
         xs = [i - 0.4 + width * (j + 0.5) for i in range(n)]
         bars = ax.bar(xs, gains, width, label=f"from {float(r.from_ratio):g}x")
         for x, g, m in zip(xs, gains, r.methods, strict=True):

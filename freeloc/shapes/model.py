@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .._extras import require
 from .._progress import Progress, reporter
-from ..loss_probe import probe_loss
+from ..loss_probe import check_min_z, probe_loss
 from ..methods import _is_number
 from ..plan import LayerPlan
 from ..probing import BOUNDED_VRPR, SCORES, check_rule, probe
@@ -247,8 +247,7 @@ def check_plan_rule(score: str, bound_from: float | int | None = None, position_
         if min_z != 0.0:
             raise ValueError(f"probe_plan: min_z is the loss rule's (score='loss'), got {min_z!r} with score {score!r}")
         return
-    if not isinstance(min_z, (int, float)) or isinstance(min_z, bool) or math.isnan(min_z):
-        raise ValueError(f"probe_loss: min_z must be a number (a z-score), got {min_z!r}")
+    check_min_z(min_z)
     if bounded_vrpr not in BOUNDED_VRPR:
         raise ValueError(f"probe: bounded_vrpr must be one of {list(BOUNDED_VRPR)}, got {bounded_vrpr!r}")
     if bound_from is not None or position_from is not None or tsa_count is not None:

@@ -409,11 +409,12 @@ def _guidance_text(guidance: float, cfg: dict[str, Any]) -> str:
 
 def _plan_text(plan: dict[str, Any]) -> str:
     if plan.get("score") == "loss":
-        ratios = ", ".join(f"{r:g}x" for r in plan.get("probe_at", LOSS_RATIOS))
+        at = plan.get("probe_at", LOSS_RATIOS)
+        ratios = ", ".join(f"{r:g}x" for r in at)
         return (f"written by `freeloc.probe_loss` on the model's own loss at {ratios} (`score=\"loss\"`): from each "
                 f"ratio on, a layer takes `{plan.get('bounded_vrpr', 'tsa+vrpr')}` where that lowers the loss against "
                 f"`tsa` on every layer by more than {plan.get('min_z', 0.0):g} standard errors (`min_z`), and `tsa` "
-                f"otherwise; `direct` below {ratios.split(',')[0]}")
+                f"otherwise; `direct` below {at[0]:g}x")
     text = (f"written by `freeloc.probe` at {plan.get('probe_at', 4)}x the trained length with its "
             f"`{plan.get('score', 'attention')}` scores")
     bound, positions = plan.get("bound_from"), plan.get("position_from")
